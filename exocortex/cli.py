@@ -1,0 +1,179 @@
+"""One entry point: `exocortex <stage>`. Thin: parses arguments, resolves the config, calls the stage.
+
+Bad input ends with a one-line `error: ...` and a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+from exocortex.config import ExocortexError, RunConfig, load_config, make_config, save_config
+
+STAGES = ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "speedrun"]
+
+
+def _run_path(args) -> Path:
+    if args.run and (os.sep in args.run or Path(args.run).is_dir()):
+        return Path(args.run)
+    return Path(args.runs_dir) / (args.run or args.preset)
+
+
+def new_config(args) -> RunConfig:
+    """tokenizer/speedrun start a run: config from the preset plus overrides."""
+    path = _run_path(args)
+    cfg = make_config(args.preset, args.set, name=path.name)
+    cfg.runs_dir = str(path.parent)
+    if getattr(args, "data", None):
+        cfg.data.path = str(Path(args.data).expanduser().resolve())
+    return cfg
+
+
+def existing_config(args, stage: str) -> RunConfig:
+    """Later stages continue a run: its saved config plus overrides."""
+    path = _run_path(args)
+    if not (path / "config.json").exists():
+        raise ExocortexError(f"no run at {path} (no config.json); start one with `exocortex speedrun` or "
+                             f"`exocortex tokenizer --run {path.name}` before `{stage}`")
+    return load_config(path, args.set)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cmd_speedrun(args) -> None:
+    from exocortex.evaluate import run_eval
+    from exocortex.pretrain import run_pretrain, run_tokenizer, write_summary
+    from exocortex.report import run_report
+    from exocortex.sft import run_sft
+
+    cfg = new_config(args)
+    if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()) and not args.resume:
+        print(f"speedrun: {cfg.run_dir} exists; its stages will be overwritten (use --run to pick another name)")
+    t_start = time.time()
+    times: dict[str, float] = {}
+    stages = [("tokenizer", lambda: run_tokenizer(cfg)), ("pretrain", lambda: run_pretrain(cfg, resume=args.resume)),
+              ("sft", lambda: run_sft(cfg)), ("eval", lambda: run_eval(cfg))]
+    for name, fn in stages:
+        if args.resume and name == "tokenizer" and (cfg.run_dir / "data" / "train.npy").exists():
+            cfg = load_config(cfg.run_dir, args.set)
+            continue
+        print(f"\n=== {name} ===")
+        t0 = time.time()
+        fn()
+        times[name] = time.time() - t0
+    save_config(cfg)
+    write_summary(cfg.run_dir, "speedrun", {"stage_seconds": times, "total_seconds": time.time() - t_start,
+                                            "peak_rss_mb": peak_rss_mb()})
+    print("\n=== report ===")
+    out = run_report(cfg)
+    print(f"\nspeedrun done in {(time.time() - t_start) / 60:.1f} min. Report: {out}\n"
+          f"Chat with your model: exocortex chat --run {cfg.run_dir}")
+
+
+def cmd_tokenizer(args) -> None:
+    from exocortex.pretrain import run_tokenizer
+
+    run_tokenizer(new_config(args))
+
+
+def cmd_pretrain(args) -> None:
+    from exocortex.pretrain import run_pretrain, run_tokenizer
+
+    path = _run_path(args)
+    if args.data or not (path / "config.json").exists():
+        # a new corpus (or no run yet): tokenize it first, then pretrain on it
+        cfg = new_config(args) if not (path / "config.json").exists() else existing_config(args, "pretrain")
+        if args.data:
+            cfg.data.path = str(Path(args.data).expanduser().resolve())
+        run_tokenizer(cfg)
+    else:
+        cfg = existing_config(args, "pretrain")
+    run_pretrain(cfg, resume=args.resume)
+
+
+def cmd_sft(args) -> None:
+    from exocortex.sft import run_sft
+
+    run_sft(existing_config(args, "sft"), resume=args.resume)
+
+
+def cmd_eval(args) -> None:
+    from exocortex.evaluate import run_eval
+
+    run_eval(existing_config(args, "eval"))
+
+
+def cmd_report(args) -> None:
+    from exocortex.report import run_report
+
+    run_report(existing_config(args, "report"))
+
+
+def cmd_chat(args) -> None:
+    from exocortex.chat import most_recent_run, run_chat
+
+    if not args.run:
+        args.run = str(most_recent_run(args.runs_dir))
+    cfg = existing_config(args, "chat")
+    run_chat(cfg, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+             max_tokens=args.max_tokens, system=args.system, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="exocortex", description="Own your LLM end to end.")
+    sub = p.add_subparsers(dest="stage", metavar="<stage>")
+    helps = {"tokenizer": "train the BPE tokenizer on the corpus and tokenize it",
+             "pretrain": "pretrain the base model", "sft": "supervised finetuning: chat format and tool use",
+             "eval": "bits-per-byte and held-out chat task accuracy", "chat": "talk to your model",
+             "report": "write runs/<name>/report.md", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
+    for name in STAGES:
+        s = sub.add_parser(name, help=helps[name])
+        s.add_argument("--run", default=None, help="run name (under --runs-dir) or path; default: the preset name "
+                       "(chat: the most recent run)")
+        s.add_argument("--runs-dir", default="runs")
+        s.add_argument("--preset", default="tiny", help="tiny (CPU) | d12 | d20 | d26")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set pretrain.time_minutes=3 (repeatable)")
+        if name in ("tokenizer", "pretrain", "speedrun"):
+            s.add_argument("--data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/.parquet")
+        if name in ("pretrain", "sft", "speedrun"):
+            s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        if name == "chat":
+            s.add_argument("-p", "--prompt", default=None, help="one-shot: answer this prompt and exit")
+            s.add_argument("--temperature", type=float, default=0.6)
+            s.add_argument("--top-k", type=int, default=50)
+            s.add_argument("--top-p", type=float, default=0.95)
+            s.add_argument("--max-tokens", type=int, default=256)
+            s.add_argument("--system", default=None, help="a system prompt")
+            s.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # the training loop saves a checkpoint on the way out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.stage:
+        parser.print_help()
+        sys.exit(2)
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        globals()[f"cmd_{args.stage}"](args)
+    except ExocortexError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except MemoryError:
+        print("error: out of memory; use a smaller preset or --set pretrain.device_batch=<smaller>", file=sys.stderr)
+        sys.exit(1)

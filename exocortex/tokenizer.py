@@ -1,0 +1,190 @@
+"""Byte-level BPE: trained with rustbpe, encoded with tiktoken (both measured fastest: bench/tokenizer.py).
+
+The split pattern is exactly cl100k's (GPT-4), which HF `tokenizers` and llama.cpp (`llama-bpe`) also
+implement, so exported weights tokenize identically elsewhere. This module also renders conversations in
+the chat format, with the loss mask that says which tokens the model is trained to produce.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from exocortex.config import ExocortexError, atomic_write_text
+
+SPLIT_PATTERN = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# The chat format's special tokens (shared/DESIGN.md). Order fixes their ids: right after the BPE ranks.
+SPECIAL_TOKENS = [
+    "<|bos|>",
+    "<|system_start|>", "<|system_end|>",
+    "<|user_start|>", "<|user_end|>",
+    "<|assistant_start|>", "<|assistant_end|>",
+    "<|tool_call_start|>", "<|tool_call_end|>",
+    "<|tool_output_start|>", "<|tool_output_end|>",
+]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> list[tuple[bytes, int]]:
+    """Learn BPE merges; returns mergeable ranks (token bytes, rank) for vocab_size - len(SPECIAL_TOKENS) tokens."""
+    import rustbpe
+
+    n_bpe = vocab_size - len(SPECIAL_TOKENS)
+    if n_bpe < 256:
+        raise ExocortexError(f"tokenizer.vocab_size={vocab_size} is too small: needs at least {256 + len(SPECIAL_TOKENS)}")
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(iter(texts), n_bpe, pattern=SPLIT_PATTERN)
+    return [(bytes(b), int(r)) for b, r in bpe.get_mergeable_ranks()]
+
+
+class Tokenizer:
+    """tiktoken encoder over our ranks + special tokens, with chat rendering."""
+
+    def __init__(self, mergeable_ranks: dict[bytes, int]):
+        import tiktoken
+
+        self.mergeable_ranks = mergeable_ranks
+        n = len(mergeable_ranks)
+        self.special = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
+        self.enc = tiktoken.Encoding(name="exocortex", pat_str=SPLIT_PATTERN, mergeable_ranks=mergeable_ranks,
+                                     special_tokens=self.special)
+        self.vocab_size = n + len(SPECIAL_TOKENS)
+        self.bos_id = self.special["<|bos|>"]
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+        return cls(dict(train_bpe(texts, vocab_size)))
+
+    def save(self, directory: str | os.PathLike) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        # tiktoken's own file format: one "base64(token) rank" line per token
+        lines = [f"{base64.b64encode(tok).decode()} {rank}" for tok, rank in sorted(self.mergeable_ranks.items(), key=lambda x: x[1])]
+        atomic_write_text(d / "tokenizer.tiktoken", "\n".join(lines) + "\n")
+        meta = {"pattern": SPLIT_PATTERN, "special_tokens": self.special, "vocab_size": self.vocab_size}
+        atomic_write_text(d / "tokenizer.json", json.dumps(meta, indent=2))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        d = Path(directory)
+        f = d / "tokenizer.tiktoken"
+        if not f.exists():
+            raise ExocortexError(f"no tokenizer in {d}; run `exocortex tokenizer` first")
+        ranks = {}
+        for line in f.read_text().splitlines():
+            if line:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok)] = int(rank)
+        return cls(ranks)
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        ids = self.enc.encode_ordinary(text)
+        return [self.bos_id] + ids if bos else ids
+
+    def encode_batch(self, texts: list[str], bos: bool = False, num_threads: int = 0) -> list[list[int]]:
+        out = self.enc.encode_ordinary_batch(texts, num_threads=num_threads or os.cpu_count() or 1)
+        if bos:
+            out = [[self.bos_id] + ids for ids in out]
+        return out
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids), errors="replace")
+
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        return self.enc.decode_bytes(list(ids))
+
+    def token_id(self, special: str) -> int:
+        return self.special[special]
+
+    def is_special(self, token_id: int) -> bool:
+        return token_id >= len(self.mergeable_ranks)
+
+    def token_byte_lengths(self) -> list[int]:
+        """Bytes each token stands for (0 for special tokens): what bits-per-byte divides by."""
+        lengths = [0] * self.vocab_size
+        for tok, rank in self.mergeable_ranks.items():
+            lengths[rank] = len(tok)
+        return lengths
+
+    # ------------------------------------------------------------------ chat format
+    def render_conversation(self, conversation: dict | list, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """Conversation -> (ids, mask). mask=1 on the tokens the model must learn to produce: assistant text,
+        its tool calls and <|assistant_end|>. System/user text and tool outputs (inserted by the engine) get 0.
+
+        A conversation is {"messages": [...]} or a list of messages; each message has a role
+        (system | user | assistant) and content: a string, or for the assistant a list of parts
+        {"type": "text", "text"} | {"type": "tool_call", "text"} | {"type": "tool_output", "text"}.
+        """
+        messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+        ids, mask = [self.bos_id], [0]
+
+        def add(tokens: list[int], m: int) -> None:
+            ids.extend(tokens)
+            mask.extend([m] * len(tokens))
+
+        sp = self.special
+        for i, msg in enumerate(messages):
+            role, content = msg.get("role"), msg.get("content")
+            if role == "system":
+                if i != 0:
+                    raise ValueError("a system message may only come first")
+                add([sp["<|system_start|>"]] + self.encode(_text(content)) + [sp["<|system_end|>"]], 0)
+            elif role == "user":
+                add([sp["<|user_start|>"]] + self.encode(_text(content)) + [sp["<|user_end|>"]], 0)
+            elif role == "assistant":
+                add([sp["<|assistant_start|>"]], 0)
+                parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+                for part in parts:
+                    kind, text = part.get("type"), part.get("text", "")
+                    if kind == "text":
+                        add(self.encode(text), 1)
+                    elif kind == "tool_call":
+                        add([sp["<|tool_call_start|>"]] + self.encode(text) + [sp["<|tool_call_end|>"]], 1)
+                    elif kind == "tool_output":
+                        # the engine inserts these; the model never learns to write them itself
+                        add([sp["<|tool_output_start|>"]] + self.encode(text) + [sp["<|tool_output_end|>"]], 0)
+                    else:
+                        raise ValueError(f"unknown assistant part type {kind!r}")
+                add([sp["<|assistant_end|>"]], 1)
+            else:
+                raise ValueError(f"unknown role {role!r}")
+        if max_tokens is not None:
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        return ids, mask
+
+    def render_for_completion(self, messages: list[dict]) -> list[int]:
+        """Prompt ids for generation: the conversation so far, then <|assistant_start|>."""
+        msgs = list(messages)
+        if msgs and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        ids, _ = self.render_conversation(msgs)
+        return ids + [self.special["<|assistant_start|>"]]
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    raise ValueError(f"message content must be a string, got {type(content).__name__}")
+
+
+def iter_texts_for_training(texts: Iterable[str], max_bytes: int, max_doc_chars: int = 10000) -> Iterator[str]:
+    """Cap the tokenizer's training text; long documents are cut so no single one dominates."""
+    total = 0
+    for t in texts:
+        t = t[:max_doc_chars]
+        total += len(t.encode("utf-8", errors="ignore"))
+        yield t
+        if total >= max_bytes:
+            return
+
+
+_WS = re.compile(r"\s+")

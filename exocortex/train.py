@@ -1,0 +1,228 @@
+"""The one training loop, shared by every training stage (pretrain, sft): they differ only in data and mask.
+
+Muon (torch.optim.Muon) for the 2-D matrices inside the blocks, AdamW for embeddings, lm_head and norm
+gains; linear warmup / constant / linear warmdown; gradient accumulation to a target batch in tokens;
+bf16 autocast where the hardware supports it; optional torch.compile; periodic val loss; atomic
+checkpoints; `resume=True` continues an interrupted run exactly (data order is a pure function of step).
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from exocortex.checkpoint import autocast, latest_checkpoint, load_state, save_checkpoint
+from exocortex.config import ExocortexError, ModelConfig, TrainConfig, atomic_write_text, lr_dim_scale
+
+
+class BatchSource(Protocol):
+    """Deterministic batches: micro-batch number i always gives the same rows, so resume is exact."""
+
+    rows: int  # rows per micro-batch
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def build_optimizers(model: torch.nn.Module, t: TrainConfig) -> list[torch.optim.Optimizer]:
+    width = model.cfg.n_embd
+    scale = lr_dim_scale(width)
+    matrices, embed, head, scalars = [], [], [], []
+    for name, p in model.named_parameters():
+        if "embed_tokens" in name:
+            embed.append(p)
+        elif "lm_head" in name:
+            head.append(p)
+        elif p.ndim == 2:
+            matrices.append(p)
+        else:
+            scalars.append(p)
+    adam_groups = [
+        {"params": embed, "lr": t.embedding_lr * scale},
+        {"params": head, "lr": t.unembedding_lr * scale},
+        {"params": scalars, "lr": t.scalar_lr},
+    ]
+    kw = {"fused": True} if next(model.parameters()).is_cuda else {}
+    adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, **kw)
+    muon = torch.optim.Muon(matrices, lr=t.matrix_lr, momentum=0.95, weight_decay=t.weight_decay,
+                            adjust_lr_fn="original")
+    for opt in (adamw, muon):
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+    return [adamw, muon]
+
+
+def lr_multiplier(step: int, total: int, t: TrainConfig) -> float:
+    warmup = max(1, round(t.warmup_frac * total)) if t.warmup_frac > 0 else 0
+    warmdown = round(t.warmdown_frac * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if warmdown > 0 and step >= total - warmdown:
+        frac = (total - step) / warmdown
+        return frac + (1 - frac) * t.final_lr_frac
+    return 1.0
+
+
+@dataclass
+class TrainResult:
+    stage: str
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    final_train_loss: float
+    final_val_loss: float | None
+    checkpoint: str
+    history: list[dict] = field(default_factory=list)
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], device, dtype) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, dtype):
+            loss = model(x, y, reduction="sum")
+        total += loss.item()
+        count += int((y != -1).sum())
+    model.train()
+    return total / max(1, count)
+
+
+def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, source: BatchSource,
+          val_batches: list, device: torch.device, dtype: torch.dtype, total_steps: int | None = None,
+          resume: bool = False, meta: dict | None = None,
+          on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
+    """Train `model` in place; returns a summary. Budget: total_steps, else t.time_minutes (measured)."""
+    run_dir = Path(run_dir)
+    model.to(device).train()
+    cfg: ModelConfig = model.cfg
+    tokens_per_micro = source.rows * cfg.seq_len
+    accum = max(1, t.batch_tokens // tokens_per_micro)
+    tokens_per_step = accum * tokens_per_micro
+    optimizers = build_optimizers(model, t)
+    fwd = torch.compile(model, dynamic=False) if t.compile else model
+
+    log_path = run_dir / "logs" / f"{stage}.jsonl"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    history: list[dict] = []
+    step, elapsed = 0, 0.0
+    if resume:
+        ckpt = latest_checkpoint(run_dir, stage)
+        if ckpt is None:
+            raise ExocortexError(f"--resume: no '{stage}' checkpoint in {run_dir} to resume from")
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+        state = load_state(ckpt)
+        for opt, s in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+        _set_rng_state(state["rng"])
+        step, elapsed, history = state["step"], state["elapsed"], state["history"]
+        total_steps = state["total_steps"]
+        if state.get("done"):
+            print(f"{stage}: already finished at step {step}; nothing to resume")
+        else:
+            print(f"{stage}: resuming from {ckpt.name} (step {step}/{total_steps})")
+    atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+
+    time_budget = t.time_minutes * 60 if total_steps is None else None
+    if total_steps is None and not t.time_minutes:
+        raise ExocortexError(f"{stage}: no budget; set max_steps, tokens_per_param, epochs or time_minutes")
+    provisional = total_steps or 10_000  # until the time budget has measured a step
+    timed_steps, timed_seconds = 0, 0.0
+
+    def checkpoint(done: bool = False) -> Path:
+        state = {"optimizers": [o.state_dict() for o in optimizers], "rng": _rng_state(), "step": step,
+                 "elapsed": elapsed, "history": history, "total_steps": total_steps or provisional, "done": done}
+        path = save_checkpoint(run_dir, stage, step, model, cfg, state,
+                               {"tokens": step * tokens_per_step, **(meta or {})}, keep=t.keep_checkpoints)
+        if on_checkpoint:
+            on_checkpoint(path)
+        return path
+
+    last_val = None
+    last_loss = float("nan")
+    bar = tqdm(total=total_steps or None, initial=step, desc=stage, unit="step", dynamic_ncols=True,
+               disable=None)
+    ckpt_path = None
+    try:
+        while total_steps is None or step < total_steps:
+            t0 = time.perf_counter()
+            total = total_steps or provisional
+            mult = lr_multiplier(step, total, t)
+            for opt in optimizers:
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * mult
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = source.get(step * accum + micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, dtype):
+                    loss = fwd(x, y)
+                (loss / accum).backward()
+                loss_sum += loss.detach()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = (loss_sum / accum).item()  # one sync per step, for the progress bar
+            if not math.isfinite(last_loss):
+                raise ExocortexError(f"{stage}: loss became {last_loss} at step {step}; lower the learning rates "
+                                     f"(--set {stage}.matrix_lr=...) or check the data")
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            # the time budget measures real steps (after the first two, which include compilation)
+            if time_budget is not None and step > 2:
+                timed_steps += 1
+                timed_seconds += dt
+                if timed_steps == 5:
+                    per_step = timed_seconds / timed_steps
+                    total_steps = step + max(1, int((time_budget - elapsed) / per_step))
+                    bar.total = total_steps
+                    bar.refresh()
+            record = {"step": step, "loss": last_loss, "lr_mult": mult, "tokens": step * tokens_per_step,
+                      "elapsed": round(elapsed, 3), "tok_per_s": tokens_per_step / dt}
+            is_last = total_steps is not None and step >= total_steps
+            if val_batches and (step % t.eval_every == 0 or is_last):
+                last_val = evaluate_loss(model, val_batches, device, dtype)
+                record["val_loss"] = last_val
+            history.append(record)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
+                            **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
+            bar.update(1)
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and not is_last:
+                checkpoint()
+        ckpt_path = checkpoint(done=True)
+    except KeyboardInterrupt:
+        bar.close()
+        if step > 0:
+            p = checkpoint()
+            raise ExocortexError(f"{stage}: interrupted at step {step}; saved {p}. Continue with --resume") from None
+        raise ExocortexError(f"{stage}: interrupted before the first step") from None
+    bar.close()
+    tokens = step * tokens_per_step
+    return TrainResult(stage=stage, steps=step, tokens=tokens, seconds=elapsed,
+                       tokens_per_second=tokens / max(elapsed, 1e-9), final_train_loss=last_loss,
+                       final_val_loss=last_val, checkpoint=str(ckpt_path), history=history)
