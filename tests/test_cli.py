@@ -1,0 +1,70 @@
+"""Bad input: a clear one-line error and a non-zero exit, never a traceback."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(args, cwd):
+    return subprocess.run([sys.executable, "-m", "exocortex", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def assert_clean_error(r, *needles):
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), r.stderr
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blank").mkdir()
+    (tmp_path / "blank" / "a.txt").write_text("   \n")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "x.txt").write_bytes(b"\x89PNG\x00\x00\x01binary")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ol\xe9".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{not json}\n')
+    (tmp_path / "notext.jsonl").write_text('{"content": "no text field"}\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["tokenizer", "--data", "does/not/exist"], ["does not exist"]),
+    (["tokenizer", "--data", "empty"], ["has no"]),
+    (["tokenizer", "--data", "blank"], ["no text"]),
+    (["tokenizer", "--data", "bin"], ["binary"]),
+    (["tokenizer", "--data", "latin1.txt"], ["not UTF-8"]),
+    (["tokenizer", "--data", "bad.jsonl"], ["bad.jsonl:2", "invalid JSON"]),
+    (["tokenizer", "--data", "notext.jsonl"], ["notext.jsonl:1", '"text"']),
+    (["speedrun", "--preset", "huge"], ["unknown preset 'huge'", "tiny"]),
+    (["speedrun", "--set", "model.depthh=3"], ["unknown config key 'model.depthh'"]),
+    (["speedrun", "--set", "model.depth=three"], ["expected a int"]),
+    (["speedrun", "--set", "nonsense"], ["key=value"]),
+    (["sft", "--run", "nothing_here"], ["no run at", "speedrun"]),
+    (["eval", "--run", "nothing_here"], ["no run at"]),
+    (["chat", "-p", "hi"], ["no runs in"]),
+])
+def test_bad_input_clean_errors(files, args, needles):
+    assert_clean_error(run(args, files), *needles)
+    assert not (files / "runs" / "tiny" / "tokenizer").exists()  # nothing half-written
+
+
+def test_missing_stage(files):
+    run_dir = files / "runs" / "r1"
+    run_dir.mkdir(parents=True)
+    from exocortex.config import make_config
+    (run_dir / "config.json").write_text(json.dumps(make_config("tiny").to_dict()))
+    assert_clean_error(run(["sft", "--run", "r1"], files), "no tokenizer")
+    assert_clean_error(run(["pretrain", "--run", "r1"], files), "exocortex tokenizer")
+
+
+def test_help_lists_stages(tmp_path):
+    r = run(["--help"], tmp_path)
+    assert r.returncode == 0
+    for s in ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "speedrun"]:
+        assert s in r.stdout

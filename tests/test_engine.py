@@ -1,0 +1,79 @@
+import torch
+
+from exocortex.engine import Engine, StreamDecoder, sample_next
+from exocortex.model import GPT
+
+
+class Scripted(torch.nn.Module):
+    """Stands in for a model: predicts the next token of a script. A fed token that is not the one it
+    predicted was forced by the engine (tool output), so the script does not advance past it."""
+
+    def __init__(self, cfg, script):
+        super().__init__()
+        self.cfg, self.script = cfg, list(script)
+        self.rope_cos = torch.zeros(1000, 1)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.i = 0
+
+    def forward(self, idx, cache=None):
+        if idx.shape[1] == 1 and idx[0, 0].item() == self.script[self.i]:
+            self.i += 1
+        logits = torch.full((idx.shape[0], idx.shape[1], self.cfg.vocab_size), -1e9)
+        logits[:, -1, self.script[self.i]] = 0
+        return logits
+
+
+def test_tool_call_is_run_and_injected(tok, small_cfg):
+    sp = tok.special
+    call = tok.encode("calculator(347 * 29)")
+    answer = tok.encode("It is 10063.")
+    script = [sp["<|tool_call_start|>"], *call, sp["<|tool_call_end|>"], *answer, sp["<|assistant_end|>"]]
+    small_cfg.vocab_size = tok.vocab_size
+    model = Scripted(small_cfg, script)
+    eng = Engine(model, tok, torch.device("cpu"))
+    steps = list(eng.generate(tok.render_for_completion([{"role": "user", "content": "347*29?"}]), max_tokens=60,
+                              temperature=0))
+    tokens = [c[0] for c, _ in steps]
+    forced = [f[0] for _, f in steps]
+    out_start = tokens.index(sp["<|tool_output_start|>"])
+    out_end = tokens.index(sp["<|tool_output_end|>"])
+    assert tok.decode(tokens[out_start + 1:out_end]) == "10063"
+    assert all(forced[out_start:out_end + 1]) and not any(forced[:out_start])
+    assert tokens[-1] == sp["<|assistant_end|>"]
+    assert eng.answer_text(tokens[:-1]) == "It is 10063."
+    parts = eng.to_parts(tokens[:-1])
+    assert [p["type"] for p in parts] == ["tool_call", "tool_output", "text"]
+    assert parts[0]["text"] == "calculator(347 * 29)" and parts[1]["text"] == "10063"
+
+
+def test_batched_sampling_is_seeded(small_cfg):
+    m = GPT(small_cfg)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+
+    class T:  # minimal tokenizer stand-in
+        special = {k: i for i, k in enumerate(["<|bos|>", "<|assistant_end|>", "<|tool_call_start|>",
+                                               "<|tool_call_end|>", "<|tool_output_start|>", "<|tool_output_end|>"])}
+    eng = Engine(m, T(), torch.device("cpu"))
+    eng.stop_ids = {-1}
+    a = list(eng.generate([5, 6, 7], num_samples=4, max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7))
+    b = list(eng.generate([5, 6, 7], num_samples=4, max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7))
+    assert a == b and len(a) == 10 and len(a[0][0]) == 4
+    rows = list(zip(*[c for c, _ in a]))
+    assert len(set(rows)) > 1  # samples differ across the batch
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 1.0, 5.0, 2.0]])
+    assert sample_next(logits, temperature=0).item() == 2
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
+    assert picks <= {2, 3}
+    picks = {sample_next(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(200)}
+    assert picks == {2}
+
+
+def test_stream_decoder_keeps_multibyte_chars(tok):
+    ids = tok.encode("naïve 🙂 日本")
+    d = StreamDecoder(tok)
+    assert "".join(d.push(i) for i in ids) == "naïve 🙂 日本"

@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from exocortex.checkpoint import latest_checkpoint, load_model
+from exocortex.config import ExocortexError, TrainConfig
+from exocortex.data.loader import PackedRows, TokenRows, eval_batches, pack_conversations
+from exocortex.model import GPT
+from exocortex.train import lr_multiplier, train
+
+
+def _source(vocab, seq_len):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, vocab, 20_000).astype(np.uint16)
+    return TokenRows(tokens, seq_len, rows=4, seed=1), eval_batches(tokens[-2000:], seq_len, 4, 256)
+
+
+class Interrupting:
+    """Wraps a source and raises KeyboardInterrupt (as Ctrl-C or SIGTERM would) at a given batch."""
+
+    def __init__(self, inner, at):
+        self.inner, self.at, self.rows = inner, at, inner.rows
+
+    def get(self, index):
+        if index == self.at:
+            raise KeyboardInterrupt
+        return self.inner.get(index)
+
+
+def _cfg():
+    return TrainConfig(batch_tokens=256, device_batch=4, checkpoint_every=0, eval_every=3, dtype="float32",
+                       keep_checkpoints=3, warmup_frac=0.2, warmdown_frac=0.4)
+
+
+def test_resume_continues_identically(small_cfg, tmp_path):
+    src, val = _source(small_cfg.vocab_size, small_cfg.seq_len)
+    t = _cfg()  # 256 tokens per step = 2 micro-batches of 4 x 32: accumulation is exercised too
+    torch.manual_seed(0)
+    a = GPT(small_cfg)
+    ra = train(a, t, "pretrain", tmp_path / "a", src, val, torch.device("cpu"), torch.float32, total_steps=8)
+
+    torch.manual_seed(0)
+    b = GPT(small_cfg)
+    with pytest.raises(ExocortexError, match="resume"):
+        train(b, t, "pretrain", tmp_path / "b", Interrupting(src, at=2 * 5), val, torch.device("cpu"),
+              torch.float32, total_steps=8)
+    assert latest_checkpoint(tmp_path / "b", "pretrain").name == "step_000005"
+    torch.manual_seed(123)  # a fresh process: different RNG, fresh weights
+    c = GPT(small_cfg)
+    rc = train(c, t, "pretrain", tmp_path / "b", src, val, torch.device("cpu"), torch.float32, total_steps=8,
+               resume=True)
+    assert [h["loss"] for h in ra.history] == pytest.approx([h["loss"] for h in rc.history], rel=1e-6, abs=1e-6)
+    for (n, p), (_, q) in zip(a.state_dict().items(), c.state_dict().items()):
+        assert torch.allclose(p, q, atol=1e-6), n
+    # the final checkpoint loads back into the same model
+    m, meta = load_model(latest_checkpoint(tmp_path / "b", "pretrain"))
+    assert meta["step"] == 8
+    assert torch.allclose(m.lm_head.weight, c.lm_head.weight)
+
+
+def test_training_lowers_loss(small_cfg, tmp_path):
+    tokens = np.tile(np.arange(50, dtype=np.uint16), 400)  # a learnable sequence
+    src = TokenRows(tokens, small_cfg.seq_len, rows=8, seed=0)
+    val = eval_batches(tokens, small_cfg.seq_len, 8, 512)
+    t = TrainConfig(batch_tokens=256, device_batch=8, checkpoint_every=0, eval_every=10, dtype="float32")
+    r = train(GPT(small_cfg), t, "pretrain", tmp_path, src, val, torch.device("cpu"), torch.float32, total_steps=30)
+    assert r.final_val_loss < 1.0 < r.history[0]["loss"]
+
+
+def test_lr_schedule():
+    t = TrainConfig(warmup_frac=0.1, warmdown_frac=0.5, final_lr_frac=0.0)
+    m = [lr_multiplier(s, 100, t) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == 1.0 and m[49] == 1.0
+    assert m[50] == pytest.approx(1.0) and m[99] == pytest.approx(0.02)
+    assert all(a >= b for a, b in zip(m[50:], m[51:]))
+
+
+def test_token_rows_deterministic_and_cover_epoch():
+    tokens = np.arange(10_001, dtype=np.uint16)
+    src = TokenRows(tokens, 100, rows=10, seed=3)
+    x, y = src.get(4)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    assert torch.equal(src.get(4)[0], TokenRows(tokens, 100, rows=10, seed=3).get(4)[0])
+    starts = sorted(int(src.get(i)[0][r, 0]) for i in range(10) for r in range(10))
+    assert starts == list(range(0, 10_000, 100))  # one epoch visits every row once
+
+
+def test_pack_conversations_masks():
+    convs = [([1, 2, 3, 4], [0, 0, 1, 1]), ([5, 6, 7], [0, 1, 1]), (list(range(10, 30)), [1] * 20)]
+    x, y = pack_conversations(convs, seq_len=8, pad_id=0)
+    assert x.shape[1] == 8 and y.shape == x.shape
+    assert x[0].tolist() == [1, 2, 3, 4, 5, 6, 7, 0]
+    assert y[0].tolist() == [-1, 3, 4, -1, 6, 7, -1, -1]  # loss only where the mask says, never on padding
+    rows = PackedRows(x, y, rows=2, seed=0)
+    assert rows.get(0)[0].shape == (2, 8)
