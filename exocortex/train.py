@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,8 +161,10 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
 
     last_val = None
     last_loss = float("nan")
+    interactive = sys.stderr.isatty()
     bar = tqdm(total=total_steps or None, initial=step, desc=stage, unit="step", dynamic_ncols=True,
-               disable=None)
+               disable=not interactive)
+    last_print = time.time()
     ckpt_path = None
     try:
         while total_steps is None or step < total_steps:
@@ -212,6 +215,14 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
                             **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
             bar.update(1)
+            if not interactive and (time.time() - last_print > 20 or is_last):
+                # logs and CI get a plain line every ~20 s instead of a progress bar
+                last_print = time.time()
+                eta = (total_steps - step) * elapsed / max(1, step) if total_steps else float("nan")
+                print(f"{stage}: step {step}/{total_steps or '?'} loss {last_loss:.3f}"
+                      + (f" val {last_val:.3f}" if last_val is not None else "")
+                      + f" | {tokens_per_step / dt:,.0f} tok/s | {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
+                      flush=True)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and not is_last:
                 checkpoint()
         ckpt_path = checkpoint(done=True)
