@@ -1,0 +1,82 @@
+"""End to end through the CLI on a miniature budget: every stage, the report, chat, SIGTERM + resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--set", "data.world_bytes=1500000", "--set", "tokenizer.train_bytes=1000000",
+         "--set", "tokenizer.vocab_size=1024", "--set", "model.width=64", "--set", "model.depth=2",
+         "--set", "model.seq_len=128", "--set", "pretrain.max_steps=12", "--set", "pretrain.time_minutes=0",
+         "--set", "pretrain.compile=false", "--set", "sft.compile=false", "--set", "pretrain.device_batch=8",
+         "--set", "pretrain.batch_tokens=1024", "--set", "sft.device_batch=8", "--set", "sft.batch_tokens=1024",
+         "--set", "sft_data.n_conversations=300", "--set", "eval.n_arithmetic=4", "--set", "eval.n_facts=4",
+         "--set", "eval.n_identity=2", "--set", "eval.max_new_tokens=16", "--set", "pretrain.eval_every=5"]
+
+
+def cli(args, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "exocortex", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("e2e")
+    r = cli(["speedrun", "--run", "mini", *SMALL], cwd)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return cwd
+
+
+def test_speedrun_outputs(run_dir):
+    d = run_dir / "runs" / "mini"
+    report = (d / "report.md").read_text()
+    assert (d / "plots" / "loss.png").stat().st_size > 1000
+    assert "![loss curves](plots/loss.png)" in report
+    for needle in ["val bits per byte", "arithmetic accuracy", "identity accuracy", "Peak memory", "distinct_4"]:
+        assert needle in report
+    ev = json.loads((d / "logs" / "eval_summary.json").read_text())
+    assert 0 < ev["base"]["val_bpb"] < 20 and 0 <= ev["sft"]["arithmetic_accuracy"] <= 1
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model"]["width"] == 64 and cfg["pretrain"]["max_steps"] == 12  # the resolved config is kept
+    assert (d / "checkpoints" / "sft" / "latest").read_text().strip() == "step_000%03d" % json.loads(
+        (d / "logs" / "sft_summary.json").read_text())["steps"]
+
+
+def test_chat_one_shot_uses_most_recent_run(run_dir):
+    r = cli(["chat", "-p", "who are you?", "--max-tokens", "8", "--seed", "1"], run_dir)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip()
+
+
+def test_rerun_single_stage(run_dir):
+    r = cli(["eval", "--run", "mini"], run_dir)
+    assert r.returncode == 0, r.stderr
+    r = cli(["report", "--run", "mini"], run_dir)
+    assert r.returncode == 0 and "report.md" in r.stdout
+
+
+def test_sigterm_saves_and_resume_finishes(run_dir):
+    args = ["pretrain", "--run", "mini", "--set", "pretrain.max_steps=400", "--set", "pretrain.checkpoint_every=0"]
+    p = subprocess.Popen([sys.executable, "-m", "exocortex", *args], cwd=run_dir, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log = run_dir / "runs" / "mini" / "logs" / "pretrain.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if log.exists() and len(log.read_text().splitlines()) >= 3:
+            break
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1 and "--resume" in err and "Traceback" not in err, err
+    ckpt = (run_dir / "runs" / "mini" / "checkpoints" / "pretrain" / "latest").read_text().strip()
+    stopped_at = int(ckpt.split("_")[1])
+    assert 0 < stopped_at < 400
+    r = cli([*args, "--resume", "--set", "pretrain.max_steps=400"], run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"resuming from step_{stopped_at:06d}" in r.stdout
+    assert (run_dir / "runs" / "mini" / "checkpoints" / "pretrain" / "latest").read_text().strip() == "step_000400"
