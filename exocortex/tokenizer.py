@@ -89,7 +89,20 @@ class Tokenizer:
         return [self.bos_id] + ids if bos else ids
 
     def encode_batch(self, texts: list[str], bos: bool = False, num_threads: int = 0) -> list[list[int]]:
-        out = self.enc.encode_ordinary_batch(texts, num_threads=num_threads or os.cpu_count() or 1)
+        """Multi-threaded encode: one plain loop per thread over a contiguous slice (tiktoken releases the
+        GIL). Measured 1.8x faster than tiktoken's own encode_batch on short documents, whose per-document
+        task overhead costs more than the encoding (bench/tokenizer.py, docs/tokenizer.md)."""
+        n = max(1, min(num_threads or os.cpu_count() or 1, len(texts) // 64 or 1))
+        if n == 1:
+            out = [self.enc.encode_ordinary(t) for t in texts]
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            step = (len(texts) + n - 1) // n
+            slices = [texts[i:i + step] for i in range(0, len(texts), step)]
+            with ThreadPoolExecutor(n) as pool:
+                out = [ids for part in pool.map(lambda s: [self.enc.encode_ordinary(t) for t in s], slices)
+                       for ids in part]
         if bos:
             out = [[self.bos_id] + ids for ids in out]
         return out
