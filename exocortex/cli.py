@@ -14,7 +14,7 @@ from pathlib import Path
 
 from exocortex.config import ExocortexError, RunConfig, load_config, make_config, save_config
 
-STAGES = ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "speedrun"]
+STAGES = ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "export", "speedrun"]
 
 
 def _run_path(args) -> Path:
@@ -125,13 +125,25 @@ def cmd_chat(args) -> None:
              max_tokens=args.max_tokens, system=args.system, seed=args.seed)
 
 
+def cmd_export(args) -> None:
+    from exocortex.export import export_hf, verify_hf
+
+    cfg = existing_config(args, "export")
+    out = Path(args.out) if args.out else cfg.run_dir / ("hf" if args.stage == "sft" else f"hf-{args.stage}")
+    export_hf(cfg.run_dir, out, stage=args.stage, dtype=args.dtype)
+    print(f"exported the {args.stage} model to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    if args.verify:
+        print(f"verified against exocortex: {verify_hf(out, cfg.run_dir, args.stage)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exocortex", description="Own your LLM end to end.")
     sub = p.add_subparsers(dest="stage", metavar="<stage>")
     helps = {"tokenizer": "train the BPE tokenizer on the corpus and tokenize it",
              "pretrain": "pretrain the base model", "sft": "supervised finetuning: chat format and tool use",
              "eval": "bits-per-byte and held-out chat task accuracy", "chat": "talk to your model",
-             "report": "write runs/<name>/report.md", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
+             "report": "write runs/<name>/report.md",
+             "export": "write a Hugging Face transformers (Qwen3) directory: weights, config, tokenizer, chat template", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
     for name in STAGES:
         s = sub.add_parser(name, help=helps[name])
         s.add_argument("--run", default=None, help="run name (under --runs-dir) or path; default: the preset name "
@@ -144,6 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/.parquet")
         if name in ("pretrain", "sft", "speedrun"):
             s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        if name == "export":
+            s.add_argument("--out", default=None, help="output directory (default: runs/<name>/hf)")
+            s.add_argument("--stage", default="sft", choices=["sft", "pretrain"])
+            s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+            s.add_argument("--verify", action="store_true", help="load the export with transformers and compare")
         if name == "chat":
             s.add_argument("-p", "--prompt", default=None, help="one-shot: answer this prompt and exit")
             s.add_argument("--temperature", type=float, default=0.6)

@@ -147,10 +147,11 @@ def _tiny() -> RunConfig:
     c.data.world_bytes = 20_000_000
     c.pretrain = TrainConfig(batch_tokens=8192, device_batch=32, time_minutes=7.0, eval_every=100,
                              eval_tokens=32768, checkpoint_every=200, warmdown_frac=0.4, compile=True)
-    c.sft = TrainConfig(batch_tokens=8192, device_batch=32, epochs=1.0, matrix_lr=0.01, embedding_lr=0.1,
+    c.sft = TrainConfig(batch_tokens=8192, device_batch=32, epochs=1.6, matrix_lr=0.01, embedding_lr=0.1,
                         unembedding_lr=0.002, scalar_lr=0.01, warmup_frac=0.0, warmdown_frac=0.5,
                         eval_every=50, eval_tokens=16384, checkpoint_every=400, compile=True)
     c.sft_data.n_conversations = 20000
+    c.eval.n_arithmetic = 200
     return c
 
 

@@ -148,7 +148,7 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     if total_steps is None and not t.time_minutes:
         raise ExocortexError(f"{stage}: no budget; set max_steps, tokens_per_param, epochs or time_minutes")
     provisional = total_steps or 10_000  # until the time budget has measured a step
-    timed_steps, timed_seconds = 0, 0.0
+    timed_steps, timed_seconds, retimed, first_two = 0, 0.0, False, 0.0
 
     def checkpoint(done: bool = False) -> Path:
         state = {"optimizers": [o.state_dict() for o in optimizers], "rng": _rng_state(), "step": step,
@@ -194,21 +194,28 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                                      f"(--set {stage}.matrix_lr=...) or check the data")
             dt = time.perf_counter() - t0
             elapsed += dt
-            # the time budget measures real steps (after the first two, which include compilation)
+            # the time budget measures real steps (after the first two, which include compilation), then
+            # re-measures once at 30% of the budget, still in the constant-LR phase, so evals, checkpoints
+            # and a slower machine are all counted
             if time_budget is not None and step > 2:
                 timed_steps += 1
                 timed_seconds += dt
-                if timed_steps == 5:
-                    per_step = timed_seconds / timed_steps
+                if timed_steps == 5 or (timed_steps > 5 and not retimed and elapsed > 0.3 * time_budget):
+                    retimed = timed_steps > 5
+                    per_step = (elapsed - first_two) / (step - 2) if retimed else timed_seconds / timed_steps
                     total_steps = step + max(1, int((time_budget - elapsed) / per_step))
                     bar.total = total_steps
                     bar.refresh()
+            if step == 2:
+                first_two = elapsed
             record = {"step": step, "loss": last_loss, "lr_mult": mult, "tokens": step * tokens_per_step,
                       "elapsed": round(elapsed, 3), "tok_per_s": tokens_per_step / dt}
             is_last = total_steps is not None and step >= total_steps
             if val_batches and (step % t.eval_every == 0 or is_last):
+                te = time.perf_counter()
                 last_val = evaluate_loss(model, val_batches, device, dtype)
                 record["val_loss"] = last_val
+                elapsed += time.perf_counter() - te  # evals count against a time budget too
             history.append(record)
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -224,7 +231,9 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                       + f" | {tokens_per_step / dt:,.0f} tok/s | {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
                       flush=True)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and not is_last:
+                tc = time.perf_counter()
                 checkpoint()
+                elapsed += time.perf_counter() - tc
         ckpt_path = checkpoint(done=True)
     except KeyboardInterrupt:
         bar.close()

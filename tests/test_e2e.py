@@ -62,9 +62,10 @@ def test_rerun_single_stage(run_dir):
 
 def test_sigterm_saves_and_resume_finishes(run_dir):
     args = ["pretrain", "--run", "mini", "--set", "pretrain.max_steps=400", "--set", "pretrain.checkpoint_every=0"]
+    log = run_dir / "runs" / "mini" / "logs" / "pretrain.jsonl"
+    log.unlink()  # so we wait for this run's own steps
     p = subprocess.Popen([sys.executable, "-m", "exocortex", *args], cwd=run_dir, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    log = run_dir / "runs" / "mini" / "logs" / "pretrain.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline:
         time.sleep(0.5)
