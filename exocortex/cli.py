@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from exocortex import distributed
 from exocortex.config import ExocortexError, RunConfig, load_config, make_config, save_config
 
 STAGES = ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "export", "speedrun"]
@@ -87,11 +88,13 @@ def cmd_pretrain(args) -> None:
 
     path = _run_path(args)
     if args.data or not (path / "config.json").exists():
-        # a new corpus (or no run yet): tokenize it first, then pretrain on it
+        # a new corpus (or no run yet): tokenize it first (rank 0 only), then pretrain on it
         cfg = new_config(args) if not (path / "config.json").exists() else existing_config(args, "pretrain")
         if args.data:
             cfg.data.path = str(Path(args.data).expanduser().resolve())
-        run_tokenizer(cfg)
+        if distributed.is_main():
+            run_tokenizer(cfg)
+        distributed.barrier()
     else:
         cfg = existing_config(args, "pretrain")
     run_pretrain(cfg, resume=args.resume)
@@ -146,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
              "export": "write a Hugging Face transformers (Qwen3) directory: weights, config, tokenizer, chat template", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
     for name in STAGES:
         s = sub.add_parser(name, help=helps[name])
-        s.add_argument("--run", default=None, help="run name (under --runs-dir) or path; default: the preset name "
-                       "(chat: the most recent run)")
+        s.add_argument("--run", "--run-name", dest="run", default=None,
+                       help="run name (under --runs-dir) or path; default: the preset name (chat: the most recent "
+                       "run). Under torchrun write --run-name: torchrun takes --run for its own --run-path")
         s.add_argument("--runs-dir", default="runs")
         s.add_argument("--preset", default="tiny", help="tiny (CPU) | d12 | d20 | d26")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -184,7 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
+        distributed.init_from_env()
         globals()[f"cmd_{args.stage}"](args)
+        distributed.shutdown()
     except ExocortexError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

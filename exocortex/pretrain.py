@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from exocortex.checkpoint import resolve_device, resolve_dtype, save_checkpoint
+from exocortex import distributed
+from exocortex.checkpoint import resolve_device, resolve_dtype
 from exocortex.config import ExocortexError, RunConfig, atomic_write_text, budget_steps, save_config
 from exocortex.data.loader import TokenRows, eval_batches, tokenize_documents
 from exocortex.data.sources import load_documents, split_train_val
@@ -97,8 +98,11 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> dict:
     print(f"pretrain: {n_params / 1e6:.2f}M params, {cfg.model.depth} layers x {cfg.model.n_embd} wide, "
           f"vocab {cfg.model.vocab_size}, seq {cfg.model.seq_len}; {device} {str(dtype).replace('torch.', '')}; "
           f"budget: " + (f"{steps} steps" if steps else f"{t.time_minutes} minutes"))
-    save_config(cfg)
+    if distributed.is_main():
+        save_config(cfg)
     res = train(model, t, "pretrain", cfg.run_dir, source, val, device, dtype, total_steps=steps, resume=resume)
+    if not distributed.is_main():
+        return {}
     from exocortex.evaluate import bits_per_byte
     bpb = bits_per_byte(model, tok, val, device, dtype)
     summary = {"params": n_params, "flops_per_token": model.flops_per_token(), "steps": res.steps,

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from exocortex import distributed
 from exocortex.checkpoint import load_model, require_checkpoint, resolve_device, resolve_dtype
 from exocortex.config import RunConfig, save_config
 from exocortex.data.loader import PackedRows, pack_conversations
@@ -45,10 +46,13 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> dict:
     steps = t.max_steps or max(1, math.ceil(t.epochs * len(x) / rows_per_step))
     print(f"sft: {len(train_convs):,} conversations packed into {len(x):,} rows of {seq_len}; {steps} steps "
           f"({t.epochs:g} epochs)")
-    save_config(cfg)
+    if distributed.is_main():
+        save_config(cfg)
     torch.manual_seed(cfg.seed + 1)
     res = train(model, t, "sft", cfg.run_dir, source, val, device, dtype, total_steps=steps, resume=resume,
                 meta={"base": str(base_ckpt)})
+    if not distributed.is_main():
+        return {}
     summary = {"conversations": len(train_convs), "rows": int(len(x)), "steps": res.steps, "tokens": res.tokens,
                "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
                "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss,

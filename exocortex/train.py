@@ -7,6 +7,7 @@ checkpoints; `resume=True` continues an interrupted run exactly (data order is a
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from exocortex import distributed as dist
 from exocortex.checkpoint import autocast, latest_checkpoint, load_state, save_checkpoint
 from exocortex.config import ExocortexError, ModelConfig, TrainConfig, atomic_write_text, lr_dim_scale
 
@@ -96,16 +98,18 @@ def _set_rng_state(s: dict) -> None:
 
 @torch.no_grad()
 def evaluate_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], device, dtype) -> float:
+    """Mean loss per target token; ranks split the batches and add up their sums."""
     model.eval()
-    total, count = 0.0, 0
-    for x, y in batches:
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for x, y in batches[dist.rank()::dist.world_size()]:
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = model(x, y, reduction="sum")
-        total += loss.item()
-        count += int((y != -1).sum())
+        sums[0] += loss.double()
+        sums[1] += (y != -1).sum()
+    dist.all_reduce_sum(sums)
     model.train()
-    return total / max(1, count)
+    return (sums[0] / sums[1].clamp(min=1)).item()
 
 
 def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, source: BatchSource,
@@ -116,11 +120,16 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     run_dir = Path(run_dir)
     model.to(device).train()
     cfg: ModelConfig = model.cfg
+    rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
     tokens_per_micro = source.rows * cfg.seq_len
-    accum = max(1, t.batch_tokens // tokens_per_micro)
-    tokens_per_step = accum * tokens_per_micro
+    accum = max(1, t.batch_tokens // (tokens_per_micro * world))  # micro-batches per rank per step
+    tokens_per_step = accum * tokens_per_micro * world
     optimizers = build_optimizers(model, t)
-    fwd = torch.compile(model, dynamic=False) if t.compile else model
+    wrapped = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    fwd = torch.compile(wrapped, dynamic=False) if t.compile else wrapped
 
     log_path = run_dir / "logs" / f"{stage}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +151,8 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
             print(f"{stage}: already finished at step {step}; nothing to resume")
         else:
             print(f"{stage}: resuming from {ckpt.name} (step {step}/{total_steps})")
-    atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
+    if main:
+        atomic_write_text(log_path, "".join(json.dumps(h) + "\n" for h in history))
 
     time_budget = t.time_minutes * 60 if total_steps is None else None
     if total_steps is None and not t.time_minutes:
@@ -150,7 +160,9 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     provisional = total_steps or 10_000  # until the time budget has measured a step
     timed_steps, timed_seconds, retimed, first_two = 0, 0.0, False, 0.0
 
-    def checkpoint(done: bool = False) -> Path:
+    def checkpoint(done: bool = False) -> Path | None:
+        if not main:  # rank 0 writes; weights and optimizer states are identical on every rank
+            return None
         state = {"optimizers": [o.state_dict() for o in optimizers], "rng": _rng_state(), "step": step,
                  "elapsed": elapsed, "history": history, "total_steps": total_steps or provisional, "done": done}
         path = save_checkpoint(run_dir, stage, step, model, cfg, state,
@@ -163,7 +175,7 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     last_loss = float("nan")
     interactive = sys.stderr.isatty()
     bar = tqdm(total=total_steps or None, initial=step, desc=stage, unit="step", dynamic_ncols=True,
-               disable=not interactive)
+               disable=not (interactive and main))
     last_print = time.time()
     ckpt_path = None
     try:
@@ -176,12 +188,16 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                     g["lr"] = g["initial_lr"] * mult
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = source.get(step * accum + micro)
+                x, y = source.get((step * accum + micro) * world + rank)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, dtype):
+                # DDP all-reduces gradients on the last micro-batch only
+                sync = micro == accum - 1 or world == 1
+                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, dtype):
                     loss = fwd(x, y)
-                (loss / accum).backward()
+                    (loss / accum).backward()
                 loss_sum += loss.detach()
+            if world > 1:
+                loss_sum = dist.all_reduce_sum(loss_sum) / world
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             for opt in optimizers:
@@ -203,7 +219,7 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                 if timed_steps == 5 or (timed_steps > 5 and not retimed and elapsed > 0.3 * time_budget):
                     retimed = timed_steps > 5
                     per_step = (elapsed - first_two) / (step - 2) if retimed else timed_seconds / timed_steps
-                    total_steps = step + max(1, int((time_budget - elapsed) / per_step))
+                    total_steps = dist.broadcast_int(step + max(1, int((time_budget - elapsed) / per_step)))
                     bar.total = total_steps
                     bar.refresh()
             if step == 2:
@@ -217,24 +233,25 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                 record["val_loss"] = last_val
                 elapsed += time.perf_counter() - te  # evals count against a time budget too
             history.append(record)
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
                             **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
             bar.update(1)
-            if not interactive and (time.time() - last_print > 20 or is_last):
+            if main and not interactive and (time.time() - last_print > 20 or is_last):
                 # logs and CI get a plain line every ~20 s instead of a progress bar
                 last_print = time.time()
-                eta = (total_steps - step) * elapsed / max(1, step) if total_steps else float("nan")
+                eta = f"{(total_steps - step) * elapsed / max(1, step) / 60:.1f} min" if total_steps else "?"
                 print(f"{stage}: step {step}/{total_steps or '?'} loss {last_loss:.3f}"
                       + (f" val {last_val:.3f}" if last_val is not None else "")
-                      + f" | {tokens_per_step / dt:,.0f} tok/s | {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min",
-                      flush=True)
+                      + f" | {tokens_per_step / dt:,.0f} tok/s | {elapsed / 60:.1f} min, ETA {eta}", flush=True)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and not is_last:
                 tc = time.perf_counter()
                 checkpoint()
                 elapsed += time.perf_counter() - tc
         ckpt_path = checkpoint(done=True)
+        dist.barrier()
     except KeyboardInterrupt:
         bar.close()
         if step > 0:

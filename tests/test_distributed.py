@@ -1,0 +1,47 @@
+"""2-process torchrun (gloo, CPU) sees exactly what 1 process with 2x gradient accumulation sees."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+SETS = ["--set", "data.world_bytes=400000", "--set", "tokenizer.train_bytes=300000", "--set", "tokenizer.vocab_size=512",
+        "--set", "model.width=64", "--set", "model.depth=2", "--set", "model.seq_len=64",
+        "--set", "pretrain.max_steps=5", "--set", "pretrain.time_minutes=0", "--set", "pretrain.compile=false",
+        "--set", "pretrain.dtype=float32", "--set", "pretrain.device_batch=4", "--set", "pretrain.batch_tokens=512",
+        "--set", "pretrain.eval_every=5", "--set", "pretrain.checkpoint_every=0"]
+
+
+def _run(cmd, cwd):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _losses(run):
+    return [json.loads(l)["loss"] for l in (run / "logs" / "pretrain.jsonl").read_text().splitlines()]
+
+
+def test_ddp_two_ranks_equals_grad_accumulation(tmp_path):
+    _run([sys.executable, "-m", "exocortex", "tokenizer", "--run", "one", *SETS], tmp_path)
+    shutil.copytree(tmp_path / "runs" / "one", tmp_path / "runs" / "two")
+    # one process: 512 tokens per step = 2 micro-batches of 4 x 64
+    _run([sys.executable, "-m", "exocortex", "pretrain", "--run", "one"], tmp_path)
+    # two processes: one micro-batch each, gradients averaged by DDP
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "exocortex",
+          "pretrain", "--run-name", "two"], tmp_path)
+    one, two = _losses(tmp_path / "runs" / "one"), _losses(tmp_path / "runs" / "two")
+    assert len(one) == len(two) == 5
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+    assert one[-1] < one[0]
+    w1 = load_file(str(tmp_path / "runs" / "one" / "checkpoints" / "pretrain" / "step_000005" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "runs" / "two" / "checkpoints" / "pretrain" / "step_000005" / "model.safetensors"))
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-4), k
