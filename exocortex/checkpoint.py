@@ -88,12 +88,23 @@ def latest_checkpoint(run_dir: Path, stage: str) -> Path | None:
     root = stage_dir(run_dir, stage)
     if not root.exists():
         return None
+    pointer = root / "latest"
+    if pointer.exists():
+        named = root / pointer.read_text().strip()
+        if (named / "model.safetensors").exists() and (named / "meta.json").exists():
+            return named
     candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     for c in candidates:
         if (c / "model.safetensors").exists() and (c / "meta.json").exists():
             return c
         print(f"warning: skipping incomplete checkpoint {c}")
     return None
+
+
+def clear_checkpoints(run_dir: Path, stage: str) -> None:
+    root = stage_dir(run_dir, stage)
+    if root.exists():
+        shutil.rmtree(root)
 
 
 def require_checkpoint(run_dir: Path, stage: str, hint: str) -> Path:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from exocortex import distributed as dist
-from exocortex.checkpoint import autocast, latest_checkpoint, load_state, save_checkpoint
+from exocortex.checkpoint import autocast, clear_checkpoints, latest_checkpoint, load_state, save_checkpoint
 from exocortex.config import ExocortexError, ModelConfig, TrainConfig, atomic_write_text, lr_dim_scale
 
 
@@ -135,6 +135,9 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     log_path.parent.mkdir(parents=True, exist_ok=True)
     history: list[dict] = []
     step, elapsed = 0, 0.0
+    if not resume and main:
+        clear_checkpoints(run_dir, stage)  # a fresh run supersedes old checkpoints: --resume must never find them
+    dist.barrier()
     if resume:
         ckpt = latest_checkpoint(run_dir, stage)
         if ckpt is None:
@@ -250,6 +253,8 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                 tc = time.perf_counter()
                 checkpoint()
                 elapsed += time.perf_counter() - tc
+        if last_val is None and val_batches:  # e.g. resuming a run that had already finished
+            last_val = evaluate_loss(model, val_batches, device, dtype)
         ckpt_path = checkpoint(done=True)
         dist.barrier()
     except KeyboardInterrupt:

@@ -93,3 +93,19 @@ def test_pack_conversations_masks():
     assert y[0].tolist() == [-1, 3, 4, -1, 6, 7, -1, -1]  # loss only where the mask says, never on padding
     rows = PackedRows(x, y, rows=2, seed=0)
     assert rows.get(0)[0].shape == (2, 8)
+
+
+def test_fresh_run_supersedes_old_checkpoints(small_cfg, tmp_path):
+    src, val = _source(small_cfg.vocab_size, small_cfg.seq_len)
+    t = _cfg()
+    train(GPT(small_cfg), t, "pretrain", tmp_path, src, val, torch.device("cpu"), torch.float32, total_steps=8)
+    with pytest.raises(ExocortexError):
+        train(GPT(small_cfg), t, "pretrain", tmp_path, Interrupting(src, at=2 * 3), val, torch.device("cpu"),
+              torch.float32, total_steps=8)
+    # --resume continues the interrupted run, not the finished step_000008 of the earlier one
+    assert latest_checkpoint(tmp_path, "pretrain").name == "step_000003"
+    r = train(GPT(small_cfg), t, "pretrain", tmp_path, src, val, torch.device("cpu"), torch.float32, total_steps=8,
+              resume=True)
+    assert r.steps == 8 and r.final_val_loss is not None
+    again = train(GPT(small_cfg), t, "pretrain", tmp_path, src, val, torch.device("cpu"), torch.float32, resume=True)
+    assert again.steps == 8 and again.final_val_loss == pytest.approx(r.final_val_loss)  # finished: nothing to do
