@@ -62,9 +62,9 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
     root = stage_dir(run_dir, stage)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
+    for stale in root.glob(".tmp_step_*"):  # left by a run killed mid-write (kill -9, power loss)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(weights, str(tmp / "model.safetensors"))
