@@ -100,6 +100,7 @@ class TrainConfig:
 @dataclass
 class SFTDataConfig:
     n_conversations: int = 12000
+    text_fraction: float = 0.0   # share of rows that are plain pretraining text: keeps what the base model knew
     seed: int = 1
     identity_name: str = "exocortex"
 
@@ -145,12 +146,13 @@ def _tiny() -> RunConfig:
     c.tokenizer.vocab_size = 4096
     c.tokenizer.train_bytes = 8_000_000
     c.data.world_bytes = 20_000_000
-    c.pretrain = TrainConfig(batch_tokens=8192, device_batch=32, time_minutes=7.0, eval_every=100,
+    c.pretrain = TrainConfig(batch_tokens=8192, device_batch=32, time_minutes=6.5, eval_every=100,
                              eval_tokens=32768, checkpoint_every=200, warmdown_frac=0.4, compile=True)
-    c.sft = TrainConfig(batch_tokens=8192, device_batch=32, epochs=1.6, matrix_lr=0.01, embedding_lr=0.1,
+    c.sft = TrainConfig(batch_tokens=8192, device_batch=32, epochs=2.0, matrix_lr=0.01, embedding_lr=0.1,
                         unembedding_lr=0.002, scalar_lr=0.01, warmup_frac=0.0, warmdown_frac=0.5,
                         eval_every=50, eval_tokens=16384, checkpoint_every=400, compile=True)
     c.sft_data.n_conversations = 20000
+    c.sft_data.text_fraction = 0.2  # measured: facts 54% -> 89%, post-SFT val bpb 1.70 -> 0.37 (docs/tiny.md)
     c.eval.n_arithmetic = 200
     return c
 

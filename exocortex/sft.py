@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 
 from exocortex import distributed
@@ -19,6 +21,20 @@ from exocortex.tokenizer import Tokenizer
 def build_sft_rows(tok: Tokenizer, conversations: list[dict], seq_len: int):
     rendered = [tok.render_conversation(c) for c in conversations]
     return pack_conversations(rendered, seq_len, tok.bos_id)
+
+
+def mix_in_text(cfg: RunConfig, x: np.ndarray, y: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Add plain pretraining rows (loss on every token) so finetuning does not erase the base model's
+    knowledge; rows are a deterministic sample of the tokenized corpus."""
+    from exocortex.pretrain import load_token_data
+
+    train_tokens, _ = load_token_data(cfg)
+    T = x.shape[1]
+    n_text = int(len(x) * fraction / (1 - fraction))
+    n_avail = (len(train_tokens) - 1) // T
+    rows = np.random.default_rng(cfg.sft_data.seed).choice(n_avail, size=min(n_text, n_avail), replace=False)
+    chunk = np.stack([np.asarray(train_tokens[r * T:r * T + T + 1], dtype=np.int64) for r in rows])
+    return np.concatenate([x, chunk[:, :-1]]), np.concatenate([y, chunk[:, 1:]])
 
 
 def run_sft(cfg: RunConfig, resume: bool = False) -> dict:
@@ -40,12 +56,14 @@ def run_sft(cfg: RunConfig, resume: bool = False) -> dict:
     seq_len = model.cfg.seq_len
     x, y = build_sft_rows(tok, train_convs, seq_len)
     vx, vy = build_sft_rows(tok, val_convs, seq_len)
+    if s.text_fraction > 0:
+        x, y = mix_in_text(cfg, x, y, s.text_fraction)
     source = PackedRows(x, y, t.device_batch, seed=cfg.seed)
     val = PackedRows(vx, vy, t.device_batch).batches()
     rows_per_step = max(1, t.batch_tokens // (t.device_batch * seq_len)) * t.device_batch
     steps = t.max_steps or max(1, math.ceil(t.epochs * len(x) / rows_per_step))
-    print(f"sft: {len(train_convs):,} conversations packed into {len(x):,} rows of {seq_len}; {steps} steps "
-          f"({t.epochs:g} epochs)")
+    print(f"sft: {len(train_convs):,} conversations packed into {len(x):,} rows of {seq_len} "
+          f"({s.text_fraction:.0%} plain text); {steps} steps ({t.epochs:g} epochs)")
     if distributed.is_main():
         save_config(cfg)
     torch.manual_seed(cfg.seed + 1)

@@ -1,0 +1,744 @@
+"""Stage `serve`: an OpenAI-compatible HTTP API and a web chat page for a run's chat model.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and the chat page at /
+(plain HTML/CSS/JS from exocortex/static, nothing fetched from the internet). See docs/serve.md.
+
+Each generation runs in its own worker thread, which owns the engine's generator and passes rendered deltas
+to the event loop through a queue; the loop never runs the model. At most `max_concurrent` generations run at
+once and at most `max_queue` requests wait for a slot; past that a request gets 429. A client that disconnects
+(streaming or not) sets its generation's cancel flag, and the worker stops iterating the engine after the
+current step and frees its slot.
+
+Tool calls are run by the engine. They appear in the text as the engine renders them
+(`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
+(`part` per streamed delta) that assistant messages may send back as their `content`.
+"""
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Optional, Union
+
+from exocortex.config import ExocortexError
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.staticfiles import StaticFiles
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+except ImportError as e:  # an optional extra: say how to get it instead of a traceback
+    raise ExocortexError(f"`exocortex serve` needs FastAPI and uvicorn ({e.name} is missing): "
+                         "pip install 'exocortex[serve]'") from e
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# Sampling defaults when a request leaves them out: the same as `exocortex chat`.
+DEFAULT_TEMPERATURE = 0.6
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 50
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_SEQUENCES = 4
+MAX_BODY_BYTES = 4 * 1024 * 1024
+INT64 = 2 ** 63
+
+
+# ----------------------------------------------------------------------------- errors
+
+class APIError(Exception):
+    """An error answered as an OpenAI-style error object: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+_LOC_NOISE = {"body", "query", "path", "header", "cookie", "str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param(loc: tuple | list) -> str | None:
+    """Pydantic's error location as OpenAI writes a param: messages[0].role (union branch tags dropped)."""
+    out = ""
+    for item in loc:
+        if isinstance(item, int):
+            out += f"[{item}]"
+        elif isinstance(item, str) and item.isidentifier() and item not in _LOC_NOISE:
+            out += f".{item}" if out else item
+    return out or None
+
+
+def _validation_error(errors: list[dict]) -> APIError:
+    """The first of pydantic's errors (the one a client fixes first) as a 400."""
+    err = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
+    param = _param(err.get("loc", ()))
+    kind, msg = err.get("type", ""), str(err.get("msg", "invalid value"))
+    if kind in ("json_invalid", "json_type"):
+        return APIError(400, f"We could not parse the JSON body of your request: {msg}", param=None,
+                        code="invalid_json")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    where = f"'{param}'" if param else "the request body"
+    return APIError(400, f"Invalid value for {where}: {msg}.", param=param, code="invalid_value")
+
+
+# ----------------------------------------------------------------------------- request bodies
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and true is not an integer, as in OpenAI's API; unknown fields are ignored
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ContentPart(_Strict):
+    """OpenAI's text content part; assistant messages may also use exocortex's tool_call / tool_output parts."""
+    type: Literal["text", "tool_call", "tool_output"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content_shape(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, (str, list)):
+            raise ValueError("content must be a string or a list of content parts")
+        return v
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    top_p: Optional[float] = Field(None, gt=0, le=1)
+    top_k: Optional[int] = Field(None, ge=0)  # not OpenAI's; 0 turns it off
+    seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)
+    stop: Union[str, list[str], None] = None
+    n: Optional[int] = None
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    logprobs: Optional[Any] = None
+    user: Optional[str] = None
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_shape(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if len(v) > MAX_STOP_SEQUENCES:
+                raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+            if any(isinstance(s, str) and not s for s in v):
+                raise ValueError("stop sequences must not be empty")
+        elif v == "":
+            raise ValueError("a stop sequence must not be empty")
+        return v
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: Union[str, list[str], list[int]]
+    echo: Optional[bool] = False
+    best_of: Optional[int] = None
+    suffix: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- rendering
+
+class _Renderer:
+    """Engine tokens -> deltas {"content": str, "part": {"index", "type", "text"} | None}.
+
+    `content` is the text as `Engine.render` shows it (tool calls and outputs in brackets, no final strip, so it
+    streams); `part` is the structured view: parts are numbered in order and have type text / tool_call /
+    tool_output, like `Engine.to_parts`. Each part gets its own UTF-8 decoder, flushed at its end."""
+
+    def __init__(self, engine):
+        self.tok = engine.tok
+        self.kind_of = {engine.call_start: "tool_call", engine.out_start: "tool_output"}
+        self.ends = {engine.call_end, engine.out_end}
+        self.markers = {engine.call_start: "[tool call: ", engine.call_end: "]",
+                        engine.out_start: " [tool output: ", engine.out_end: "] "}
+        self.index, self.kind, self.open = -1, "text", False
+        self.dec = self._decoder()
+
+    @staticmethod
+    def _decoder():
+        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _text(self, s: str) -> list[dict]:
+        if not s:
+            return []
+        if not self.open:  # a text part begins with its first character
+            self.index, self.open = self.index + 1, True
+        return [{"content": s, "part": {"index": self.index, "type": self.kind, "text": s}}]
+
+    def _flush(self) -> list[dict]:
+        out = self._text(self.dec.decode(b"", final=True))
+        self.dec = self._decoder()
+        return out
+
+    def push(self, token: int) -> list[dict]:
+        if token in self.kind_of:
+            out = self._flush()
+            self.index, self.kind, self.open = self.index + 1, self.kind_of[token], True
+            start = {"index": self.index, "type": self.kind, "text": ""}
+            return out + [{"content": self.markers[token], "part": start}]
+        if token in self.ends:
+            out = self._flush()
+            self.kind, self.open = "text", False
+            return out + [{"content": self.markers[token], "part": None}]
+        if self.tok.is_special(token):
+            return []  # other special tokens are not shown (as in Engine.render)
+        return self._text(self.dec.decode(self.tok.decode_bytes([token])))
+
+    def finish(self) -> list[dict]:
+        return self._flush()
+
+
+class _StopFilter:
+    """Applies stop sequences to the model's text parts (not to tool calls or outputs): text that may be the
+    start of a stop sequence is held back until it is known not to be one; a match ends the reply before it."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = stops
+        self.held: tuple[int, str] | None = None  # (part index, text) of held-back text
+        self.stopped = False
+
+    def _release(self) -> list[dict]:
+        if not self.held or not self.held[1]:
+            self.held = None
+            return []
+        i, s = self.held
+        self.held = None
+        return [{"content": s, "part": {"index": i, "type": "text", "text": s}}]
+
+    def feed(self, deltas: list[dict]) -> list[dict]:
+        if not self.stops:
+            return deltas
+        out: list[dict] = []
+        for d in deltas:
+            if self.stopped:
+                break
+            part = d["part"]
+            if part is None or part["type"] != "text":
+                out += self._release() + [d]
+                continue
+            i = part["index"]
+            buf = (self.held[1] if self.held else "") + part["text"]
+            hits = [p for p in (buf.find(s) for s in self.stops) if p >= 0]
+            if hits:
+                self.held, self.stopped = (i, buf[:min(hits)]), True
+                out += self._release()
+                break
+            keep = max((k for s in self.stops for k in range(min(len(s) - 1, len(buf)), 0, -1)
+                        if buf.endswith(s[:k])), default=0)
+            self.held = (i, buf[len(buf) - keep:]) if keep else None
+            if len(buf) > keep:
+                s = buf[:len(buf) - keep]
+                out.append({"content": s, "part": {"index": i, "type": "text", "text": s}})
+        return out
+
+    def finish(self, deltas: list[dict]) -> list[dict]:
+        return self.feed(deltas) + ([] if self.stopped else self._release())
+
+
+def _assemble(deltas: list[dict]) -> tuple[str, list[dict]]:
+    """The full text and parts of a reply from its deltas (what a client assembling the stream gets)."""
+    content, parts = [], []
+    for d in deltas:
+        content.append(d["content"])
+        p = d["part"]
+        if p is not None:
+            if p["index"] == len(parts):
+                parts.append({"type": p["type"], "text": ""})
+            parts[p["index"]]["text"] += p["text"]
+    return "".join(content), parts
+
+
+# ----------------------------------------------------------------------------- admission and generation
+
+class _Limiter:
+    """At most max_concurrent generations running and max_queue requests waiting (event-loop side only)."""
+
+    def __init__(self, max_concurrent: int, max_queue: int):
+        if max_concurrent < 1 or max_queue < 0:
+            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+        self.max_concurrent, self.max_queue = max_concurrent, max_queue
+        self.active = self.waiting = 0
+        self._sem: asyncio.Semaphore | None = None
+
+    def reserve(self) -> "_Ticket | None":
+        if self.active + self.waiting >= self.max_concurrent + self.max_queue:
+            return None
+        self.waiting += 1
+        return _Ticket(self)
+
+
+class _Ticket:
+    """A request's place: queued -> running (holds a slot) -> done. release() is idempotent."""
+
+    def __init__(self, limiter: _Limiter):
+        self.limiter, self.state = limiter, "queued"
+
+    async def acquire(self) -> bool:
+        """Wait for a slot; False if the place was given up (release()) while waiting."""
+        lim = self.limiter
+        if lim._sem is None:
+            lim._sem = asyncio.Semaphore(lim.max_concurrent)
+        try:
+            await lim._sem.acquire()
+        except BaseException:
+            self.release()
+            raise
+        if self.state != "queued":
+            lim._sem.release()
+            return False
+        lim.waiting -= 1
+        lim.active += 1
+        self.state = "running"
+        return True
+
+    def release(self) -> None:
+        lim = self.limiter
+        if self.state == "queued":
+            lim.waiting -= 1
+        elif self.state == "running":
+            lim.active -= 1
+            lim._sem.release()
+        self.state = "done"
+
+
+class _Generation:
+    """One request's generation: waits for a slot, then runs the engine in a worker thread that sends
+    ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception)."""
+
+    def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str]):
+        self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
+        self.cancelled = threading.Event()
+        self.started = False
+
+    def close(self) -> None:
+        """Stop the worker after its current step (or give up the place in the queue). Idempotent."""
+        self.cancelled.set()
+        if not self.started:
+            self.ticket.release()
+
+    async def events(self) -> AsyncIterator[tuple]:
+        try:
+            if not await self.ticket.acquire() or self.cancelled.is_set():
+                return  # close() (in finally) gives the slot back
+            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+            self.started = True  # from here the worker owns the slot and releases it when it ends
+            threading.Thread(target=self._work, args=(loop, queue), daemon=True, name="exocortex-generate").start()
+            while True:
+                item = await queue.get()
+                yield item
+                if item[0] != "deltas":
+                    return
+        finally:
+            self.close()
+
+    def _work(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        def send(item):
+            with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        eng = self.engine
+        renderer, stopper = _Renderer(eng), _StopFilter(self.stops)
+        steps, finish = 0, "length"
+        gen, final = None, None
+        try:
+            gen = eng.generate(self.prompt, num_samples=1, **self.sampling)
+            for column, _ in gen:
+                if self.cancelled.is_set():
+                    finish = None
+                    break
+                steps += 1
+                token = column[0]
+                if token in eng.stop_ids:
+                    finish = "stop"
+                    break
+                deltas = stopper.feed(renderer.push(token))
+                if deltas:
+                    send(("deltas", deltas))
+                if stopper.stopped:
+                    finish = "stop"
+                    break
+            if finish is not None:
+                deltas = stopper.finish(renderer.finish())
+                if deltas:
+                    send(("deltas", deltas))
+            final = ("done", finish, steps)
+        except Exception as e:  # noqa: BLE001 - reported to the client as a server error
+            final = ("error", e)
+        finally:
+            if gen is not None:
+                with contextlib.suppress(Exception):
+                    gen.close()
+            # the slot is free before the client hears the end, so its next request finds it free
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.ticket.release)
+            if final is not None:
+                send(final)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that always cleans up: cancels the generation when the client goes away, even when the
+    body was never started."""
+
+    def __init__(self, body: AsyncIterator[str], on_close):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            with contextlib.suppress(Exception):
+                await self.body_iterator.aclose()
+
+
+def _sse(obj: Any) -> str:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+def _server_error(e: Exception) -> APIError:
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")
+
+
+# ----------------------------------------------------------------------------- the app
+
+class _Service:
+    def __init__(self, engine, model_name: str, max_concurrent: int, max_queue: int, max_prompt_tokens: int | None,
+                 default_max_tokens: int):
+        self.engine, self.model_name = engine, model_name
+        self.limiter = _Limiter(max_concurrent, max_queue)
+        model = engine.model
+        rope = getattr(model, "rope_cos", None)
+        self.context = int(rope.shape[0]) if rope is not None else int(model.cfg.seq_len)
+        cap = self.context - 1  # the prompt must leave room for at least one token
+        self.max_prompt_tokens = min(cap, max_prompt_tokens) if max_prompt_tokens else cap
+        self.default_max_tokens = default_max_tokens
+        self.created = int(time.time())
+
+    # ---------------------------------------------------------------- request -> prompt and sampling
+    async def parse(self, request: Request, model_cls):
+        body = await request.body()
+        if len(body) > MAX_BODY_BYTES:
+            raise APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+
+        def no_constants(c):
+            raise ValueError(f"{c} is not valid JSON")
+        try:
+            data = json.loads(body, parse_constant=no_constants)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json")
+        if not isinstance(data, dict):
+            raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+        try:
+            return model_cls.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e.errors(include_url=False))
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        msgs = []
+        for i, m in enumerate(req.messages):
+            role = "system" if m.role == "developer" else m.role
+            if role == "system" and i != 0:
+                raise APIError(400, "A system message may only come first.", param=f"messages[{i}].role",
+                               code="invalid_value")
+            content = m.content
+            if content is None:
+                content = ""
+            elif isinstance(content, list):
+                if role != "assistant" and any(p.type != "text" for p in content):
+                    raise APIError(400, "tool_call and tool_output parts are only allowed in assistant messages.",
+                                   param=f"messages[{i}].content", code="invalid_value")
+                content = ("".join(p.text for p in content) if role != "assistant"
+                           else [{"type": p.type, "text": p.text} for p in content])
+            msgs.append({"role": role, "content": content})
+        if msgs[-1]["role"] == "assistant":
+            raise APIError(400, "The last message must not be the assistant's: there is nothing to reply to "
+                           "(continuing a reply is not supported).", param="messages", code="invalid_value")
+        try:
+            return self.engine.tok.render_for_completion(msgs)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages", code="invalid_value")
+
+    def completion_prompt(self, req: CompletionRequest) -> list[int]:
+        p = req.prompt
+        tok = self.engine.tok
+        if isinstance(p, list) and not p:
+            raise APIError(400, "The prompt must not be an empty list.", param="prompt", code="invalid_value")
+        if isinstance(p, list) and isinstance(p[0], int):
+            bad = [t for t in p if not 0 <= t < tok.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1}).",
+                               param="prompt", code="invalid_value")
+            return list(p)
+        if isinstance(p, list):
+            if len(p) != 1:
+                raise APIError(400, "Only one prompt per request is supported.", param="prompt", code="invalid_value")
+            p = p[0]
+        return tok.encode(p, bos=True)
+
+    def check_common(self, req: _Sampling, prompt: list[int], max_tokens: int | None, what: str) -> dict:
+        if req.n is not None and req.n != 1:
+            raise APIError(400, "Only n=1 is supported.", param="n", code="invalid_value")
+        if req.logprobs not in (None, False):
+            raise APIError(400, "logprobs are not supported.", param="logprobs", code="invalid_value")
+        if len(prompt) > self.max_prompt_tokens:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens and prompts may have "
+                           f"at most {self.max_prompt_tokens}; yours has {len(prompt)}.", param=what,
+                           code="context_length_exceeded")
+        room = self.context - len(prompt)
+        return dict(max_tokens=min(max_tokens or self.default_max_tokens, room),
+                    temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
+                    top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
+                    top_k=(DEFAULT_TOP_K if req.top_k is None else req.top_k) or None,
+                    seed=req.seed)
+
+    def start(self, prompt: list[int], sampling: dict, stop) -> _Generation:
+        ticket = self.limiter.reserve()
+        if ticket is None:
+            lim = self.limiter
+            raise APIError(429, f"The server is busy: {lim.active} generations running and {lim.waiting} waiting "
+                           f"(limits {lim.max_concurrent} and {lim.max_queue}). Try again shortly.",
+                           type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        return _Generation(self.engine, ticket, prompt, sampling, stops)
+
+    # ---------------------------------------------------------------- responses
+    async def collect(self, request: Request, gen: _Generation) -> tuple[list[dict], str | None, int]:
+        """Run a generation to the end for a non-streaming reply; a client disconnect cancels it."""
+        deltas: list[dict] = []
+        result: dict = {}
+
+        async def consume():
+            async for item in gen.events():
+                if item[0] == "deltas":
+                    deltas.extend(item[1])
+                elif item[0] == "done":
+                    result["done"] = item[1:]
+                else:
+                    result["error"] = item[1]
+
+        async def disconnected():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()
+            gen.close()
+            with contextlib.suppress(BaseException):
+                await work
+        if "error" in result:
+            raise _server_error(result["error"])
+        if "done" not in result:
+            raise APIError(499, "client closed the request", code="client_closed")
+        finish, steps = result["done"]
+        return deltas, finish, steps
+
+    def usage(self, prompt: list[int], steps: int) -> dict:
+        return {"prompt_tokens": len(prompt), "completion_tokens": steps, "total_tokens": len(prompt) + steps}
+
+    async def stream(self, gen: _Generation, prompt: list[int], chunk, include_usage: bool) -> AsyncIterator[str]:
+        """SSE body. chunk(kind, value) makes each event's object, kind being "start" (value None), "delta" (a
+        rendered delta), "finish" (the finish reason) or "usage" (the usage object)."""
+        yield _sse(chunk("start", None))
+        async for item in gen.events():
+            if item[0] == "deltas":
+                for d in item[1]:
+                    yield _sse(chunk("delta", d))
+            elif item[0] == "error":
+                yield _sse(_server_error(item[1]).body())
+                break
+            else:
+                finish, steps = item[1], item[2]
+                if finish is None:
+                    return
+                yield _sse(chunk("finish", finish))
+                if include_usage:
+                    yield _sse(chunk("usage", self.usage(prompt, steps)))
+        yield _sse("[DONE]")
+
+    async def chat(self, request: Request) -> Response:
+        req = await self.parse(request, ChatCompletionRequest)
+        prompt = self.chat_prompt(req)
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        sampling = self.check_common(req, prompt, max_tokens, "messages")
+        gen = self.start(prompt, sampling, req.stop)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "created": created, "model": self.model_name, "system_fingerprint": None}
+        if not req.stream:
+            deltas, finish, steps = await self.collect(request, gen)
+            content, parts = _assemble(deltas)
+            message = {"role": "assistant", "content": content, "refusal": None, "parts": parts}
+            return JSONResponse({**base, "object": "chat.completion",
+                                 "choices": [{"index": 0, "message": message, "logprobs": None,
+                                              "finish_reason": finish}],
+                                 "usage": self.usage(prompt, steps)})
+
+        def chunk(kind, value):
+            head = {**base, "object": "chat.completion.chunk"}
+            if kind == "usage":
+                return {**head, "choices": [], "usage": value}
+            delta = {"role": "assistant", "content": ""} if kind == "start" else {}
+            if kind == "delta":
+                delta = {"content": value["content"]}
+                if value["part"] is not None:
+                    delta["part"] = value["part"]
+            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": value if kind == "finish" else None}]}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _EventStream(self.stream(gen, prompt, chunk, include_usage), gen.close)
+
+    async def completions(self, request: Request) -> Response:
+        req = await self.parse(request, CompletionRequest)
+        if req.echo:
+            raise APIError(400, "echo is not supported.", param="echo", code="invalid_value")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "Only best_of=1 is supported.", param="best_of", code="invalid_value")
+        if req.suffix:
+            raise APIError(400, "suffix is not supported.", param="suffix", code="invalid_value")
+        prompt = self.completion_prompt(req)
+        sampling = self.check_common(req, prompt, req.max_tokens, "prompt")
+        gen = self.start(prompt, sampling, req.stop)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                "system_fingerprint": None}
+        if not req.stream:
+            deltas, finish, steps = await self.collect(request, gen)
+            text, parts = _assemble(deltas)
+            return JSONResponse({**base, "choices": [{"index": 0, "text": text, "logprobs": None,
+                                                      "finish_reason": finish, "parts": parts}],
+                                 "usage": self.usage(prompt, steps)})
+
+        def chunk(kind, value):
+            if kind == "usage":
+                return {**base, "choices": [], "usage": value}
+            choice = {"index": 0, "text": value["content"] if kind == "delta" else "", "logprobs": None,
+                      "finish_reason": value if kind == "finish" else None}
+            if kind == "delta" and value["part"] is not None:
+                choice["part"] = value["part"]
+            return {**base, "choices": [choice]}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return _EventStream(self.stream(gen, prompt, chunk, include_usage), gen.close)
+
+    def model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "exocortex",
+                "context_length": self.context}
+
+
+def create_app(engine, model_name: str, max_concurrent: int = 4, max_queue: int = 16,
+               max_prompt_tokens: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """The HTTP app around an Engine. `max_prompt_tokens` caps prompts below the model's context
+    (rotary table length); `default_max_tokens` is used when a request gives no max_tokens."""
+    svc = _Service(engine, model_name, max_concurrent, max_queue, max_prompt_tokens, default_max_tokens)
+    # no /docs or /redoc: their pages load scripts from a CDN, and this server fetches nothing from the internet
+    app = FastAPI(title="exocortex", docs_url=None, redoc_url=None)
+    app.state.exocortex = svc
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError):
+        return _validation_error(list(exc.errors())).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = f"Unknown path {request.url.path}" if exc.status_code == 404 else str(exc.detail)
+        return APIError(exc.status_code, msg, type=kind, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        return _server_error(exc).response()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await svc.chat(request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await svc.completions(request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [svc.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != svc.model_name:
+            raise APIError(404, f"The model '{model_id}' does not exist; this server has '{svc.model_name}'.",
+                           type="not_found_error", param="model", code="model_not_found")
+        return svc.model_card()
+
+    @app.get("/health")
+    async def health():
+        lim = svc.limiter
+        return {"status": "ok", "model": svc.model_name, "active": lim.active, "queued": lim.waiting,
+                "max_concurrent": lim.max_concurrent, "max_queue": lim.max_queue, "context_length": svc.context}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 4, max_queue: int = 16,
+          max_prompt_tokens: int | None = None, stage: str = "sft", log_level: str = "info") -> None:
+    """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
+    `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
+    import uvicorn
+
+    from exocortex.chat import load_chat_engine
+    from exocortex.config import RunConfig, load_config
+
+    cfg = run if isinstance(run, RunConfig) else load_config(run)
+    engine = load_chat_engine(cfg, stage)
+    app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
+                     max_prompt_tokens=max_prompt_tokens)
+    shown = f"[{host}]" if ":" in host else host
+    print(f"exocortex serve — model {cfg.name} ({stage}) from {cfg.run_dir}\n"
+          f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "
+          f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
+    # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,209 @@
+// exocortex chat page: streams replies from /v1/chat/completions (fetch + SSE parsing), no dependencies.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const log = $("log"), input = $("input"), sendBtn = $("send"), stopBtn = $("stop");
+
+// The conversation, in the API's format. Assistant turns keep their parts (text / tool_call / tool_output),
+// so the model sees its own tool calls as tool calls when the history is sent back.
+let history = [];
+let modelName = null;
+let controller = null;  // AbortController of the reply being generated
+let chatId = 0;          // bumped by "New chat", so a reply that ends afterwards is not added to the new chat
+
+async function loadModel() {
+  try {
+    const res = await fetch("/v1/models");
+    const body = await res.json();
+    modelName = body.data[0].id;
+    $("model").textContent = modelName;
+  } catch (e) {
+    $("model").textContent = "(model unavailable)";
+  }
+}
+
+function scrollDown(force) {
+  const near = log.scrollHeight - log.scrollTop - log.clientHeight < 80;
+  if (force || near) log.scrollTop = log.scrollHeight;
+}
+
+function addMessage(role) {
+  $("empty").hidden = true;
+  const row = document.createElement("div");
+  row.className = "msg " + role;
+  const bubble = document.createElement("div");
+  bubble.className = "bubble";
+  row.appendChild(bubble);
+  log.appendChild(row);
+  scrollDown(true);
+  return bubble;
+}
+
+function addNote(bubble, text, isError) {
+  const note = document.createElement("span");
+  note.className = "note" + (isError ? " error" : "");
+  note.textContent = text;
+  bubble.appendChild(note);
+}
+
+// One assistant reply being built from streamed deltas: parts[i] = {type, text}, shown as elements.
+class Reply {
+  constructor(bubble) {
+    this.bubble = bubble;
+    this.parts = [];
+    this.elements = [];
+    bubble.classList.add("cursor");
+  }
+  apply(part) {
+    let el = this.elements[part.index];
+    if (!el) {
+      this.parts[part.index] = { type: part.type, text: "" };
+      el = document.createElement(part.type === "text" ? "span" : "div");
+      el.className = part.type === "text" ? "text" : "tool " + (part.type === "tool_call" ? "call" : "output");
+      this.elements[part.index] = el;
+      this.bubble.appendChild(el);
+    }
+    this.parts[part.index].text += part.text;
+    el.textContent = this.parts[part.index].text;
+  }
+  done() {
+    this.bubble.classList.remove("cursor");
+  }
+}
+
+function requestBody() {
+  const messages = [];
+  const system = $("system").value.trim();
+  if (system) messages.push({ role: "system", content: system });
+  messages.push(...history);
+  const body = { messages, stream: true };
+  if (modelName) body.model = modelName;
+  const t = parseFloat($("temperature").value);
+  if (!Number.isNaN(t)) body.temperature = t;
+  const m = parseInt($("max-tokens").value, 10);
+  if (!Number.isNaN(m)) body.max_tokens = m;
+  return body;
+}
+
+// Reads an SSE stream; calls onEvent(data) for each event's data ("[DONE]" included).
+async function readEvents(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.search(/\r?\n\r?\n/)) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut).replace(/^\r?\n\r?\n/, "");
+      const data = block.split(/\r?\n/).filter((l) => l.startsWith("data:"))
+        .map((l) => l.slice(5).replace(/^ /, "")).join("\n");
+      if (data && onEvent(data) === false) return;
+    }
+  }
+}
+
+function setBusy(busy) {
+  sendBtn.disabled = busy;
+  stopBtn.hidden = !busy;
+}
+
+async function send(text) {
+  const myChat = chatId;
+  history.push({ role: "user", content: text });
+  addMessage("user").textContent = text;
+  const bubble = addMessage("assistant");
+  const reply = new Reply(bubble);
+  controller = new AbortController();
+  setBusy(true);
+  let finish = null, failed = false;
+  try {
+    const res = await fetch("/v1/chat/completions", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(requestBody()),
+      signal: controller.signal,
+    });
+    if (!res.ok) {
+      let message = res.status + " " + res.statusText;
+      try { message = (await res.json()).error.message; } catch (e) { /* not JSON */ }
+      throw new Error(message);
+    }
+    await readEvents(res, (data) => {
+      if (data === "[DONE]") return false;
+      const chunk = JSON.parse(data);
+      if (chunk.error) throw new Error(chunk.error.message);
+      const choice = chunk.choices && chunk.choices[0];
+      if (!choice) return true;
+      if (choice.delta && choice.delta.part) reply.apply(choice.delta.part);
+      if (choice.finish_reason) finish = choice.finish_reason;
+      scrollDown(false);
+      return true;
+    });
+    if (finish === "length") addNote(bubble, "(cut off: max tokens reached)");
+  } catch (e) {
+    if (e.name === "AbortError") {
+      addNote(bubble, "(stopped)");
+    } else {
+      failed = reply.parts.length === 0;
+      addNote(bubble, "Error: " + e.message, true);
+    }
+  } finally {
+    reply.done();
+    controller = null;
+    setBusy(false);
+    if (myChat !== chatId) {
+      // "New chat" was pressed while this reply was streaming: it belongs to the old conversation
+    } else if (failed) {
+      // nothing was said: take the question back so it can be sent again
+      history.pop();
+      if (!input.value) input.value = text;
+    } else {
+      const parts = reply.parts.filter(Boolean);
+      history.push({ role: "assistant", content: parts.length ? parts : "" });
+    }
+    scrollDown(false);
+    input.focus();
+  }
+}
+
+function stop() {
+  if (controller) controller.abort();
+}
+
+function newChat() {
+  stop();
+  chatId += 1;
+  history = [];
+  for (const el of [...log.querySelectorAll(".msg")]) el.remove();
+  $("empty").hidden = false;
+  input.focus();
+}
+
+function autosize() {
+  input.style.height = "auto";
+  input.style.height = Math.min(input.scrollHeight, 192) + "px";
+}
+
+$("composer").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = input.value.trim();
+  if (!text || controller) return;
+  input.value = "";
+  autosize();
+  send(text);
+});
+input.addEventListener("keydown", (ev) => {
+  if (ev.key === "Enter" && !ev.shiftKey && !ev.isComposing) {
+    ev.preventDefault();
+    $("composer").requestSubmit();
+  }
+});
+input.addEventListener("input", autosize);
+document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") stop(); });
+stopBtn.addEventListener("click", stop);
+$("new-chat").addEventListener("click", newChat);
+
+loadModel();
