@@ -15,7 +15,7 @@ from pathlib import Path
 from exocortex import distributed
 from exocortex.config import ExocortexError, RunConfig, load_config, make_config, save_config
 
-STAGES = ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "export", "speedrun"]
+STAGES = ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "export", "serve", "speedrun"]
 
 
 def _run_path(args) -> Path:
@@ -139,6 +139,16 @@ def cmd_export(args) -> None:
         print(f"verified against exocortex: {verify_hf(out, cfg.run_dir, args.stage)}")
 
 
+def cmd_serve(args) -> None:
+    from exocortex.chat import most_recent_run
+    from exocortex.serve import serve
+
+    if not args.run:
+        args.run = str(most_recent_run(args.runs_dir))
+    serve(existing_config(args, "serve"), host=args.host, port=args.port, max_concurrent=args.max_concurrent,
+          max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exocortex", description="Own your LLM end to end.")
     sub = p.add_subparsers(dest="stage", metavar="<stage>")
@@ -146,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
              "pretrain": "pretrain the base model", "sft": "supervised finetuning: chat format and tool use",
              "eval": "bits-per-byte and held-out chat task accuracy", "chat": "talk to your model",
              "report": "write runs/<name>/report.md",
+             "serve": "serve the chat model: OpenAI-compatible API (/v1) and a web chat page (/)",
              "export": "write a Hugging Face transformers (Qwen3) directory: weights, config, tokenizer, chat template", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
     for name in STAGES:
         s = sub.add_parser(name, help=helps[name])
@@ -160,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/.parquet")
         if name in ("pretrain", "sft", "speedrun"):
             s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+        if name == "serve":
+            s.add_argument("--host", default="127.0.0.1")
+            s.add_argument("--port", type=int, default=8000)
+            s.add_argument("--max-concurrent", type=int, default=4)
+            s.add_argument("--max-queue", type=int, default=16)
+            s.add_argument("--max-prompt-tokens", type=int, default=None)
         if name == "export":
             s.add_argument("--out", default=None, help="output directory (default: runs/<name>/hf)")
             s.add_argument("--stage", default="sft", choices=["sft", "pretrain"])

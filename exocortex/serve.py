@@ -285,7 +285,7 @@ class _Limiter:
 
     def __init__(self, max_concurrent: int, max_queue: int):
         if max_concurrent < 1 or max_queue < 0:
-            raise ValueError("max_concurrent must be >= 1 and max_queue >= 0")
+            raise ExocortexError(f"need max_concurrent >= 1 and max_queue >= 0 (got {max_concurrent}, {max_queue})")
         self.max_concurrent, self.max_queue = max_concurrent, max_queue
         self.active = self.waiting = 0
         self._sem: asyncio.Semaphore | None = None

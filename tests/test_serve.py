@@ -1,0 +1,381 @@
+"""exocortex serve: the OpenAI-compatible API and the chat page, over loopback with a tiny random model.
+
+Each server runs uvicorn in a background thread on a free 127.0.0.1 port; requests go through the official
+`openai` client and plain httpx.
+"""
+import json
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+fastapi = pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from exocortex.config import ModelConfig  # noqa: E402
+from exocortex.engine import Engine  # noqa: E402
+from exocortex.model import GPT  # noqa: E402
+from exocortex.serve import create_app  # noqa: E402
+
+MODEL = "tiny-test"
+
+
+class Server:
+    """uvicorn serving `app` on a pre-bound loopback socket in a daemon thread."""
+
+    def __init__(self, app):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=lambda: self.server.run(sockets=[self.sock]), daemon=True)
+        self.thread.start()
+        deadline = time.time() + 10
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+
+    def client(self):
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=30)
+
+    def health(self):
+        return httpx.get(self.url + "/health").json()
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(5)
+        self.sock.close()
+
+
+def tiny_model(tok):
+    torch.manual_seed(1234)
+    cfg = ModelConfig(depth=2, width=64, head_dim=16, vocab_size=tok.vocab_size, seq_len=32, mlp_ratio=2.0)
+    return GPT(cfg)  # context: the rotary table, 4 * seq_len = 128 tokens
+
+
+@pytest.fixture(scope="module")
+def engine(tok):
+    return Engine(tiny_model(tok), tok, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    s = Server(create_app(engine, MODEL))
+    yield s
+    s.stop()
+
+
+def expected(engine, prompt, **kw):
+    """What the engine itself generates: (tokens before the stop token, steps it took)."""
+    tokens, steps = [], 0
+    for column, _ in engine.generate(prompt, **kw):
+        steps += 1
+        if column[0] in engine.stop_ids:
+            break
+        tokens.append(column[0])
+    return tokens, steps
+
+
+MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Mira lives in Tarsk"}]
+
+
+def test_health_index_and_static_files_are_offline(server):
+    assert server.health()["status"] == "ok"
+    r = httpx.get(server.url + "/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "<title>exocortex chat</title>" in r.text
+    for name in ("app.js", "style.css"):
+        assert f"/static/{name}" in r.text
+        asset = httpx.get(f"{server.url}/static/{name}")
+        assert asset.status_code == 200
+        assert "http://" not in asset.text and "https://" not in asset.text  # nothing from the internet
+    assert "http://" not in r.text and "https://" not in r.text
+
+
+def test_models(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].model_extra["context_length"] == 128
+
+
+def test_chat_non_streaming(server, engine, tok):
+    out = server.client().chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, max_tokens=20)
+    prompt = tok.render_for_completion(MESSAGES)
+    tokens, steps = expected(engine, prompt, max_tokens=20, temperature=0)
+    assert out.object == "chat.completion" and out.model == MODEL and out.id.startswith("chatcmpl-")
+    choice = out.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content.strip() == engine.render(tokens)
+    assert choice.finish_reason == ("length" if steps == 20 and len(tokens) == 20 else "stop")
+    assert out.usage.prompt_tokens == len(prompt)
+    assert out.usage.completion_tokens == steps
+    assert out.usage.total_tokens == len(prompt) + steps
+    assert choice.message.model_extra["parts"] == engine.to_parts(tokens)
+
+
+def test_streaming_matches_non_streaming(server):
+    c = server.client()
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_p=0.9, seed=7)):
+        full = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, **kw)
+        chunks = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, stream=True,
+                                                stream_options={"include_usage": True}, **kw))
+        assert all(ch.object == "chat.completion.chunk" for ch in chunks)
+        assert len({ch.id for ch in chunks}) == 1
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == full.choices[0].message.content
+        finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+        assert finishes == [full.choices[0].finish_reason]
+        assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
+        parts = []
+        for ch in chunks:
+            p = ch.choices[0].delta.model_extra.get("part") if ch.choices else None
+            if p:
+                if p["index"] == len(parts):
+                    parts.append({"type": p["type"], "text": ""})
+                parts[p["index"]]["text"] += p["text"]
+        assert parts == full.choices[0].message.model_extra["parts"]
+
+
+def test_completions(server, engine, tok):
+    c = server.client()
+    out = c.completions.create(model=MODEL, prompt="the river", max_tokens=12, temperature=0)
+    prompt = tok.encode("the river", bos=True)
+    tokens, steps = expected(engine, prompt, max_tokens=12, temperature=0)
+    assert out.object == "text_completion"
+    assert out.choices[0].text.strip() == engine.render(tokens)
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), steps)
+    streamed = "".join(ch.choices[0].text for ch in
+                       c.completions.create(model=MODEL, prompt="the river", max_tokens=12, temperature=0, stream=True)
+                       if ch.choices)
+    assert streamed == out.choices[0].text
+
+
+def _error(r, status, param=None, code=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def test_validation_errors(server):
+    url = server.url + "/v1/chat/completions"
+    user = [{"role": "user", "content": "hi"}]
+    with httpx.Client() as h:
+        err = _error(h.post(url, content=b"{not json", headers={"content-type": "application/json"}), 400,
+                     code="invalid_json")
+        assert err["type"] == "invalid_request_error"
+        _error(h.post(url, json=["a list"]), 400, code="invalid_json")
+        _error(h.post(url, json={}), 400, param="messages", code="missing_required_parameter")
+        _error(h.post(url, json={"messages": "hi"}), 400, param="messages")
+        _error(h.post(url, json={"messages": []}), 400, param="messages")
+        _error(h.post(url, json={"messages": [{"role": "robot", "content": "hi"}]}), 400, param="messages[0].role")
+        _error(h.post(url, json={"messages": [{"role": "user", "content": 5}]}), 400, param="messages[0].content")
+        _error(h.post(url, json={"messages": user, "temperature": "hot"}), 400, param="temperature")
+        _error(h.post(url, json={"messages": user, "max_tokens": "10"}), 400, param="max_tokens")
+        _error(h.post(url, json={"messages": user, "stream": "yes"}), 400, param="stream")
+        _error(h.post(url, json={"messages": user, "top_p": 0}), 400, param="top_p")
+        _error(h.post(url, json={"messages": user, "top_p": 1.5}), 400, param="top_p")
+        _error(h.post(url, json={"messages": user, "max_tokens": 0}), 400, param="max_tokens")
+        _error(h.post(url, json={"messages": user, "n": 2}), 400, param="n")
+        _error(h.post(url, json={"messages": user, "stop": ["a", "b", "c", "d", "e"]}), 400, param="stop")
+        _error(h.post(url, json={"messages": user + [{"role": "system", "content": "late"}]}), 400,
+               param="messages[1].role")
+        long = [{"role": "user", "content": "the river town " * 100}]
+        err = _error(h.post(url, json={"messages": long}), 400, param="messages", code="context_length_exceeded")
+        assert "128" in err["message"]
+        _error(h.post(server.url + "/v1/completions", json={"prompt": 3}), 400, param="prompt")
+        _error(h.post(server.url + "/v1/completions", json={"prompt": "x " * 300}), 400,
+               code="context_length_exceeded")
+        _error(h.get(server.url + "/v1/nothing"), 404)
+        _error(h.get(server.url + "/v1/chat/completions"), 405)
+    c = server.client()
+    for bad in (dict(temperature=2.5), dict(temperature=-0.1)):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=MODEL, messages=user, **bad)
+        assert e.value.status_code == 400 and e.value.body["param"] == "temperature"
+    assert server.health()["active"] == 0
+
+
+def test_fastapi_validation_errors_use_the_openai_format(engine):
+    """Parameters FastAPI validates itself (here a query parameter on an extra route) answer 400 error objects,
+    not FastAPI's default 422."""
+    import asyncio
+
+    app = create_app(engine, MODEL)
+
+    @app.get("/extra")
+    async def extra(n: int):
+        return {"n": n}
+
+    async def get(path):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+            return await c.get(path)
+
+    _error(asyncio.run(get("/extra?n=abc")), 400, param="n", code="invalid_value")
+    _error(asyncio.run(get("/extra")), 400, param="n", code="missing_required_parameter")
+    _error(asyncio.run(get("/v1/models/other")), 404, param="model", code="model_not_found")
+
+
+class Scripted(torch.nn.Module):
+    """Predicts the next token of a fixed script; a fed token that is not the predicted one was forced by the
+    engine (tool output), so the script does not advance. A new prompt restarts the script."""
+
+    def __init__(self, cfg, script):
+        super().__init__()
+        self.cfg, self.script = cfg, list(script)
+        self.rope_cos = torch.zeros(1000, 1)
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.i = 0
+
+    def forward(self, idx, cache=None):
+        if idx.shape[1] > 1:
+            self.i = 0
+        elif idx[0, 0].item() == self.script[self.i]:
+            self.i += 1
+        logits = torch.full((idx.shape[0], idx.shape[1], self.cfg.vocab_size), -1e9)
+        logits[:, -1, self.script[self.i]] = 0
+        return logits
+
+
+def test_tool_calls_are_shown_and_can_be_sent_back(tok):
+    sp = tok.special
+    script = [sp["<|tool_call_start|>"], *tok.encode("calculator(347 * 29)"), sp["<|tool_call_end|>"],
+              *tok.encode("It is 10063."), sp["<|assistant_end|>"]]
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=32, mlp_ratio=1.0)
+    server = Server(create_app(Engine(Scripted(cfg, script), tok, torch.device("cpu")), MODEL))
+    try:
+        c = server.client()
+        user = [{"role": "user", "content": "What is 347 * 29?"}]
+        out = c.chat.completions.create(model=MODEL, messages=user, temperature=0)
+        msg = out.choices[0].message
+        assert msg.content == "[tool call: calculator(347 * 29)] [tool output: 10063] It is 10063."
+        parts = [{"type": "tool_call", "text": "calculator(347 * 29)"}, {"type": "tool_output", "text": "10063"},
+                 {"type": "text", "text": "It is 10063."}]
+        assert msg.model_extra["parts"] == parts
+        assert out.choices[0].finish_reason == "stop"
+        # the tool output's tokens count: they take room in the context like the model's own
+        n_out = len(tok.encode("10063")) + 2
+        assert out.usage.completion_tokens == len(script) + n_out
+
+        chunks = list(c.chat.completions.create(model=MODEL, messages=user, temperature=0, stream=True))
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == msg.content
+
+        # stop sequences apply to the model's text, not to tool calls or outputs
+        cut = c.chat.completions.create(model=MODEL, messages=user, temperature=0, stop=["10063", "zzz"])
+        assert cut.choices[0].message.content == "[tool call: calculator(347 * 29)] [tool output: 10063] It is "
+        assert cut.choices[0].finish_reason == "stop"
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            model=MODEL, messages=user, temperature=0, stop="10063", stream=True))
+        assert streamed == cut.choices[0].message.content
+
+        # an assistant turn sent back as parts is rendered with its tool tokens
+        history = user + [{"role": "assistant", "content": parts}, {"role": "user", "content": "thanks"}]
+        again = c.chat.completions.create(model=MODEL, messages=history, temperature=0)
+        assert again.usage.prompt_tokens == len(tok.render_for_completion(history))
+        r = httpx.post(server.url + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": [{"type": "tool_output", "text": "1"}]}]})
+        _error(r, 400, param="messages[0].content")
+    finally:
+        server.stop()
+
+
+class SlowEngine(Engine):
+    """Never stops on its own and sleeps each step: a long generation to hold the only slot."""
+
+    steps = 0
+
+    def generate(self, *args, **kw):
+        for step in super().generate(*args, **kw):
+            SlowEngine.steps += 1
+            time.sleep(0.02)
+            yield step
+
+
+def _wait_idle(server, timeout=5.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        h = server.health()
+        if h["active"] == 0 and h["queued"] == 0:
+            return h
+        time.sleep(0.02)
+    raise AssertionError(f"generation still running: {server.health()}")
+
+
+def test_limits_429_and_disconnect_cancels(tok):
+    eng = SlowEngine(tiny_model(tok), tok, torch.device("cpu"))
+    eng.stop_ids = {-1}  # only max_tokens ends a reply
+    server = Server(create_app(eng, MODEL, max_concurrent=1, max_queue=1))
+    url = server.url + "/v1/chat/completions"
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "temperature": 0}
+    try:
+        queued: dict = {}
+        with httpx.Client(timeout=30) as h:
+            with h.stream("POST", url, json={**body, "stream": True}) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                first = next(line for line in lines if line.startswith("data:"))
+                assert json.loads(first[5:])["choices"][0]["delta"]["role"] == "assistant"
+                next(line for line in lines if line.startswith("data:"))  # generation is under way
+                assert server.health()["active"] == 1
+
+                # a second request waits in the queue; a third finds the queue full
+                def wait_in_queue():
+                    queued["response"] = httpx.post(url, json={**body, "max_tokens": 3}, timeout=30)
+                t = threading.Thread(target=wait_in_queue)
+                t.start()
+                deadline = time.time() + 5
+                while server.health()["queued"] != 1:
+                    assert time.time() < deadline
+                    time.sleep(0.01)
+                err = _error(httpx.post(url, json=body), 429, code="server_busy")
+                assert err["type"] == "rate_limit_error"
+                with pytest.raises(openai.RateLimitError):
+                    server.client().chat.completions.create(model=MODEL, messages=body["messages"])
+                steps_before = SlowEngine.steps
+            # leaving the `with` closed the stream: its generation stops, and the queued request runs
+        t.join(10)
+        assert queued["response"].status_code == 200
+        assert queued["response"].json()["usage"]["completion_tokens"] == 3
+        _wait_idle(server)
+        assert SlowEngine.steps - steps_before < 40  # far from the 100 steps it asked for
+
+        # a non-streaming client that gives up is cancelled too
+        before = SlowEngine.steps
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, timeout=0.3)
+        _wait_idle(server)
+        assert SlowEngine.steps - before < 60
+    finally:
+        server.stop()
+
+
+class FailingEngine(Engine):
+    """Breaks after its first step, as a model running out of memory might."""
+
+    def generate(self, *args, **kw):
+        yield from list(super().generate(*args, **kw))[:1]
+        raise RuntimeError("boom")
+
+
+def test_engine_failure_is_a_server_error(tok):
+    server = Server(create_app(FailingEngine(tiny_model(tok), tok, torch.device("cpu")), MODEL))
+    try:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        err = _error(httpx.post(server.url + "/v1/chat/completions", json=body), 500)
+        assert err["type"] == "server_error" and "boom" in err["message"]
+        with pytest.raises(openai.APIError, match="boom"):
+            list(server.client().chat.completions.create(model=MODEL, stream=True, **body))
+        assert server.health()["active"] == 0
+    finally:
+        server.stop()
