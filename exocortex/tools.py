@@ -66,7 +66,13 @@ def calculator(expression: str) -> str:
     return format_number(_eval(tree))
 
 
-TOOLS: dict[str, Callable[[str], str]] = {"calculator": calculator}
+def _python(code: str) -> str:
+    from exocortex.sandbox import python_tool  # subprocess sandbox: rlimits, no network, throwaway dir
+
+    return python_tool(code)
+
+
+TOOLS: dict[str, Callable[[str], str]] = {"calculator": calculator, "python": _python}
 
 _CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\((.*)\)\s*$", re.S)
 

@@ -1,0 +1,238 @@
+"""The sandbox: normal runs, and escape attempts that must be stopped and reported (docs/sandbox.md)."""
+import os
+import platform
+import resource
+import socket
+import uuid
+
+import pytest
+
+from exocortex import sandbox
+from exocortex.sandbox import MARKER, isolation_layers, python_tool, run_python
+from exocortex.tools import run_tool_call
+
+PARENT_LIMITS = {r: resource.getrlimit(r) for r in (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_NPROC,
+                                                     resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE)}
+PARENT_PID = os.getpid()
+
+
+def layer_on(name):
+    return isolation_layers().get(name, "off").startswith("on")
+
+
+def needs(*layers):
+    missing = [name for name in layers if not layer_on(name)]
+    return pytest.mark.skipif(bool(missing), reason=f"layer(s) {missing} not available here: {isolation_layers()}")
+
+
+def stray_sandbox_processes():
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if MARKER.encode() in f.read():
+                        found.append(int(pid))
+            except OSError:
+                pass
+    return found
+
+
+# ------------------------------------------------------------------------------------------ normal use
+def test_prints_and_reports_layers():
+    r = run_python("import math\nprint(math.factorial(10))\nprint('héllo 🙂')")
+    assert r.ok and r.returncode == 0 and not r.timed_out and r.killed_reason is None
+    assert r.stdout == "3628800\nhéllo 🙂\n" and r.stderr == ""
+    assert r.error is None and r.seconds < 5
+    for layer in ("workdir", "session", "isolated_python", "rlimits", "netns", "landlock", "seccomp", "prelude"):
+        assert layer in r.layers
+
+
+def test_exception_and_syntax_error_reported():
+    r = run_python("def f(x):\n    return 1 / x\nf(0)\n")
+    assert not r.ok and r.returncode == 1 and not r.timed_out
+    assert r.error == "ZeroDivisionError: division by zero"
+    assert 'File "main.py", line 2, in f' in r.stderr and "<string>" not in r.stderr  # prelude frame hidden
+    r = run_python("def f(:\n")
+    assert not r.ok and r.error.startswith("SyntaxError")
+    r = run_python("import sys; print('bye'); sys.exit(3)")
+    assert r.returncode == 3 and r.stdout == "bye\n" and not r.ok
+
+
+def test_stdin_main_and_threads():
+    r = run_python("import sys\nif __name__ == '__main__':\n    print(sys.stdin.read().upper())", stdin="abc")
+    assert r.ok and r.stdout == "ABC\n"
+    r = run_python("import threading\nout = []\nts = [threading.Thread(target=out.append, args=(i,)) for i in range(8)]\n"
+                   "[t.start() for t in ts]\n[t.join() for t in ts]\nprint(sorted(out) == list(range(8)))")
+    assert r.ok and r.stdout == "True\n", r.stderr  # threads are not processes: allowed
+
+
+def test_fresh_workdir_minimal_env_removed_after():
+    r = run_python("import os, sys\nopen('a.txt', 'w').write('x')\nos.mkdir('d')\nprint(os.getcwd())\n"
+                   "print(sorted(os.listdir('.')))\nprint(sorted(os.environ))\nprint(sys.flags.isolated)")
+    assert r.ok, r.stderr
+    cwd, listing, env, isolated = r.stdout.splitlines()
+    assert listing == "['a.txt', 'd', 'main.py']"
+    assert set(eval(env)) <= {"PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "LC_CTYPE"}
+    assert isolated == "1"
+    assert not os.path.exists(cwd)
+
+
+# ------------------------------------------------------------------------------------- escape attempts
+def test_infinite_loop_killed_within_timeout():
+    r = run_python("while True:\n    pass", timeout_s=1.0)
+    assert r.timed_out and r.killed_reason == "timeout" and not r.ok and r.returncode == -9
+    assert r.seconds < 2.5
+    r = run_python("import time\ntime.sleep(60)", timeout_s=0.5)  # sleeping uses no CPU: the wall clock kills
+    assert r.timed_out and r.seconds < 2.0
+
+
+def test_rlimits_set_in_child():
+    r = run_python("import resource as r\nfor n in ('CPU', 'AS', 'FSIZE', 'NOFILE', 'CORE'):\n"
+                   "    print(r.getrlimit(getattr(r, 'RLIMIT_' + n))[0])", timeout_s=1.0, memory_mb=200)
+    assert r.stdout.split() == ["2", str(200 * 2 ** 20), str(16 * 2 ** 20), "64", "0"]
+
+
+def test_memory_bomb_contained():
+    r = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 7))", memory_mb=128)
+    assert not r.ok and r.killed_reason == "memory_limit" and not r.timed_out, r
+    r = run_python("x = bytearray(10 ** 9)")
+    assert r.killed_reason == "memory_limit"
+    r = run_python("x = bytearray(50 * 10 ** 6)\nprint(len(x))")  # within the limit: fine
+    assert r.ok and r.stdout == "50000000\n"
+
+
+def test_fork_bomb_contained():
+    r = run_python("import os\nwhile True:\n    os.fork()", timeout_s=3.0)
+    assert not r.ok and r.seconds < 3.5
+    if layer_on("seccomp"):
+        assert "PermissionError" in r.error and not r.timed_out
+    r = run_python("import subprocess\nsubprocess.run(['true'])", timeout_s=3.0)
+    assert not r.ok
+    assert stray_sandbox_processes() == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="RLIMIT_NPROC does not apply to root; seccomp is the layer there")
+def test_fork_bomb_rlimit_nproc_alone():
+    code = ("import os, time\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(30)\n"
+            "        n += 1\nexcept OSError as e:\n    print(n, e.errno)")
+    r = run_python(code, timeout_s=3.0, disable_layers=("seccomp",))
+    n, err = r.stdout.split()
+    assert err == "11" and int(n) < 200  # EAGAIN after a bounded number of processes
+    assert stray_sandbox_processes() == []  # the sleeping children died with the process group
+
+
+@pytest.mark.parametrize("disable", [(), ("prelude",)], ids=["all", "kernel-only"])
+def test_write_outside_workdir_refused(disable, tmp_path):
+    if disable and not layer_on("landlock"):
+        pytest.skip("landlock not available: only the prelude guards writes here")
+    targets = [f"/tmp/exocortex-escape-{uuid.uuid4().hex}", str(tmp_path / "escape.txt"),
+               os.path.expanduser(f"~/exocortex-escape-{uuid.uuid4().hex}")]
+    for target in targets:
+        r = run_python(f"open({target!r}, 'w').write('escaped')", disable_layers=disable)
+        assert not r.ok and "PermissionError" in r.error, r
+        assert not os.path.exists(target)
+    r = run_python(f"import os\nos.symlink('/tmp', 'link')\nopen('link/exocortex-{uuid.uuid4().hex}', 'w')",
+                   disable_layers=disable)
+    assert not r.ok and "PermissionError" in r.error
+    r = run_python(f"import os\nos.mkdir({str(tmp_path / 'newdir')!r})", disable_layers=disable)
+    assert not r.ok and not (tmp_path / "newdir").exists()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    r = run_python(f"import os\nos.remove({str(victim)!r})", disable_layers=disable)
+    assert not r.ok and victim.read_text() == "keep"
+
+
+def test_file_size_and_open_files_limited():
+    r = run_python("open('big', 'wb').write(b'x' * (32 * 1024 * 1024))")
+    assert not r.ok and r.killed_reason == "file_size_limit"
+    r = run_python("files = [open(f'f{i}', 'w') for i in range(200)]")
+    assert not r.ok and "Too many open files" in r.error
+
+
+NETWORK_LAYERS = ["prelude", "seccomp", "landlock", "netns"]
+
+
+@pytest.mark.parametrize("only", [None] + NETWORK_LAYERS)
+def test_network_access_fails(only):
+    """All layers together, then each network layer alone (the others switched off)."""
+    if only and only != "prelude" and not layer_on(only):
+        pytest.skip(f"{only} not available here")
+    disable = tuple(x for x in NETWORK_LAYERS if only and x != only)
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.05)
+    port = server.getsockname()[1]
+    try:
+        code = (f"import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('127.0.0.1', {port}))\n"
+                "s.sendall(b'escaped')\nprint('connected')")
+        r = run_python(code, disable_layers=disable)
+        assert not r.ok and "connected" not in r.stdout and not r.timed_out, r
+        assert any(e in r.error for e in ("PermissionError", "Network is unreachable")), r.error
+        with pytest.raises(socket.timeout):
+            server.accept()
+    finally:
+        server.close()
+    if only is None:  # lower-level constructors too
+        for code in ("import _socket\n_socket.socket()", "import socket\nsocket.create_connection(('1.1.1.1', 80), 1)",
+                     "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\nfd = libc.socket(2, 1, 0)\n"
+                     "assert fd >= 0, ctypes.get_errno()"):
+            r = run_python(code)
+            assert not r.ok and not r.timed_out, (code, r)
+
+
+def test_output_flood_truncated():
+    r = run_python("while True:\n    print('x' * 1000)", max_output_bytes=4096)
+    assert r.killed_reason == "output_limit" and r.truncated and not r.ok
+    assert len(r.stdout) == 4096 and r.seconds < 3
+    r = run_python("import sys\nwhile True:\n    sys.stderr.write('e' * 1000)", max_output_bytes=4096)
+    assert r.killed_reason == "output_limit" and len(r.stderr) == 4096
+
+
+@needs("seccomp")
+def test_signals_to_other_processes_refused():
+    r = run_python(f"import os\nos.kill({PARENT_PID}, 0)\nprint('signalled')")
+    assert not r.ok and "signalled" not in r.stdout and "PermissionError" in r.error
+    r = run_python("import os, signal\nsignal.signal(signal.SIGUSR1, lambda *a: print('self ok'))\n"
+                   "os.kill(os.getpid(), signal.SIGUSR1)")
+    assert r.ok and r.stdout == "self ok\n"
+
+
+@needs("seccomp")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 32-bit syscall entry")
+def test_foreign_syscall_abi_kills():
+    code = ("import ctypes, mmap\nbuf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)\n"
+            "buf.write(bytes([0xB8, 0x14, 0, 0, 0, 0xCD, 0x80, 0xC3]))  # mov eax, 20; int 0x80; ret\n"
+            "f = ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(buf)))\nprint(f())")
+    r = run_python(code)
+    assert r.killed_reason == "seccomp" and r.stdout == ""
+
+
+def test_python_tool(monkeypatch):
+    monkeypatch.setattr(sandbox, "TOOL_TIMEOUT_S", 1.0)
+    assert python_tool("print(6 * 7)") == "42"
+    assert python_tool("x = 1") == "(no output)"
+    assert python_tool("print('partial')\n1/0") == "partial\nerror: ZeroDivisionError: division by zero"
+    assert python_tool("while True: pass").startswith("error: timed out")
+    assert python_tool("print('y' * 100000)").endswith("[output truncated]")
+    assert run_tool_call("python(print(sum(range(10))))", {"python": python_tool}) == "45"
+
+
+def test_bad_layer_name_is_an_error():
+    with pytest.raises(ValueError):
+        run_python("pass", disable_layers=("rlimits",))
+
+
+def test_parent_unaffected():
+    """Runs last in this file: the test process still has its limits, network, files, and no strays."""
+    assert os.getpid() == PARENT_PID
+    assert {r: resource.getrlimit(r) for r in PARENT_LIMITS} == PARENT_LIMITS
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+    path = f"/tmp/exocortex-parent-{uuid.uuid4().hex}"
+    with open(path, "w") as f:
+        f.write("ok")
+    os.remove(path)
+    assert stray_sandbox_processes() == []
+    assert run_python("print('still fine')").stdout == "still fine\n"
