@@ -1,0 +1,77 @@
+"""The web chat page in a real headless Chromium: type a message, watch the reply stream in, see the tool call.
+
+Needs Debian's `chromium` and the `playwright` Python package (its own browser download is not used);
+skipped when either is missing. The screenshot is kept as a test artifact in test-artifacts/ui_chat.png.
+"""
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+if not CHROMIUM:
+    pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
+
+from test_serve import MODEL, Scripted, Server  # noqa: E402
+
+from exocortex.config import ModelConfig  # noqa: E402
+from exocortex.engine import Engine  # noqa: E402
+from exocortex.serve import create_app  # noqa: E402
+
+ARTIFACTS = Path(os.environ.get("EXOCORTEX_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+class Paced(Engine):
+    """A scripted model slowed down so streaming is visible step by step."""
+
+    def generate(self, *args, **kw):
+        for step in super().generate(*args, **kw):
+            time.sleep(0.08)
+            yield step
+
+
+def test_chat_page_streams_reply_with_tool_call(tok):
+    sp = tok.special
+    answer = "The result is 10063, computed with the calculator."
+    script = [sp["<|tool_call_start|>"], *tok.encode("calculator(347 * 29)"), sp["<|tool_call_end|>"],
+              *tok.encode(answer), sp["<|assistant_end|>"]]
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=64, mlp_ratio=1.0)
+    server = Server(create_app(Paced(Scripted(cfg, script), tok, torch.device("cpu")), MODEL))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run"])
+            page = browser.new_page(viewport={"width": 900, "height": 650})
+            page.goto(server.url + "/")
+            page.fill("#input", "What is 347 * 29?")
+            page.click("#send")
+            # the reply grows over time (streamed), not all at once
+            reply = page.locator(".msg.assistant .bubble").last
+            reply.wait_for(timeout=10_000)
+            lengths = []
+            deadline = time.time() + 20
+            while time.time() < deadline:
+                lengths.append(len(reply.inner_text()))
+                if answer in reply.inner_text():
+                    break
+                time.sleep(0.05)
+            assert answer in reply.inner_text()
+            distinct = sorted(set(lengths))
+            assert len(distinct) >= 3, lengths  # several partial states were visible
+            call = page.locator(".msg.assistant .tool.call").last
+            assert "calculator(347 * 29)" in call.inner_text()
+            assert "10063" in page.locator(".msg.assistant .tool.output").last.inner_text()
+            page.screenshot(path=str(ARTIFACTS / "ui_chat.png"), full_page=True)
+            # New chat clears the conversation
+            page.click("#new-chat")
+            assert page.locator(".msg").count() == 0
+            browser.close()
+    finally:
+        server.stop()
+    assert (ARTIFACTS / "ui_chat.png").stat().st_size > 5000
