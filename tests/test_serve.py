@@ -20,6 +20,7 @@ from exocortex.config import ModelConfig  # noqa: E402
 from exocortex.engine import Engine  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from exocortex.serve import create_app  # noqa: E402
+from scripted import Scripted  # noqa: E402
 
 MODEL = "tiny-test"
 
@@ -225,27 +226,6 @@ def test_fastapi_validation_errors_use_the_openai_format(engine):
     _error(asyncio.run(get("/extra?n=abc")), 400, param="n", code="invalid_value")
     _error(asyncio.run(get("/extra")), 400, param="n", code="missing_required_parameter")
     _error(asyncio.run(get("/v1/models/other")), 404, param="model", code="model_not_found")
-
-
-class Scripted(torch.nn.Module):
-    """Predicts the next token of a fixed script; a fed token that is not the predicted one was forced by the
-    engine (tool output), so the script does not advance. A new prompt restarts the script."""
-
-    def __init__(self, cfg, script):
-        super().__init__()
-        self.cfg, self.script = cfg, list(script)
-        self.rope_cos = torch.zeros(1000, 1)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.i = 0
-
-    def forward(self, idx, cache=None):
-        if idx.shape[1] > 1:
-            self.i = 0
-        elif idx[0, 0].item() == self.script[self.i]:
-            self.i += 1
-        logits = torch.full((idx.shape[0], idx.shape[1], self.cfg.vocab_size), -1e9)
-        logits[:, -1, self.script[self.i]] = 0
-        return logits
 
 
 def test_tool_calls_are_shown_and_can_be_sent_back(tok):

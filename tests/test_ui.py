@@ -16,7 +16,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
     pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
 
-from test_serve import MODEL, Scripted, Server  # noqa: E402
+from scripted import Scripted  # noqa: E402
+from test_serve import MODEL, Server  # noqa: E402
 
 from exocortex.config import ModelConfig  # noqa: E402
 from exocortex.engine import Engine  # noqa: E402
