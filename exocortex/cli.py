@@ -132,11 +132,12 @@ def cmd_export(args) -> None:
     from exocortex.export import export_hf, verify_hf
 
     cfg = existing_config(args, "export")
-    out = Path(args.out) if args.out else cfg.run_dir / ("hf" if args.stage == "sft" else f"hf-{args.stage}")
-    export_hf(cfg.run_dir, out, stage=args.stage, dtype=args.dtype)
-    print(f"exported the {args.stage} model to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    stage = args.from_stage
+    out = Path(args.out) if args.out else cfg.run_dir / ("hf" if stage == "sft" else f"hf-{stage}")
+    export_hf(cfg.run_dir, out, stage=stage, dtype=args.dtype)
+    print(f"exported the {stage} model to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     if args.verify:
-        print(f"verified against exocortex: {verify_hf(out, cfg.run_dir, args.stage)}")
+        print(f"verified against exocortex: {verify_hf(out, cfg.run_dir, stage)}")
 
 
 def cmd_serve(args) -> None:
@@ -179,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-prompt-tokens", type=int, default=None)
         if name == "export":
             s.add_argument("--out", default=None, help="output directory (default: runs/<name>/hf)")
-            s.add_argument("--stage", default="sft", choices=["sft", "pretrain"])
+            s.add_argument("--stage", dest="from_stage", default="sft", choices=["sft", "pretrain"],
+                           help="which checkpoint to export")
             s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
             s.add_argument("--verify", action="store_true", help="load the export with transformers and compare")
         if name == "chat":

@@ -60,6 +60,43 @@ def test_rerun_single_stage(run_dir):
     assert r.returncode == 0 and "report.md" in r.stdout
 
 
+def test_export_cli_verifies(run_dir):
+    pytest.importorskip("transformers")
+    r = cli(["export", "--run", "mini", "--verify"], run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "verified against exocortex" in r.stdout and (run_dir / "runs" / "mini" / "hf" / "config.json").exists()
+    r = cli(["export", "--run", "mini", "--stage", "pretrain", "--out", "exported"], run_dir)
+    assert r.returncode == 0 and (run_dir / "exported" / "model.safetensors").exists(), r.stderr[-2000:]
+
+
+def test_serve_cli_answers_health_and_chat(run_dir):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "exocortex", "serve", "--run", "mini", "--port", str(port)],
+                         cwd=run_dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline and p.poll() is None, "server did not come up"
+            time.sleep(0.3)
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                           "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion"
+    finally:
+        p.terminate()
+        p.wait(timeout=30)
+
+
 def test_sigterm_saves_and_resume_finishes(run_dir):
     args = ["pretrain", "--run", "mini", "--set", "pretrain.max_steps=400", "--set", "pretrain.checkpoint_every=0"]
     log = run_dir / "runs" / "mini" / "logs" / "pretrain.jsonl"
