@@ -257,6 +257,11 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
             last_val = evaluate_loss(model, val_batches, device, dtype)
         ckpt_path = checkpoint(done=True)
         dist.barrier()
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        bar.close()
+        raise ExocortexError(f"{stage}: out of memory at step {step + 1} with {source.rows} rows x {cfg.seq_len} "
+                             f"tokens per micro-batch; try --set {stage}.device_batch={max(1, source.rows // 2)} "
+                             f"(gradient accumulation keeps the same batch_tokens)") from None
     except KeyboardInterrupt:
         bar.close()
         if step > 0:

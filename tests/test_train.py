@@ -109,3 +109,16 @@ def test_fresh_run_supersedes_old_checkpoints(small_cfg, tmp_path):
     assert r.steps == 8 and r.final_val_loss is not None
     again = train(GPT(small_cfg), t, "pretrain", tmp_path, src, val, torch.device("cpu"), torch.float32, resume=True)
     assert again.steps == 8 and again.final_val_loss == pytest.approx(r.final_val_loss)  # finished: nothing to do
+
+
+class OOM:
+    rows = 4
+
+    def get(self, index):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+
+def test_out_of_memory_suggests_smaller_batch(small_cfg, tmp_path):
+    with pytest.raises(ExocortexError, match=r"device_batch=2"):
+        train(GPT(small_cfg), _cfg(), "pretrain", tmp_path, OOM(), [], torch.device("cpu"), torch.float32,
+              total_steps=3)
