@@ -112,6 +112,27 @@ def evaluate_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], devic
     return (sums[0] / sums[1].clamp(min=1)).item()
 
 
+def _load_resumable(run_dir: Path, stage: str, model, optimizers) -> tuple[Path, dict]:
+    """Load the newest checkpoint that reads back whole; a corrupt one (truncated by a crash or a full disk)
+    is skipped with a warning and the one before it is used."""
+    from safetensors.torch import load_file
+
+    candidates = [c for c in [latest_checkpoint(run_dir, stage)] if c is not None]
+    root = Path(run_dir) / "checkpoints" / stage
+    candidates += [c for c in sorted(root.glob("step_*"), reverse=True) if c.is_dir() and c not in candidates]
+    for ckpt in candidates:
+        try:
+            weights = load_file(str(ckpt / "model.safetensors"))
+            state = load_state(ckpt)
+            model.load_state_dict(weights)
+            for opt, s in zip(optimizers, state["optimizers"]):
+                opt.load_state_dict(s)
+            return ckpt, state
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
+            print(f"warning: skipping unreadable checkpoint {ckpt} ({type(e).__name__}: {str(e)[:80]})")
+    raise ExocortexError(f"--resume: no readable '{stage}' checkpoint in {run_dir} to resume from")
+
+
 def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, source: BatchSource,
           val_batches: list, device: torch.device, dtype: torch.dtype, total_steps: int | None = None,
           resume: bool = False, meta: dict | None = None,
@@ -139,14 +160,7 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
         clear_checkpoints(run_dir, stage)  # a fresh run supersedes old checkpoints: --resume must never find them
     dist.barrier()
     if resume:
-        ckpt = latest_checkpoint(run_dir, stage)
-        if ckpt is None:
-            raise ExocortexError(f"--resume: no '{stage}' checkpoint in {run_dir} to resume from")
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        state = load_state(ckpt)
-        for opt, s in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(s)
+        ckpt, state = _load_resumable(run_dir, stage, model, optimizers)
         _set_rng_state(state["rng"])
         step, elapsed, history = state["step"], state["elapsed"], state["history"]
         total_steps = state["total_steps"]

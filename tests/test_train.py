@@ -122,3 +122,26 @@ def test_out_of_memory_suggests_smaller_batch(small_cfg, tmp_path):
     with pytest.raises(ExocortexError, match=r"device_batch=2"):
         train(GPT(small_cfg), _cfg(), "pretrain", tmp_path, OOM(), [], torch.device("cpu"), torch.float32,
               total_steps=3)
+
+
+def test_resume_skips_a_corrupt_checkpoint(small_cfg, tmp_path, capsys):
+    src, val = _source(small_cfg.vocab_size, small_cfg.seq_len)
+    t = _cfg()
+    t.checkpoint_every = 2
+    torch.manual_seed(0)
+    ref = train(GPT(small_cfg), t, "pretrain", tmp_path / "ref", src, val, torch.device("cpu"), torch.float32,
+                total_steps=8)
+    torch.manual_seed(0)
+    with pytest.raises(ExocortexError):
+        train(GPT(small_cfg), t, "pretrain", tmp_path / "b", Interrupting(src, at=2 * 5), val,
+              torch.device("cpu"), torch.float32, total_steps=8)
+    root = tmp_path / "b" / "checkpoints" / "pretrain"
+    assert {"step_000004", "step_000005"} <= {p.name for p in root.glob("step_*")}
+    assert (root / "latest").read_text() == "step_000005"
+    weights = root / "step_000005" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated, as by a full disk
+    r = train(GPT(small_cfg), t, "pretrain", tmp_path / "b", src, val, torch.device("cpu"), torch.float32,
+              total_steps=8, resume=True)
+    out = capsys.readouterr().out
+    assert "skipping unreadable checkpoint" in out and "resuming from step_000004" in out
+    assert [h["loss"] for h in r.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-6, abs=1e-6)
