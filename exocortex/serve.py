@@ -733,6 +733,7 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     from exocortex.config import RunConfig, load_config
 
     cfg = run if isinstance(run, RunConfig) else load_config(run)
+    _check_port_free(host, port)
     engine = load_chat_engine(cfg, stage)
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens)
@@ -742,3 +743,20 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
           f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
     # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail with one clear line before loading anything else, instead of uvicorn's log lines."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ExocortexError(f"cannot serve on host '{host}': {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ExocortexError(f"cannot listen on {host}:{port} ({e.strerror}); pick another with --port") from None

@@ -118,3 +118,14 @@ def test_sigterm_saves_and_resume_finishes(run_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"resuming from step_{stopped_at:06d}" in r.stdout
     assert (run_dir / "runs" / "mini" / "checkpoints" / "pretrain" / "latest").read_text().strip() == "step_000400"
+
+
+def test_serve_on_a_busy_port_is_a_clean_error(run_dir):
+    pytest.importorskip("fastapi")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = cli(["serve", "--run", "mini", "--port", str(s.getsockname()[1])], run_dir)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: cannot listen on 127.0.0.1:") and "--port" in r.stderr
