@@ -474,6 +474,9 @@ class _Service:
                 raise APIError(400, "A system message may only come first.", param=f"messages[{i}].role",
                                code="invalid_value")
             content = m.content
+            if content is None and role != "assistant":  # as OpenAI: only an assistant turn may omit content
+                raise APIError(400, f"messages[{i}].content is required for a {role} message.",
+                               param=f"messages[{i}].content", code="invalid_value")
             if content is None:
                 content = ""
             elif isinstance(content, list):
