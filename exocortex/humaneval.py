@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import importlib.metadata
 import importlib.util
-import json
 import re
 import secrets
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from exocortex.config import ExocortexError
+from exocortex.data.sources import iter_json_lines
 from exocortex.sandbox import SandboxResult, run_python
 
 __all__ = ["load_humaneval", "check_completion", "run_completion", "evaluate_humaneval", "pass_at_k",
@@ -69,13 +69,7 @@ def _load(path: str) -> tuple[dict, ...]:
     problems = []
     try:
         with gzip.open(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ExocortexError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            for lineno, row in iter_json_lines(f, path):
                 missing = [k for k in FIELDS if k not in row]
                 if missing:
                     raise ExocortexError(f"{path}:{lineno}: missing fields {missing}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from exocortex.config import DataConfig, ExocortexError
 
@@ -41,16 +41,23 @@ def _read_text_file(f: Path) -> str:
         raise ExocortexError(f"{f} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
 
 
-def _iter_jsonl(f: Path) -> Iterator[str]:
-    text = _read_text_file(f)
-    for lineno, line in enumerate(text.splitlines(), 1):
+def iter_json_lines(lines: Iterable[str], source: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank JSONL line; a bad row is an error naming file and line."""
+    for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ExocortexError(f"{f}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ExocortexError(f"{source}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ExocortexError(f"{source}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        yield lineno, row
+
+
+def _iter_jsonl(f: Path) -> Iterator[str]:
+    for lineno, row in iter_json_lines(_read_text_file(f).splitlines(), f):
+        if not isinstance(row.get("text"), str):
             raise ExocortexError(f'{f}:{lineno}: expected an object with a string "text" field')
         yield row["text"]
 

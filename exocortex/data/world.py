@@ -532,77 +532,78 @@ class World:
 
     # -- contexts: the slot values templates refer to -------------------------------------------
 
-    def person_ctx(self, p: Person, pre: str = "") -> dict[str, str]:
-        key = ("person", p.name, pre)
-        ctx = self._ctx_cache.get(key)
+    def _cached_ctx(self, key: tuple, pre: str, build) -> dict[str, str]:
+        """An entity's template slots, built once; `pre` prefixes every slot name (e.g. "friend_")."""
+        ctx = self._ctx_cache.get(key + (pre,))
         if ctx is None:
-            fem = p.gender == "f"
-            pet, food = self.thing_by_name[p.pet], self.thing_by_name[p.food]
-            friend = self.person_by_name[p.friend]
-            ctx = {
-                "name": p.name, "first": p.first, "last": p.last,
-                "he": "she" if fem else "he", "He": "She" if fem else "He",
-                "his": "her" if fem else "his", "His": "Her" if fem else "His",
-                "him": "her" if fem else "him", "himself": "herself" if fem else "himself",
-                "job": p.profession, "a_job": _an(p.profession), "jobs": _plural(p.profession),
-                "age": str(p.age), "born": str(p.born), "food": p.food, "pet": p.pet,
-                "a_pet": _an(p.pet), "petname": p.pet_name, "hobby": p.hobby,
-                "trait": p.trait, "a_trait": _an(p.trait),
-                "pet_colour": pet.colour, "pet_size": pet.size,
-                "a_pet_colour": _an(pet.colour), "a_pet_size": _an(pet.size), "pet_eats": pet.extra["eats"],
-                "food_taste": food.extra["taste"], "food_from": food.extra["made_from"],
-                "food_origin": food.origin,
-                "friend": friend.name, "friend_first": friend.first, "friend_job": friend.profession,
-                "friend_a_job": _an(friend.profession), "friend_home": friend.home,
-                "friend_he": "she" if friend.gender == "f" else "he",
-            }
-            for k, v in self.place_ctx(self.place_by_name[p.home], "").items():
-                if k != "place":
-                    ctx["home_" + k] = v
-            ctx["home"] = p.home
+            ctx = build()
             if pre:
                 ctx = {pre + k: v for k, v in ctx.items()}
-            self._ctx_cache[key] = ctx
+            self._ctx_cache[key + (pre,)] = ctx
+        return ctx
+
+    def person_ctx(self, p: Person, pre: str = "") -> dict[str, str]:
+        return self._cached_ctx(("person", p.name), pre, lambda: self._build_person_ctx(p))
+
+    def _build_person_ctx(self, p: Person) -> dict[str, str]:
+        fem = p.gender == "f"
+        pet, food = self.thing_by_name[p.pet], self.thing_by_name[p.food]
+        friend = self.person_by_name[p.friend]
+        ctx = {
+            "name": p.name, "first": p.first, "last": p.last,
+            "he": "she" if fem else "he", "He": "She" if fem else "He",
+            "his": "her" if fem else "his", "His": "Her" if fem else "His",
+            "him": "her" if fem else "him", "himself": "herself" if fem else "himself",
+            "job": p.profession, "a_job": _an(p.profession), "jobs": _plural(p.profession),
+            "age": str(p.age), "born": str(p.born), "food": p.food, "pet": p.pet,
+            "a_pet": _an(p.pet), "petname": p.pet_name, "hobby": p.hobby,
+            "trait": p.trait, "a_trait": _an(p.trait),
+            "pet_colour": pet.colour, "pet_size": pet.size,
+            "a_pet_colour": _an(pet.colour), "a_pet_size": _an(pet.size), "pet_eats": pet.extra["eats"],
+            "food_taste": food.extra["taste"], "food_from": food.extra["made_from"],
+            "food_origin": food.origin,
+            "friend": friend.name, "friend_first": friend.first, "friend_job": friend.profession,
+            "friend_a_job": _an(friend.profession), "friend_home": friend.home,
+            "friend_he": "she" if friend.gender == "f" else "he",
+        }
+        for k, v in self.place_ctx(self.place_by_name[p.home], "").items():
+            if k != "place":
+                ctx["home_" + k] = v
+        ctx["home"] = p.home
         return ctx
 
     def place_ctx(self, pl: Place, pre: str = "") -> dict[str, str]:
-        key = ("place", pl.name, pre)
-        ctx = self._ctx_cache.get(key)
-        if ctx is None:
-            reg = self.region_by_name[pl.region]
-            others = [n for n in reg.places if n != pl.name]
-            ctx = {
-                "place": pl.name, "region": pl.region, "direction": reg.direction,
-                "pop": str(pl.population), "climate": pl.climate, "a_climate": _an(pl.climate),
-                "famous": pl.famous_for, "famous_kind": self.thing_by_name[pl.famous_for].kind,
-                "a_famous_kind": _an(self.thing_by_name[pl.famous_for].kind),
-                "river": pl.river, "mountain": pl.mountain, "founded": str(pl.founded),
-                "ago": str(self.year - pl.founded), "setting": pl.setting,
-                "neighbour": others[0] if others else pl.name,
-            }
-            if pre:
-                ctx = {pre + k: v for k, v in ctx.items()}
-            self._ctx_cache[key] = ctx
+        return self._cached_ctx(("place", pl.name), pre, lambda: self._build_place_ctx(pl))
+
+    def _build_place_ctx(self, pl: Place) -> dict[str, str]:
+        reg = self.region_by_name[pl.region]
+        others = [n for n in reg.places if n != pl.name]
+        ctx = {
+            "place": pl.name, "region": pl.region, "direction": reg.direction,
+            "pop": str(pl.population), "climate": pl.climate, "a_climate": _an(pl.climate),
+            "famous": pl.famous_for, "famous_kind": self.thing_by_name[pl.famous_for].kind,
+            "a_famous_kind": _an(self.thing_by_name[pl.famous_for].kind),
+            "river": pl.river, "mountain": pl.mountain, "founded": str(pl.founded),
+            "ago": str(self.year - pl.founded), "setting": pl.setting,
+            "neighbour": others[0] if others else pl.name,
+        }
         return ctx
 
     def thing_ctx(self, t: Thing, pre: str = "") -> dict[str, str]:
-        key = ("thing", t.name, pre)
-        ctx = self._ctx_cache.get(key)
-        if ctx is None:
-            origin = self.place_by_name[t.origin]
-            ctx = {
-                "thing": t.name, "a_thing": _an(t.name), "things": _plural(t.name),
-                "kind": t.kind, "a_kind": _an(t.kind), "kinds": _plural(t.kind),
-                "colour": t.colour, "a_colour": _an(t.colour), "size": t.size, "a_size": _an(t.size),
-                "origin": t.origin, "origin_region": origin.region,
-                "origin_climate": origin.climate,
-                "use": "", "eats": "", "taste": "", "made_from": "", "material": "", "sound": "",
-                "played_at": "",
-            }
-            ctx.update(t.extra)
-            if pre:
-                ctx = {pre + k: v for k, v in ctx.items()}
-            self._ctx_cache[key] = ctx
+        return self._cached_ctx(("thing", t.name), pre, lambda: self._build_thing_ctx(t))
+
+    def _build_thing_ctx(self, t: Thing) -> dict[str, str]:
+        origin = self.place_by_name[t.origin]
+        ctx = {
+            "thing": t.name, "a_thing": _an(t.name), "things": _plural(t.name),
+            "kind": t.kind, "a_kind": _an(t.kind), "kinds": _plural(t.kind),
+            "colour": t.colour, "a_colour": _an(t.colour), "size": t.size, "a_size": _an(t.size),
+            "origin": t.origin, "origin_region": origin.region,
+            "origin_climate": origin.climate,
+            "use": "", "eats": "", "taste": "", "made_from": "", "material": "", "sound": "",
+            "played_at": "",
+        }
+        ctx.update(t.extra)
         return ctx
 
     # -- facts ----------------------------------------------------------------------------------
