@@ -1,4 +1,5 @@
-"""The one training loop, shared by every training stage (pretrain, sft): they differ only in data and mask.
+"""The one training loop, shared by every training stage (pretrain, midtrain, sft, rl): they differ only in
+data, loss mask and per-token weights (RL's advantages).
 
 Muon (torch.optim.Muon) for the 2-D matrices inside the blocks, AdamW for embeddings, lm_head and norm
 gains; linear warmup / constant / linear warmdown; gradient accumulation to a target batch in tokens;
@@ -27,11 +28,15 @@ from exocortex.config import ExocortexError, ModelConfig, TrainConfig, atomic_wr
 
 
 class BatchSource(Protocol):
-    """Deterministic batches: micro-batch number i always gives the same rows, so resume is exact."""
+    """Deterministic batches: micro-batch number i always gives the same rows, so resume is exact.
+
+    get() returns (inputs, targets) — mean cross-entropy over targets != -1 — or (inputs, targets, weights):
+    the loss is then sum(weights * token cross-entropy), which is how RL passes advantages (already
+    normalised by the source) through the same loop."""
 
     rows: int  # rows per micro-batch
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def get(self, index: int) -> tuple[torch.Tensor, ...]: ...
 
 
 def build_optimizers(model: torch.nn.Module, t: TrainConfig) -> list[torch.optim.Optimizer]:
@@ -84,6 +89,7 @@ class TrainResult:
     final_val_loss: float | None
     checkpoint: str
     history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False  # a step_hook stopped the run; `checkpoint` is the last one before that
 
 
 def _rng_state() -> dict:
@@ -136,8 +142,13 @@ def _load_resumable(run_dir: Path, stage: str, model, optimizers) -> tuple[Path,
 def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, source: BatchSource,
           val_batches: list, device: torch.device, dtype: torch.dtype, total_steps: int | None = None,
           resume: bool = False, meta: dict | None = None,
-          on_checkpoint: Callable[[Path], None] | None = None) -> TrainResult:
-    """Train `model` in place; returns a summary. Budget: total_steps, else t.time_minutes (measured)."""
+          on_checkpoint: Callable[[Path], None] | None = None,
+          step_hook: Callable[[int, dict], bool] | None = None) -> TrainResult:
+    """Train `model` in place; returns a summary. Budget: total_steps, else t.time_minutes (measured).
+
+    step_hook(step, record) runs after every optimizer step; it may add metrics to the record and returns
+    True to stop the run early *without* a final checkpoint (RL's degeneration guard), so the newest
+    checkpoint on disk is one from before the problem."""
     run_dir = Path(run_dir)
     model.to(device).train()
     cfg: ModelConfig = model.cfg
@@ -195,6 +206,7 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                disable=not (interactive and main))
     last_print = time.time()
     ckpt_path = None
+    stopped = False
     try:
         while total_steps is None or step < total_steps:
             t0 = time.perf_counter()
@@ -205,12 +217,15 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                     g["lr"] = g["initial_lr"] * mult
             loss_sum = torch.zeros((), device=device)
             for micro in range(accum):
-                x, y = source.get((step * accum + micro) * world + rank)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = source.get((step * accum + micro) * world + rank)
+                x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
                 # DDP all-reduces gradients on the last micro-batch only
                 sync = micro == accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, dtype):
-                    loss = fwd(x, y)
+                    if len(batch) == 3:  # weighted tokens (RL): weights already carry the normalisation
+                        loss = (fwd(x, y, reduction="none").view_as(y) * batch[2].to(device)).sum()
+                    else:
+                        loss = fwd(x, y)
                     (loss / accum).backward()
                 loss_sum += loss.detach()
             if world > 1:
@@ -249,6 +264,8 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                 last_val = evaluate_loss(model, val_batches, device, dtype)
                 record["val_loss"] = last_val
                 elapsed += time.perf_counter() - te  # evals count against a time budget too
+            if step_hook is not None and step_hook(step, record):
+                stopped = True
             history.append(record)
             if main:
                 with open(log_path, "a") as f:
@@ -263,13 +280,18 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                 print(f"{stage}: step {step}/{total_steps or '?'} loss {last_loss:.3f}"
                       + (f" val {last_val:.3f}" if last_val is not None else "")
                       + f" | {tokens_per_step / dt:,.0f} tok/s | {elapsed / 60:.1f} min, ETA {eta}", flush=True)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and not is_last:
+            if t.checkpoint_every and step % t.checkpoint_every == 0 and not is_last and not stopped:
                 tc = time.perf_counter()
                 checkpoint()
                 elapsed += time.perf_counter() - tc
-        if last_val is None and val_batches:  # e.g. resuming a run that had already finished
+            if stopped:
+                break
+        if stopped:  # keep the newest checkpoint from before the problem as the stage's result
+            ckpt_path = latest_checkpoint(run_dir, stage) if main else None
+        elif last_val is None and val_batches:  # e.g. resuming a run that had already finished
             last_val = evaluate_loss(model, val_batches, device, dtype)
-        ckpt_path = checkpoint(done=True)
+        if not stopped:
+            ckpt_path = checkpoint(done=True)
         dist.barrier()
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         bar.close()
@@ -286,4 +308,4 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     tokens = step * tokens_per_step
     return TrainResult(stage=stage, steps=step, tokens=tokens, seconds=elapsed,
                        tokens_per_second=tokens / max(elapsed, 1e-9), final_train_loss=last_loss,
-                       final_val_loss=last_val, checkpoint=str(ckpt_path), history=history)
+                       final_val_loss=last_val, checkpoint=str(ckpt_path), history=history, stopped_early=stopped)
