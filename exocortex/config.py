@@ -97,8 +97,15 @@ class TrainConfig:
     grad_clip: float = 1.0
 
 
+MIDTRAIN_MIXTURE = ("arithmetic=0.12,word_problems=0.16,spelling=0.12,facts=0.16,facts_mc=0.1,lookup=0.16,"
+                    "smalltalk=0.1,identity=0.08")
+SFT_MIXTURE = "word_problems=0.3,lookup=0.2,arithmetic=0.12,facts=0.12,spelling=0.1,smalltalk=0.1,identity=0.06"
+
+
 @dataclass
 class SFTDataConfig:
+    """Conversations for a finetuning stage (midtrain or sft): a weighted task mixture (see exocortex/tasks)."""
+    mixture: str = SFT_MIXTURE
     n_conversations: int = 12000
     text_fraction: float = 0.0   # share of rows that are plain pretraining text: keeps what the base model knew
     seed: int = 1
@@ -106,11 +113,34 @@ class SFTDataConfig:
 
 
 @dataclass
+class RLConfig:
+    """GRPO-style RL on a task's grader: a group of samples per prompt, group-normalised advantages."""
+    task: str = "word_problems"
+    steps: int = 0               # 0 = use time_minutes
+    time_minutes: float = 3.0
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 8  # the group
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_k: int = 0               # 0 = full distribution
+    lr_scale: float = 0.5        # learning rates relative to the sft stage's
+    kl_coef: float = 0.0         # per-token KL penalty to the sft model (0 = off, as DAPO/nanochat)
+    eval_every: int = 20
+    eval_n: int = 100            # held-out prompts for the periodic eval
+    checkpoint_every: int = 10
+    guard: bool = True           # stop and keep the last good checkpoint when rewards rise while samples degenerate
+    seed: int = 7
+
+
+@dataclass
 class EvalConfig:
-    n_arithmetic: int = 100
-    n_facts: int = 100
-    n_identity: int = 20
-    max_new_tokens: int = 64
+    # held-out questions per chat task (name=count); lookup is also scored with its tool switched off
+    chat_tasks: str = "arithmetic=100,word_problems=200,spelling=100,facts=100,facts_mc=100,lookup=100,identity=20"
+    pass_k: int = 4              # pass@k on word problems: k samples at temperature 1 per question
+    pass_k_n: int = 50
+    core_n: int = 100            # in-context items per base-eval (CORE-style) task
+    core_bundle: str = ""        # path to a DCLM CORE eval bundle (core.yaml + eval_data/) to add its tasks
+    max_new_tokens: int = 96
     seed: int = 12345
 
 
@@ -125,8 +155,11 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
+    midtrain: TrainConfig = field(default_factory=TrainConfig)
+    midtrain_data: SFTDataConfig = field(default_factory=lambda: SFTDataConfig(mixture=MIDTRAIN_MIXTURE))
     sft: TrainConfig = field(default_factory=TrainConfig)
     sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -148,12 +181,18 @@ def _tiny() -> RunConfig:
     c.data.world_bytes = 20_000_000
     c.pretrain = TrainConfig(batch_tokens=8192, device_batch=32, time_minutes=6.5, eval_every=100,
                              eval_tokens=32768, checkpoint_every=200, warmdown_frac=0.4, compile=True)
-    c.sft = TrainConfig(batch_tokens=8192, device_batch=32, epochs=2.0, matrix_lr=0.01, embedding_lr=0.1,
-                        unembedding_lr=0.002, scalar_lr=0.01, warmup_frac=0.0, warmdown_frac=0.5,
-                        eval_every=50, eval_tokens=16384, checkpoint_every=400, compile=True)
-    c.sft_data.n_conversations = 20000
-    c.sft_data.text_fraction = 0.2  # measured: facts 54% -> 89%, post-SFT val bpb 1.70 -> 0.37 (docs/tiny.md)
-    c.eval.n_arithmetic = 200
+    finetune = dict(batch_tokens=8192, device_batch=32, matrix_lr=0.01, embedding_lr=0.1, unembedding_lr=0.002,
+                    scalar_lr=0.01, warmup_frac=0.0, warmdown_frac=0.5, eval_every=50, eval_tokens=16384,
+                    checkpoint_every=400, compile=True)
+    c.midtrain = TrainConfig(time_minutes=3.0, **finetune)
+    c.sft = TrainConfig(time_minutes=1.5, **finetune)
+    c.midtrain_data.n_conversations = 30000
+    # plain pretraining rows keep what the base model knew: without them finetuning erased it (facts 54% -> 89%,
+    # post-finetune val bpb 1.70 -> 0.37 with 20%; docs/tiny.md)
+    c.midtrain_data.text_fraction = 0.2
+    c.sft_data.n_conversations = 12000
+    c.sft_data.text_fraction = 0.1
+    c.rl = RLConfig(time_minutes=2.5, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=64)
     return c
 
 
@@ -165,9 +204,14 @@ def _depth_preset(depth: int) -> RunConfig:
     c.data.world_bytes = 200_000_000
     c.pretrain = TrainConfig(batch_tokens=524288, device_batch=32, tokens_per_param=20.0, dtype="auto",
                              compile=True, eval_every=250, eval_tokens=10 * 524288, checkpoint_every=1000)
-    c.sft = TrainConfig(batch_tokens=65536, device_batch=32, epochs=1.0, matrix_lr=0.01, embedding_lr=0.1,
-                        unembedding_lr=0.002, warmup_frac=0.0, warmdown_frac=0.5, compile=True)
+    finetune = dict(batch_tokens=65536, device_batch=32, epochs=1.0, matrix_lr=0.01, embedding_lr=0.1,
+                    unembedding_lr=0.002, warmup_frac=0.0, warmdown_frac=0.5, compile=True)
+    c.midtrain = TrainConfig(**finetune)
+    c.sft = TrainConfig(**finetune)
+    c.midtrain_data.n_conversations = 400000
+    c.midtrain_data.text_fraction = 0.2
     c.sft_data.n_conversations = 100000
+    c.rl = RLConfig(steps=500, time_minutes=0, prompts_per_step=16, samples_per_prompt=16, max_new_tokens=256)
     return c
 
 

@@ -59,25 +59,38 @@ class Engine:
         self.out_start, self.out_end = sp["<|tool_output_start|>"], sp["<|tool_output_end|>"]
 
     @torch.inference_mode()
-    def generate(self, prompt: list[int], num_samples: int = 1, max_tokens: int = 256, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None
-                 ) -> Iterator[tuple[list[int], list[bool]]]:
+    def generate(self, prompt: list[int] | list[list[int]], num_samples: int = 1, max_tokens: int = 256,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 seed: int | None = None, stats: dict | None = None) -> Iterator[tuple[list[int], list[bool]]]:
         """Yield, each step, one token per row and whether it was forced (tool output) rather than sampled.
-        Rows that finished keep yielding their stop token; iteration ends when all rows are done."""
-        if not prompt:
-            raise ValueError("empty prompt")
+        Rows that finished keep yielding their stop token; iteration ends when all rows are done.
+
+        `prompt` is one prompt, or a list of prompts of equal length (rows = prompts x num_samples, prompt-major).
+        `stats`, if given, accumulates the entropy of the sampling distribution over sampled tokens
+        ("entropy_sum", "sampled"): RL's guard watches it."""
+        prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
+        if not prompts[0] or any(len(p) != len(prompts[0]) for p in prompts):
+            raise ValueError("empty prompt" if not prompts[0] else "batched prompts must have equal lengths")
+        prompt = prompts[0]
         cfg = self.model.cfg
         limit = self.model.rope_cos.shape[0]
         max_len = min(len(prompt) + max_tokens, limit)
         if len(prompt) >= max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate (limit {limit})")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
-        cache = KVCache(cfg, num_samples, max_len, self.device, self.dtype if self.dtype != torch.float32 else torch.float32)
-        ids = torch.tensor([prompt] * num_samples, dtype=torch.long, device=self.device)
+        n_rows = len(prompts) * num_samples
+        cache = KVCache(cfg, n_rows, max_len, self.device, self.dtype if self.dtype != torch.float32 else torch.float32)
+        ids = torch.tensor([p for p in prompts for _ in range(num_samples)], dtype=torch.long, device=self.device)
         with autocast(self.device, self.dtype):
             logits = self.model(ids, cache=cache)[:, -1, :]
-        rows = [RowState() for _ in range(num_samples)]
+        rows = [RowState() for _ in range(n_rows)]
         for _ in range(max_len - len(prompt)):
+            if stats is not None and temperature > 0:
+                logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+                ent = -(logp.exp() * logp).sum(-1)
+                live = torch.tensor([not (r.done or r.forced) for r in rows], device=ent.device)
+                stats["entropy_sum"] = stats.get("entropy_sum", 0.0) + float(ent[live].sum())
+                stats["sampled"] = stats.get("sampled", 0) + int(live.sum())
             sampled = sample_next(logits, temperature, top_k, top_p, gen).tolist()
             column, forced_mask = [], []
             for r, row in enumerate(rows):
@@ -107,10 +120,11 @@ class Engine:
             with autocast(self.device, self.dtype):
                 logits = self.model(torch.tensor(column, device=self.device).unsqueeze(1), cache=cache)[:, -1, :]
 
-    def complete(self, prompt: list[int], num_samples: int = 1, **kw) -> list[list[int]]:
-        """Finished completions (without the stop token), one list of token ids per sample."""
-        outs: list[list[int]] = [[] for _ in range(num_samples)]
-        done = [False] * num_samples
+    def complete(self, prompt: list[int] | list[list[int]], num_samples: int = 1, **kw) -> list[list[int]]:
+        """Finished completions (without the stop token), one list of token ids per row (see generate)."""
+        n_rows = num_samples * (len(prompt) if prompt and isinstance(prompt[0], list) else 1)
+        outs: list[list[int]] = [[] for _ in range(n_rows)]
+        done = [False] * n_rows
         for column, _ in self.generate(prompt, num_samples=num_samples, **kw):
             for r, t in enumerate(column):
                 if done[r]:
@@ -119,6 +133,19 @@ class Engine:
                     done[r] = True
                 else:
                     outs[r].append(t)
+        return outs
+
+    def complete_many(self, prompts: list[list[int]], batch_size: int = 32, **kw) -> list[list[int]]:
+        """Greedy/sampled completions for many different prompts: prompts of equal length share a batch."""
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        outs: list[list[int]] = [[] for _ in prompts]
+        for idx in by_len.values():
+            for j in range(0, len(idx), batch_size):
+                chunk = idx[j:j + batch_size]
+                for i, out in zip(chunk, self.complete([prompts[i] for i in chunk], **kw)):
+                    outs[i] = out
         return outs
 
     def render(self, tokens: list[int]) -> str:

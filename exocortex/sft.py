@@ -1,21 +1,34 @@
-"""Stage `sft`: teach the base model the chat format, its identity, and tool calls.
+"""Stages `midtrain` and `sft`: finetune on rendered conversations from a task mixture.
 
-Same training loop as pretraining; the data are rendered conversations packed into rows, and the loss
-mask keeps only what the assistant writes (its text, its tool calls, <|assistant_end|>).
+midtrain teaches the chat format, tool calls (calculator, lookup), multiple choice and spelling on a broad
+mixture, starting from the base model; sft is a shorter, targeted pass on top of it. Both use the one
+training loop; the data are conversations packed into rows, and the loss mask keeps only what the assistant
+writes (its text, its tool calls, <|assistant_end|>).
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-
 import torch
 
 from exocortex import distributed
-from exocortex.checkpoint import load_model, require_checkpoint, resolve_device, resolve_dtype
+from exocortex.checkpoint import latest_checkpoint, load_model, require_checkpoint, resolve_device, resolve_dtype
 from exocortex.config import RunConfig, save_config
 from exocortex.data.loader import PackedRows, pack_conversations
 from exocortex.tokenizer import Tokenizer
+
+# each finetuning stage starts from the newest earlier stage that exists
+PARENT = {"midtrain": ["pretrain"], "sft": ["midtrain", "pretrain"], "rl": ["sft", "midtrain", "pretrain"]}
+
+
+def parent_checkpoint(cfg: RunConfig, stage: str):
+    for parent in PARENT[stage]:
+        ckpt = latest_checkpoint(cfg.run_dir, parent)
+        if ckpt is not None:
+            return parent, ckpt
+    first = PARENT[stage][-1]
+    require_checkpoint(cfg.run_dir, first, f"exocortex {first} --run {cfg.name}")  # raises with a hint
 
 
 def build_sft_rows(tok: Tokenizer, conversations: list[dict], seq_len: int):
@@ -23,7 +36,7 @@ def build_sft_rows(tok: Tokenizer, conversations: list[dict], seq_len: int):
     return pack_conversations(rendered, seq_len, tok.bos_id)
 
 
-def mix_in_text(cfg: RunConfig, x: np.ndarray, y: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def mix_in_text(cfg: RunConfig, x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Add plain pretraining rows (loss on every token) so finetuning does not erase the base model's
     knowledge; rows are a deterministic sample of the tokenized corpus."""
     from exocortex.pretrain import load_token_data
@@ -32,49 +45,65 @@ def mix_in_text(cfg: RunConfig, x: np.ndarray, y: np.ndarray, fraction: float) -
     T = x.shape[1]
     n_text = int(len(x) * fraction / (1 - fraction))
     n_avail = (len(train_tokens) - 1) // T
-    rows = np.random.default_rng(cfg.sft_data.seed).choice(n_avail, size=min(n_text, n_avail), replace=False)
+    rows = np.random.default_rng(seed).choice(n_avail, size=min(n_text, n_avail), replace=False)
     chunk = np.stack([np.asarray(train_tokens[r * T:r * T + T + 1], dtype=np.int64) for r in rows])
     return np.concatenate([x, chunk[:, :-1]]), np.concatenate([y, chunk[:, 1:]])
 
 
-def run_sft(cfg: RunConfig, resume: bool = False) -> dict:
+def task_set(cfg: RunConfig, identity_name: str = "exocortex"):
     from exocortex.data.world import World
+    from exocortex.tasks import TaskSet
+
+    return TaskSet(World(seed=cfg.data.world_seed), identity_name=identity_name)
+
+
+def run_finetune(cfg: RunConfig, stage: str = "sft", resume: bool = False) -> dict:
     from exocortex.pretrain import write_summary
-    from exocortex.tasks import sft_conversations
+    from exocortex.tasks import mixture_conversations, parse_mixture
     from exocortex.train import train
 
+    t, s = getattr(cfg, stage), getattr(cfg, f"{stage}_data")
+    mixture = parse_mixture(s.mixture)
     tok = Tokenizer.load(cfg.run_dir / "tokenizer")
     device = resolve_device(cfg.device)
-    t = cfg.sft
     dtype = resolve_dtype(t.dtype, device)
-    base_ckpt = require_checkpoint(cfg.run_dir, "pretrain", f"exocortex pretrain --run {cfg.name}")
-    model, _ = load_model(base_ckpt, device)
-    world = World(seed=cfg.data.world_seed)
-    s = cfg.sft_data
-    train_convs = sft_conversations(s.n_conversations, s.seed, world, "train")
-    val_convs = sft_conversations(max(64, s.n_conversations // 50), s.seed + 1, world, "test")
+    parent, parent_ckpt = parent_checkpoint(cfg, stage)
+    model, _ = load_model(parent_ckpt, device)
+    tasks = task_set(cfg, s.identity_name)
+    train_convs = mixture_conversations(tasks, mixture, s.n_conversations, s.seed, "train")
+    val_convs = mixture_conversations(tasks, mixture, max(64, s.n_conversations // 50), s.seed + 1, "test")
     seq_len = model.cfg.seq_len
     x, y = build_sft_rows(tok, train_convs, seq_len)
     vx, vy = build_sft_rows(tok, val_convs, seq_len)
     if s.text_fraction > 0:
-        x, y = mix_in_text(cfg, x, y, s.text_fraction)
+        x, y = mix_in_text(cfg, x, y, s.text_fraction, s.seed)
     source = PackedRows(x, y, t.device_batch, seed=cfg.seed)
     val = PackedRows(vx, vy, t.device_batch).batches()
     rows_per_step = max(1, t.batch_tokens // (t.device_batch * seq_len)) * t.device_batch
-    steps = t.max_steps or max(1, math.ceil(t.epochs * len(x) / rows_per_step))
-    print(f"sft: {len(train_convs):,} conversations packed into {len(x):,} rows of {seq_len} "
-          f"({s.text_fraction:.0%} plain text); {steps} steps ({t.epochs:g} epochs)")
+    steps = t.max_steps or (None if t.time_minutes else max(1, math.ceil(t.epochs * len(x) / rows_per_step)))
+    budget = f"{steps} steps ({t.epochs:g} epochs)" if steps else f"{t.time_minutes:g} minutes"
+    print(f"{stage}: from {parent} ({parent_ckpt.name}); {len(train_convs):,} conversations "
+          f"({', '.join(mixture)}) packed into {len(x):,} rows of {seq_len} ({s.text_fraction:.0%} plain text); {budget}")
     if distributed.is_main():
         save_config(cfg)
     torch.manual_seed(cfg.seed + 1)
-    res = train(model, t, "sft", cfg.run_dir, source, val, device, dtype, total_steps=steps, resume=resume,
-                meta={"base": str(base_ckpt)})
+    res = train(model, t, stage, cfg.run_dir, source, val, device, dtype, total_steps=steps, resume=resume,
+                meta={"base": str(parent_ckpt)})
     if not distributed.is_main():
         return {}
-    summary = {"conversations": len(train_convs), "rows": int(len(x)), "steps": res.steps, "tokens": res.tokens,
-               "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
-               "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss,
-               "checkpoint": res.checkpoint}
-    write_summary(cfg.run_dir, "sft", summary)
-    print(f"sft: {res.steps} steps in {res.seconds:.0f}s; val loss {res.final_val_loss:.3f}")
+    summary = {"parent": parent, "conversations": len(train_convs), "rows": int(len(x)), "steps": res.steps,
+               "epochs": res.steps * rows_per_step / max(1, len(x)), "tokens": res.tokens, "seconds": res.seconds,
+               "tokens_per_second": res.tokens_per_second, "final_train_loss": res.final_train_loss,
+               "final_val_loss": res.final_val_loss, "checkpoint": res.checkpoint}
+    write_summary(cfg.run_dir, stage, summary)
+    print(f"{stage}: {res.steps} steps ({summary['epochs']:.2f} epochs) in {res.seconds:.0f}s; "
+          f"val loss {res.final_val_loss:.3f}")
     return summary
+
+
+def run_sft(cfg: RunConfig, resume: bool = False) -> dict:
+    return run_finetune(cfg, "sft", resume)
+
+
+def run_midtrain(cfg: RunConfig, resume: bool = False) -> dict:
+    return run_finetune(cfg, "midtrain", resume)

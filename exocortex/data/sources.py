@@ -99,7 +99,7 @@ def load_documents(data: DataConfig) -> tuple[list[str], str]:
         return docs, f"user data: {data.path}"
     from exocortex.data.world import generate_documents
 
-    docs = generate_documents(seed=data.world_seed, target_bytes=data.world_bytes)
+    docs = generate_documents(seed=data.world_seed, target_bytes=data.world_bytes, hold_out=True)
     return docs, f"generated world (seed {data.world_seed}, {data.world_bytes / 1e6:.0f} MB)"
 
 

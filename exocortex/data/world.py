@@ -419,7 +419,8 @@ class World:
 
     year = 1250   # "now" in the world's calendar: age + birth year == year
 
-    def __init__(self, seed: int = 0, n_people: int = 300, n_places: int = 60, n_things: int = 120):
+    def __init__(self, seed: int = 0, n_people: int = 300, n_places: int = 60, n_things: int = 120,
+                 held_out_percent: int = 15):
         if n_people < 2 or n_places < 1 or n_things < len(KINDS):
             raise ValueError("need n_people >= 2, n_places >= 1, n_things >= 5")
         self.seed = seed
@@ -432,6 +433,13 @@ class World:
         self._by_name = {e.name: e for e in self.entities}
         self._facts: list[Fact] | None = None
         self._ctx_cache: dict = {}
+        # People whose every fact is kept out of the pretraining corpus (generate_documents(hold_out=True)):
+        # the model can only answer about them by looking them up (tasks/world.py's lookup task).
+        self.held_out_names = {p.name for p in self.people
+                               if zlib.crc32(f"held-out|{p.name}".encode()) % 100 < held_out_percent}
+
+    def is_held_out(self, entity) -> bool:
+        return (entity if isinstance(entity, str) else entity.name) in self.held_out_names
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -2068,14 +2076,15 @@ _FAMILY_FNS = {"story": story_doc, "dialogue": dialogue_doc, "arithmetic": arith
 
 
 def generate_documents(seed: int, n_docs: int | None = None, target_bytes: int | None = None,
-                       world: World | None = None) -> list[str]:
+                       world: World | None = None, hold_out: bool = False) -> list[str]:
     """Deterministic mixture of documents about `world` (default `World(seed)`).
 
     Stops after `n_docs` documents or once the total UTF-8 size reaches `target_bytes`, whichever
     comes first.  Byte shares follow `DOC_FAMILIES`.  Encyclopedia entries walk all entities in a
     reshuffled cycle, so every fact is stated again and again as the corpus grows (each entity
     ~25 times in 20 MB).  For a held-out split of the *same* world, pass `world=` explicitly with
-    a different `seed`.
+    a different `seed`. hold_out=True drops every document that names a held-out person
+    (`World.held_out_names`), so their facts exist only in the lookup index.
     """
     if n_docs is None and target_bytes is None:
         raise ValueError("give n_docs or target_bytes")
@@ -2086,6 +2095,7 @@ def generate_documents(seed: int, n_docs: int | None = None, target_bytes: int |
     made_docs = {name: 10.0 for name in names}
     cycle: list = []
     docs: list[str] = []
+    held_out = re.compile("|".join(re.escape(n) for n in sorted(world.held_out_names)) or "(?!)")
     total = 0
     max_docs = n_docs if n_docs is not None else float("inf")
     max_bytes = target_bytes if target_bytes is not None else float("inf")
@@ -2105,6 +2115,8 @@ def generate_documents(seed: int, n_docs: int | None = None, target_bytes: int |
             doc = world.encyclopedia_entry(cycle.pop(), rng)
         else:
             doc = _FAMILY_FNS[family](world, rng)
+        if hold_out and held_out.search(doc):
+            continue
         size = len(doc.encode("utf-8"))
         made_bytes[family] += size
         made_docs[family] += 1

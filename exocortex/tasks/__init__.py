@@ -1,0 +1,127 @@
+"""Tasks: each makes conversations (to train on) and grades answers (to evaluate, and to reward in RL).
+
+Generated families (offline, deterministic by seed, test splits held out by content hash):
+  arithmetic, word_problems (GSM8K-like, `#### N`), spelling, identity, smalltalk,
+  facts, facts_mc (multiple choice), lookup (held-out world facts, answered with the lookup tool).
+Benchmark loaders (real file formats; exocortex/tasks/benchmarks.py): gsm8k, mmlu, arc, smoltalk, humaneval,
+and `jsonl:<path>` for the user's own conversations.
+
+A mixture is `name=weight,...` (e.g. "arithmetic=0.3,word_problems=0.3,facts=0.4"); a benchmark file is named
+`kind:path`, e.g. "gsm8k:data/gsm8k_train.jsonl=0.2".
+"""
+from __future__ import annotations
+
+import random
+
+from exocortex.config import ExocortexError
+from exocortex.tasks.arithmetic import Arithmetic, WordProblems
+from exocortex.tasks.base import (DatasetTask, MultipleChoiceTask, Task, grade_contains, grade_final_number,
+                                  grade_hash_answer, split_of)
+from exocortex.tasks.chat import SYSTEM_PROMPTS, Identity, SmallTalk
+from exocortex.tasks.spelling import Spelling
+from exocortex.tasks.world import Facts, FactsMC, Lookup
+
+GENERATED = ["arithmetic", "word_problems", "spelling", "identity", "smalltalk", "facts", "facts_mc", "lookup"]
+
+
+class TaskSet:
+    """Builds tasks by name on first use (some index the whole world) and keeps them."""
+
+    def __init__(self, world=None, identity_name: str = "exocortex"):
+        self.world = world
+        self.identity_name = identity_name
+        self._tasks: dict[str, Task] = {}
+
+    def __getitem__(self, name: str) -> Task:
+        if name not in self._tasks:
+            self._tasks[name] = self._build(name)
+        return self._tasks[name]
+
+    def _need_world(self, name: str):
+        if self.world is None:
+            raise ExocortexError(f"task '{name}' asks about the generated world, which this run does not have")
+        return self.world
+
+    def _build(self, name: str) -> Task:
+        if ":" in name:
+            from exocortex.tasks.benchmarks import load_benchmark
+
+            kind, path = name.split(":", 1)
+            return load_benchmark(kind, path)
+        if name == "arithmetic":
+            return Arithmetic()
+        if name == "word_problems":
+            return WordProblems()
+        if name == "spelling":
+            return Spelling(self.world)
+        if name == "identity":
+            return Identity(self.identity_name)
+        if name == "smalltalk":
+            inner = [self["arithmetic"]] + ([self["facts"]] if self.world is not None else [])
+            return SmallTalk(inner)
+        if name == "facts":
+            return Facts(self._need_world(name))
+        if name == "facts_mc":
+            return FactsMC(self._need_world(name))
+        if name == "lookup":
+            return Lookup(self._need_world(name))
+        raise ExocortexError(f"unknown task '{name}' (generated tasks: {', '.join(GENERATED)}; benchmark files: "
+                             "gsm8k:<path>, mmlu:<path>, arc:<path>, smoltalk:<path>, jsonl:<path>)")
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+    """'a=0.5,b=0.5' -> {'a': 0.5, 'b': 0.5}; a bare name gets weight 1."""
+    out: dict[str, float] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, w = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ExocortexError(f"mixture item '{item}': weight must be a number (name=weight)") from None
+        if weight < 0:
+            raise ExocortexError(f"mixture item '{item}': weight must be >= 0")
+        out[name.strip()] = weight
+    if not out or sum(out.values()) <= 0:
+        raise ExocortexError(f"empty task mixture '{spec}'; write e.g. 'arithmetic=0.5,facts=0.5'")
+    return out
+
+
+def mixture_conversations(tasks: TaskSet, mixture: dict[str, float], n: int, seed: int, split: str = "train",
+                          system_prompt_rate: float = 0.15) -> list[dict]:
+    """n examples drawn from the weighted mixture, deterministic in (mixture, n, seed, split)."""
+    rng = random.Random(f"mixture-{seed}-{split}")
+    names = [k for k, w in mixture.items() if w > 0]
+    weights = [mixture[k] for k in names]
+    for name in names:
+        tasks[name]  # build (and validate) every task before drawing
+    out = []
+    for _ in range(n):
+        conv = dict(tasks[rng.choices(names, weights)[0]].example(rng, split))
+        if rng.random() < system_prompt_rate:  # users bring their own system prompts: stay robust to them
+            if conv["messages"][0]["role"] != "system":
+                conv["messages"] = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] + conv["messages"]
+        out.append(conv)
+    return out
+
+
+# ----------------------------------------------------------------------------- spine-era helpers (kept)
+
+SFT_MIXTURE = {"arithmetic": 0.40, "facts": 0.30, "smalltalk": 0.20, "identity": 0.10}
+
+
+def make_example(task: str, rng: random.Random, split: str, world) -> dict:
+    return TaskSet(world)[task].example(rng, split)
+
+
+def sft_conversations(n: int, seed: int, world, split: str = "train", mixture: dict | None = None) -> list[dict]:
+    return mixture_conversations(TaskSet(world), mixture or SFT_MIXTURE, n, seed, split)
+
+
+GRADERS = {"arithmetic": grade_final_number, "facts": grade_contains, "identity": grade_contains,
+           "word_problems": grade_hash_answer}
+grade_number = grade_final_number
+
+__all__ = ["Task", "DatasetTask", "MultipleChoiceTask", "TaskSet", "parse_mixture", "mixture_conversations",
+           "split_of", "make_example", "sft_conversations", "GRADERS", "grade_number", "GENERATED"]

@@ -1,0 +1,139 @@
+"""Arithmetic with the calculator, and GSM8K-like word problems: several calculator calls, then `#### N`."""
+from __future__ import annotations
+
+import random
+
+from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, split_of
+from exocortex.tools import calculator
+
+ARITH_QUESTIONS = [
+    "What is {e}?", "what is {e}", "Calculate {e}.", "Compute {e}", "How much is {e}?", "{e} = ?",
+    "Can you work out {e}?", "Please tell me {e}.", "What's {e}?", "Solve {e}.", "I need {e}, please.",
+    "Quick: {e}?", "Could you compute {e} for me?", "What do you get for {e}?", "Evaluate {e}.",
+]
+ARITH_ANSWERS = ["{e} = {r}.", "The answer is {r}.", "{e} is {r}.", "That's {r}.", "It comes to {r}.",
+                 "{r}.", "The result is {r}."]
+
+
+def random_expression(rng: random.Random) -> str:
+    op = rng.choice(["+", "-", "*", "*", "/", "+", "-"])
+    digits = rng.choice([1, 2, 2, 3, 3, 4])
+    a = rng.randint(0, 10 ** digits - 1)
+    b = rng.randint(1, 10 ** rng.choice([1, 2, 2, 3]) - 1)
+    if op == "/":
+        a = b * rng.randint(1, 999)  # exact division most of the time keeps answers short
+        if rng.random() < 0.2:
+            a += rng.randint(1, b)
+    if rng.random() < 0.15:
+        c = rng.randint(1, 99)
+        return f"{a} {op} {b} {rng.choice(['+', '-', '*'])} {c}"
+    return f"{a} {op} {b}"
+
+
+class Arithmetic(Task):
+    name = "arithmetic"
+    uses_tools = True
+
+    def example(self, rng: random.Random, split: str) -> dict:
+        while True:
+            e = random_expression(rng)
+            if split_of(e) == split:
+                break
+        r = calculator(e)
+        shown = e.replace("*", rng.choice(["*", "*", "×", "times"])) if rng.random() < 0.3 else e
+        q = rng.choice(ARITH_QUESTIONS).format(e=shown)
+        a = rng.choice(ARITH_ANSWERS).format(e=e, r=r)
+        parts = [{"type": "tool_call", "text": f"calculator({e})"}, {"type": "tool_output", "text": r},
+                 {"type": "text", "text": a}]
+        return {"task": self.name, "answer": r, "messages": [{"role": "user", "content": q},
+                                                             {"role": "assistant", "content": parts}]}
+
+    def grade(self, answer_text: str, example: dict) -> bool:
+        return grade_final_number(answer_text, example["answer"])
+
+
+# ----------------------------------------------------------------------------- word problems
+
+NAMES = {"Mia": "she", "Tom": "he", "Ada": "she", "Leo": "he", "Ivy": "she", "Sam": "he", "Noor": "she",
+         "Ben": "he", "Lena": "she", "Omar": "he", "Kai": "he", "Rosa": "she", "Finn": "he", "Zoe": "she"}
+ITEMS = ["apples", "pencils", "marbles", "stickers", "cookies", "stamps", "shells", "books", "coins", "eggs"]
+
+# (question template, steps) — each step is (explanation, expression template over earlier results r0, r1, ...)
+# and numbers a, b, c; `valid` keeps every intermediate a non-negative integer.
+PROBLEMS = [
+    ("{n} has {a} {it}. {p} buys {b} more and then gives {c} to a friend. How many {it} does {n} have now?",
+     [("After buying:", "{a} + {b}"), ("After giving some away:", "{r0} - {c}")]),
+    ("{n} buys {a} boxes of {it} with {b} in each box, then uses {c} of them. How many {it} are left?",
+     [("In the boxes:", "{a} * {b}"), ("Left:", "{r0} - {c}")]),
+    ("A pack of {it} costs {a} coins. {n} buys {b} packs and pays with {c} coins. How much change does {n} get?",
+     [("The packs cost:", "{a} * {b}"), ("The change:", "{c} - {r0}")]),
+    ("{n} reads {a} pages a day for {b} days and then {c} more pages. How many pages does {n} read in total?",
+     [("Pages in {b} days:", "{a} * {b}"), ("In total:", "{r0} + {c}")]),
+    ("{n} shares {a} {it} equally among {b} friends and keeps the {c} left over. How many does each friend get?",
+     [("Shared out:", "{a} - {c}"), ("Each friend gets:", "{r0} / {b}")]),
+    ("{n} earns {a} coins a week. After {b} weeks {p_l} spends {c} coins. How many coins does {n} have left?",
+     [("Earned:", "{a} * {b}"), ("Left:", "{r0} - {c}")]),
+    ("There are {a} rows of {b} trees in a park. Then {c} trees are planted. How many trees are there now?",
+     [("Trees in rows:", "{a} * {b}"), ("Now:", "{r0} + {c}")]),
+    ("{n} had {a} {it}, found {b} more, and then lost {c}. How many {it} does {n} have?",
+     [("After finding:", "{a} + {b}"), ("After losing:", "{r0} - {c}")]),
+    ("{n} buys {a} bags of {it} with {b} in each and gets {c} more as a gift. How many {it} is that?",
+     [("In the bags:", "{a} * {b}"), ("With the gift:", "{r0} + {c}")]),
+    ("{n} has {a} {it} and packs them into bags of {b}. Then {p_l} sells {c} bags. How many bags are left?",
+     [("Bags:", "{a} / {b}"), ("Left:", "{r0} - {c}")]),
+]
+
+
+def _numbers(rng: random.Random, steps) -> tuple[dict, list[str]] | None:
+    v = {"a": rng.randint(2, 60), "b": rng.randint(2, 12), "c": rng.randint(1, 40)}
+    exprs = " ".join(e for _, e in steps)
+    if "{a} / {b}" in exprs:
+        v["a"] = v["b"] * rng.randint(2, 15)
+    if "{a} - {c}" in exprs and "/ {b}" in exprs:  # shares: (a - c) divisible by b, c < b
+        v["c"] = rng.randint(0, v["b"] - 1)
+        v["a"] = v["b"] * rng.randint(2, 15) + v["c"]
+    if "{c} - {r0}" in exprs:
+        v["c"] = v["a"] * v["b"] + rng.randint(0, 50)
+    results = []
+    for i, (_, e) in enumerate(steps):
+        expr = e.format(**v, **{f"r{j}": r for j, r in enumerate(results)})
+        r = calculator(expr)
+        if "." in r or r.startswith("-"):
+            return None
+        results.append(r)
+        if i == 0 and "/ {b}" in e and "{r0} - {c}" in steps[1][1]:  # bags: can't sell more than exist
+            v["c"] = rng.randint(0, int(r))
+    return v, results
+
+
+class WordProblems(Task):
+    """GSM8K-like two-step problems solved with calculator calls; the final answer follows `####`."""
+
+    name = "word_problems"
+    uses_tools = True
+
+    def example(self, rng: random.Random, split: str) -> dict:
+        while True:
+            k = rng.randrange(len(PROBLEMS))
+            template, steps = PROBLEMS[k]
+            got = _numbers(rng, steps)
+            if got is None:
+                continue
+            v, _ = got
+            n = rng.choice(list(NAMES))
+            q = template.format(n=n, it=rng.choice(ITEMS), p=NAMES[n].capitalize(), p_l=NAMES[n], **v)
+            if split_of(f"{k}|{v['a']}|{v['b']}|{v['c']}") == split:
+                break
+        parts, results = [], []
+        for i, (say, e) in enumerate(steps):
+            expr = e.format(**v, **{f"r{j}": r for j, r in enumerate(results)})
+            r = calculator(expr)
+            results.append(r)
+            parts += [{"type": "text", "text": say.format(**v) + " "}, {"type": "tool_call", "text": f"calculator({expr})"},
+                      {"type": "tool_output", "text": r}]
+        parts.append({"type": "text", "text": f"#### {results[-1]}"})
+        return {"task": self.name, "answer": results[-1],
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
+
+    def grade(self, answer_text: str, example: dict) -> bool:
+        return grade_hash_answer(answer_text, example["answer"])

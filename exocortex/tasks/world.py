@@ -1,0 +1,85 @@
+"""Questions about the generated world.
+
+- facts: about people, places and things the model read during pretraining; answered from memory.
+- facts_mc: the same knowledge as multiple choice (letter answers).
+- lookup: about people who were held out of the pretraining corpus (World.held_out_names): the model cannot
+  know them, so the reference answer calls `lookup(name)` and answers from the passage it gets back. Half of
+  the held-out people are used for training, the other half only for testing: at test time neither the
+  person nor their facts were ever seen, so accuracy measures looking up, not remembering.
+"""
+from __future__ import annotations
+
+import random
+
+from exocortex.lookup import world_index
+from exocortex.tasks.base import MultipleChoiceTask, Task, grade_contains, mc_example, split_of
+
+
+class Facts(Task):
+    name = "facts"
+
+    def __init__(self, world):
+        self.world = world
+        self.by_split = {"train": [], "test": []}
+        for f in world.facts():
+            if not world.is_held_out(f.subject):
+                self.by_split[split_of(f.subject + "|" + f.relation)].append(f)
+
+    def example(self, rng: random.Random, split: str) -> dict:
+        f = rng.choice(self.by_split[split])
+        return {"task": self.name, "answer": f.value,
+                "messages": [{"role": "user", "content": self.world.ask(f, rng)},
+                             {"role": "assistant", "content": f.answer}]}
+
+    def grade(self, answer_text: str, example: dict) -> bool:
+        return grade_contains(answer_text, example["answer"])
+
+
+class FactsMC(MultipleChoiceTask):
+    name = "facts_mc"
+    chance = 0.25
+
+    def __init__(self, world):
+        self.facts = Facts(world)
+        self.world = world
+        self.values: dict[str, list[str]] = {}
+        for f in world.facts():
+            self.values.setdefault(f.relation, [])
+            if f.value not in self.values[f.relation]:
+                self.values[f.relation].append(f.value)
+
+    def example(self, rng: random.Random, split: str) -> dict:
+        while True:
+            f = rng.choice(self.facts.by_split[split])
+            others = [v for v in self.values[f.relation] if v.lower() != f.value.lower()]
+            if len(others) >= 3:
+                break
+        choices = rng.sample(others, 3)
+        gold = rng.randrange(4)
+        choices.insert(gold, f.value)
+        return mc_example(self.name, self.world.ask(f, rng), choices, gold)
+
+
+class Lookup(Task):
+    name = "lookup"
+    uses_tools = True
+
+    def __init__(self, world, index=None):
+        self.world = world
+        self.index = index or world_index(world)
+        self.by_split = {"train": [], "test": []}
+        for f in world.facts():
+            if world.is_held_out(f.subject):
+                self.by_split[split_of("lookup|" + f.subject, 50)].append(f)
+
+    def example(self, rng: random.Random, split: str) -> dict:
+        f = rng.choice(self.by_split[split])
+        parts = [{"type": "tool_call", "text": f"lookup({f.subject})"},
+                 {"type": "tool_output", "text": self.index(f.subject)},
+                 {"type": "text", "text": f.answer}]
+        return {"task": self.name, "answer": f.value,
+                "messages": [{"role": "user", "content": self.world.ask(f, rng)},
+                             {"role": "assistant", "content": parts}]}
+
+    def grade(self, answer_text: str, example: dict) -> bool:
+        return grade_contains(answer_text, example["answer"])
