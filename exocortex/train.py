@@ -264,8 +264,10 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                 last_val = evaluate_loss(model, val_batches, device, dtype)
                 record["val_loss"] = last_val
                 elapsed += time.perf_counter() - te  # evals count against a time budget too
-            if step_hook is not None and step_hook(step, record):
-                stopped = True
+            if step_hook is not None:
+                th = time.perf_counter()
+                stopped = bool(step_hook(step, record))
+                elapsed += time.perf_counter() - th  # hook work (RL's held-out evals) counts against the budget
             history.append(record)
             if main:
                 with open(log_path, "a") as f:

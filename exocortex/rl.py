@@ -1,0 +1,248 @@
+"""Stage `rl`: reinforcement learning on verifiable rewards, GRPO-style, through the one training loop.
+
+Each step samples a group of completions per training prompt with the current policy (tools on), scores them
+with the task's grader, and turns rewards into group-normalised advantages A = (r - mean) / (std + eps).
+The train loop then minimises sum(w * token cross-entropy) with w = A / (sampled tokens in the batch):
+a token-level-normalised policy gradient (on-policy, one update per batch, so no ratio clipping is needed).
+Tool outputs and prompts get weight 0: the model is only credited for what it wrote. An optional per-token
+KL penalty to the starting model folds into the weights.
+
+A guard watches for reward hacking: if the reward rises while samples degenerate (repeated n-grams,
+collapsing entropy), the run stops and the stage keeps its last checkpoint from before.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections import deque
+
+import torch
+
+from exocortex.checkpoint import load_model, resolve_device, resolve_dtype
+from exocortex.config import ExocortexError, RLConfig, RunConfig, TrainConfig, save_config
+from exocortex.engine import Engine
+from exocortex.tokenizer import Tokenizer
+
+
+def repeated_ngram_rate(tokens: list[int], n: int = 3) -> float:
+    """Share of a sample's n-grams that already occurred earlier in the same sample (0 fresh .. 1 looping)."""
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    if not grams:
+        return 0.0
+    return 1 - len(set(grams)) / len(grams)
+
+
+class RolloutSource:
+    """A BatchSource whose micro-batch i is sampled on the fly by the current policy. Deterministic in (weights, i):
+    prompts and sampling seeds derive from i, so an interrupted run resumes exactly."""
+
+    def __init__(self, engine: Engine, task, r: RLConfig, ref_model=None):
+        self.engine, self.task, self.r, self.ref = engine, task, r, ref_model
+        self.rows = r.prompts_per_step * r.samples_per_prompt
+        self.last_stats: dict = {}
+
+    def _rollout(self, prompt: list[int], seed: int, stats: dict):
+        """G samples of one prompt: token ids and whether each token was forced (tool output)."""
+        G = self.r.samples_per_prompt
+        toks, forced = [[] for _ in range(G)], [[] for _ in range(G)]
+        done = [False] * G
+        for column, mask in self.engine.generate(prompt, num_samples=G, max_tokens=self.r.max_new_tokens,
+                                                 temperature=self.r.temperature, top_k=self.r.top_k or None,
+                                                 seed=seed, stats=stats):
+            for g, (t, f) in enumerate(zip(column, mask)):
+                if done[g]:
+                    continue
+                toks[g].append(t)
+                forced[g].append(f)
+                done[g] = t in self.engine.stop_ids and not f
+        return toks, forced
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        r, tok, eng = self.r, self.engine.tok, self.engine
+        rng = random.Random(f"rl-{r.seed}-{index}")
+        seqs, targets_mask, advantages = [], [], []
+        rewards_all, lengths, reps = [], [], []
+        stats: dict = {}
+        for p in range(r.prompts_per_step):
+            ex = self.task.example(rng, "train")
+            prompt = tok.render_for_completion(ex["messages"][:-1])
+            toks, forced = self._rollout(prompt, seed=r.seed * 1_000_003 + index * 97 + p, stats=stats)
+            rewards = [self.task.reward(eng.answer_text([t for t in s if t not in eng.stop_ids]), ex) for s in toks]
+            mean = sum(rewards) / len(rewards)
+            std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
+            for s, f, rew in zip(toks, forced, rewards):
+                seqs.append(prompt + s)
+                targets_mask.append([0] * (len(prompt) - 1) + [0 if ff else 1 for ff in f])
+                advantages.append((rew - mean) / (std + 1e-4))
+                own = [t for t, ff in zip(s, f) if not ff]
+                lengths.append(len(own))
+                reps.append(repeated_ngram_rate(own))
+            rewards_all += rewards
+        T = min(max(len(s) for s in seqs) - 1, eng.model.cfg.seq_len)
+        x = torch.zeros(len(seqs), T, dtype=torch.long)
+        y = torch.full((len(seqs), T), -1, dtype=torch.long)
+        w = torch.zeros(len(seqs), T)
+        for i, (s, m, a) in enumerate(zip(seqs, targets_mask, advantages)):
+            s, m = s[:T + 1], m[:T]
+            x[i, :len(s) - 1] = torch.tensor(s[:-1])
+            mt = torch.tensor(m, dtype=torch.bool)
+            y[i, :len(s) - 1] = torch.where(mt, torch.tensor(s[1:]), torch.tensor(-1))
+            w[i, :len(m)] = mt.float() * a
+        n_tokens = max(1, int((y >= 0).sum()))
+        w = w / n_tokens  # token-level normalisation: every sampled token in the batch counts the same
+        kl = None
+        if r.kl_coef > 0 and self.ref is not None:
+            kl = self._kl_penalty(x, y)
+            w = w - r.kl_coef * kl / n_tokens
+        self.last_stats = {
+            "reward": sum(rewards_all) / len(rewards_all),
+            "entropy": stats.get("entropy_sum", 0.0) / max(1, stats.get("sampled", 0)),
+            "length": sum(lengths) / len(lengths),
+            "repeat_3gram": sum(reps) / len(reps),
+            **({"kl": float((kl * (y >= 0)).sum()) / n_tokens} if kl is not None else {}),
+        }
+        return x, y, w
+
+    @torch.no_grad()
+    def _kl_penalty(self, x, y) -> torch.Tensor:
+        """Per-token log pi(y) - log pi_ref(y) on the sampled tokens (the k1 estimator, used as a reward penalty)."""
+        dev = self.engine.device
+        pol = -self.engine.model(x.to(dev), y.to(dev), reduction="none").view_as(y)
+        ref = -self.ref(x.to(dev), y.to(dev), reduction="none").view_as(y)
+        return (pol - ref).cpu() * (y >= 0)
+
+
+class DegenerationGuard:
+    """Flags reward hacking: reward up while samples degenerate. Compares a recent window of steps with the
+    first window of the run. Degenerate = repeated 3-gram rate above `max_repeat` and well above the start,
+    or entropy collapsed below `entropy_frac` of the start."""
+
+    def __init__(self, window: int = 5, min_reward_gain: float = 0.1, max_repeat: float = 0.5,
+                 entropy_frac: float = 0.25):
+        self.window, self.min_gain, self.max_repeat, self.entropy_frac = window, min_reward_gain, max_repeat, entropy_frac
+        self.start: list[dict] = []
+        self.recent: deque = deque(maxlen=window)
+        self.reason = ""
+
+    def update(self, s: dict) -> bool:
+        if len(self.start) < self.window:
+            self.start.append(s)
+            return False
+        self.recent.append(s)
+        if len(self.recent) < self.window:
+            return False
+
+        def mean(rows, k):
+            return sum(r[k] for r in rows) / len(rows)
+
+        gain = mean(self.recent, "reward") - mean(self.start, "reward")
+        rep0, rep = mean(self.start, "repeat_3gram"), mean(self.recent, "repeat_3gram")
+        ent0, ent = mean(self.start, "entropy"), mean(self.recent, "entropy")
+        looping = rep > self.max_repeat and rep > 2 * rep0
+        collapsed = ent0 > 0 and ent < self.entropy_frac * ent0
+        if gain >= self.min_gain and (looping or collapsed):
+            self.reason = (f"reward rose by {gain:+.2f} while samples degenerated: repeated 3-grams {rep0:.2f} -> {rep:.2f}, "
+                           f"entropy {ent0:.2f} -> {ent:.2f} nats")
+            return True
+        return False
+
+
+def rl_train_config(base: TrainConfig, r: RLConfig, rows: int, seq_len: int) -> TrainConfig:
+    """The RL stage's loop settings: the sft stage's learning rates scaled down, one micro-batch per step,
+    constant LR, no compile (sequence lengths vary)."""
+    return dataclasses.replace(
+        base, batch_tokens=rows * seq_len, device_batch=rows, max_steps=r.steps, time_minutes=r.time_minutes,
+        matrix_lr=base.matrix_lr * r.lr_scale, embedding_lr=base.embedding_lr * r.lr_scale,
+        unembedding_lr=base.unembedding_lr * r.lr_scale, scalar_lr=base.scalar_lr * r.lr_scale,
+        warmup_frac=0.0, warmdown_frac=0.0, eval_every=10 ** 9, checkpoint_every=r.checkpoint_every,
+        keep_checkpoints=6, compile=False, tokens_per_param=0.0)
+
+
+def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, device, dtype, tools=None,
+             eval_fn=None, resume: bool = False, meta: dict | None = None, ref_model=None):
+    """Run GRPO on `task`'s rewards. eval_fn(step) -> float is called every r.eval_every steps (held-out accuracy)."""
+    from exocortex.train import train
+
+    engine = Engine(model, tok, device, dtype, tools=tools)
+    source = RolloutSource(engine, task, r, ref_model)
+    guard = DegenerationGuard() if r.guard else None
+    state = {"guard": None}
+
+    def hook(step: int, record: dict) -> bool:
+        record.update({k: round(v, 4) for k, v in source.last_stats.items()})
+        if eval_fn is not None and (step % r.eval_every == 0 or step == 1):
+            record["heldout_accuracy"] = eval_fn(step)
+        print(f"rl: step {step} reward {record['reward']:.3f} len {record['length']:.1f} "
+              f"entropy {record['entropy']:.2f} repeat {record['repeat_3gram']:.2f}"
+              + (f" heldout {record['heldout_accuracy']:.1%}" if "heldout_accuracy" in record else ""), flush=True)
+        if guard is not None and guard.update(source.last_stats):
+            state["guard"] = {"step": step, "reason": guard.reason}
+            print(f"rl: GUARD: {guard.reason}; stopping and keeping the checkpoint from before", flush=True)
+            return True
+        return False
+
+    steps = t.max_steps or None
+    res = train(model, t, "rl", run_dir, source, [], device, dtype, total_steps=steps, resume=resume, meta=meta,
+                step_hook=hook)
+    if state["guard"] is not None:
+        state["guard"]["kept"] = keep_checkpoint_before(run_dir, state["guard"]["step"] - 2 * guard.window)
+    return res, state["guard"]
+
+
+def keep_checkpoint_before(run_dir, step: int) -> str | None:
+    """Point the rl stage's `latest` at its newest checkpoint from before `step` (before degeneration began);
+    with none, remove the stage's checkpoints so later stages fall back to the model RL started from."""
+    from exocortex.checkpoint import clear_checkpoints, stage_dir
+    from exocortex.config import atomic_write_text
+
+    root = stage_dir(run_dir, "rl")
+    good = [p for p in sorted(root.glob("step_*")) if p.is_dir() and int(p.name.split("_")[1]) <= step]
+    if not good:
+        clear_checkpoints(run_dir, "rl")
+        return None
+    atomic_write_text(root / "latest", good[-1].name)
+    return str(good[-1])
+
+
+def run_rl(cfg: RunConfig, resume: bool = False) -> dict:
+    from exocortex.evaluate import task_accuracy
+    from exocortex.lookup import tools_for_run
+    from exocortex.pretrain import write_summary
+    from exocortex.sft import parent_checkpoint, task_set
+
+    r = cfg.rl
+    if not r.steps and not r.time_minutes:
+        raise ExocortexError("rl: no budget; set rl.steps or rl.time_minutes")
+    tok = Tokenizer.load(cfg.run_dir / "tokenizer")
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.sft.dtype, device)
+    parent, parent_ckpt = parent_checkpoint(cfg, "rl")
+    model, _ = load_model(parent_ckpt, device)
+    ref = load_model(parent_ckpt, device)[0].eval() if r.kl_coef > 0 else None
+    task = task_set(cfg)[r.task]
+    tools = tools_for_run(cfg)
+    t = rl_train_config(cfg.sft, r, r.prompts_per_step * r.samples_per_prompt, model.cfg.seq_len)
+    eval_engine = Engine(model, tok, device, dtype, tools=tools)
+
+    def eval_fn(step: int) -> float:
+        return task_accuracy(eval_engine, tok, task, r.eval_n, cfg.eval.seed + 1, r.max_new_tokens)
+
+    print(f"rl: from {parent} ({parent_ckpt.name}); task {r.task}; {r.prompts_per_step} prompts x "
+          f"{r.samples_per_prompt} samples per step; budget {r.steps or f'{r.time_minutes:g} min'}")
+    save_config(cfg)
+    torch.manual_seed(cfg.seed + 2)
+    t0 = time.time()
+    res, tripped = rl_train(model, tok, task, r, t, cfg.run_dir, device, dtype, tools=tools, eval_fn=eval_fn,
+                            resume=resume, meta={"base": str(parent_ckpt), "task": r.task}, ref_model=ref)
+    hist = res.history
+    summary = {"parent": parent, "task": r.task, "steps": res.steps, "seconds": time.time() - t0,
+               "checkpoint": res.checkpoint, "guard": tripped,
+               "reward_first": hist[0]["reward"] if hist else None,
+               "reward_last": sum(h["reward"] for h in hist[-5:]) / max(1, len(hist[-5:])) if hist else None,
+               "heldout": [(h["step"], h["heldout_accuracy"]) for h in hist if "heldout_accuracy" in h]}
+    write_summary(cfg.run_dir, "rl", summary)
+    print(f"rl: {res.steps} steps in {summary['seconds']:.0f}s; reward {summary['reward_first']:.3f} -> "
+          f"{summary['reward_last']:.3f}" + (f"; GUARD tripped at step {tripped['step']}" if tripped else ""))
+    return summary
