@@ -345,8 +345,9 @@ class HumanEval(DatasetTask):
         rows = []
         for p in load_humaneval(path or None):
             reference = (p["prompt"] + p["canonical_solution"]).strip("\n")
+            ask = f"{HUMANEVAL_ASK}```python\n{p['prompt'].strip()}\n```"
             rows.append({"task": self.name, "answer": reference, "problem": p,
-                         "messages": [{"role": "user", "content": f"{HUMANEVAL_ASK}```python\n{p['prompt'].strip()}\n```"},
+                         "messages": [{"role": "user", "content": ask},
                                       {"role": "assistant", "content": f"```python\n{reference}\n```"}]})
         super().__init__({"train": [], "test": rows})
 
@@ -372,7 +373,7 @@ def load_benchmark(kind: str, path: str) -> DatasetTask:
     """A benchmark's rows as a task: `kind` is one of KINDS, `path` a file, directory or hf:// path."""
     if kind == "humaneval":
         if path and not path.lower().endswith(".jsonl.gz"):
-            raise ExocortexError(f"humaneval:{path}: give a HumanEval .jsonl.gz file (or no path, for the packaged one)")
+            raise ExocortexError(f"humaneval:{path}: give a HumanEval .jsonl.gz (or no path: the packaged one)")
         return HumanEval(path or None)
     if kind not in LOADERS:
         raise ExocortexError(f"unknown benchmark kind '{kind}' (kinds: {', '.join(KINDS)})")
