@@ -256,10 +256,6 @@ def check_messages(msgs, where: str, parts_ok: bool) -> list[dict]:
     return out
 
 
-def _reply_text(content) -> str:
-    return content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
-
-
 def smoltalk_example(row: dict, where: str) -> dict:
     msgs = check_messages(_field(row, "messages", list, "a list of messages", where), where, parts_ok=False)
     return {"task": "smoltalk", "answer": msgs[-1]["content"], "messages": msgs}
