@@ -7,18 +7,33 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from exocortex.checkpoint import load_model, require_checkpoint, resolve_device, resolve_dtype
+from exocortex.checkpoint import latest_checkpoint, load_model, require_checkpoint, resolve_device, resolve_dtype
 from exocortex.config import ExocortexError, RunConfig
 from exocortex.engine import Engine, StreamDecoder
 from exocortex.tokenizer import Tokenizer
 
 
-def load_chat_engine(cfg: RunConfig, stage: str = "sft") -> Engine:
+CHAT_STAGES = ["rl", "sft", "midtrain"]  # the newest chat stage a run has is the one to talk to
+
+
+def chat_checkpoint(cfg: RunConfig, stage: str | None = None) -> Path:
+    if stage:
+        return require_checkpoint(cfg.run_dir, stage, f"exocortex {stage} --run {cfg.name}")
+    for s in CHAT_STAGES:
+        ckpt = latest_checkpoint(cfg.run_dir, s)
+        if ckpt is not None:
+            return ckpt
+    return require_checkpoint(cfg.run_dir, "sft", f"exocortex sft --run {cfg.name}")  # raises with a hint
+
+
+def load_chat_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None) -> Engine:
+    """The run's chat model with its tools: calculator, python, and lookup (over `docs`, or the world)."""
+    from exocortex.lookup import tools_for_run
+
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)
-    ckpt = require_checkpoint(cfg.run_dir, stage, f"exocortex {stage} --run {cfg.name}")
-    model, _ = load_model(ckpt, device)
-    return Engine(model, Tokenizer.load(cfg.run_dir / "tokenizer"), device, dtype)
+    model, _ = load_model(chat_checkpoint(cfg, stage), device)
+    return Engine(model, Tokenizer.load(cfg.run_dir / "tokenizer"), device, dtype, tools=tools_for_run(cfg, docs))
 
 
 def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **sampling) -> list[int]:
@@ -49,8 +64,9 @@ def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **samplin
 
 
 def run_chat(cfg: RunConfig, prompt: str | None = None, temperature: float = 0.6, top_k: int = 50,
-             top_p: float | None = 0.95, max_tokens: int = 256, system: str | None = None, seed: int | None = None) -> None:
-    engine = load_chat_engine(cfg)
+             top_p: float | None = 0.95, max_tokens: int = 256, system: str | None = None, seed: int | None = None,
+             stage: str | None = None, docs: list[str] | None = None) -> None:
+    engine = load_chat_engine(cfg, stage, docs)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, max_tokens=max_tokens, seed=seed)
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
     if prompt is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from exocortex import distributed
 from exocortex.config import ExocortexError, RunConfig, load_config, make_config, save_config
 
-STAGES = ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "export", "serve", "speedrun"]
+STAGES = ["tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "chat", "report", "export", "serve", "speedrun"]
 
 
 def _run_path(args) -> Path:
@@ -51,7 +51,8 @@ def cmd_speedrun(args) -> None:
     from exocortex.evaluate import run_eval
     from exocortex.pretrain import run_pretrain, run_tokenizer, write_summary
     from exocortex.report import run_report
-    from exocortex.sft import run_sft
+    from exocortex.rl import run_rl
+    from exocortex.sft import run_midtrain, run_sft
 
     cfg = new_config(args)
     if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()) and not args.resume:
@@ -59,7 +60,8 @@ def cmd_speedrun(args) -> None:
     t_start = time.time()
     times: dict[str, float] = {}
     stages = [("tokenizer", lambda: run_tokenizer(cfg)), ("pretrain", lambda: run_pretrain(cfg, resume=args.resume)),
-              ("sft", lambda: run_sft(cfg)), ("eval", lambda: run_eval(cfg))]
+              ("midtrain", lambda: run_midtrain(cfg)), ("sft", lambda: run_sft(cfg)), ("rl", lambda: run_rl(cfg)),
+              ("eval", lambda: run_eval(cfg))]
     for name, fn in stages:
         if args.resume and name == "tokenizer" and (cfg.run_dir / "data" / "train.npy").exists():
             cfg = load_config(cfg.run_dir, args.set)
@@ -100,16 +102,32 @@ def cmd_pretrain(args) -> None:
     run_pretrain(cfg, resume=args.resume)
 
 
+def cmd_midtrain(args) -> None:
+    from exocortex.sft import run_midtrain
+
+    run_midtrain(existing_config(args, "midtrain"), resume=args.resume)
+
+
 def cmd_sft(args) -> None:
     from exocortex.sft import run_sft
 
     run_sft(existing_config(args, "sft"), resume=args.resume)
 
 
-def cmd_eval(args) -> None:
-    from exocortex.evaluate import run_eval
+def cmd_rl(args) -> None:
+    from exocortex.rl import run_rl
 
-    run_eval(existing_config(args, "eval"))
+    run_rl(existing_config(args, "rl"), resume=args.resume)
+
+
+def cmd_eval(args) -> None:
+    from exocortex.evaluate import STAGES as EVAL_STAGES, run_eval
+
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    bad = [s for s in stages or [] if s not in EVAL_STAGES]
+    if bad:
+        raise ExocortexError(f"--stages: unknown stage {bad[0]!r} (choose from {', '.join(EVAL_STAGES)})")
+    run_eval(existing_config(args, "eval"), stages)
 
 
 def cmd_report(args) -> None:
@@ -125,15 +143,17 @@ def cmd_chat(args) -> None:
         args.run = str(most_recent_run(args.runs_dir))
     cfg = existing_config(args, "chat")
     run_chat(cfg, prompt=args.prompt, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-             max_tokens=args.max_tokens, system=args.system, seed=args.seed)
+             max_tokens=args.max_tokens, system=args.system, seed=args.seed, stage=args.model_stage, docs=args.docs)
 
 
 def cmd_export(args) -> None:
     from exocortex.export import export_hf, verify_hf
 
     cfg = existing_config(args, "export")
-    stage = args.from_stage
-    out = Path(args.out) if args.out else cfg.run_dir / ("hf" if stage == "sft" else f"hf-{stage}")
+    from exocortex.chat import chat_checkpoint
+
+    stage = args.from_stage or chat_checkpoint(cfg).parent.name  # default: the newest chat stage
+    out = Path(args.out) if args.out else cfg.run_dir / ("hf" if not args.from_stage else f"hf-{stage}")
     export_hf(cfg.run_dir, out, stage=stage, dtype=args.dtype)
     print(f"exported the {stage} model to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     if args.verify:
@@ -147,15 +167,19 @@ def cmd_serve(args) -> None:
     if not args.run:
         args.run = str(most_recent_run(args.runs_dir))
     serve(existing_config(args, "serve"), host=args.host, port=args.port, max_concurrent=args.max_concurrent,
-          max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens)
+          max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, docs=args.docs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exocortex", description="Own your LLM end to end.")
     sub = p.add_subparsers(dest="stage", metavar="<stage>")
     helps = {"tokenizer": "train the BPE tokenizer on the corpus and tokenize it",
-             "pretrain": "pretrain the base model", "sft": "supervised finetuning: chat format and tool use",
-             "eval": "bits-per-byte and held-out chat task accuracy", "chat": "talk to your model",
+             "pretrain": "pretrain the base model",
+             "midtrain": "teach the chat format, tools, multiple choice and spelling on a broad task mixture",
+             "sft": "supervised finetuning on a targeted task mixture",
+             "rl": "reinforcement learning (GRPO) on a task's verifiable rewards, with a reward-hacking guard",
+             "eval": "every stage: bits-per-byte, in-context (CORE-style) and held-out chat task accuracy",
+             "chat": "talk to your model",
              "report": "write runs/<name>/report.md",
              "serve": "serve the chat model: OpenAI-compatible API (/v1) and a web chat page (/)",
              "export": "write a Hugging Face transformers (Qwen3) directory: weights, config, tokenizer, chat template", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
@@ -170,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a config value, e.g. --set pretrain.time_minutes=3 (repeatable)")
         if name in ("tokenizer", "pretrain", "speedrun"):
             s.add_argument("--data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/.parquet")
-        if name in ("pretrain", "sft", "speedrun"):
+        if name in ("pretrain", "midtrain", "sft", "rl", "speedrun"):
             s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         if name == "serve":
             s.add_argument("--host", default="127.0.0.1")
@@ -180,11 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-prompt-tokens", type=int, default=None)
         if name == "export":
             s.add_argument("--out", default=None, help="output directory (default: runs/<name>/hf)")
-            s.add_argument("--stage", dest="from_stage", default="sft", choices=["sft", "pretrain"],
-                           help="which checkpoint to export")
+            s.add_argument("--stage", dest="from_stage", default=None, choices=["rl", "sft", "midtrain", "pretrain"],
+                           help="which checkpoint to export (default: the newest of rl, sft, midtrain)")
             s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
             s.add_argument("--verify", action="store_true", help="load the export with transformers and compare")
+        if name == "eval":
+            s.add_argument("--stages", default=None, help="comma-separated subset of pretrain,midtrain,sft,rl")
+        if name in ("chat", "serve"):
+            s.add_argument("--docs", action="append", default=None, metavar="PATH",
+                           help="your documents (file or directory, repeatable): the lookup tool searches them")
         if name == "chat":
+            s.add_argument("--stage", dest="model_stage", default=None, choices=["rl", "sft", "midtrain"],
+                           help="which model to talk to (default: the newest of rl, sft, midtrain)")
             s.add_argument("-p", "--prompt", default=None, help="one-shot: answer this prompt and exit")
             s.add_argument("--temperature", type=float, default=0.6)
             s.add_argument("--top-k", type=int, default=50)

@@ -27,7 +27,7 @@ def plot_losses(run_dir: Path) -> list[str]:
 
     plots = []
     (run_dir / "plots").mkdir(exist_ok=True)
-    stages = [s for s in ("pretrain", "sft") if (run_dir / "logs" / f"{s}.jsonl").exists()]
+    stages = [s for s in ("pretrain", "midtrain", "sft") if (run_dir / "logs" / f"{s}.jsonl").exists()]
     if not stages:
         return plots
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
@@ -54,7 +54,57 @@ def plot_losses(run_dir: Path) -> list[str]:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     plots.append("plots/loss.png")
+    rl = _read_jsonl(run_dir / "logs" / "rl.jsonl")
+    if rl:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+        steps = [r["step"] for r in rl]
+        axes[0].plot(steps, [r["reward"] for r in rl], lw=0.8, label="train reward (mean of group samples)")
+        held = [(r["step"], r["heldout_accuracy"]) for r in rl if "heldout_accuracy" in r]
+        if held:
+            axes[0].plot(*zip(*held), "o-", label="held-out accuracy (greedy)")
+        axes[0].set_title("RL reward")
+        axes[1].plot(steps, [r["entropy"] for r in rl], lw=0.8)
+        axes[1].set_title("sampling entropy (nats/token)")
+        axes[2].plot(steps, [r["repeat_3gram"] for r in rl], lw=0.8, label="repeated 3-grams")
+        axes[2].plot(steps, [r["length"] / max(1, max(x["length"] for x in rl)) for r in rl], lw=0.8,
+                     label="length (relative)")
+        axes[2].set_title("degeneration watch")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        axes[2].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run_dir / "plots" / "rl.png", dpi=110)
+        plt.close(fig)
+        plots.append("plots/rl.png")
     return plots
+
+
+ROW_NAMES = {"val_bpb": "val bits per byte ↓", "core": "CORE-style in-context (centred) ↑",
+             "world_cloze_accuracy": "in-context: world cloze (4-way)", "arithmetic_em_accuracy": "in-context: arithmetic exact match",
+             "lookup_no_tool_accuracy": "lookup — same questions, tool off"}
+
+
+def stage_table(ev: dict) -> list[str]:
+    """Metrics x stages (BASE / MID / SFT / RL), every number measured by `exocortex eval`."""
+    from exocortex.evaluate import LABELS, STAGES
+
+    stages = [s for s in STAGES if s in ev.get("stages", {})]
+    cols = [ev["stages"][s] for s in stages]
+    keys: list[str] = []
+    for c in cols:
+        keys += [k for k in c if k not in keys and k != "seconds" and not k.endswith("_n")]
+    L = ["| metric | " + " | ".join(LABELS[s] for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for k in keys:
+        n = next((c.get(k.replace("_accuracy", "_n")) for c in cols if k.replace("_accuracy", "_n") in c), None)
+        name = ROW_NAMES.get(k, k.replace("_accuracy", "").replace("_", " ") + (f" (n={n})" if n else ""))
+        vals = []
+        for c in cols:
+            v = c.get(k)
+            vals.append("—" if v is None else f"{v:.4f}" if k in ("val_bpb", "core") else f"{v:.1%}")
+        L.append(f"| {name} | " + " | ".join(vals) + " |")
+    return L
 
 
 def _fmt(v, digits=4):
@@ -71,7 +121,8 @@ def run_report(cfg: RunConfig) -> Path:
     run_dir = cfg.run_dir
     if not (run_dir / "config.json").exists():
         raise ExocortexError(f"{run_dir} is not a run directory; run `exocortex speedrun` first")
-    tok_s, pre, sft, ev, sr = (read_summary(run_dir, s) for s in ("tokenizer", "pretrain", "sft", "eval", "speedrun"))
+    tok_s, pre, mid, sft, ev, sr = (read_summary(run_dir, s)
+                                    for s in ("tokenizer", "pretrain", "midtrain", "sft", "eval", "speedrun"))
     plots = plot_losses(run_dir)
     L = [f"# exocortex report card — run `{cfg.name}`", ""]
     L.append(f"Preset `{cfg.preset}`; model: {cfg.model.depth} layers, width {cfg.model.n_embd}, "
@@ -83,15 +134,24 @@ def run_report(cfg: RunConfig) -> Path:
         L += [f"| {k} | {v:.1f} |" for k, v in sr.get("stage_seconds", {}).items()]
         L += [f"| **total** | **{sr.get('total_seconds', 0):.1f}** |", "",
               f"Peak memory (max RSS): {sr.get('peak_rss_mb', 0):,.0f} MB.", ""]
-    if ev:
-        L += ["## Evaluation", "", "| metric | BASE | SFT |", "|---|---|---|"]
-        base, chat = ev.get("base", {}), ev.get("sft", {})
-        L.append(f"| val bits per byte | {_fmt(base.get('val_bpb'))} | {_fmt(chat.get('val_bpb'))} |")
-        for task in ("arithmetic", "facts", "identity"):
-            if f"{task}_accuracy" in chat:
-                L.append(f"| {task} accuracy (n={chat[f'{task}_n']}) | — | {chat[f'{task}_accuracy']:.1%} |")
-        L += ["", "Arithmetic is answered by calling the calculator tool; facts are recalled from pretraining "
-              "(no tool); identity checks the model names itself. All questions are held out from training.", ""]
+    if ev and ev.get("stages"):
+        L += ["## Evaluation: every stage", ""] + stage_table(ev)
+        L += ["", "All questions are held out from training (hashed train/test splits). Chat tasks are greedy with "
+              "tools on and graded on the assistant's own words: arithmetic and word problems (GSM8K-style `#### N`) "
+              "call the calculator; facts are recalled from pretraining; facts_mc is multiple choice; lookup asks "
+              "about people who were *never in the pretraining data* and must be looked up with the lookup tool "
+              "(also scored with the tool switched off); spelling spells and counts letters. pass@k: k samples at "
+              "temperature 1. In-context tasks (base-model style, few-shot) score options by mean loss; CORE is their "
+              "mean centred accuracy.", ""]
+    rl = read_summary(run_dir, "rl")
+    if rl:
+        L += ["## RL", "", f"Task `{rl['task']}`, {rl['steps']} steps in {rl['seconds']:.0f}s; mean group reward "
+              f"{_fmt(rl.get('reward_first'), 3)} (first step) → {_fmt(rl.get('reward_last'), 3)} (last 5 steps). "
+              "Held-out greedy accuracy during RL: " + ", ".join(f"step {s}: {a:.1%}" for s, a in rl.get("heldout", []))
+              + "."]
+        g = rl.get("guard")
+        L += ["", f"**Reward-hacking guard tripped** at step {g['step']}: {g['reason']}. Kept checkpoint: "
+              f"{g.get('kept') or 'none (RL discarded)'}." if g else "Reward-hacking guard: not tripped.", ""]
     if pre:
         L += ["## Pretraining", "", "| | |", "|---|---|"]
         for k in ("params", "flops_per_token", "steps", "tokens", "tokens_per_param", "seconds", "tokens_per_second",
@@ -99,15 +159,16 @@ def run_report(cfg: RunConfig) -> Path:
             if k in pre:
                 L.append(f"| {k.replace('_', ' ')} | {_fmt(pre[k])} |")
         L.append("")
-    if sft:
-        L += ["## SFT", "", "| | |", "|---|---|"]
-        for k in ("conversations", "rows", "steps", "tokens", "seconds", "tokens_per_second", "final_train_loss",
-                  "final_val_loss"):
-            if k in sft:
-                L.append(f"| {k.replace('_', ' ')} | {_fmt(sft[k])} |")
-        L.append("")
+    for name, summ in (("Midtraining", mid), ("SFT", sft)):
+        if summ:
+            L += [f"## {name}", "", "| | |", "|---|---|"]
+            for k in ("parent", "conversations", "rows", "steps", "epochs", "tokens", "seconds", "tokens_per_second",
+                      "final_train_loss", "final_val_loss"):
+                if k in summ:
+                    L.append(f"| {k.replace('_', ' ')} | {_fmt(summ[k])} |")
+            L.append("")
     for p in plots:
-        L += [f"![loss curves]({p})", ""]
+        L += [f"![{p}]({p})", ""]
     if tok_s:
         L += ["## Data and tokenizer", "", f"Source: {tok_s['source']}; {tok_s['documents']:,} documents; "
               f"{tok_s['train_tokens']:,} train / {tok_s['val_tokens']:,} val tokens; vocab {tok_s['vocab_size']:,}; "
@@ -121,7 +182,8 @@ def run_report(cfg: RunConfig) -> Path:
         L += ["## Sample generations (greedy, held-out questions)", ""]
         for s in ev["samples"]:
             mark = "✅" if s["correct"] else "❌"
-            L += [f"- {mark} **{s['task']}** — *{s['question']}*", f"  → {s['reply']}"]
+            stage = f"{s['stage']} · " if s.get("stage") else ""
+            L += [f"- {mark} **{stage}{s['task']}** — *{s['question']}*", f"  → {s['reply']}"]
         L.append("")
     L += ["## Config", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
     out = run_dir / "report.md"

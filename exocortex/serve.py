@@ -727,7 +727,8 @@ def create_app(engine, model_name: str, max_concurrent: int = 4, max_queue: int 
 
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 4, max_queue: int = 16,
-          max_prompt_tokens: int | None = None, stage: str = "sft", log_level: str = "info") -> None:
+          max_prompt_tokens: int | None = None, stage: str | None = None, log_level: str = "info",
+          docs: list[str] | None = None) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
     import uvicorn
@@ -737,11 +738,11 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
 
     cfg = run if isinstance(run, RunConfig) else load_config(run)
     _check_port_free(host, port)
-    engine = load_chat_engine(cfg, stage)
+    engine = load_chat_engine(cfg, stage, docs)
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens)
     shown = f"[{host}]" if ":" in host else host
-    print(f"exocortex serve — model {cfg.name} ({stage}) from {cfg.run_dir}\n"
+    print(f"exocortex serve — model {cfg.name} ({stage or 'newest chat stage'}) from {cfg.run_dir}\n"
           f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "
           f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
     # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled

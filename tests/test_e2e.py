@@ -15,8 +15,14 @@ SMALL = ["--set", "data.world_bytes=1500000", "--set", "tokenizer.train_bytes=10
          "--set", "model.seq_len=128", "--set", "pretrain.max_steps=12", "--set", "pretrain.time_minutes=0",
          "--set", "pretrain.compile=false", "--set", "sft.compile=false", "--set", "pretrain.device_batch=8",
          "--set", "pretrain.batch_tokens=1024", "--set", "sft.device_batch=8", "--set", "sft.batch_tokens=1024",
-         "--set", "sft_data.n_conversations=300", "--set", "eval.n_arithmetic=4", "--set", "eval.n_facts=4",
-         "--set", "eval.n_identity=2", "--set", "eval.max_new_tokens=16", "--set", "pretrain.eval_every=5"]
+         "--set", "sft_data.n_conversations=300", "--set", "sft.time_minutes=0", "--set", "sft.max_steps=6",
+         "--set", "midtrain.compile=false", "--set", "midtrain.device_batch=8", "--set", "midtrain.batch_tokens=1024",
+         "--set", "midtrain_data.n_conversations=300", "--set", "midtrain.time_minutes=0",
+         "--set", "midtrain.max_steps=6", "--set", "rl.steps=3", "--set", "rl.time_minutes=0",
+         "--set", "rl.prompts_per_step=2", "--set", "rl.samples_per_prompt=2", "--set", "rl.max_new_tokens=12",
+         "--set", "rl.eval_n=2", "--set", "rl.eval_every=2", "--set", "eval.core_n=4", "--set", "eval.pass_k_n=2",
+         "--set", "eval.chat_tasks=arithmetic=4,word_problems=4,facts=4,lookup=3,identity=2",
+         "--set", "eval.max_new_tokens=16", "--set", "pretrain.eval_every=5"]
 
 
 def cli(args, cwd, **kw):
@@ -36,11 +42,15 @@ def test_speedrun_outputs(run_dir):
     d = run_dir / "runs" / "mini"
     report = (d / "report.md").read_text()
     assert (d / "plots" / "loss.png").stat().st_size > 1000
-    assert "![loss curves](plots/loss.png)" in report
-    for needle in ["val bits per byte", "arithmetic accuracy", "identity accuracy", "Peak memory", "distinct_4"]:
-        assert needle in report
-    ev = json.loads((d / "logs" / "eval_summary.json").read_text())
-    assert 0 < ev["base"]["val_bpb"] < 20 and 0 <= ev["sft"]["arithmetic_accuracy"] <= 1
+    assert "![plots/loss.png](plots/loss.png)" in report and (d / "plots" / "rl.png").exists()
+    for needle in ["val bits per byte", "| metric | BASE | MID | SFT | RL |", "arithmetic (n=4)", "identity (n=2)",
+                   "lookup — same questions, tool off", "word_problems_pass@4", "CORE-style", "Peak memory",
+                   "distinct_4", "## RL"]:
+        assert needle in report, needle
+    ev = json.loads((d / "logs" / "eval_summary.json").read_text())["stages"]
+    assert set(ev) == {"pretrain", "midtrain", "sft", "rl"}
+    assert 0 < ev["pretrain"]["val_bpb"] < 20 and 0 <= ev["sft"]["arithmetic_accuracy"] <= 1
+    assert "arithmetic_accuracy" not in ev["pretrain"] and "core" in ev["pretrain"]
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model"]["width"] == 64 and cfg["pretrain"]["max_steps"] == 12  # the resolved config is kept
     assert (d / "checkpoints" / "sft" / "latest").read_text().strip() == "step_000%03d" % json.loads(

@@ -65,11 +65,11 @@ def test_guard_needs_both_reward_gain_and_degeneration():
 
 
 def test_gameable_reward_trips_the_guard_and_keeps_an_earlier_checkpoint(tmp_path, tok, small_cfg):
-    model, res, tripped = _rl(tmp_path, tok, small_cfg, steps=60)
+    model, res, tripped = _rl(tmp_path, tok, small_cfg, steps=40, lr=0.3)
     rewards = [h["reward"] for h in res.history]
     assert tripped is not None, f"guard never tripped; rewards {rewards[:3]} ... {rewards[-3:]}"
-    assert res.stopped_early and res.steps < 60
-    assert rewards[-1] > rewards[0] + 0.1  # the reward really was being hacked
+    assert res.stopped_early and res.steps < 40
+    assert sum(rewards[-3:]) / 3 > rewards[0] + 0.05  # the reward really was being hacked
     kept = tripped["kept"]
     if kept is not None:  # the stage's checkpoint is from before the degenerate window
         step = int(kept.rsplit("_", 1)[1])

