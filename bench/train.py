@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from exocortex.config import ModelConfig, TrainConfig  # noqa: E402
+from exocortex.flops import matmul_peak  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from exocortex.train import build_optimizers  # noqa: E402
 
@@ -29,17 +30,6 @@ SHAPES = {  # name: (depth, width, vocab, seq_len, device_batch)
     "d4": (4, 256, 32768, 512, 8),   # nanochat's smallest CPU shape
     "d8": (8, 512, 32768, 512, 8),
 }
-
-
-def matmul_peak(dtype=torch.bfloat16, n=2048, seconds=2.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    t, it = time.perf_counter(), 0
-    while time.perf_counter() - t < seconds:
-        a @ b
-        it += 1
-    return 2 * n ** 3 * it / (time.perf_counter() - t)
 
 
 def time_steps(depth, width, vocab, seq_len, rows, bf16: bool, compile: bool, seconds: float) -> dict:

@@ -55,8 +55,10 @@ def stage_dir(run_dir: Path, stage: str) -> Path:
 
 
 def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module, model_cfg: ModelConfig,
-                    state: dict | None = None, meta: dict | None = None, keep: int = 0) -> Path:
-    """Write model weights (safetensors), training state (optimizer, RNG, loader position) and metadata."""
+                    state: dict | None = None, meta: dict | None = None, keep: int = 0,
+                    weights: dict | None = None) -> Path:
+    """Write model weights (safetensors), training state (optimizer, RNG, loader position) and metadata.
+    `weights` replaces model.state_dict() when given (an FSDP model's weights gathered whole)."""
     from safetensors.torch import save_file
 
     root = stage_dir(run_dir, stage)
@@ -66,7 +68,7 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = {k: v.detach().contiguous().cpu() for k, v in (model.state_dict() if weights is None else weights).items()}
     save_file(weights, str(tmp / "model.safetensors"))
     if state is not None:
         torch.save(state, tmp / "state.pt")

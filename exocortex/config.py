@@ -95,6 +95,7 @@ class TrainConfig:
     dtype: str = "auto"          # auto | bfloat16 | float32
     compile: bool = False
     grad_clip: float = 1.0
+    parallel: str = "ddp"        # ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer state sharded)
 
 
 MIDTRAIN_MIXTURE = ("arithmetic=0.12,word_problems=0.16,spelling=0.12,facts=0.16,facts_mc=0.1,lookup=0.16,"
@@ -145,6 +146,14 @@ class EvalConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Metrics beside logs/<stage>.jsonl (rank 0 only); both are optional packages."""
+    tensorboard: str = "auto"    # auto (on when `tensorboard` is installed) | on | off; writes runs/<name>/tensorboard/
+    wandb_project: str = ""      # Weights & Biases project (or set WANDB_PROJECT); needs `pip install wandb`
+    wandb_run: str = ""          # run name shown in wandb; default: the run's name
+
+
+@dataclass
 class RunConfig:
     name: str = "tiny"
     runs_dir: str = "runs"
@@ -161,6 +170,7 @@ class RunConfig:
     sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def run_dir(self) -> Path:

@@ -3,10 +3,19 @@
 `torchrun --nproc_per_node=N -m exocortex pretrain ...` runs data-parallel (DDP): NCCL on GPUs, gloo on
 CPUs. Every rank computes the same schedule; micro-batch i of step s goes to rank (i mod world), so N ranks
 see exactly the batches one process would see with N-times gradient accumulation. Only rank 0 writes.
+
+`--set pretrain.parallel=fsdp` shards weights, gradients and optimizer state over the ranks instead (FSDP2,
+`fully_shard` on every block and the root, torchtitan-style): the same batches and the same math, 1/N of
+the memory per GPU for the model and optimizer. Checkpoints stay one full safetensors file (gathered on
+save, re-sharded on load), so a run can be resumed with either mode. Muon orthogonalises whole matrices:
+`ShardedMuon` all-gathers each matrix's update, runs Newton-Schulz on it (on every rank, as DDP does) and
+keeps its own rows; momentum stays sharded. See docs/benchmarks.md for the tradeoff.
 """
 from __future__ import annotations
 
 import builtins
+import contextlib
+import math
 import os
 
 import torch
@@ -62,3 +71,153 @@ def barrier() -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+def _ensure_process_group() -> None:
+    """FSDP needs a process group even for one process (`python -m exocortex pretrain` on one GPU)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def apply_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Shard `model` in place over all ranks: each transformer block is one FSDP unit (all-gathered just
+    before it runs, freed after), the root holds embeddings, final norm and lm_head. `param_dtype` (bf16)
+    makes the all-gathers and the compute bf16 while the sharded master weights stay fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    _ensure_process_group()
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    # the root's weights (lm_head) are needed again at once by backward: keep them gathered after forward
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def gradient_sync(wrapped: torch.nn.Module, sync: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch of a step."""
+    if hasattr(wrapped, "set_requires_gradient_sync"):  # FSDP2
+        wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else wrapped.no_sync()
+
+
+def full_model_state(model: torch.nn.Module) -> dict:
+    """Whole weights on rank 0's CPU (an empty dict elsewhere); every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state(model: torch.nn.Module, weights: dict) -> None:
+    """Load whole weights (read by every rank) into a sharded model; each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+
+
+def full_optimizer_state(opt: torch.optim.Optimizer) -> dict:
+    """`opt.state_dict()` with sharded states gathered whole: the same layout an unsharded run saves, so
+    checkpoints resume under DDP or FSDP alike. Every rank must call this."""
+    from torch.distributed.tensor import DTensor
+
+    sd = opt.state_dict()
+    state = {i: {k: v.full_tensor().cpu() if isinstance(v, DTensor) else v for k, v in s.items()}
+             for i, s in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Load a whole (unsharded) optimizer state, then cut each per-parameter tensor to this rank's shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    opt.load_state_dict(sd)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = opt.state.get(p, {})
+            for k, v in st.items():
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
+                    st[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def _newton_schulz(g: torch.Tensor, coeffs, steps: int, eps: float) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (same ops, same order, so sharded and
+    unsharded runs match): ~orthogonalises g, in bf16."""
+    a, b, c = coeffs
+    x = g.bfloat16()
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class ShardedMuon(torch.optim.Muon):
+    """torch.optim.Muon for FSDP2-sharded (DTensor) matrices. Newton-Schulz needs the whole matrix, so
+    each step all-gathers the momentum-corrected update of every matrix (one all-gather per matrix, the
+    size of the forward's weight all-gather), orthogonalises it on every rank, and applies this rank's
+    rows. Momentum buffers stay sharded. (Running NS directly on the DTensor also works but redistributes
+    inside every iteration: ~10x slower on 2 CPU ranks, and not bit-equal to the unsharded step.)"""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import DTensor
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mom = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if not isinstance(p, DTensor):
+                    raise TypeError("ShardedMuon expects FSDP-sharded parameters; use torch.optim.Muon")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                g, buf = p.grad.to_local(), state["momentum_buffer"].to_local()
+                buf.lerp_(g, 1 - mom)
+                update = g.lerp(buf, mom) if group["nesterov"] else buf
+                full = DTensor.from_local(update, p.device_mesh, p.placements, shape=p.shape,
+                                          stride=p.stride()).full_tensor()
+                ortho = _newton_schulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                mine = _local_rows(ortho, p)
+                A, B = p.shape  # "original" lr adjustment (Keller Jordan's), as build_optimizers asks for
+                scale = math.sqrt(max(1, A / B)) if group["adjust_lr_fn"] in (None, "original") else \
+                    0.2 * math.sqrt(max(A, B)) if group["adjust_lr_fn"] == "match_rms_adamw" else 1.0
+                local = p.to_local()
+                local.mul_(1 - lr * group["weight_decay"])
+                local.add_(mine, alpha=-lr * scale)
+        return loss
+
+
+def _local_rows(full: torch.Tensor, p) -> torch.Tensor:
+    """This rank's rows of a whole matrix, as FSDP2 splits dim 0 (torch.chunk: the last ranks may get
+    fewer rows, or none)."""
+    from torch.distributed.tensor import Shard
+
+    if len(p.placements) != 1 or p.placements[0] != Shard(0):
+        raise ValueError(f"ShardedMuon supports FSDP's Shard(0) on a 1-D mesh, got {p.placements}")
+    n, r = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    chunks = torch.chunk(full, n, dim=0)
+    mine = chunks[r] if r < len(chunks) else full[:0]
+    if mine.shape != p.to_local().shape:
+        raise RuntimeError(f"unexpected FSDP shard shape {tuple(p.to_local().shape)} for {tuple(full.shape)}")
+    return mine

@@ -100,17 +100,36 @@ def run_pretrain(cfg: RunConfig, resume: bool = False) -> dict:
           f"budget: " + (f"{steps} steps" if steps else f"{t.time_minutes} minutes"))
     if distributed.is_main():
         save_config(cfg)
-    res = train(model, t, "pretrain", cfg.run_dir, source, val, device, dtype, total_steps=steps, resume=resume)
+    from exocortex.logger import MetricsLogger
+    logger = MetricsLogger.from_config(cfg.logging, cfg.run_dir, cfg.name, "pretrain", cfg.to_dict())
+    try:
+        res = train(model, t, "pretrain", cfg.run_dir, source, val, device, dtype, total_steps=steps,
+                    resume=resume, logger=logger)
+    finally:
+        logger.close()
+    from exocortex.evaluate import bits_per_byte
+    bpb = bits_per_byte(model, tok, val, device, dtype)  # on every rank: an FSDP model's forward needs them all
     if not distributed.is_main():
         return {}
-    from exocortex.evaluate import bits_per_byte
-    bpb = bits_per_byte(model, tok, val, device, dtype)
     summary = {"params": n_params, "flops_per_token": model.flops_per_token(), "steps": res.steps,
                "tokens": res.tokens, "seconds": res.seconds, "tokens_per_second": res.tokens_per_second,
-               "final_train_loss": res.final_train_loss, "final_val_loss": res.final_val_loss, "val_bpb": bpb,
-               "tokens_per_param": res.tokens / n_params, "device": str(device), "dtype": str(dtype),
+               "flops": res.flops, "mfu": res.mfu, "final_train_loss": res.final_train_loss,
+               "final_val_loss": res.final_val_loss, "val_bpb": bpb, "tokens_per_param": res.tokens / n_params,
+               "device": str(device), "dtype": str(dtype), "world_size": distributed.world_size(),
+               "parallel": t.parallel, "time_budget_minutes": t.time_minutes if not steps else None,
                "checkpoint": res.checkpoint}
     write_summary(cfg.run_dir, "pretrain", summary)
     print(f"pretrain: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.0f}s "
           f"({res.tokens_per_second:,.0f} tok/s); val loss {res.final_val_loss:.3f}, val bpb {bpb:.3f}")
+    print(f"pretrain: {spent_line(summary)}")
     return summary
+
+
+def spent_line(s: dict) -> str:
+    """'spent X min, Y PFLOPs, Z tokens' (+ MFU where the peak is known) for logs and the report."""
+    line = f"spent {s['seconds'] / 60:.1f} min, {s.get('flops', 0) / 1e15:.3g} PFLOPs, {s['tokens']:,} tokens"
+    if s.get("mfu") is not None:
+        line += f" at {s['mfu']:.1%} MFU"
+    if s.get("time_budget_minutes"):
+        line += f" (time budget {s['time_budget_minutes']:g} min)"
+    return line

@@ -153,11 +153,16 @@ def run_report(cfg: RunConfig) -> Path:
         L += ["", f"**Reward-hacking guard tripped** at step {g['step']}: {g['reason']}. Kept checkpoint: "
               f"{g.get('kept') or 'none (RL discarded)'}." if g else "Reward-hacking guard: not tripped.", ""]
     if pre:
+        from exocortex.pretrain import spent_line
         L += ["## Pretraining", "", "| | |", "|---|---|"]
         for k in ("params", "flops_per_token", "steps", "tokens", "tokens_per_param", "seconds", "tokens_per_second",
-                  "final_train_loss", "final_val_loss", "val_bpb", "device", "dtype"):
-            if k in pre:
-                L.append(f"| {k.replace('_', ' ')} | {_fmt(pre[k])} |")
+                  "flops", "mfu", "final_train_loss", "final_val_loss", "val_bpb", "device", "dtype", "world_size",
+                  "parallel"):
+            if pre.get(k) is not None:
+                v = f"{pre[k]:.3g}" if k == "flops" else f"{pre[k]:.1%}" if k == "mfu" else _fmt(pre[k])
+                L.append(f"| {k.replace('_', ' ')} | {v} |")
+        if "flops" in pre:
+            L += ["", f"Pretraining {spent_line(pre)}."]
         L.append("")
     for name, summ in (("Midtraining", mid), ("SFT", sft)):
         if summ:

@@ -157,7 +157,8 @@ def rl_train_config(base: TrainConfig, r: RLConfig, rows: int, seq_len: int) -> 
         matrix_lr=base.matrix_lr * r.lr_scale, embedding_lr=base.embedding_lr * r.lr_scale,
         unembedding_lr=base.unembedding_lr * r.lr_scale, scalar_lr=base.scalar_lr * r.lr_scale,
         warmup_frac=0.0, warmdown_frac=0.0, eval_every=10 ** 9, checkpoint_every=r.checkpoint_every,
-        keep_checkpoints=6, compile=False, tokens_per_param=0.0)
+        keep_checkpoints=6, compile=False, tokens_per_param=0.0,
+        parallel="ddp")  # rollouts run the model on each rank alone: it must not be FSDP-sharded
 
 
 def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, device, dtype, tools=None,

@@ -87,8 +87,13 @@ def run_finetune(cfg: RunConfig, stage: str = "sft", resume: bool = False) -> di
     if distributed.is_main():
         save_config(cfg)
     torch.manual_seed(cfg.seed + 1)
-    res = train(model, t, stage, cfg.run_dir, source, val, device, dtype, total_steps=steps, resume=resume,
-                meta={"base": str(parent_ckpt)})
+    from exocortex.logger import MetricsLogger
+    logger = MetricsLogger.from_config(cfg.logging, cfg.run_dir, cfg.name, stage, cfg.to_dict())
+    try:
+        res = train(model, t, stage, cfg.run_dir, source, val, device, dtype, total_steps=steps, resume=resume,
+                    meta={"base": str(parent_ckpt)}, logger=logger)
+    finally:
+        logger.close()
     if not distributed.is_main():
         return {}
     summary = {"parent": parent, "conversations": len(train_convs), "rows": int(len(x)), "steps": res.steps,

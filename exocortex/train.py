@@ -5,10 +5,10 @@ Muon (torch.optim.Muon) for the 2-D matrices inside the blocks, AdamW for embedd
 gains; linear warmup / constant / linear warmdown; gradient accumulation to a target batch in tokens;
 bf16 autocast where the hardware supports it; optional torch.compile; periodic val loss; atomic
 checkpoints; `resume=True` continues an interrupted run exactly (data order is a pure function of step).
+Several processes (torchrun) train data-parallel: DDP, or FSDP2 with `parallel="fsdp"` (exocortex/distributed.py).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import random
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from exocortex import distributed as dist
 from exocortex.checkpoint import autocast, clear_checkpoints, latest_checkpoint, load_state, save_checkpoint
 from exocortex.config import ExocortexError, ModelConfig, TrainConfig, atomic_write_text, lr_dim_scale
+from exocortex.flops import peak_flops
 
 
 class BatchSource(Protocol):
@@ -59,8 +60,8 @@ def build_optimizers(model: torch.nn.Module, t: TrainConfig) -> list[torch.optim
     ]
     kw = {"fused": True} if next(model.parameters()).is_cuda else {}
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, **kw)
-    muon = torch.optim.Muon(matrices, lr=t.matrix_lr, momentum=0.95, weight_decay=t.weight_decay,
-                            adjust_lr_fn="original")
+    muon_cls = dist.ShardedMuon if dist.is_sharded(model) else torch.optim.Muon
+    muon = muon_cls(matrices, lr=t.matrix_lr, momentum=0.95, weight_decay=t.weight_decay, adjust_lr_fn="original")
     for opt in (adamw, muon):
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
@@ -90,6 +91,8 @@ class TrainResult:
     checkpoint: str
     history: list[dict] = field(default_factory=list)
     stopped_early: bool = False  # a step_hook stopped the run; `checkpoint` is the last one before that
+    flops: float = 0.0  # training FLOPs done (model.flops_per_token() x tokens)
+    mfu: float | None = None  # flops / (seconds x peak FLOP/s of all ranks); None where the peak is unknown
 
 
 def _rng_state() -> dict:
@@ -107,12 +110,15 @@ def evaluate_loss(model, batches: list[tuple[torch.Tensor, torch.Tensor]], devic
     """Mean loss per target token; ranks split the batches and add up their sums."""
     model.eval()
     sums = torch.zeros(2, dtype=torch.float64, device=device)
-    for x, y in batches[dist.rank()::dist.world_size()]:
+    world, n = dist.world_size(), len(batches)
+    for i in range(dist.rank(), -(-n // world) * world, world):  # same count on every rank: FSDP's collectives
+        x, y = batches[min(i, n - 1)]
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             loss = model(x, y, reduction="sum")
-        sums[0] += loss.double()
-        sums[1] += (y != -1).sum()
+        if i < n:
+            sums[0] += loss.double()
+            sums[1] += (y != -1).sum()
     dist.all_reduce_sum(sums)
     model.train()
     return (sums[0] / sums[1].clamp(min=1)).item()
@@ -130,9 +136,14 @@ def _load_resumable(run_dir: Path, stage: str, model, optimizers) -> tuple[Path,
         try:
             weights = load_file(str(ckpt / "model.safetensors"))
             state = load_state(ckpt)
-            model.load_state_dict(weights)
-            for opt, s in zip(optimizers, state["optimizers"]):
-                opt.load_state_dict(s)
+            if dist.is_sharded(model):  # checkpoints are whole either way: FSDP re-shards them on load
+                dist.load_full_model_state(model, weights)
+                for opt, s in zip(optimizers, state["optimizers"]):
+                    dist.load_optimizer_state(opt, s)
+            else:
+                model.load_state_dict(weights)
+                for opt, s in zip(optimizers, state["optimizers"]):
+                    opt.load_state_dict(s)
             return ckpt, state
         except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped the same way
             print(f"warning: skipping unreadable checkpoint {ckpt} ({type(e).__name__}: {str(e)[:80]})")
@@ -143,12 +154,13 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
           val_batches: list, device: torch.device, dtype: torch.dtype, total_steps: int | None = None,
           resume: bool = False, meta: dict | None = None,
           on_checkpoint: Callable[[Path], None] | None = None,
-          step_hook: Callable[[int, dict], bool] | None = None) -> TrainResult:
+          step_hook: Callable[[int, dict], bool] | None = None, logger=None) -> TrainResult:
     """Train `model` in place; returns a summary. Budget: total_steps, else t.time_minutes (measured).
 
     step_hook(step, record) runs after every optimizer step; it may add metrics to the record and returns
     True to stop the run early *without* a final checkpoint (RL's degeneration guard), so the newest
-    checkpoint on disk is one from before the problem."""
+    checkpoint on disk is one from before the problem. `logger` (exocortex.logger.MetricsLogger) also gets
+    every record. With t.parallel == "fsdp" the model is left sharded: run any later forward on every rank."""
     run_dir = Path(run_dir)
     model.to(device).train()
     cfg: ModelConfig = model.cfg
@@ -156,12 +168,19 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     tokens_per_micro = source.rows * cfg.seq_len
     accum = max(1, t.batch_tokens // (tokens_per_micro * world))  # micro-batches per rank per step
     tokens_per_step = accum * tokens_per_micro * world
-    optimizers = build_optimizers(model, t)
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ExocortexError(f"{stage}.parallel={t.parallel}: expected ddp or fsdp")
     wrapped = model
-    if world > 1:
+    if t.parallel == "fsdp":  # shard first: the optimizers must see the sharded parameters
+        wrapped = dist.apply_fsdp(model, param_dtype=None if dtype == torch.float32 else dtype)
+    optimizers = build_optimizers(model, t)
+    sharded = dist.is_sharded(model)
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     fwd = torch.compile(wrapped, dynamic=False) if t.compile else wrapped
+    flops_per_token = model.flops_per_token()
+    peak = peak_flops(device, dtype)  # one rank's; None where unknown
 
     log_path = run_dir / "logs" / f"{stage}.jsonl"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,12 +208,18 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     timed_steps, timed_seconds, retimed, first_two = 0, 0.0, False, 0.0
 
     def checkpoint(done: bool = False) -> Path | None:
+        weights = None
+        if sharded:  # every rank sends its shards; rank 0 gets whole tensors, and the same layout DDP saves
+            weights = dist.full_model_state(model)
+            opt_states = [dist.full_optimizer_state(o) for o in optimizers]
         if not main:  # rank 0 writes; weights and optimizer states are identical on every rank
             return None
-        state = {"optimizers": [o.state_dict() for o in optimizers], "rng": _rng_state(), "step": step,
-                 "elapsed": elapsed, "history": history, "total_steps": total_steps or provisional, "done": done}
+        state = {"optimizers": opt_states if sharded else [o.state_dict() for o in optimizers], "rng": _rng_state(),
+                 "step": step, "elapsed": elapsed, "history": history, "total_steps": total_steps or provisional,
+                 "done": done}
         path = save_checkpoint(run_dir, stage, step, model, cfg, state,
-                               {"tokens": step * tokens_per_step, **(meta or {})}, keep=t.keep_checkpoints)
+                               {"tokens": step * tokens_per_step, **(meta or {})}, keep=t.keep_checkpoints,
+                               weights=weights)
         if on_checkpoint:
             on_checkpoint(path)
         return path
@@ -219,9 +244,9 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
             for micro in range(accum):
                 batch = source.get((step * accum + micro) * world + rank)
                 x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-                # DDP all-reduces gradients on the last micro-batch only
+                # DDP all-reduces (FSDP reduce-scatters) gradients on the last micro-batch only
                 sync = micro == accum - 1 or world == 1
-                with (contextlib.nullcontext() if sync else wrapped.no_sync()), autocast(device, dtype):
+                with dist.gradient_sync(wrapped, sync), autocast(device, dtype):
                     if len(batch) == 3:  # weighted tokens (RL): weights already carry the normalisation
                         loss = (fwd(x, y, reduction="none").view_as(y) * batch[2].to(device)).sum()
                     else:
@@ -258,6 +283,8 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
                 first_two = elapsed
             record = {"step": step, "loss": last_loss, "lr_mult": mult, "tokens": step * tokens_per_step,
                       "elapsed": round(elapsed, 3), "tok_per_s": tokens_per_step / dt}
+            if peak:  # model FLOPs utilisation of this step
+                record["mfu"] = round(tokens_per_step / dt * flops_per_token / (peak * world), 4)
             is_last = total_steps is not None and step >= total_steps
             if val_batches and (step % t.eval_every == 0 or is_last):
                 te = time.perf_counter()
@@ -272,6 +299,8 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
             if main:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
+            if logger is not None:
+                logger.log(stage, record)
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}",
                             **({"val": f"{last_val:.3f}"} if last_val is not None else {}))
             bar.update(1)
@@ -308,6 +337,8 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
         raise ExocortexError(f"{stage}: interrupted before the first step") from None
     bar.close()
     tokens = step * tokens_per_step
+    flops = float(tokens * flops_per_token)
     return TrainResult(stage=stage, steps=step, tokens=tokens, seconds=elapsed,
                        tokens_per_second=tokens / max(elapsed, 1e-9), final_train_loss=last_loss,
-                       final_val_loss=last_val, checkpoint=str(ckpt_path), history=history, stopped_early=stopped)
+                       final_val_loss=last_val, checkpoint=str(ckpt_path), history=history, stopped_early=stopped,
+                       flops=flops, mfu=flops / (elapsed * peak * world) if peak and elapsed > 0 else None)

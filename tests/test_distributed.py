@@ -45,3 +45,41 @@ def test_ddp_two_ranks_equals_grad_accumulation(tmp_path):
     w2 = load_file(str(tmp_path / "runs" / "two" / "checkpoints" / "pretrain" / "step_000005" / "model.safetensors"))
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-4), k
+
+
+def _ckpt(run, step):
+    return run / "checkpoints" / "pretrain" / f"step_{step:06d}"
+
+
+def _assert_same_weights(a, b):
+    w1, w2 = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=1e-4), k
+
+
+def test_fsdp_matches_one_process_and_resumes_across_modes(tmp_path):
+    """FSDP2 on 2 ranks = 1 process with 2x accumulation; its checkpoints are whole (same files as DDP's), so
+    an FSDP run resumes in one process and a one-process run resumes under FSDP, landing on the same weights."""
+    runs = tmp_path / "runs"
+    ck = ["--set", "pretrain.checkpoint_every=3"]
+    fsdp = ["--set", "pretrain.parallel=fsdp"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    _run([sys.executable, "-m", "exocortex", "tokenizer", "--run", "one", *SETS], tmp_path)
+    shutil.copytree(runs / "one", runs / "two")
+    _run([sys.executable, "-m", "exocortex", "pretrain", "--run", "one", *ck], tmp_path)
+    _run([*torchrun, "-m", "exocortex", "pretrain", "--run-name", "two", *ck, *fsdp], tmp_path)
+    one, two = _losses(runs / "one"), _losses(runs / "two")
+    assert len(one) == len(two) == 5 and one[-1] < one[0]
+    assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
+    _assert_same_weights(_ckpt(runs / "one", 5), _ckpt(runs / "two", 5))
+    shutil.copytree(_ckpt(runs / "one", 5), tmp_path / "one_final")
+    # lose step 5 of both runs, then resume each from step 3 in the other mode
+    for r in ("one", "two"):
+        shutil.rmtree(_ckpt(runs / r, 5))
+    _run([sys.executable, "-m", "exocortex", "pretrain", "--run", "two", "--resume", "--set", "pretrain.parallel=ddp"],
+         tmp_path)
+    _run([*torchrun, "-m", "exocortex", "pretrain", "--run-name", "one", "--resume", *fsdp], tmp_path)
+    for r in ("one", "two"):
+        assert _losses(runs / r) == pytest.approx(one, rel=1e-4, abs=1e-5), r
+        _assert_same_weights(tmp_path / "one_final", _ckpt(runs / r, 5))
