@@ -83,3 +83,37 @@ def test_fsdp_matches_one_process_and_resumes_across_modes(tmp_path):
     for r in ("one", "two"):
         assert _losses(runs / r) == pytest.approx(one, rel=1e-4, abs=1e-5), r
         _assert_same_weights(tmp_path / "one_final", _ckpt(runs / r, 5))
+
+
+SHARDED_MUON = """
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from exocortex.distributed import ShardedMuon
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+shapes = [(7, 5), (5, 7), (2, 9)]  # rows split 3/3/1, 2/2/1 and 1/1/0 over 3 ranks
+ref = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(*s)) for s in shapes])
+sharded = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone()) for p in ref])
+fully_shard(sharded)
+kw = dict(lr=0.05, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original")
+opt_ref, opt = torch.optim.Muon(list(ref), **kw), ShardedMuon(list(sharded), **kw)
+for step in range(3):
+    grads = [torch.randn(*s) for s in shapes]  # same on every rank (same seed)
+    for p, g in zip(ref, grads):
+        p.grad = g.clone()
+    for p, g in zip(sharded, grads):
+        p.grad = torch.distributed.tensor.distribute_tensor(g, p.device_mesh, p.placements)
+    opt_ref.step()
+    opt.step()
+for a, b in zip(ref, sharded):
+    assert torch.equal(a.detach(), b.full_tensor().detach()), (a, b.full_tensor())
+print("OK")
+"""
+
+
+def test_sharded_muon_equals_muon_on_uneven_shards(tmp_path):
+    script = tmp_path / "sharded_muon.py"
+    script.write_text(SHARDED_MUON)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", str(script)],
+             tmp_path)
+    assert "OK" in r.stdout
