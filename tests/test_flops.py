@@ -35,3 +35,12 @@ def test_cpu_peak_is_measured():
     p = peak_flops(torch.device("cpu"), torch.float32)
     assert 1e8 < p < 1e14
     assert peak_flops(torch.device("cpu"), torch.float32) == p  # measured once per process
+
+
+def test_spent_line():
+    from exocortex.pretrain import spent_line
+
+    s = {"seconds": 390.0, "flops": 2.5e15, "tokens": 1234567, "mfu": 0.42, "time_budget_minutes": 6.5}
+    assert spent_line(s) == "spent 6.5 min, 2.5 PFLOPs, 1,234,567 tokens at 42.0% MFU (time budget 6.5 min)"
+    assert spent_line({"seconds": 60.0, "flops": 3e12, "tokens": 10, "mfu": None}) == \
+        "spent 1.0 min, 0.003 PFLOPs, 10 tokens"
