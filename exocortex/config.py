@@ -124,7 +124,7 @@ class RLConfig:
     max_new_tokens: int = 96
     temperature: float = 1.0
     top_k: int = 0               # 0 = full distribution
-    lr_scale: float = 0.5        # learning rates relative to the sft stage's
+    lr_scale: float = 0.1        # learning rates relative to the sft stage's (Muon's updates have a fixed size: keep RL's small)
     kl_coef: float = 0.0         # per-token KL penalty to the sft model (0 = off, as DAPO/nanochat)
     eval_every: int = 20
     eval_n: int = 100            # held-out prompts for the periodic eval

@@ -63,15 +63,16 @@ def run_finetune(cfg: RunConfig, stage: str = "sft", resume: bool = False) -> di
     from exocortex.train import train
 
     t, s = getattr(cfg, stage), getattr(cfg, f"{stage}_data")
+    # the task files are read (and bad rows reported) before anything heavy is loaded
     mixture = parse_mixture(s.mixture)
+    tasks = task_set(cfg, s.identity_name)
+    train_convs = mixture_conversations(tasks, mixture, s.n_conversations, s.seed, "train")
+    val_convs = mixture_conversations(tasks, mixture, max(64, s.n_conversations // 50), s.seed + 1, "test")
     tok = Tokenizer.load(cfg.run_dir / "tokenizer")
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(t.dtype, device)
     parent, parent_ckpt = parent_checkpoint(cfg, stage)
     model, _ = load_model(parent_ckpt, device)
-    tasks = task_set(cfg, s.identity_name)
-    train_convs = mixture_conversations(tasks, mixture, s.n_conversations, s.seed, "train")
-    val_convs = mixture_conversations(tasks, mixture, max(64, s.n_conversations // 50), s.seed + 1, "test")
     seq_len = model.cfg.seq_len
     x, y = build_sft_rows(tok, train_convs, seq_len)
     vx, vy = build_sft_rows(tok, val_convs, seq_len)

@@ -68,3 +68,19 @@ def test_help_lists_stages(tmp_path):
     assert r.returncode == 0
     for s in ["tokenizer", "pretrain", "sft", "eval", "chat", "report", "speedrun"]:
         assert s in r.stdout
+
+
+def test_malformed_task_file_names_file_and_line(files):
+    run_dir = files / "runs" / "r2"
+    run_dir.mkdir(parents=True)
+    from exocortex.config import make_config
+    (run_dir / "config.json").write_text(json.dumps(make_config("tiny").to_dict()))
+    (files / "tasks.jsonl").write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"\n')
+    r = run(["sft", "--run", "r2", "--set", f"sft_data.mixture=jsonl:{files / 'tasks.jsonl'}=1"], files)
+    assert_clean_error(r, "tasks.jsonl:2")
+    r = run(["midtrain", "--run", "r2", "--set", "midtrain_data.mixture=arithmetic=1,spelin=2"], files)
+    assert_clean_error(r, "unknown task 'spelin'")
+    r = run(["eval", "--run", "r2", "--stages", "sft,bogus"], files)
+    assert_clean_error(r, "unknown stage 'bogus'")

@@ -81,11 +81,24 @@ PROBLEMS = [
      [("In the bags:", "{a} * {b}"), ("With the gift:", "{r0} + {c}")]),
     ("{n} has {a} {it} and packs them into bags of {b}. Then {p_l} sells {c} bags. How many bags are left?",
      [("Bags:", "{a} / {b}"), ("Left:", "{r0} - {c}")]),
+    # three steps
+    ("{n} has {a} {it}. {p} buys {b} packs with {c} {it} in each and gives away {d}. How many {it} does {n} have now?",
+     [("Bought:", "{b} * {c}"), ("Together:", "{a} + {r0}"), ("After giving some away:", "{r1} - {d}")]),
+    ("{n} earns {a} coins a day for {b} days, then spends {c} coins on food and {d} coins on books. How many coins "
+     "are left?", [("Earned:", "{a} * {b}"), ("After food:", "{r0} - {c}"), ("After books:", "{r1} - {d}")]),
+    ("A shop has {a} boxes with {b} {it} in each. It sells {c} {it} on Monday and {d} on Tuesday. How many {it} are "
+     "left?", [("In the boxes:", "{a} * {b}"), ("After Monday:", "{r0} - {c}"), ("After Tuesday:", "{r1} - {d}")]),
+    ("{n} reads {a} pages on Monday, {b} times as many on Tuesday, and {c} pages on Wednesday. How many pages is "
+     "that in total?", [("Tuesday:", "{a} * {b}"), ("Monday and Tuesday:", "{a} + {r0}"), ("In total:", "{r1} + {c}")]),
+    ("{n} buys {a} tickets at {b} coins each and {c} drinks at {d} coins each. How much does {n} spend?",
+     [("Tickets:", "{a} * {b}"), ("Drinks:", "{c} * {d}"), ("In total:", "{r0} + {r1}")]),
 ]
+DISTRACTORS = ["{n} is {x} years old.", "It is {x} degrees outside.", "{n}'s house is number {x}.",
+               "The bus ride takes {x} minutes."]
 
 
 def _numbers(rng: random.Random, steps) -> tuple[dict, list[str]] | None:
-    v = {"a": rng.randint(2, 60), "b": rng.randint(2, 12), "c": rng.randint(1, 40)}
+    v = {"a": rng.randint(2, 60), "b": rng.randint(2, 12), "c": rng.randint(1, 40), "d": rng.randint(1, 30)}
     exprs = " ".join(e for _, e in steps)
     if "{a} / {b}" in exprs:
         v["a"] = v["b"] * rng.randint(2, 15)
@@ -122,7 +135,12 @@ class WordProblems(Task):
             v, _ = got
             n = rng.choice(list(NAMES))
             q = template.format(n=n, it=rng.choice(ITEMS), p=NAMES[n].capitalize(), p_l=NAMES[n], **v)
-            if split_of(f"{k}|{v['a']}|{v['b']}|{v['c']}") == split:
+            if rng.random() < 0.5:  # an irrelevant number: the solver has to pick the right ones
+                sents = q.split(". ")
+                at = rng.randrange(len(sents))
+                sents.insert(at, rng.choice(DISTRACTORS).format(n=n, x=rng.randint(2, 90)).rstrip("."))
+                q = ". ".join(sents)
+            if split_of(f"{k}|{v['a']}|{v['b']}|{v['c']}|{v['d']}") == split:
                 break
         parts, results = [], []
         for i, (say, e) in enumerate(steps):

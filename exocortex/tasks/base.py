@@ -119,15 +119,18 @@ def render_choices(question: str, choices: list[str]) -> str:
     return "\n".join(lines) + "\nAnswer with the letter of the correct choice."
 
 
-_LETTER = re.compile(r"\b([A-J])\b")
+_MARKED = re.compile(r"\(([A-J])\)|\b([A-J])[.)](?!\w)|answer is:? \(?([A-J])\b")
+_LETTER = re.compile(r"\b([A-J])\b(?! [a-z])")  # "A cat": an article, not a choice
 
 
 def choice_letter(answer_text: str, n_choices: int) -> str | None:
-    """The first standalone capital letter among the valid choices ('B', 'B.', '(B) ...', 'The answer is B')."""
+    """The chosen letter: 'B', 'B.', '(B) ...', 'The answer is B'; an article ('A cat') does not count."""
     valid = LETTERS[:n_choices]
-    for m in _LETTER.finditer(answer_text):
-        if m.group(1) in valid:
-            return m.group(1)
+    for pattern in (_MARKED, _LETTER):
+        for m in pattern.finditer(answer_text):
+            letter = next(g for g in m.groups() if g)
+            if letter in valid:
+                return letter
     return None
 
 
