@@ -118,6 +118,7 @@ def main():
     a.width = a.width or 64 * a.depth
     device = torch.device(a.device)
     if device.type == "cuda":
+        device = torch.device("cuda", device.index or 0)  # set_device needs an index
         torch.cuda.set_device(device)
         torch.set_float32_matmul_precision("high")  # as nanochat sets up CUDA (tf32 for fp32 matmuls); same for both
     dtype = resolve_dtype(a.dtype, device)

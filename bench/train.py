@@ -30,8 +30,8 @@ SHAPES = {  # name: (depth, width, vocab, seq_len, device_batch)
     "d4": (4, 256, 32768, 512, 8),   # nanochat's smallest CPU shape
     "d8": (8, 512, 32768, 512, 8),
     # GPU shapes (presets d12 / d20 at their real sequence length; rows per micro-batch fit an 80 GB card)
-    "d12": (12, 768, 32768, 2048, 16),
-    "d20": (20, 1280, 32768, 2048, 16),
+    "d12": (12, 768, 32768, 2048, 8),
+    "d20": (20, 1280, 32768, 2048, 8),
 }
 
 
@@ -70,7 +70,8 @@ def time_steps(depth, width, vocab, seq_len, rows, bf16: bool, compile: bool, se
     dt = (time.perf_counter() - t) / n
     tok_s = rows * seq_len / dt
     out = {"tok_s": tok_s, "flops": tok_s * model.flops_per_token(), "params": model.num_params(), "warmup_s": warm}
-    del model, opts, fwd
+    del model, opts, fwd, x, y
+    torch._dynamo.reset()  # compiled graphs hold the model's memory otherwise
     if gpu:
         torch.cuda.empty_cache()
     return out
