@@ -30,7 +30,7 @@ def _rl(tmp_path, tok, small_cfg, steps, guard=True, lr=4.0):
     torch.manual_seed(0)
     model = GPT(small_cfg)
     r = RLConfig(steps=steps, time_minutes=0, prompts_per_step=2, samples_per_prompt=8, max_new_tokens=12,
-                 checkpoint_every=3, guard=guard, seed=1)
+                 checkpoint_every=3, guard=guard, seed=1, lr_scale=0.5)
     t = rl_train_config(TrainConfig(matrix_lr=0.02 * lr, embedding_lr=0.2 * lr, unembedding_lr=0.004 * lr * 25,
                                     dtype="float32"), r, 16, small_cfg.seq_len)
     res, tripped = rl_train(model, tok, SayTask(), r, t, tmp_path, torch.device("cpu"), torch.float32, tools={})
