@@ -1,0 +1,203 @@
+"""Fast single-token decoding for GPT: an inference-only path next to model.py (which training and export use).
+
+`Decoder` holds a static KV cache for a fixed number of rows (slots) and a fixed length, and a position per
+row, so rows can be at different lengths: a row's new key/value is written at its own position, and its query
+attends only to keys 0..pos (a mask). We chose per-row positions over left padding because continuous batching
+(serve.py) admits requests into a running batch: with left padding every join would shift the other rows'
+caches or re-pad the newcomer to the batch's length; with per-row positions a newcomer fills its own slot
+from position 0 and nobody else moves.
+
+The step is written for small models, where a decode step is a few hundred small ops whose per-op overhead,
+not the FLOPs, is the cost:
+- q/k/v and gate/up projections are one matmul each (weights concatenated once and rebuilt when the model's
+  parameters change, e.g. between RL updates; the model's own parameters and names are untouched);
+- q-norm and k-norm run as one op (gains stacked), rotary embeddings for q and k as one, 1/sqrt(head_dim) is
+  folded into the q-norm gain, and residual adds into the output matmuls (addmm);
+- optionally the step is `torch.compile`d with static shapes (the cache never changes shape), so elementwise
+  ops fuse and, on CUDA, the step replays as a CUDA graph.
+
+Prefill (a whole prompt at once) runs the model's own forward and copies its keys/values into a row's slot.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from exocortex.checkpoint import autocast
+from exocortex.model import GPT, KVCache
+
+MIN_SPAN = 64  # compiled steps attend over a power-of-two prefix of the cache, at least this long
+
+
+def _rms(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 like model.RMSNorm (gain may hold one row per head: stacked q/k gains)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+
+class FusedWeights:
+    """The model's weights rearranged for decoding, in the compute dtype (norm gains and rotary tables stay
+    float32). Rebuilt when a parameter changed in place (its version counter moved) or was replaced."""
+
+    def __init__(self, model: GPT, dtype: torch.dtype = torch.float32):
+        self.model, self.dtype = model, dtype
+        self._stamp, self._w = None, None
+
+    def get(self, check: bool = True) -> dict:
+        """The fused weights; with check=False the last built ones are trusted (within one generation)."""
+        if self._w is not None and not check:
+            return self._w
+        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if stamp != self._stamp:
+            with torch.no_grad():
+                self._w = self._build()
+            self._stamp = stamp
+        return self._w
+
+    def _build(self) -> dict:
+        m, dt = self.model, self.dtype
+        c = m.cfg
+        H, KV, hd = c.n_heads, c.kv_heads, c.head_dim
+        layers = []
+        for blk in m.model.layers:
+            a, mlp = blk.self_attn, blk.mlp
+            qk_gain = torch.cat([a.q_norm.weight.float().expand(H, hd) / math.sqrt(hd),
+                                 a.k_norm.weight.float().expand(KV, hd)])
+            layers.append(dict(
+                ln1=blk.input_layernorm.weight.float(), ln2=blk.post_attention_layernorm.weight.float(),
+                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dt), qk_gain=qk_gain,
+                wo_t=a.o_proj.weight.to(dt).t(),
+                wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dt),
+                wdown_t=mlp.down_proj.weight.to(dt).t()))
+        half = hd // 2
+        sin = m.rope_sin.float()
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): a roll instead of a cat
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return dict(embed=m.model.embed_tokens.weight, norm=m.model.norm.weight.float(), lm_head=m.lm_head.weight.to(dt),
+                    cos=m.rope_cos.float(), sin=sin, layers=layers)
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x + y @ w_t; one addmm when dtypes agree (fp32), else the float32 residual stream plus a low-precision
+    matmul, as autocast computes it."""
+    return torch.addmm(x, y, w_t) if y.dtype == x.dtype else x + (y @ w_t).float()
+
+
+def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos: torch.Tensor,
+                span: int, n_heads: int, n_kv: int, eps: float) -> torch.Tensor:
+    """One token per row: tokens (B,) at positions pos (B,) -> logits (B, V) float32. Writes each row's
+    key/value at its position; row b attends to keys 0..pos[b] among the first `span` (> max pos). The residual
+    stream is float32 (as under autocast); matmuls run in the weights' dtype. Pure tensor code for torch.compile."""
+    B = tokens.shape[0]
+    hd = k_cache[0].shape[-1]
+    rep, half, nq = n_heads // n_kv, hd // 2, n_heads + n_kv
+    dt = w["lm_head"].dtype
+    rows = torch.arange(B, device=tokens.device)
+    # an additive mask shared by all layers: 0 for keys at or before the row's position, -inf after
+    hidden = torch.arange(span, device=tokens.device)[None, :] > pos[:, None]
+    mask = torch.zeros(B, 1, 1, span, device=tokens.device).masked_fill(hidden[:, None, None, :], float("-inf"))
+    cos, sin = w["cos"][pos][:, None, :], w["sin"][pos][:, None, :]  # (B, 1, hd)
+    x = w["embed"][tokens].float()
+    for layer, L in enumerate(w["layers"]):
+        qkv = F.linear(_rms(x, L["ln1"], eps).to(dt), L["wqkv"])
+        qk = _rms(qkv[:, :nq * hd].view(B, nq, hd), L["qk_gain"], eps)
+        qk = qk * cos + qk.roll(half, dims=-1) * sin
+        kc, vc = k_cache[layer], v_cache[layer]
+        kc[rows, :, pos] = qk[:, n_heads:].to(kc.dtype)
+        vc[rows, :, pos] = qkv[:, nq * hd:].view(B, n_kv, hd).to(vc.dtype)
+        q = qk[:, :n_heads].reshape(B, n_kv, rep, hd).to(kc.dtype)
+        att = torch.matmul(q, kc[:, :, :span].transpose(-1, -2)).float() + mask  # (B, KV, rep, span)
+        y = torch.matmul(torch.softmax(att, dim=-1).to(vc.dtype), vc[:, :, :span])
+        x = _residual(x, y.reshape(B, n_heads * hd).to(dt), L["wo_t"])
+        gate, up = F.linear(_rms(x, L["ln2"], eps).to(dt), L["wgu"]).chunk(2, dim=-1)
+        x = _residual(x, F.silu(gate) * up, L["wdown_t"])
+    return F.linear(_rms(x, w["norm"], eps).to(dt), w["lm_head"]).float()
+
+
+_compiled: dict = {}
+
+
+def _compiled_step(device_type: str):
+    """torch.compile'd decode_step with static shapes: one graph per (rows, cache length, span) seen."""
+    if device_type not in _compiled:
+        import torch._dynamo.config as dcfg
+
+        dcfg.recompile_limit = max(dcfg.recompile_limit, 64)  # span buckets x batch sizes, each compiled once
+        mode = "reduce-overhead" if device_type == "cuda" else None  # CUDA graphs on GPU
+        _compiled[device_type] = torch.compile(decode_step, dynamic=False, fullgraph=True, mode=mode)
+    return _compiled[device_type]
+
+
+class Decoder:
+    """A static per-row KV cache and the decode step for one GPT.
+
+    Rows are slots. `prefill(prompt, slots)` fills slots from position 0 and returns their next-token logits;
+    `step(tokens, advance)` feeds one token per row and returns every row's next-token logits. A row with
+    advance=False (a free slot, or a row waiting for a tool's output) keeps its position: the step writes a
+    throwaway key/value there, which the row's next real token overwrites. `lengths` mirrors the positions in
+    Python so limits are checked without synchronizing with the device."""
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 compile: bool = False, weights: FusedWeights | None = None):
+        limit = model.rope_cos.shape[0]
+        if not 0 < max_len <= limit:
+            raise ValueError(f"cache length {max_len} is outside 1..{limit} (the rotary table)")
+        c = model.cfg
+        self.model, self.B, self.T, self.dtype, self.compile = model, batch_size, max_len, dtype, compile
+        self.device = next(model.parameters()).device
+        self.weights = weights if weights is not None else FusedWeights(model, dtype)
+        shape = (batch_size, c.kv_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.depth)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.depth)]
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.lengths = [0] * batch_size
+        self._step = _compiled_step(self.device.type) if compile else decode_step
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int], slots: list[int] | None = None) -> torch.Tensor:
+        """Run `prompt` through the model once and give its keys/values to each of `slots` (default: every
+        row); returns the next-token logits, one row per slot, float32."""
+        slots = list(range(self.B)) if slots is None else list(slots)
+        n = len(prompt)
+        if not 0 < n < self.T:
+            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.T}")
+        self.weights.get()  # refresh fused weights here, not every step: parameters do not change mid-generation
+        cache = KVCache(self.model.cfg, 1, n, self.device, self.dtype)
+        with autocast(self.device, self.dtype):
+            logits = self.model(torch.tensor([prompt], device=self.device), cache=cache)[0, -1].float()
+        idx = torch.tensor(slots, device=self.device)
+        for layer in range(len(self.k)):
+            self.k[layer][idx, :, :n] = cache.k[layer, 0]
+            self.v[layer][idx, :, :n] = cache.v[layer, 0]
+        self.pos[idx] = n
+        for s in slots:
+            self.lengths[s] = n
+        return logits.expand(len(slots), -1)
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int], advance: list[bool] | None = None) -> torch.Tensor:
+        """Feed one token per row; rows with advance=False keep their position. Returns (B, V) float32."""
+        moving = range(self.B) if advance is None else [r for r in range(self.B) if advance[r]]
+        top = max((self.lengths[r] for r in moving), default=0)
+        if top >= self.T:
+            raise ValueError(f"a row is at the end of the cache ({self.T} tokens)")
+        # attend over the used prefix only: exactly in eager mode, a power of two when compiled (one graph each)
+        span = top + 1 if not self.compile else min(self.T, max(MIN_SPAN, 1 << top.bit_length()))
+        c = self.model.cfg
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
+        logits = self._step(self.weights.get(check=False), self.k, self.v, ids, self.pos, span, c.n_heads,
+                            c.kv_heads, c.norm_eps)
+        if advance is None:
+            self.pos += 1
+        else:
+            self.pos += torch.tensor(advance, device=self.device)
+        for r in moving:
+            self.lengths[r] += 1
+        return logits
+
+    def release(self, slot: int) -> None:
+        """Free a slot: it goes back to position 0."""
+        self.pos[slot] = 0
+        self.lengths[slot] = 0
