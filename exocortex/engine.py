@@ -282,17 +282,24 @@ class Batcher:
     # ------------------------------------------------------------------ the batcher's thread
     @torch.inference_mode()
     def _run(self) -> None:
-        eng = self.engine
-        self.decoder = Decoder(eng.model, self.max_rows, self.limit, eng.dtype, eng.compile, eng.weights)
         self.tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="exocortex-tool")
+        broken = None
+        try:
+            self.decoder = self.engine.decoder(self.max_rows, self.limit)  # the cache: max_rows x context
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: every request hears why
+            broken = e
         while True:
             with self.cv:
                 self.cv.wait_for(lambda: self.closed or self.pending or self._runnable())
                 if self.closed:
                     break
                 joining = []
-                while self.pending and len(joining) < self.rows.count(None):
+                while self.pending and (broken or len(joining) < self.rows.count(None)):
                     joining.append(self.pending.popleft())
+            if broken is not None:
+                for req in joining:
+                    self._call(req.on_end, None, 0, broken)
+                continue
             free = [i for i, row in enumerate(self.rows) if row is None]
             for slot, req in zip(free, joining):
                 self._admit(slot, req)
