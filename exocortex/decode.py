@@ -16,7 +16,7 @@ not the FLOPs, is the cost:
 - optionally the step is `torch.compile`d with static shapes (the cache never changes shape), so elementwise
   ops fuse and, on CUDA, the step replays as a CUDA graph.
 
-Prefill (a whole prompt at once) runs the model's own forward and copies its keys/values into a row's slot.
+Prefill (a whole prompt at once) is the same computation with T tokens in one row and causal attention.
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from exocortex.checkpoint import autocast
-from exocortex.model import GPT, KVCache
+from exocortex.model import GPT
 
 MIN_SPAN = 64  # compiled steps attend over a power-of-two prefix of the cache, at least this long
 
@@ -53,6 +52,9 @@ class FusedWeights:
         if stamp != self._stamp:
             with torch.no_grad():
                 self._w = self._build()
+                if self._w["lm_head"].is_cuda:  # CUDA graphs read the weights in place (static addresses)
+                    for t in _tensors(self._w):
+                        torch._dynamo.mark_static_address(t)
             self._stamp = stamp
         return self._w
 
@@ -77,6 +79,14 @@ class FusedWeights:
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         return dict(embed=m.model.embed_tokens.weight, norm=m.model.norm.weight.float(), lm_head=m.lm_head.weight.to(dt),
                     cos=m.rope_cos.float(), sin=sin, layers=layers)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, list):
+        return [t for v in tree for t in _tensors(v)]
+    return [tree]
 
 
 def _residual(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
@@ -114,6 +124,35 @@ def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos
         gate, up = F.linear(_rms(x, L["ln2"], eps).to(dt), L["wgu"]).chunk(2, dim=-1)
         x = _residual(x, F.silu(gate) * up, L["wdown_t"])
     return F.linear(_rms(x, w["norm"], eps).to(dt), w["lm_head"]).float()
+
+
+def prefill_row(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, slot: int, n_heads: int, n_kv: int,
+                eps: float) -> torch.Tensor:
+    """A whole prompt (T,) into one row of the cache from position 0 -> the last position's logits (V,) float32.
+    The same math as decode_step with T queries per row and causal attention; only the last position goes
+    through the output head. (The model's own forward would also work, but under autocast it casts every
+    weight to bf16 on every call, and it computes logits for every position.)"""
+    T = tokens.shape[0]
+    hd = k_cache[0].shape[-1]
+    rep, half, nq = n_heads // n_kv, hd // 2, n_heads + n_kv
+    dt = w["lm_head"].dtype
+    cos, sin = w["cos"][:T, None, :], w["sin"][:T, None, :]  # (T, 1, hd)
+    x = w["embed"][tokens].float()
+    for layer, L in enumerate(w["layers"]):
+        qkv = F.linear(_rms(x, L["ln1"], eps).to(dt), L["wqkv"])
+        qk = _rms(qkv[:, :nq * hd].view(T, nq, hd), L["qk_gain"], eps)
+        qk = (qk * cos + qk.roll(half, dims=-1) * sin).transpose(0, 1)  # (heads, T, hd)
+        kc, vc = k_cache[layer], v_cache[layer]
+        k = qk[n_heads:].to(kc.dtype)
+        v = qkv[:, nq * hd:].view(T, n_kv, hd).transpose(0, 1).to(vc.dtype)
+        kc[slot, :, :T], vc[slot, :, :T] = k, v
+        q = qk[:n_heads].reshape(n_kv, rep, T, hd).to(kc.dtype)  # q already carries 1/sqrt(head_dim)
+        y = F.scaled_dot_product_attention(q, k[:, None].expand(n_kv, rep, T, hd),
+                                           v[:, None].expand(n_kv, rep, T, hd), is_causal=True, scale=1.0)
+        x = _residual(x, y.reshape(n_heads, T, hd).transpose(0, 1).reshape(T, n_heads * hd).to(dt), L["wo_t"])
+        gate, up = F.linear(_rms(x, L["ln2"], eps).to(dt), L["wgu"]).chunk(2, dim=-1)
+        x = _residual(x, F.silu(gate) * up, L["wdown_t"])
+    return F.linear(_rms(x[-1], w["norm"], eps).to(dt), w["lm_head"]).float()
 
 
 _compiled: dict = {}
@@ -154,6 +193,8 @@ class Decoder:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.lengths = [0] * batch_size
         self._step = _compiled_step(self.device.type) if compile else decode_step
+        self.cuda_graphs = compile and self.device.type == "cuda"
+        self._views: dict = {}
 
     @torch.inference_mode()
     def prefill(self, prompt: list[int], slots: list[int] | None = None) -> torch.Tensor:
@@ -163,32 +204,46 @@ class Decoder:
         n = len(prompt)
         if not 0 < n < self.T:
             raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.T}")
-        self.weights.get()  # refresh fused weights here, not every step: parameters do not change mid-generation
-        cache = KVCache(self.model.cfg, 1, n, self.device, self.dtype)
-        with autocast(self.device, self.dtype):
-            logits = self.model(torch.tensor([prompt], device=self.device), cache=cache)[0, -1].float()
-        idx = torch.tensor(slots, device=self.device)
-        for layer in range(len(self.k)):
-            self.k[layer][idx, :, :n] = cache.k[layer, 0]
-            self.v[layer][idx, :, :n] = cache.v[layer, 0]
-        self.pos[idx] = n
+        w = self.weights.get()  # checked here, not every step: parameters do not change mid-generation
+        c = self.model.cfg
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        logits = prefill_row(w, self.k, self.v, ids, slots[0], c.n_heads, c.kv_heads, c.norm_eps)
+        if len(slots) > 1:  # samples of one prompt share its keys/values
+            idx = torch.tensor(slots[1:], device=self.device)
+            for layer in range(len(self.k)):
+                self.k[layer][idx, :, :n] = self.k[layer][slots[0], :, :n]
+                self.v[layer][idx, :, :n] = self.v[layer][slots[0], :, :n]
+        self.pos[torch.tensor(slots, device=self.device)] = n
         for s in slots:
             self.lengths[s] = n
         return logits.expand(len(slots), -1)
 
     @torch.inference_mode()
     def step(self, tokens: list[int], advance: list[bool] | None = None) -> torch.Tensor:
-        """Feed one token per row; rows with advance=False keep their position. Returns (B, V) float32."""
+        """Feed one token per row (B,); rows with advance=False keep their position. Returns the logits of
+        rows 0..n-1, (n, V) float32, n being one past the last advancing row: rows after it are not computed
+        (callers keep busy rows in low slots), which makes a lone request on a wide batch cheap."""
         moving = range(self.B) if advance is None else [r for r in range(self.B) if advance[r]]
-        top = max((self.lengths[r] for r in moving), default=0)
+        if not moving:
+            raise ValueError("no row to advance")
+        top = max(self.lengths[r] for r in moving)
         if top >= self.T:
             raise ValueError(f"a row is at the end of the cache ({self.T} tokens)")
-        # attend over the used prefix only: exactly in eager mode, a power of two when compiled (one graph each)
-        span = top + 1 if not self.compile else min(self.T, max(MIN_SPAN, 1 << top.bit_length()))
+        n = moving[-1] + 1
+        # attend over the used prefix only, and compute only the first n rows: exact sizes in eager mode,
+        # powers of two when compiled (each size is its own compiled graph)
+        span = top + 1
+        if self.compile:
+            n = min(self.B, 1 << (n - 1).bit_length())
+            span = min(self.T, max(MIN_SPAN, 1 << top.bit_length()))
         c = self.model.cfg
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        logits = self._step(self.weights.get(check=False), self.k, self.v, ids, self.pos, span, c.n_heads,
-                            c.kv_heads, c.norm_eps)
+        ids = torch.tensor(tokens[:n], dtype=torch.long, device=self.device)
+        k, v, pos = self._rows(n)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._step(self.weights.get(check=False), k, v, ids, pos, span, c.n_heads, c.kv_heads, c.norm_eps)
+        if self.cuda_graphs:
+            logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
         if advance is None:
             self.pos += 1
         else:
@@ -196,6 +251,17 @@ class Decoder:
         for r in moving:
             self.lengths[r] += 1
         return logits
+
+    def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:
+        """Views of the caches and positions of rows 0..n-1, made once per n (CUDA graphs need their inputs at
+        fixed addresses, marked as such)."""
+        if n not in self._views:
+            views = ([t[:n] for t in self.k], [t[:n] for t in self.v], self.pos[:n])
+            if self.cuda_graphs:
+                for t in views[0] + views[1] + [views[2]]:
+                    torch._dynamo.mark_static_address(t)
+            self._views[n] = views
+        return self._views[n]
 
     def release(self, slot: int) -> None:
         """Free a slot: it goes back to position 0."""
