@@ -13,8 +13,8 @@ not the FLOPs, is the cost:
   parameters change, e.g. between RL updates; the model's own parameters and names are untouched);
 - q-norm and k-norm run as one op (gains stacked), rotary embeddings for q and k as one, 1/sqrt(head_dim) is
   folded into the q-norm gain, and residual adds into the output matmuls (addmm);
-- optionally the step is `torch.compile`d with static shapes (the cache never changes shape), so elementwise
-  ops fuse and, on CUDA, the step replays as a CUDA graph.
+- optionally the step is `torch.compile`d (the elementwise ops fuse; one graph serves every batch size and
+  length) and, on CUDA, replays as CUDA graphs.
 
 Prefill (a whole prompt at once) is the same computation with T tokens in one row and causal attention.
 """
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from exocortex.model import GPT
 
-MIN_SPAN = 64  # compiled steps attend over a power-of-two prefix of the cache, at least this long
+MIN_SPAN = 64  # with CUDA graphs, steps attend over a power-of-two prefix of the cache, at least this long
 
 
 def _rms(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
@@ -159,13 +159,12 @@ _compiled: dict = {}
 
 
 def _compiled_step(device_type: str):
-    """torch.compile'd decode_step with static shapes: one graph per (rows, cache length, span) seen."""
+    """decode_step under torch.compile with dynamic shapes: rows, cache length and span are symbolic, so one
+    graph (two: a single row is specialized) serves every call; on CUDA it replays as CUDA graphs (mode
+    "reduce-overhead"), one recorded per distinct shape, which is why the Decoder rounds shapes there."""
     if device_type not in _compiled:
-        import torch._dynamo.config as dcfg
-
-        dcfg.recompile_limit = max(dcfg.recompile_limit, 64)  # span buckets x batch sizes, each compiled once
-        mode = "reduce-overhead" if device_type == "cuda" else None  # CUDA graphs on GPU
-        _compiled[device_type] = torch.compile(decode_step, dynamic=False, fullgraph=True, mode=mode)
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _compiled[device_type] = torch.compile(decode_step, dynamic=True, fullgraph=True, mode=mode)
     return _compiled[device_type]
 
 
@@ -230,10 +229,10 @@ class Decoder:
         if top >= self.T:
             raise ValueError(f"a row is at the end of the cache ({self.T} tokens)")
         n = moving[-1] + 1
-        # attend over the used prefix only, and compute only the first n rows: exact sizes in eager mode,
-        # powers of two when compiled (each size is its own compiled graph)
+        # attend over the used prefix only and compute only the first n rows; with CUDA graphs (one per shape)
+        # both are rounded up to powers of two so a few graphs serve every step
         span = top + 1
-        if self.compile:
+        if self.cuda_graphs:
             n = min(self.B, 1 << (n - 1).bit_length())
             span = min(self.T, max(MIN_SPAN, 1 << top.bit_length()))
         c = self.model.cfg

@@ -116,7 +116,7 @@ class Engine:
         (exocortex/decode.py) for our GPT, the model's own forward with a KV cache for anything else."""
         if self.weights is None:
             return _ForwardDecoder(self, batch_size, max_len)
-        if self.compile:  # a few cache lengths (powers of two), so a handful of compiled graphs serve every call
+        if self.compile and self.device.type == "cuda":  # a few cache lengths, so a few CUDA graphs serve all calls
             max_len = min(self.model.rope_cos.shape[0], max(MIN_SPAN, 1 << (max_len - 1).bit_length()))
         return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights)
 

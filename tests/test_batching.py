@@ -20,13 +20,14 @@ def random_gpt(vocab, n_kv_heads=0, std=0.3):
     return m
 
 
-@pytest.mark.parametrize("n_kv_heads", [0, 2])
-def test_decoder_rows_at_different_positions_match_full_forward(n_kv_heads):
+@pytest.mark.parametrize("n_kv_heads,compile", [(0, False), (2, False),
+                                                 pytest.param(2, True, marks=pytest.mark.slow)])  # ~20 s to compile
+def test_decoder_rows_at_different_positions_match_full_forward(n_kv_heads, compile):
     m = random_gpt(400, n_kv_heads)
     x = torch.randint(0, 400, (3, 60))
     with torch.no_grad():
         full = m(x)
-    dec = Decoder(m, batch_size=4, max_len=100)
+    dec = Decoder(m, batch_size=4, max_len=100, compile=compile)
     seq_of = {0: 0, 2: 1}  # slot -> sequence; slot 1 joins later, slot 3 stays free
     pos = {0: 10, 2: 3}
     errs = [(dec.prefill(x[0, :10].tolist(), [0])[0] - full[0, 9]).abs().max(),
