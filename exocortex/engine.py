@@ -255,16 +255,27 @@ class Batcher:
         self.decoder: Decoder | None = None  # made by the thread on first use: serving nothing costs nothing
         self.thread: threading.Thread | None = None
         self.tool_pool: ThreadPoolExecutor | None = None
+        self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
 
     def submit(self, req: Request) -> None:
         with self.cv:
             if self.closed:
                 raise RuntimeError("the batcher is closed")
             self.pending.append(req)
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, daemon=True, name="exocortex-batcher")
-                self.thread.start()
+            self._start()
             self.cv.notify()
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, daemon=True, name="exocortex-batcher")
+            self.thread.start()
+
+    def warm_up(self, timeout: float | None = None) -> bool:
+        """Start the thread now and wait until the cache is allocated and (with engine.compile) the decode
+        step is compiled for one row and for several, so the first requests do not wait for the compiler."""
+        with self.cv:
+            self._start()
+        return self.ready.wait(timeout)
 
     def cancel(self, req: Request) -> None:
         """End a request at the next step boundary (on_end(None, ...)); a no-op once it ended."""
@@ -286,8 +297,15 @@ class Batcher:
         broken = None
         try:
             self.decoder = self.engine.decoder(self.max_rows, self.limit)  # the cache: max_rows x context
+            if self.engine.compile:  # compile (dynamic shapes) for one row and for several
+                self.decoder.prefill([0, 0])
+                for rows in (1, min(2, self.max_rows)):
+                    self.decoder.step([0] * self.max_rows, [r < rows for r in range(self.max_rows)])
+                for slot in range(self.max_rows):
+                    self.decoder.release(slot)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: every request hears why
             broken = e
+        self.ready.set()
         while True:
             with self.cv:
                 self.cv.wait_for(lambda: self.closed or self.pending or self._runnable())

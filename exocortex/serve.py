@@ -3,11 +3,13 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and the chat page at /
 (plain HTML/CSS/JS from exocortex/static, nothing fetched from the internet). See docs/serve.md.
 
-Each generation runs in its own worker thread, which owns the engine's generator and passes rendered deltas
-to the event loop through a queue; the loop never runs the model. At most `max_concurrent` generations run at
-once and at most `max_queue` requests wait for a slot; past that a request gets 429. A client that disconnects
-(streaming or not) sets its generation's cancel flag, and the worker stops iterating the engine after the
-current step and frees its slot.
+Continuous batching: one thread (engine.Batcher) owns the model and decodes all running requests in the same
+step; a request joins the batch between two steps and leaves when it ends, with its own sampling, stop
+sequences and tool calls. Its tokens are rendered on that thread and passed to the event loop through a queue;
+the loop never runs the model. At most `max_concurrent` requests are in the batch and at most `max_queue` wait
+for a place; past that a request gets 429. A client that disconnects (streaming or not) cancels its request,
+whose row leaves the batch at the next step. (An Engine subclass that overrides `generate` gets one worker
+thread per request iterating its generate instead, with the same limits and cancellation.)
 
 Tool calls are run by the engine. They appear in the text as the engine renders them
 (`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
@@ -802,6 +804,10 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     engine.compile = compile
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens)
+    batcher = app.state.exocortex.batcher
+    if batcher is not None and compile:
+        print("compiling the decode step (torch.compile; a minute on a small CPU) ...", flush=True)
+        batcher.warm_up()
     shown = f"[{host}]" if ":" in host else host
     print(f"exocortex serve — model {cfg.name} ({stage}) from {cfg.run_dir}\n"
           f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "
