@@ -1,11 +1,15 @@
 """Decode speed: exocortex's engine vs HF transformers `generate` on the exported model, same run.
 
-    python bench/decode.py --run runs/tiny [--new-tokens 128] [--stage sft]
+    python bench/decode.py --run runs/tiny [--new-tokens 128] [--stage sft] [--rounds 3] [--no-compile]
+    python bench/decode.py --run runs/d12 --device cuda --dtype bfloat16      # on a GPU
 
 Same weights (exported with `exocortex export`), same prompt, same number of new tokens (stop tokens are
-ignored on both sides so every row decodes the full length), greedy, fp32 on both sides; batch 1 and 16.
-llama.cpp (GGUF) is not measured yet: the GGUF export does not exist (issue #4). The last line printed is one
-JSON object with the ratios `vs_hf_batch1` and `vs_hf_batch16`.
+ignored on both sides so every row decodes the full length), greedy, same dtype on both sides (fp32 by
+default); batch 1 and 16. Ours is measured twice: the default eager fast path and with `compile=True`
+(torch.compile'd decode step; CUDA graphs on GPU; compile time is excluded, a warm-up run pays it). The
+measurements are interleaved in rounds and each keeps its best, so load on a shared machine hits all sides
+alike. llama.cpp (GGUF) is not measured here. The last line printed is one JSON object with the ratios
+`vs_hf_batch1` and `vs_hf_batch16` (our best configuration) and per configuration.
 """
 from __future__ import annotations
 
@@ -27,28 +31,31 @@ from exocortex.tokenizer import Tokenizer  # noqa: E402
 PROMPT = [{"role": "user", "content": "Tell me about the town of Hiswick and the people who live there."}]
 
 
-def time_ours(engine: Engine, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ours(engine: Engine, prompt: list[int], batch: int, new_tokens: int) -> float:
     engine.stop_ids = set()  # decode the full length, like min_new_tokens on the HF side
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        n = sum(1 for _ in engine.generate(prompt, num_samples=batch, max_tokens=new_tokens, temperature=0.0))
-        best = min(best, time.perf_counter() - t)
+    sync(engine.device)
+    t = time.perf_counter()
+    n = sum(1 for _ in engine.generate(prompt, num_samples=batch, max_tokens=new_tokens, temperature=0.0))
+    sync(engine.device)
     assert n == new_tokens, n
-    return batch * new_tokens / best
+    return batch * new_tokens / (time.perf_counter() - t)
 
 
-def time_hf(model, prompt: list[int], batch: int, new_tokens: int, repeats: int) -> float:
-    ids = torch.tensor([prompt] * batch)
-    best = float("inf")
+def time_hf(model, prompt: list[int], batch: int, new_tokens: int) -> float:
+    ids = torch.tensor([prompt] * batch, device=model.device)
     with torch.inference_mode():
-        for _ in range(repeats):
-            t = time.perf_counter()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            best = min(best, time.perf_counter() - t)
+        sync(model.device)
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        sync(model.device)
     assert out.shape[1] == len(prompt) + new_tokens
-    return batch * new_tokens / best
+    return batch * new_tokens / (time.perf_counter() - t)
 
 
 def main():
@@ -56,33 +63,53 @@ def main():
     ap.add_argument("--run", default="runs/tiny")
     ap.add_argument("--stage", default="sft")
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each configuration keeps its best")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled configuration")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     ckpt = latest_checkpoint(args.run, args.stage)
     if ckpt is None:
         sys.exit(f"error: no {args.stage} checkpoint in {args.run}; run `exocortex speedrun` first")
     tok = Tokenizer.load(os.path.join(args.run, "tokenizer"))
-    model, _ = load_model(ckpt)
-    engine = Engine(model, tok, torch.device("cpu"), torch.float32)
+    model, _ = load_model(ckpt, device)  # float32 master weights; the engine's decode copies are in `dtype`
+    ours = {"eager": Engine(model, tok, device, dtype)}
+    if not args.no_compile:
+        ours["compiled"] = Engine(model, tok, device, dtype, compile=True)
     prompt = tok.render_for_completion(PROMPT)
     with tempfile.TemporaryDirectory() as d:
         export_hf(args.run, d, stage=args.stage)
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {model.num_params() / 1e6:.2f}M params; "
-          f"prompt {len(prompt)} tokens, {args.new_tokens} new tokens, greedy, fp32")
-    rows, out = [], {}
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    print(f"torch {torch.__version__}, {args.device} ({torch.get_num_threads()} threads); model "
+          f"{model.num_params() / 1e6:.2f}M params; prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
+          f"greedy, {args.dtype}", flush=True)
+    runs = {}
     for batch in (1, 16):
-        ours = time_ours(engine, prompt, batch, args.new_tokens, args.repeats)
-        theirs = time_hf(hf, prompt, batch, args.new_tokens, args.repeats)
-        rows.append((batch, ours, theirs))
-        out[f"ours_batch{batch}_tok_s"] = ours
-        out[f"hf_batch{batch}_tok_s"] = theirs
-        out[f"vs_hf_batch{batch}"] = ours / theirs
-    print(f"\n{'batch':>5} {'exocortex tok/s':>16} {'HF generate tok/s':>18} {'ratio':>7}")
-    for batch, ours, theirs in rows:
-        print(f"{batch:5d} {ours:16,.0f} {theirs:18,.0f} {ours / theirs:6.2f}x")
+        for name, eng in ours.items():
+            runs[(name, batch)] = lambda eng=eng, batch=batch: time_ours(eng, prompt, batch, args.new_tokens)
+        runs[("hf", batch)] = lambda batch=batch: time_hf(hf, prompt, batch, args.new_tokens)
+    t = time.perf_counter()
+    for fn in runs.values():  # warm-up (and compilation) outside the timings
+        fn()
+    print(f"warm-up {time.perf_counter() - t:.0f} s", flush=True)
+    best = {k: 0.0 for k in runs}
+    for _ in range(args.rounds):
+        for k, fn in runs.items():
+            best[k] = max(best[k], fn())
+    out = {}
+    print(f"\n{'batch':>5} {'setup':>20} {'tok/s':>9} {'vs HF':>7}")
+    for batch in (1, 16):
+        hf_tok_s = best[("hf", batch)]
+        for name in [*ours, "hf"]:
+            label = "HF generate" if name == "hf" else f"exocortex {name}"
+            print(f"{batch:5d} {label:>20} {best[(name, batch)]:9,.0f} {best[(name, batch)] / hf_tok_s:6.2f}x")
+            out[f"{name}_batch{batch}_tok_s"] = round(best[(name, batch)], 1)
+            if name != "hf":
+                out[f"{name}_vs_hf_batch{batch}"] = round(best[(name, batch)] / hf_tok_s, 2)
+        out[f"vs_hf_batch{batch}"] = round(max(best[(n, batch)] for n in ours) / hf_tok_s, 2)
     print(json.dumps(out))
 
 

@@ -167,7 +167,8 @@ def cmd_serve(args) -> None:
     if not args.run:
         args.run = str(most_recent_run(args.runs_dir))
     serve(existing_config(args, "serve"), host=args.host, port=args.port, max_concurrent=args.max_concurrent,
-          max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, docs=args.docs)
+          max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens, docs=args.docs,
+          compile=args.compile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,8 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "serve":
             s.add_argument("--host", default="127.0.0.1")
             s.add_argument("--port", type=int, default=8000)
-            s.add_argument("--max-concurrent", type=int, default=4)
-            s.add_argument("--max-queue", type=int, default=16)
+            s.add_argument("--max-concurrent", type=int, default=16,
+                           help="generations decoded together in one batch (default 16)")
+            s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place (default 64)")
+            s.add_argument("--compile", action="store_true",
+                           help="torch.compile the decode step (first requests wait for the compiler)")
             s.add_argument("--max-prompt-tokens", type=int, default=None)
         if name == "export":
             s.add_argument("--out", default=None, help="output directory (default: runs/<name>/hf)")

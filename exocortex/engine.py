@@ -7,13 +7,17 @@ are marked so callers can show (or skip) them, and they never count as the model
 from __future__ import annotations
 
 import codecs
+import contextlib
+import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
 
 from exocortex.checkpoint import autocast
+from exocortex.decode import MIN_SPAN, Decoder, FusedWeights
 from exocortex.model import GPT, KVCache
 from exocortex.tokenizer import Tokenizer
 from exocortex.tools import TOOLS, run_tool_call
@@ -47,8 +51,11 @@ class RowState:
 
 class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[str], str]] | None = None):
+                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[str], str]] | None = None,
+                 compile: bool = False):
         self.model = model.eval()
+        self.compile = compile  # torch.compile the decode step (worth it for long runs: the first one compiles)
+        self.weights = FusedWeights(model, dtype) if isinstance(model, GPT) else None
         self.tok = tokenizer
         self.device = device or next(model.parameters()).device
         self.dtype = dtype
@@ -65,30 +72,34 @@ class Engine:
         """Yield, each step, one token per row and whether it was forced (tool output) rather than sampled.
         Rows that finished keep yielding their stop token; iteration ends when all rows are done.
 
-        `prompt` is one prompt, or a list of prompts of equal length (rows = prompts x num_samples, prompt-major).
-        `stats`, if given, accumulates the entropy of the sampling distribution over sampled tokens
-        ("entropy_sum", "sampled"): RL's guard watches it."""
+        `prompt` is one prompt, or a list of prompts (any lengths: each row has its own position in the static
+        cache); rows = prompts x num_samples, prompt-major. `stats`, if given, accumulates the entropy of the
+        sampling distribution over sampled tokens ("entropy_sum", "sampled"): RL's guard watches it."""
         prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
-        if not prompts[0] or any(len(p) != len(prompts[0]) for p in prompts):
-            raise ValueError("empty prompt" if not prompts[0] else "batched prompts must have equal lengths")
-        prompt = prompts[0]
-        cfg = self.model.cfg
+        if any(not p for p in prompts):
+            raise ValueError("empty prompt")
+        if len(prompts) > 1 and self.weights is None:
+            raise ValueError("batched prompts need exocortex's GPT (the static-cache decoder)")
         limit = self.model.rope_cos.shape[0]
-        max_len = min(len(prompt) + max_tokens, limit)
-        if len(prompt) >= max_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate (limit {limit})")
+        longest = max(len(p) for p in prompts)
+        max_len = min(longest + max_tokens, limit)
+        if longest >= max_len:
+            raise ValueError(f"prompt of {longest} tokens leaves no room to generate (limit {limit})")
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         n_rows = len(prompts) * num_samples
-        cache = KVCache(cfg, n_rows, max_len, self.device, self.dtype if self.dtype != torch.float32 else torch.float32)
-        ids = torch.tensor([p for p in prompts for _ in range(num_samples)], dtype=torch.long, device=self.device)
-        with autocast(self.device, self.dtype):
-            logits = self.model(ids, cache=cache)[:, -1, :]
+        dec = self.decoder(n_rows, max_len)
+        if len(prompts) == 1:
+            logits = dec.prefill(prompts[0])
+        else:
+            logits = torch.cat([dec.prefill(p, list(range(i * num_samples, (i + 1) * num_samples)))
+                                for i, p in enumerate(prompts)])
         rows = [RowState() for _ in range(n_rows)]
-        for _ in range(max_len - len(prompt)):
+        n_steps = max_len - longest
+        for i in range(n_steps):
             if stats is not None and temperature > 0:
                 logp = torch.log_softmax(logits.float() / temperature, dim=-1)
                 ent = -(logp.exp() * logp).sum(-1)
-                live = torch.tensor([not (r.done or r.forced) for r in rows], device=ent.device)
+                live = torch.tensor([not (r.done or r.forced) for r in rows[:len(ent)]], device=ent.device)
                 stats["entropy_sum"] = stats.get("entropy_sum", 0.0) + float(ent[live].sum())
                 stats["sampled"] = stats.get("sampled", 0) + int(live.sum())
             sampled = sample_next(logits, temperature, top_k, top_p, gen).tolist()
@@ -115,10 +126,19 @@ class Engine:
                 elif row.in_tool_call:
                     row.call_tokens.append(token)
             yield column, forced_mask
-            if all(row.done for row in rows) or cache.pos >= max_len:
+            if all(row.done for row in rows) or i == n_steps - 1:
                 return
-            with autocast(self.device, self.dtype):
-                logits = self.model(torch.tensor(column, device=self.device).unsqueeze(1), cache=cache)[:, -1, :]
+            # finished rows stop advancing (and rows past the last busy one are not computed)
+            logits = dec.step(column) if self.weights is None else dec.step(column, [not r.done for r in rows])
+
+    def decoder(self, batch_size: int, max_len: int):
+        """Prefill/step machinery for `batch_size` rows of up to `max_len` tokens: the fast static-cache decoder
+        (exocortex/decode.py) for our GPT, the model's own forward with a KV cache for anything else."""
+        if self.weights is None:
+            return _ForwardDecoder(self, batch_size, max_len)
+        if self.compile and self.device.type == "cuda":  # a few cache lengths, so a few CUDA graphs serve all calls
+            max_len = min(self.model.rope_cos.shape[0], max(MIN_SPAN, 1 << (max_len - 1).bit_length()))
+        return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights)
 
     def complete(self, prompt: list[int] | list[list[int]], num_samples: int = 1, **kw) -> list[list[int]]:
         """Finished completions (without the stop token), one list of token ids per row (see generate)."""
@@ -136,16 +156,16 @@ class Engine:
         return outs
 
     def complete_many(self, prompts: list[list[int]], batch_size: int = 32, **kw) -> list[list[int]]:
-        """Greedy/sampled completions for many different prompts: prompts of equal length share a batch."""
-        by_len: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_len.setdefault(len(p), []).append(i)
+        """Completions for many different prompts, `batch_size` rows at a time, sorted by length so a batch's
+        rows are alike (a model without the static-cache decoder goes one prompt at a time)."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        size = batch_size if self.weights is not None else 1
         outs: list[list[int]] = [[] for _ in prompts]
-        for idx in by_len.values():
-            for j in range(0, len(idx), batch_size):
-                chunk = idx[j:j + batch_size]
-                for i, out in zip(chunk, self.complete([prompts[i] for i in chunk], **kw)):
-                    outs[i] = out
+        for j in range(0, len(order), size):
+            chunk = order[j:j + size]
+            batch = [prompts[i] for i in chunk]
+            for i, out in zip(chunk, self.complete(batch if len(batch) > 1 else batch[0], **kw)):
+                outs[i] = out
         return outs
 
     def render(self, tokens: list[int]) -> str:
@@ -195,6 +215,276 @@ class Engine:
             elif not inside and not self.tok.is_special(t):
                 out.append(t)
         return self.tok.decode(out).strip()
+
+
+class _ForwardDecoder:
+    """Decoder's prefill/step interface over a model's plain forward and KVCache (all rows at one position)."""
+
+    def __init__(self, engine: Engine, batch_size: int, max_len: int):
+        self.engine, self.B = engine, batch_size
+        self.cache = KVCache(engine.model.cfg, batch_size, max_len, engine.device, engine.dtype)
+
+    def _forward(self, ids: list[list[int]]) -> torch.Tensor:
+        e = self.engine
+        with autocast(e.device, e.dtype):
+            return e.model(torch.tensor(ids, dtype=torch.long, device=e.device), cache=self.cache)[:, -1, :]
+
+    def prefill(self, prompt: list[int]) -> torch.Tensor:
+        return self._forward([prompt] * self.B)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        return self._forward([[t] for t in tokens])
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+@dataclass(eq=False)
+class Request:
+    """One generation in a Batcher: a prompt, its own sampling parameters, and two callbacks that run on the
+    batcher's thread (keep them short). on_token(token, forced) sees every token but the stop token and
+    returns False to end the reply there (a stop string matched: finish "stop"). on_end(finish, steps, error)
+    comes once: finish is "stop", "length" or None (cancelled); steps counts every token produced, stop
+    token and tool output included (as iterating Engine.generate would)."""
+    prompt: list[int]
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    on_token: Callable[[int, bool], bool] = lambda token, forced: True
+    on_end: Callable[[str | None, int, BaseException | None], None] = lambda finish, steps, error: None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(eq=False)
+class _Row:
+    req: Request
+    max_steps: int
+    gen: torch.Generator | None
+    state: RowState = field(default_factory=RowState)
+    steps: int = 0
+    logits: torch.Tensor | None = None  # next-token logits, waiting for a decision
+    feed: int | None = None  # the token this row feeds at the next step
+    tool: Future | None = None  # a running tool call; the row pauses until its output is forced in
+
+
+class Batcher:
+    """Continuous batching: one thread owns the model and decodes every running request in the same step.
+
+    A request joins at a step boundary (its prompt is prefilled into a free row of the static cache) and leaves
+    when it finishes or is cancelled; the others never wait for it. Each row keeps its own sampling parameters
+    and seed (the same sampling as Engine.generate, so a request's tokens do not depend on its neighbours up to
+    float rounding), its own tool calls (run in a thread pool: a row waiting for a tool's output sits out the
+    steps, the others go on), and its own length limit. At most `max_rows` run at once; more wait in a queue."""
+
+    def __init__(self, engine: Engine, max_rows: int):
+        if engine.weights is None:
+            raise ValueError("continuous batching needs exocortex's GPT (the static-cache decoder)")
+        self.engine, self.max_rows = engine, max_rows
+        self.limit = engine.model.rope_cos.shape[0]
+        self.rows: list[_Row | None] = [None] * max_rows
+        self.pending: deque[Request] = deque()
+        self.cv = threading.Condition()
+        self.closed = False
+        self.decoder: Decoder | None = None  # made by the thread on first use: serving nothing costs nothing
+        self.thread: threading.Thread | None = None
+        self.tool_pool: ThreadPoolExecutor | None = None
+        self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
+
+    def submit(self, req: Request) -> None:
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            self.pending.append(req)
+            self._start()
+            self.cv.notify()
+
+    def _start(self) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, daemon=True, name="exocortex-batcher")
+            self.thread.start()
+
+    def warm_up(self, timeout: float | None = None) -> bool:
+        """Start the thread now and wait until the cache is allocated and (with engine.compile) the decode
+        step is compiled for one row and for several, so the first requests do not wait for the compiler."""
+        with self.cv:
+            self._start()
+        return self.ready.wait(timeout)
+
+    def cancel(self, req: Request) -> None:
+        """End a request at the next step boundary (on_end(None, ...)); a no-op once it ended."""
+        req.cancelled.set()
+        with self.cv:
+            self.cv.notify()
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join(10)
+
+    # ------------------------------------------------------------------ the batcher's thread
+    @torch.inference_mode()
+    def _run(self) -> None:
+        self.tool_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="exocortex-tool")
+        broken = None
+        try:
+            self.decoder = self.engine.decoder(self.max_rows, self.limit)  # the cache: max_rows x context
+            if self.engine.compile:  # compile (dynamic shapes) for one row and for several
+                self.decoder.prefill([0, 0])
+                for rows in (1, min(2, self.max_rows)):
+                    self.decoder.step([0] * self.max_rows, [r < rows for r in range(self.max_rows)])
+                for slot in range(self.max_rows):
+                    self.decoder.release(slot)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: every request hears why
+            broken = e
+        self.ready.set()
+        while True:
+            with self.cv:
+                self.cv.wait_for(lambda: self.closed or self.pending or self._runnable())
+                if self.closed:
+                    break
+                joining = []
+                while self.pending and (broken or len(joining) < self.rows.count(None)):
+                    joining.append(self.pending.popleft())
+            if broken is not None:
+                for req in joining:
+                    self._call(req.on_end, None, 0, broken)
+                continue
+            free = [i for i, row in enumerate(self.rows) if row is None]
+            for slot, req in zip(free, joining):
+                self._admit(slot, req)
+            for slot, row in enumerate(self.rows):
+                if row is not None and row.req.cancelled.is_set():
+                    self._end(slot, None)
+            self._decide()
+            if any(row is not None and row.feed is not None for row in self.rows):
+                self._step()
+        for slot, row in enumerate(self.rows):
+            if row is not None:
+                self._end(slot, None)
+        for req in self.pending:
+            self._call(req.on_end, None, 0, None)
+        self.tool_pool.shutdown(wait=False)
+
+    def _runnable(self) -> bool:
+        """Some row has work now: a token to feed, a decision to make, or a cancellation to process."""
+        for row in self.rows:
+            if row is None:
+                continue
+            if row.req.cancelled.is_set() or row.feed is not None:
+                return True
+            if row.logits is not None and (row.tool is None or row.tool.done()):
+                return True
+        return False
+
+    def _admit(self, slot: int, req: Request) -> None:
+        if req.cancelled.is_set():
+            self._call(req.on_end, None, 0, None)
+            return
+        try:
+            n = len(req.prompt)
+            max_len = min(n + req.max_tokens, self.limit)
+            if not req.prompt or n >= max_len:
+                raise ValueError(f"prompt of {n} tokens leaves no room to generate (limit {self.limit})")
+            gen = None
+            if req.seed is not None:
+                gen = torch.Generator(device=self.engine.device).manual_seed(req.seed)
+            row = _Row(req, max_len - n, gen)
+            row.logits = self.decoder.prefill(req.prompt, [slot])[0]
+        except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
+            self.decoder.release(slot)
+            self._call(req.on_end, None, 0, e)
+            return
+        self.rows[slot] = row
+
+    def _decide(self) -> None:
+        """Pick the next token of every row that has fresh logits: forced tool output, else sampled."""
+        waiting = [(slot, row) for slot, row in enumerate(self.rows)
+                   if row is not None and row.logits is not None and row.feed is None]
+        greedy = [(slot, row) for slot, row in waiting if row.req.temperature <= 0 and not row.state.forced
+                  and row.tool is None]
+        picks = {}
+        if greedy:  # one argmax (and one device->host copy) for all greedy rows
+            best = torch.stack([row.logits for _, row in greedy]).argmax(dim=-1).tolist()
+            picks = {slot: t for (slot, _), t in zip(greedy, best)}
+        for slot, row in waiting:
+            if row.tool is not None:
+                if not row.tool.done():
+                    continue  # sits out this step
+                result, row.tool = row.tool.result(), None
+                row.state.forced.extend([self.engine.out_start] + self.engine.tok.encode(result) + [self.engine.out_end])
+            forced = bool(row.state.forced)
+            if forced:
+                token = row.state.forced.popleft()
+            elif slot in picks:
+                token = picks[slot]
+            else:
+                r = row.req
+                token = sample_next(row.logits[None], r.temperature, r.top_k, r.top_p, row.gen).item()
+            row.logits = None
+            self._take(slot, row, token, forced)
+
+    def _take(self, slot: int, row: _Row, token: int, forced: bool) -> None:
+        eng, st = self.engine, row.state
+        row.steps += 1
+        if not forced and token in eng.stop_ids:
+            self._end(slot, "stop")
+            return
+        try:
+            go_on = row.req.on_token(token, forced)
+        except Exception as e:  # noqa: BLE001 - the caller's bug ends its own request only
+            self._end(slot, None, e)
+            return
+        if not go_on:
+            self._end(slot, "stop")
+            return
+        if row.steps >= row.max_steps:
+            self._end(slot, "length")
+            return
+        row.feed = token
+        if forced:
+            return
+        if token == eng.call_start:
+            st.in_tool_call, st.call_tokens = True, []
+        elif token == eng.call_end and st.in_tool_call:
+            st.in_tool_call = False
+            row.tool = self.tool_pool.submit(run_tool_call, eng.tok.decode(st.call_tokens), eng.tools)
+            row.tool.add_done_callback(lambda _: self._wake())
+        elif st.in_tool_call:
+            st.call_tokens.append(token)
+
+    def _wake(self) -> None:
+        with self.cv:
+            self.cv.notify()
+
+    def _step(self) -> None:
+        feed = [row.feed if row is not None and row.feed is not None else 0 for row in self.rows]
+        advance = [row is not None and row.feed is not None for row in self.rows]
+        try:
+            logits = self.decoder.step(feed, advance)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: every running request hears it
+            for slot, row in enumerate(self.rows):
+                if row is not None:
+                    self._end(slot, None, e)
+            return
+        for slot, row in enumerate(self.rows):
+            if advance[slot]:
+                row.feed, row.logits = None, logits[slot]
+
+    def _end(self, slot: int, finish: str | None, error: BaseException | None = None) -> None:
+        row, self.rows[slot] = self.rows[slot], None
+        self.decoder.release(slot)
+        if row.tool is not None:
+            row.tool.cancel()
+        self._call(row.req.on_end, finish, row.steps, error)
+
+    @staticmethod
+    def _call(fn, *args) -> None:
+        """Run a request's on_end; a failing callback must not take the batch down with it."""
+        with contextlib.suppress(Exception):
+            fn(*args)
 
 
 class StreamDecoder:

@@ -43,14 +43,15 @@ class RolloutSource:
         self.rows = r.prompts_per_step * r.samples_per_prompt
         self.last_stats: dict = {}
 
-    def _rollout(self, prompt: list[int], seed: int, stats: dict):
-        """G samples of one prompt: token ids and whether each token was forced (tool output)."""
-        G = self.r.samples_per_prompt
-        toks, forced = [[] for _ in range(G)], [[] for _ in range(G)]
-        done = [False] * G
-        for column, mask in self.engine.generate(prompt, num_samples=G, max_tokens=self.r.max_new_tokens,
-                                                 temperature=self.r.temperature, top_k=self.r.top_k or None,
-                                                 seed=seed, stats=stats):
+    def _rollout(self, prompts: list[list[int]], seed: int, stats: dict):
+        """G samples of every prompt in one batch (rows prompt-major): token ids and whether each token was
+        forced (tool output)."""
+        n = len(prompts) * self.r.samples_per_prompt
+        toks, forced = [[] for _ in range(n)], [[] for _ in range(n)]
+        done = [False] * n
+        for column, mask in self.engine.generate(prompts, num_samples=self.r.samples_per_prompt,
+                                                 max_tokens=self.r.max_new_tokens, temperature=self.r.temperature,
+                                                 top_k=self.r.top_k or None, seed=seed, stats=stats):
             for g, (t, f) in enumerate(zip(column, mask)):
                 if done[g]:
                     continue
@@ -61,14 +62,16 @@ class RolloutSource:
 
     def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         r, tok, eng = self.r, self.engine.tok, self.engine
+        G = r.samples_per_prompt
         rng = random.Random(f"rl-{r.seed}-{index}")
+        examples = [self.task.example(rng, "train") for _ in range(r.prompts_per_step)]
+        prompts = [tok.render_for_completion(ex["messages"][:-1]) for ex in examples]
+        stats: dict = {}
+        all_toks, all_forced = self._rollout(prompts, seed=r.seed * 1_000_003 + index, stats=stats)
         seqs, targets_mask, advantages = [], [], []
         rewards_all, lengths, reps = [], [], []
-        stats: dict = {}
-        for p in range(r.prompts_per_step):
-            ex = self.task.example(rng, "train")
-            prompt = tok.render_for_completion(ex["messages"][:-1])
-            toks, forced = self._rollout(prompt, seed=r.seed * 1_000_003 + index * 97 + p, stats=stats)
+        for p, (ex, prompt) in enumerate(zip(examples, prompts)):
+            toks, forced = all_toks[p * G:(p + 1) * G], all_forced[p * G:(p + 1) * G]
             rewards = [self.task.reward(eng.answer_text([t for t in s if t not in eng.stop_ids]), ex) for s in toks]
             mean = sum(rewards) / len(rewards)
             std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))

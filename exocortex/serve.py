@@ -3,11 +3,13 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and the chat page at /
 (plain HTML/CSS/JS from exocortex/static, nothing fetched from the internet). See docs/serve.md.
 
-Each generation runs in its own worker thread, which owns the engine's generator and passes rendered deltas
-to the event loop through a queue; the loop never runs the model. At most `max_concurrent` generations run at
-once and at most `max_queue` requests wait for a slot; past that a request gets 429. A client that disconnects
-(streaming or not) sets its generation's cancel flag, and the worker stops iterating the engine after the
-current step and frees its slot.
+Continuous batching: one thread (engine.Batcher) owns the model and decodes all running requests in the same
+step; a request joins the batch between two steps and leaves when it ends, with its own sampling, stop
+sequences and tool calls. Its tokens are rendered on that thread and passed to the event loop through a queue;
+the loop never runs the model. At most `max_concurrent` requests are in the batch and at most `max_queue` wait
+for a place; past that a request gets 429. A client that disconnects (streaming or not) cancels its request,
+whose row leaves the batch at the next step. (An Engine subclass that overrides `generate` gets one worker
+thread per request iterating its generate instead, with the same limits and cancellation.)
 
 Tool calls are run by the engine. They appear in the text as the engine renders them
 (`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
@@ -26,6 +28,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from exocortex.config import ExocortexError
+from exocortex.engine import Batcher, Engine
+from exocortex.engine import Request as GenRequest
 
 try:
     from fastapi import FastAPI, Request
@@ -332,17 +336,22 @@ class _Ticket:
 
 
 class _Generation:
-    """One request's generation: waits for a slot, then runs the engine in a worker thread that sends
-    ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception)."""
+    """One request's generation: waits for a slot, then runs either as a row of the shared batch (`batcher`)
+    or in its own worker thread; both send ("deltas", [...]), then ("done", finish_reason, completion_tokens)
+    or ("error", exception)."""
 
-    def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str]):
+    def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
+                 batcher: Batcher | None = None):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
+        self.batcher, self.request = batcher, None
         self.cancelled = threading.Event()
         self.started = False
 
     def close(self) -> None:
-        """Stop the worker after its current step (or give up the place in the queue). Idempotent."""
+        """Stop the generation after its current step (or give up the place in the queue). Idempotent."""
         self.cancelled.set()
+        if self.request is not None:
+            self.batcher.cancel(self.request)
         if not self.started:
             self.ticket.release()
 
@@ -351,8 +360,12 @@ class _Generation:
             if not await self.ticket.acquire() or self.cancelled.is_set():
                 return  # close() (in finally) gives the slot back
             loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            self.started = True  # from here the worker owns the slot and releases it when it ends
-            threading.Thread(target=self._work, args=(loop, queue), daemon=True, name="exocortex-generate").start()
+            self.started = True  # from here the worker (or the batcher) owns the slot and releases it at the end
+            if self.batcher is not None:
+                self._join_batch(loop, queue)
+            else:
+                threading.Thread(target=self._work, args=(loop, queue), daemon=True,
+                                 name="exocortex-generate").start()
             while True:
                 item = await queue.get()
                 yield item
@@ -361,10 +374,37 @@ class _Generation:
         finally:
             self.close()
 
+    def _join_batch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
+        """Submit this request to the shared batch; its callbacks render and send on the batcher's thread."""
+        send = _sender(loop, queue)
+        renderer, stopper = _Renderer(self.engine), _StopFilter(self.stops)
+
+        def on_token(token: int, forced: bool) -> bool:
+            deltas = stopper.feed(renderer.push(token))
+            if deltas:
+                send(("deltas", deltas))
+            return not stopper.stopped  # a stop sequence matched: the row leaves the batch
+
+        def on_end(finish: str | None, steps: int, error: BaseException | None) -> None:
+            final = ("error", error) if error is not None else ("done", finish, steps)
+            try:
+                if error is None and finish is not None:
+                    deltas = stopper.finish(renderer.finish())
+                    if deltas:
+                        send(("deltas", deltas))
+            except Exception as e:  # noqa: BLE001 - reported to the client as a server error
+                final = ("error", e)
+            # the slot is free before the client hears the end, so its next request finds it free
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.ticket.release)
+            send(final)
+
+        self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
+                               **self.sampling)
+        self.batcher.submit(self.request)
+
     def _work(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        def send(item):
-            with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+        send = _sender(loop, queue)
 
         eng = self.engine
         renderer, stopper = _Renderer(eng), _StopFilter(self.stops)
@@ -405,6 +445,14 @@ class _Generation:
                 send(final)
 
 
+def _sender(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
+    """Puts items on an event loop's queue from another thread."""
+    def send(item):
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+    return send
+
+
 class _EventStream(StreamingResponse):
     """An SSE response that always cleans up: cancels the generation when the client goes away, even when the
     body was never started."""
@@ -434,11 +482,23 @@ def _server_error(e: Exception) -> APIError:
 
 # ----------------------------------------------------------------------------- the app
 
+def batchable(engine) -> bool:
+    """Continuous batching needs exocortex's GPT (the static-cache decoder) and the stock generate loop: an
+    Engine subclass that changes generate (the tests pace it or make it fail) gets one generate() per request."""
+    return getattr(engine, "weights", None) is not None and type(engine).generate is Engine.generate
+
+
 class _Service:
     def __init__(self, engine, model_name: str, max_concurrent: int, max_queue: int, max_prompt_tokens: int | None,
-                 default_max_tokens: int):
+                 default_max_tokens: int, batching: bool | None = None):
         self.engine, self.model_name = engine, model_name
         self.limiter = _Limiter(max_concurrent, max_queue)
+        if batching is None:
+            batching = batchable(engine)
+        elif batching and not batchable(engine):
+            raise ExocortexError("continuous batching needs an exocortex GPT engine with the stock generate loop")
+        # one batch of up to max_concurrent rows shares every decode step (see exocortex/engine.py: Batcher)
+        self.batcher = Batcher(engine, max_concurrent) if batching else None
         model = engine.model
         rope = getattr(model, "rope_cos", None)
         self.context = int(rope.shape[0]) if rope is not None else int(model.cfg.seq_len)
@@ -535,7 +595,7 @@ class _Service:
                            f"(limits {lim.max_concurrent} and {lim.max_queue}). Try again shortly.",
                            type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return _Generation(self.engine, ticket, prompt, sampling, stops)
+        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher)
 
     # ---------------------------------------------------------------- responses
     async def collect(self, request: Request, gen: _Generation) -> tuple[list[dict], str | None, int]:
@@ -666,11 +726,13 @@ class _Service:
                 "context_length": self.context}
 
 
-def create_app(engine, model_name: str, max_concurrent: int = 4, max_queue: int = 16,
-               max_prompt_tokens: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int = 64,
+               max_prompt_tokens: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+               batching: bool | None = None) -> FastAPI:
     """The HTTP app around an Engine. `max_prompt_tokens` caps prompts below the model's context
-    (rotary table length); `default_max_tokens` is used when a request gives no max_tokens."""
-    svc = _Service(engine, model_name, max_concurrent, max_queue, max_prompt_tokens, default_max_tokens)
+    (rotary table length); `default_max_tokens` is used when a request gives no max_tokens. `batching`:
+    running requests share decode steps (continuous batching); default: whenever the engine allows it."""
+    svc = _Service(engine, model_name, max_concurrent, max_queue, max_prompt_tokens, default_max_tokens, batching)
     # no /docs or /redoc: their pages load scripts from a CDN, and this server fetches nothing from the internet
     app = FastAPI(title="exocortex", docs_url=None, redoc_url=None)
     app.state.exocortex = svc
@@ -726,9 +788,9 @@ def create_app(engine, model_name: str, max_concurrent: int = 4, max_queue: int 
     return app
 
 
-def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 4, max_queue: int = 16,
+def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 16, max_queue: int = 64,
           max_prompt_tokens: int | None = None, stage: str | None = None, log_level: str = "info",
-          docs: list[str] | None = None) -> None:
+          docs: list[str] | None = None, compile: bool = False) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
     import uvicorn
@@ -739,8 +801,13 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     cfg = run if isinstance(run, RunConfig) else load_config(run)
     _check_port_free(host, port)
     engine = load_chat_engine(cfg, stage, docs)
+    engine.compile = compile
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens)
+    batcher = app.state.exocortex.batcher
+    if batcher is not None and compile:
+        print("compiling the decode step (torch.compile; a minute on a small CPU) ...", flush=True)
+        batcher.warm_up()
     shown = f"[{host}]" if ":" in host else host
     print(f"exocortex serve — model {cfg.name} ({stage or 'newest chat stage'}) from {cfg.run_dir}\n"
           f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "

@@ -59,3 +59,18 @@ def test_stream_decoder_keeps_multibyte_chars(tok):
     ids = tok.encode("naïve 🙂 日本")
     d = StreamDecoder(tok)
     assert "".join(d.push(i) for i in ids) == "naïve 🙂 日本"
+
+
+def test_prompts_of_different_lengths_batch_like_each_alone(tok, small_cfg):
+    """Engine.generate with several prompts (each row at its own position in the static cache) gives each
+    prompt the tokens it gets alone; entropy stats are collected for sampled tokens."""
+    small_cfg.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    eng = Engine(GPT(small_cfg).eval(), tok, torch.device("cpu"))
+    prompts = [tok.encode("river town"), tok.encode("Mira lives in Tarsk and sells"), tok.encode("12")]
+    alone = [eng.complete(p, max_tokens=10, temperature=0)[0] for p in prompts]
+    assert eng.complete(prompts, max_tokens=10, temperature=0) == alone
+    assert eng.complete_many(prompts * 3, batch_size=4, max_tokens=10, temperature=0) == alone * 3
+    stats: dict = {}
+    outs = eng.complete(prompts, num_samples=2, max_tokens=6, temperature=1.0, seed=3, stats=stats)
+    assert len(outs) == 6 and stats["sampled"] > 0 and stats["entropy_sum"] > 0

@@ -1,0 +1,268 @@
+"""Fast single-token decoding for GPT: an inference-only path next to model.py (which training and export use).
+
+`Decoder` holds a static KV cache for a fixed number of rows (slots) and a fixed length, and a position per
+row, so rows can be at different lengths: a row's new key/value is written at its own position, and its query
+attends only to keys 0..pos (a mask). We chose per-row positions over left padding because continuous batching
+(serve.py) admits requests into a running batch: with left padding every join would shift the other rows'
+caches or re-pad the newcomer to the batch's length; with per-row positions a newcomer fills its own slot
+from position 0 and nobody else moves.
+
+The step is written for small models, where a decode step is a few hundred small ops whose per-op overhead,
+not the FLOPs, is the cost:
+- q/k/v and gate/up projections are one matmul each (weights concatenated once and rebuilt when the model's
+  parameters change, e.g. between RL updates; the model's own parameters and names are untouched);
+- q-norm and k-norm run as one op (gains stacked), rotary embeddings for q and k as one, 1/sqrt(head_dim) is
+  folded into the q-norm gain, and residual adds into the output matmuls (addmm);
+- optionally the step is `torch.compile`d (the elementwise ops fuse; one graph serves every batch size and
+  length) and, on CUDA, replays as CUDA graphs.
+
+Prefill (a whole prompt at once) is the same computation with T tokens in one row and causal attention.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from exocortex.model import GPT
+
+MIN_SPAN = 64  # with CUDA graphs, steps attend over a power-of-two prefix of the cache, at least this long
+
+
+def _rms(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 like model.RMSNorm (gain may hold one row per head: stacked q/k gains)."""
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+
+
+class FusedWeights:
+    """The model's weights rearranged for decoding, in the compute dtype (norm gains and rotary tables stay
+    float32). Rebuilt when a parameter changed in place (its version counter moved) or was replaced."""
+
+    def __init__(self, model: GPT, dtype: torch.dtype = torch.float32):
+        self.model, self.dtype = model, dtype
+        self._stamp, self._w = None, None
+
+    def get(self, check: bool = True) -> dict:
+        """The fused weights; with check=False the last built ones are trusted (within one generation)."""
+        if self._w is not None and not check:
+            return self._w
+        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if stamp != self._stamp:
+            with torch.no_grad():
+                self._w = self._build()
+                if self._w["lm_head"].is_cuda:  # CUDA graphs read the weights in place (static addresses)
+                    for t in _tensors(self._w):
+                        torch._dynamo.mark_static_address(t)
+            self._stamp = stamp
+        return self._w
+
+    def _build(self) -> dict:
+        m, dt = self.model, self.dtype
+        c = m.cfg
+        H, KV, hd = c.n_heads, c.kv_heads, c.head_dim
+        layers = []
+        for blk in m.model.layers:
+            a, mlp = blk.self_attn, blk.mlp
+            qk_gain = torch.cat([a.q_norm.weight.float().expand(H, hd) / math.sqrt(hd),
+                                 a.k_norm.weight.float().expand(KV, hd)])
+            layers.append(dict(
+                ln1=blk.input_layernorm.weight.float(), ln2=blk.post_attention_layernorm.weight.float(),
+                wqkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).to(dt), qk_gain=qk_gain,
+                wo_t=a.o_proj.weight.to(dt).t(),
+                wgu=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).to(dt),
+                wdown_t=mlp.down_proj.weight.to(dt).t()))
+        half = hd // 2
+        sin = m.rope_sin.float()
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): a roll instead of a cat
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
+        return dict(embed=m.model.embed_tokens.weight, norm=m.model.norm.weight.float(), lm_head=m.lm_head.weight.to(dt),
+                    cos=m.rope_cos.float(), sin=sin, layers=layers)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, list):
+        return [t for v in tree for t in _tensors(v)]
+    return [tree]
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """x + y @ w_t; one addmm when dtypes agree (fp32), else the float32 residual stream plus a low-precision
+    matmul, as autocast computes it."""
+    return torch.addmm(x, y, w_t) if y.dtype == x.dtype else x + (y @ w_t).float()
+
+
+def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos: torch.Tensor,
+                span: int, n_heads: int, n_kv: int, eps: float) -> torch.Tensor:
+    """One token per row: tokens (B,) at positions pos (B,) -> logits (B, V) float32. Writes each row's
+    key/value at its position; row b attends to keys 0..pos[b] among the first `span` (> max pos). The residual
+    stream is float32 (as under autocast); matmuls run in the weights' dtype. Pure tensor code for torch.compile."""
+    B = tokens.shape[0]
+    hd = k_cache[0].shape[-1]
+    rep, half, nq = n_heads // n_kv, hd // 2, n_heads + n_kv
+    dt = w["lm_head"].dtype
+    rows = torch.arange(B, device=tokens.device)
+    # an additive mask shared by all layers: 0 for keys at or before the row's position, -inf after
+    hidden = torch.arange(span, device=tokens.device)[None, :] > pos[:, None]
+    mask = torch.zeros(B, 1, 1, span, device=tokens.device).masked_fill(hidden[:, None, None, :], float("-inf"))
+    cos, sin = w["cos"][pos][:, None, :], w["sin"][pos][:, None, :]  # (B, 1, hd)
+    x = w["embed"][tokens].float()
+    for layer, L in enumerate(w["layers"]):
+        qkv = F.linear(_rms(x, L["ln1"], eps).to(dt), L["wqkv"])
+        qk = _rms(qkv[:, :nq * hd].view(B, nq, hd), L["qk_gain"], eps)
+        qk = qk * cos + qk.roll(half, dims=-1) * sin
+        kc, vc = k_cache[layer], v_cache[layer]
+        kc[rows, :, pos] = qk[:, n_heads:].to(kc.dtype)
+        vc[rows, :, pos] = qkv[:, nq * hd:].view(B, n_kv, hd).to(vc.dtype)
+        q = qk[:, :n_heads].reshape(B, n_kv, rep, hd).to(kc.dtype)
+        att = torch.matmul(q, kc[:, :, :span].transpose(-1, -2)).float() + mask  # (B, KV, rep, span)
+        y = torch.matmul(torch.softmax(att, dim=-1).to(vc.dtype), vc[:, :, :span])
+        x = _residual(x, y.reshape(B, n_heads * hd).to(dt), L["wo_t"])
+        gate, up = F.linear(_rms(x, L["ln2"], eps).to(dt), L["wgu"]).chunk(2, dim=-1)
+        x = _residual(x, F.silu(gate) * up, L["wdown_t"])
+    return F.linear(_rms(x, w["norm"], eps).to(dt), w["lm_head"]).float()
+
+
+def prefill_row(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, slot: int, n_heads: int, n_kv: int,
+                eps: float) -> torch.Tensor:
+    """A whole prompt (T,) into one row of the cache from position 0 -> the last position's logits (V,) float32.
+    The same math as decode_step with T queries per row and causal attention; only the last position goes
+    through the output head. (The model's own forward would also work, but under autocast it casts every
+    weight to bf16 on every call, and it computes logits for every position.)"""
+    T = tokens.shape[0]
+    hd = k_cache[0].shape[-1]
+    rep, half, nq = n_heads // n_kv, hd // 2, n_heads + n_kv
+    dt = w["lm_head"].dtype
+    cos, sin = w["cos"][:T, None, :], w["sin"][:T, None, :]  # (T, 1, hd)
+    x = w["embed"][tokens].float()
+    for layer, L in enumerate(w["layers"]):
+        qkv = F.linear(_rms(x, L["ln1"], eps).to(dt), L["wqkv"])
+        qk = _rms(qkv[:, :nq * hd].view(T, nq, hd), L["qk_gain"], eps)
+        qk = (qk * cos + qk.roll(half, dims=-1) * sin).transpose(0, 1)  # (heads, T, hd)
+        kc, vc = k_cache[layer], v_cache[layer]
+        k = qk[n_heads:].to(kc.dtype)
+        v = qkv[:, nq * hd:].view(T, n_kv, hd).transpose(0, 1).to(vc.dtype)
+        kc[slot, :, :T], vc[slot, :, :T] = k, v
+        q = qk[:n_heads].reshape(n_kv, rep, T, hd).to(kc.dtype)  # q already carries 1/sqrt(head_dim)
+        y = F.scaled_dot_product_attention(q, k[:, None].expand(n_kv, rep, T, hd),
+                                           v[:, None].expand(n_kv, rep, T, hd), is_causal=True, scale=1.0)
+        x = _residual(x, y.reshape(n_heads, T, hd).transpose(0, 1).reshape(T, n_heads * hd).to(dt), L["wo_t"])
+        gate, up = F.linear(_rms(x, L["ln2"], eps).to(dt), L["wgu"]).chunk(2, dim=-1)
+        x = _residual(x, F.silu(gate) * up, L["wdown_t"])
+    return F.linear(_rms(x[-1], w["norm"], eps).to(dt), w["lm_head"]).float()
+
+
+_compiled: dict = {}
+
+
+def _compiled_step(device_type: str):
+    """decode_step under torch.compile with dynamic shapes: rows, cache length and span are symbolic, so one
+    graph (two: a single row is specialized) serves every call; on CUDA it replays as CUDA graphs (mode
+    "reduce-overhead"), one recorded per distinct shape, which is why the Decoder rounds shapes there."""
+    if device_type not in _compiled:
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _compiled[device_type] = torch.compile(decode_step, dynamic=True, fullgraph=True, mode=mode)
+    return _compiled[device_type]
+
+
+class Decoder:
+    """A static per-row KV cache and the decode step for one GPT.
+
+    Rows are slots. `prefill(prompt, slots)` fills slots from position 0 and returns their next-token logits;
+    `step(tokens, advance)` feeds one token per row and returns every row's next-token logits. A row with
+    advance=False (a free slot, or a row waiting for a tool's output) keeps its position: the step writes a
+    throwaway key/value there, which the row's next real token overwrites. `lengths` mirrors the positions in
+    Python so limits are checked without synchronizing with the device."""
+
+    def __init__(self, model: GPT, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
+                 compile: bool = False, weights: FusedWeights | None = None):
+        limit = model.rope_cos.shape[0]
+        if not 0 < max_len <= limit:
+            raise ValueError(f"cache length {max_len} is outside 1..{limit} (the rotary table)")
+        c = model.cfg
+        self.model, self.B, self.T, self.dtype, self.compile = model, batch_size, max_len, dtype, compile
+        self.device = next(model.parameters()).device
+        self.weights = weights if weights is not None else FusedWeights(model, dtype)
+        shape = (batch_size, c.kv_heads, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.depth)]
+        self.v = [torch.zeros(shape, device=self.device, dtype=dtype) for _ in range(c.depth)]
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.lengths = [0] * batch_size
+        self._step = _compiled_step(self.device.type) if compile else decode_step
+        self.cuda_graphs = compile and self.device.type == "cuda"
+        self._views: dict = {}
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int], slots: list[int] | None = None) -> torch.Tensor:
+        """Run `prompt` through the model once and give its keys/values to each of `slots` (default: every
+        row); returns the next-token logits, one row per slot, float32."""
+        slots = list(range(self.B)) if slots is None else list(slots)
+        n = len(prompt)
+        if not 0 < n < self.T:
+            raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.T}")
+        w = self.weights.get()  # checked here, not every step: parameters do not change mid-generation
+        c = self.model.cfg
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        logits = prefill_row(w, self.k, self.v, ids, slots[0], c.n_heads, c.kv_heads, c.norm_eps)
+        if len(slots) > 1:  # samples of one prompt share its keys/values
+            idx = torch.tensor(slots[1:], device=self.device)
+            for layer in range(len(self.k)):
+                self.k[layer][idx, :, :n] = self.k[layer][slots[0], :, :n]
+                self.v[layer][idx, :, :n] = self.v[layer][slots[0], :, :n]
+        self.pos[torch.tensor(slots, device=self.device)] = n
+        for s in slots:
+            self.lengths[s] = n
+        return logits.expand(len(slots), -1)
+
+    @torch.inference_mode()
+    def step(self, tokens: list[int], advance: list[bool] | None = None) -> torch.Tensor:
+        """Feed one token per row (B,); rows with advance=False keep their position. Returns the logits of
+        rows 0..n-1, (n, V) float32, n being one past the last advancing row: rows after it are not computed
+        (callers keep busy rows in low slots), which makes a lone request on a wide batch cheap."""
+        moving = range(self.B) if advance is None else [r for r in range(self.B) if advance[r]]
+        if not moving:
+            raise ValueError("no row to advance")
+        top = max(self.lengths[r] for r in moving)
+        if top >= self.T:
+            raise ValueError(f"a row is at the end of the cache ({self.T} tokens)")
+        n = moving[-1] + 1
+        # attend over the used prefix only and compute only the first n rows; with CUDA graphs (one per shape)
+        # both are rounded up to powers of two so a few graphs serve every step
+        span = top + 1
+        if self.cuda_graphs:
+            n = min(self.B, 1 << (n - 1).bit_length())
+            span = min(self.T, max(MIN_SPAN, 1 << top.bit_length()))
+        c = self.model.cfg
+        ids = torch.tensor(tokens[:n], dtype=torch.long, device=self.device)
+        k, v, pos = self._rows(n)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        logits = self._step(self.weights.get(check=False), k, v, ids, pos, span, c.n_heads, c.kv_heads, c.norm_eps)
+        if self.cuda_graphs:
+            logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
+        if advance is None:
+            self.pos += 1
+        else:
+            self.pos += torch.tensor(advance, device=self.device)
+        for r in moving:
+            self.lengths[r] += 1
+        return logits
+
+    def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:
+        """Views of the caches and positions of rows 0..n-1, made once per n (CUDA graphs need their inputs at
+        fixed addresses, marked as such)."""
+        if n not in self._views:
+            views = ([t[:n] for t in self.k], [t[:n] for t in self.v], self.pos[:n])
+            if self.cuda_graphs:
+                for t in views[0] + views[1] + [views[2]]:
+                    torch._dynamo.mark_static_address(t)
+            self._views[n] = views
+        return self._views[n]
+
+    def release(self, slot: int) -> None:
+        """Free a slot: it goes back to position 0."""
+        self.pos[slot] = 0
+        self.lengths[slot] = 0

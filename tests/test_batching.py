@@ -1,0 +1,211 @@
+"""The fast decoder (static per-row KV cache) and continuous batching: same tokens as Engine.generate run alone."""
+import threading
+
+import pytest
+import torch
+
+from exocortex.config import ModelConfig
+from exocortex.decode import Decoder
+from exocortex.engine import Batcher, Engine, Request
+from exocortex.model import GPT
+
+
+def random_gpt(vocab, n_kv_heads=0, std=0.3):
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=2, width=64, head_dim=16, vocab_size=vocab, seq_len=32, mlp_ratio=2.0,
+                      n_kv_heads=n_kv_heads)
+    m = GPT(cfg).eval()
+    for p in m.parameters():  # nonzero everywhere so attention, norms and the MLP all matter
+        torch.nn.init.normal_(p, std=std)
+    return m
+
+
+@pytest.mark.parametrize("n_kv_heads,compile", [(0, False), (2, False),
+                                                 pytest.param(2, True, marks=pytest.mark.slow)])  # ~20 s to compile
+def test_decoder_rows_at_different_positions_match_full_forward(n_kv_heads, compile):
+    m = random_gpt(400, n_kv_heads)
+    x = torch.randint(0, 400, (3, 60))
+    with torch.no_grad():
+        full = m(x)
+    dec = Decoder(m, batch_size=4, max_len=100, compile=compile)
+    seq_of = {0: 0, 2: 1}  # slot -> sequence; slot 1 joins later, slot 3 stays free
+    pos = {0: 10, 2: 3}
+    errs = [(dec.prefill(x[0, :10].tolist(), [0])[0] - full[0, 9]).abs().max(),
+            (dec.prefill(x[1, :3].tolist(), [2])[0] - full[1, 2]).abs().max()]
+    for i in range(30):
+        if i == 7:  # a row joins mid-way
+            errs.append((dec.prefill(x[2, :20].tolist(), [1])[0] - full[2, 19]).abs().max())
+            seq_of[1], pos[1] = 2, 20
+            continue
+        advance = [s in pos and not (s == 2 and i % 5 == 1) for s in range(4)]  # slot 2 sits out some steps
+        logits = dec.step([x[seq_of[s], pos[s]].item() if s in pos else 0 for s in range(4)], advance)
+        for s in pos:
+            if advance[s]:
+                errs.append((logits[s] - full[seq_of[s], pos[s]]).abs().max())
+                pos[s] += 1
+    assert len(errs) > 60 and max(errs) < 1e-4, max(errs)
+
+
+def test_fused_weights_follow_parameter_updates():
+    m = random_gpt(400)
+    eng = Engine(m, _Tok(), torch.device("cpu"))
+    eng.stop_ids = {-1}
+    before = eng.complete([5, 6, 7], max_tokens=8, temperature=0)[0]
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(-1.3)  # in place, as an optimizer step does
+    after = eng.complete([5, 6, 7], max_tokens=8, temperature=0)[0]
+    m2 = GPT(m.cfg).eval()
+    m2.load_state_dict(m.state_dict())
+    assert after == Engine(m2, _Tok(), torch.device("cpu")).complete([5, 6, 7], max_tokens=8, temperature=0)[0]
+    assert after != before
+
+
+class _Tok:  # the special tokens an Engine needs; ids below those the tests use for text
+    special = {k: 390 + i for i, k in enumerate(["<|bos|>", "<|assistant_end|>", "<|tool_call_start|>",
+                                                 "<|tool_call_end|>", "<|tool_output_start|>", "<|tool_output_end|>"])}
+
+
+def run_batched(eng, jobs, max_rows, join_after=None):
+    """Run jobs [(prompt, sampling)] through a Batcher; job i > 0 is submitted when job 0 has produced
+    join_after[i] tokens (so requests arrive at different steps). Returns per-job (tokens, finish, steps)."""
+    b = Batcher(eng, max_rows)
+    join_after = join_after or [0] * len(jobs)
+    out = [{"tokens": []} for _ in jobs]
+    done = threading.Semaphore(0)
+    reqs, submitted = [], set()
+
+    def submit_due(produced):  # runs on the batcher's thread (in job 0's callbacks): joins at a step boundary
+        for j, after in enumerate(join_after):
+            if j not in submitted and after <= produced:
+                submitted.add(j)
+                b.submit(reqs[j])
+
+    for i, (prompt, kw) in enumerate(jobs):
+        def on_token(t, forced, i=i):
+            out[i]["tokens"].append(t)
+            if i == 0:
+                submit_due(len(out[0]["tokens"]))
+            return True
+
+        def on_end(finish, steps, error, i=i):
+            out[i].update(finish=finish, steps=steps, error=error)
+            if i == 0:
+                submit_due(len(jobs) + 10 ** 9)
+            done.release()
+        reqs.append(Request(prompt, on_token=on_token, on_end=on_end, **kw))
+    submit_due(0)
+    for _ in jobs:
+        assert done.acquire(timeout=60)
+    b.close()
+    return out
+
+
+def alone(eng, prompt, **kw):
+    """What Engine.generate gives for this request alone: (tokens without the stop token, finish, steps)."""
+    tokens, steps, finish = [], 0, "length"
+    for column, _ in eng.generate(prompt, **kw):
+        steps += 1
+        if column[0] in eng.stop_ids:
+            finish = "stop"
+            break
+        tokens.append(column[0])
+    return tokens, finish, steps
+
+
+def test_continuous_batching_equals_each_request_alone():
+    eng = Engine(random_gpt(400), _Tok(), torch.device("cpu"))
+    eng.stop_ids = {141}  # a token this model likes: some rows stop early, others run to max_tokens
+    g = torch.Generator().manual_seed(1)
+    jobs = []
+    for i in range(9):
+        prompt = torch.randint(10, 380, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+        kw = dict(max_tokens=int(torch.randint(3, 70, (1,), generator=g)), temperature=0)
+        if i in (2, 5):  # sampled rows with their own seeds and filters ride along
+            kw = dict(max_tokens=40, temperature=0.9, top_k=50, top_p=0.9, seed=100 + i)
+        jobs.append((prompt, kw))
+    join_after = [0, 0, 1, 2, 2, 5, 9, 14, 20]
+    out = run_batched(eng, jobs, max_rows=4, join_after=join_after)  # 9 requests through 4 rows: some queue
+    for (prompt, kw), got in zip(jobs, out):
+        tokens, finish, steps = alone(eng, prompt, **kw)
+        assert got["error"] is None
+        assert (got["tokens"], got["finish"], got["steps"]) == (tokens, finish, steps), (prompt, kw)
+    assert {o["finish"] for o in out} == {"stop", "length"}
+
+
+def bigram_gpt(vocab, pairs, width=64):
+    """A GPT whose blocks do nothing (zero output projections) and whose head maps token a to b for each
+    (a, b) in pairs: it writes a fixed script, whatever the attention computes."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=2, width=width, head_dim=16, vocab_size=vocab, seq_len=32, mlp_ratio=2.0)
+    m = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+        for blk in m.model.layers:
+            blk.self_attn.o_proj.weight.zero_()
+            blk.mlp.down_proj.weight.zero_()
+        m.model.norm.weight.fill_(1.0)
+        e = m.model.embed_tokens.weight
+        unit = e / e.pow(2).mean(-1, keepdim=True).sqrt()  # what the final norm makes of each embedding
+        m.lm_head.weight.zero_()
+        for a, b in pairs:
+            m.lm_head.weight[b] += 100 * unit[a] / width
+    return m
+
+
+def test_tool_calls_in_a_batch():
+    tok_sp = _Tok.special
+    call, out_s, out_e = tok_sp["<|tool_call_start|>"], tok_sp["<|tool_output_start|>"], tok_sp["<|tool_output_end|>"]
+
+    class Tok(_Tok):  # tool text <-> token ids: "2+3" is written as 3 tokens, the result "5" comes back as one
+        chars = {"2": 50, "+": 51, "3": 52, "5": 53, "calculator(": 54, ")": 55}
+
+        def decode(self, ids):
+            inv = {v: k for k, v in self.chars.items()}
+            return "".join(inv[i] for i in ids)
+
+        def encode(self, s):
+            return [self.chars[c] for c in s]
+
+    script = [call, 54, 50, 51, 52, 55, tok_sp["<|tool_call_end|>"]]
+    answer = [60, 61, 62, tok_sp["<|assistant_end|>"]]
+    pairs = list(zip([20] + script, script)) + [(out_e, answer[0])] + list(zip(answer, answer[1:]))
+    eng = Engine(bigram_gpt(400, pairs), Tok(), torch.device("cpu"))
+    tokens, finish, steps = alone(eng, [1, 2, 20], max_tokens=30, temperature=0)
+    assert tokens == script + [out_s, 53, out_e] + answer[:-1] and finish == "stop"
+    jobs = [([1, 2, 20], dict(max_tokens=30, temperature=0)), ([20], dict(max_tokens=30, temperature=0)),
+            ([5, 5, 5, 5, 20], dict(max_tokens=9, temperature=0)),  # cut off in the tool output: "length"
+            ([3, 20], dict(max_tokens=30, temperature=0))]
+    out = run_batched(eng, jobs, max_rows=3, join_after=[0, 2, 3, 6])
+    for (prompt, kw), got in zip(jobs, out):
+        assert (got["tokens"], got["finish"], got["steps"]) == alone(eng, prompt, **kw)
+    assert out[2]["finish"] == "length"
+
+
+def test_cancel_and_bad_requests_leave_the_batch_running():
+    eng = Engine(random_gpt(400), _Tok(), torch.device("cpu"))
+    eng.stop_ids = {-1}
+    b = Batcher(eng, 2)
+    events = {}
+    ended = {k: threading.Event() for k in ("cancel", "long", "bad", "ok")}
+
+    def on_end(name):
+        def f(finish, steps, error):
+            events[name] = (finish, steps, error)
+            ended[name].set()
+        return f
+    cancel_me = Request([5, 6], max_tokens=100, temperature=0, on_end=on_end("cancel"))
+    b.submit(cancel_me)
+    b.submit(Request(list(range(10, 200)), max_tokens=5, temperature=0, on_end=on_end("long")))  # > context 128
+    b.submit(Request([5, 6], max_tokens=10, temperature=0, on_end=on_end("ok")))
+    b.submit(Request([5, 6], max_tokens=3, temperature=0, on_end=on_end("bad"),
+                     on_token=lambda t, f: 1 / 0))  # a failing callback fails its own request only
+    b.cancel(cancel_me)
+    for e in ended.values():
+        assert e.wait(30)
+    b.close()
+    assert events["cancel"][0] is None and events["cancel"][1] < 100
+    assert isinstance(events["long"][2], ValueError)
+    assert isinstance(events["bad"][2], ZeroDivisionError)
+    assert events["ok"][:2] == ("length", 10) and events["ok"][2] is None
