@@ -202,7 +202,7 @@ def _tiny() -> RunConfig:
     c.midtrain_data.text_fraction = 0.2
     c.sft_data.n_conversations = 12000
     c.sft_data.text_fraction = 0.1
-    c.rl = RLConfig(time_minutes=2.5, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=64)
+    c.rl = RLConfig(time_minutes=2.5, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=96)
     return c
 
 

@@ -93,6 +93,19 @@ PROBLEMS = [
     ("{n} buys {a} tickets at {b} coins each and {c} drinks at {d} coins each. How much does {n} spend?",
      [("Tickets:", "{a} * {b}"), ("Drinks:", "{c} * {d}"), ("In total:", "{r0} + {r1}")]),
 ]
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+                "twelve"]
+
+
+def _say(n: int, rng: random.Random) -> str:
+    """A number as the problem states it: small numbers often in words (the solver must turn them into digits)."""
+    if n == 12 and rng.random() < 0.3:
+        return "a dozen"
+    if 0 <= n <= 12 and rng.random() < 0.5:
+        return NUMBER_WORDS[n]
+    return str(n)
+
+
 DISTRACTORS = ["{n} is {x} years old.", "It is {x} degrees outside.", "{n}'s house is number {x}.",
                "The bus ride takes {x} minutes."]
 
@@ -134,7 +147,9 @@ class WordProblems(Task):
                 continue
             v, _ = got
             n = rng.choice(list(NAMES))
-            q = template.format(n=n, it=rng.choice(ITEMS), p=NAMES[n].capitalize(), p_l=NAMES[n], **v)
+            said = {k: _say(x, rng) for k, x in v.items()}
+            q = template.format(n=n, it=rng.choice(ITEMS), p=NAMES[n].capitalize(), p_l=NAMES[n], **said)
+            q = q[0].upper() + q[1:]
             if rng.random() < 0.5:  # an irrelevant number: the solver has to pick the right ones
                 sents = q.split(". ")
                 at = rng.randrange(len(sents))
