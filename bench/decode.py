@@ -8,8 +8,10 @@ ignored on both sides so every row decodes the full length), greedy, same dtype 
 default); batch 1 and 16. Ours is measured twice: the default eager fast path and with `compile=True`
 (torch.compile'd decode step; CUDA graphs on GPU; compile time is excluded, a warm-up run pays it). The
 measurements are interleaved in rounds and each keeps its best, so load on a shared machine hits all sides
-alike. llama.cpp (GGUF) is not measured here. The last line printed is one JSON object with the ratios
-`vs_hf_batch1` and `vs_hf_batch16` (our best configuration) and per configuration.
+alike. llama.cpp runs batch 1 on the GGUF export in the same dtype (llama-cpp-python, f32 KV cache, all
+layers offloaded if it was built with GPU support; skipped if not installed). The last line printed is one
+JSON object with the ratios `vs_hf_batch1`, `vs_hf_batch16` and `vs_llamacpp_batch1` (our best
+configuration) and per configuration.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from exocortex.checkpoint import latest_checkpoint, load_model  # noqa: E402
 from exocortex.engine import Engine  # noqa: E402
 from exocortex.export import export_hf  # noqa: E402
+from exocortex.export_gguf import export_gguf  # noqa: E402
 from exocortex.tokenizer import Tokenizer  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Tell me about the town of Hiswick and the people who live there."}]
@@ -58,6 +61,29 @@ def time_hf(model, prompt: list[int], batch: int, new_tokens: int) -> float:
     return batch * new_tokens / (time.perf_counter() - t)
 
 
+def llamacpp_runner(run: str, stage: str, dtype: str, prompt: list[int], new_tokens: int, tmp: str):
+    """Batch 1 in llama.cpp on the GGUF export, or None without llama-cpp-python. Prefill is timed, as on
+    the other sides; generate() ignores stop tokens; reset() so no run reuses the previous prompt cache."""
+    try:
+        from llama_cpp import GGML_TYPE_F32, Llama
+    except ImportError:
+        print("llama.cpp: skipped (pip install llama-cpp-python)")
+        return None
+    path = export_gguf(run, os.path.join(tmp, "model.gguf"), stage=stage, dtype=dtype)
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_batch=512, n_gpu_layers=-1,
+                n_threads=torch.get_num_threads(), type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False)
+
+    def run_once() -> float:
+        llm.reset()
+        t = time.perf_counter()
+        for n, _ in enumerate(llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True), 1):
+            if n == new_tokens:
+                break
+        return new_tokens / (time.perf_counter() - t)
+
+    return run_once
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/tiny")
@@ -86,7 +112,9 @@ def main():
     print(f"torch {torch.__version__}, {args.device} ({torch.get_num_threads()} threads); model "
           f"{model.num_params() / 1e6:.2f}M params; prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"greedy, {args.dtype}", flush=True)
-    runs = {}
+    tmp = tempfile.TemporaryDirectory()
+    llamacpp = llamacpp_runner(args.run, args.stage, args.dtype, prompt, args.new_tokens, tmp.name)
+    runs = {("llamacpp", 1): llamacpp} if llamacpp else {}
     for batch in (1, 16):
         for name, eng in ours.items():
             runs[(name, batch)] = lambda eng=eng, batch=batch: time_ours(eng, prompt, batch, args.new_tokens)
@@ -110,6 +138,12 @@ def main():
             if name != "hf":
                 out[f"{name}_vs_hf_batch{batch}"] = round(best[(name, batch)] / hf_tok_s, 2)
         out[f"vs_hf_batch{batch}"] = round(max(best[(n, batch)] for n in ours) / hf_tok_s, 2)
+    if llamacpp:
+        theirs = best[("llamacpp", 1)]
+        print(f"{1:5d} {'llama.cpp':>20} {theirs:9,.0f}   (ours/llama.cpp {max(best[(n, 1)] for n in ours) / theirs:.2f}x)")
+        out["llamacpp_batch1_tok_s"] = round(theirs, 1)
+        out["vs_llamacpp_batch1"] = round(max(best[(n, 1)] for n in ours) / theirs, 2)
+    tmp.cleanup()
     print(json.dumps(out))
 
 

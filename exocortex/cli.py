@@ -147,14 +147,25 @@ def cmd_chat(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from exocortex.export import export_hf, verify_hf
-
     cfg = existing_config(args, "export")
     from exocortex.chat import chat_checkpoint
 
     stage = args.from_stage or chat_checkpoint(cfg).parent.name  # default: the newest chat stage
+    if args.format == "gguf":
+        from exocortex.export_gguf import export_gguf, verify_gguf
+
+        dtype = args.dtype or "float16"
+        suffix = "" if not args.from_stage else f"-{stage}"
+        out = Path(args.out) if args.out else cfg.run_dir / "gguf" / f"{cfg.run_dir.name}{suffix}-{dtype}.gguf"
+        export_gguf(cfg.run_dir, out, stage=stage, dtype=dtype)
+        print(f"exported the {stage} model to {out} (run with llama.cpp: llama-cli -m {out} --jinja)")
+        if args.verify:
+            print(f"verified against exocortex: {verify_gguf(out, cfg.run_dir, stage)}")
+        return
+    from exocortex.export import export_hf, verify_hf
+
     out = Path(args.out) if args.out else cfg.run_dir / ("hf" if not args.from_stage else f"hf-{stage}")
-    export_hf(cfg.run_dir, out, stage=stage, dtype=args.dtype)
+    export_hf(cfg.run_dir, out, stage=stage, dtype=args.dtype or "float32")
     print(f"exported the {stage} model to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     if args.verify:
         print(f"verified against exocortex: {verify_hf(out, cfg.run_dir, stage)}")
@@ -183,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
              "chat": "talk to your model",
              "report": "write runs/<name>/report.md",
              "serve": "serve the chat model: OpenAI-compatible API (/v1) and a web chat page (/)",
-             "export": "write a Hugging Face transformers (Qwen3) directory: weights, config, tokenizer, chat template", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
+             "export": "write a Hugging Face transformers (Qwen3) directory, or a GGUF file for llama.cpp / Ollama "
+             "(--format gguf): weights, tokenizer, chat template", "speedrun": "every stage in order (tiny preset: ~15 min on a CPU)"}
     for name in STAGES:
         s = sub.add_parser(name, help=helps[name])
         s.add_argument("--run", "--run-name", dest="run", default=None,
@@ -207,11 +219,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="torch.compile the decode step (first requests wait for the compiler)")
             s.add_argument("--max-prompt-tokens", type=int, default=None)
         if name == "export":
-            s.add_argument("--out", default=None, help="output directory (default: runs/<name>/hf)")
+            s.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                           help="hf: a transformers directory; gguf: one file for llama.cpp / Ollama")
+            s.add_argument("--out", default=None, help="output directory (hf; default runs/<name>/hf) or .gguf "
+                           "file (gguf; default runs/<name>/gguf/<name>-<dtype>.gguf)")
             s.add_argument("--stage", dest="from_stage", default=None, choices=["rl", "sft", "midtrain", "pretrain"],
                            help="which checkpoint to export (default: the newest of rl, sft, midtrain)")
-            s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-            s.add_argument("--verify", action="store_true", help="load the export with transformers and compare")
+            s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                           help="weights: hf float32 (default) | bfloat16; gguf float16 (default) | float32 | "
+                           "bfloat16")
+            s.add_argument("--verify", action="store_true",
+                           help="load the export (transformers / llama-cpp-python) and compare with exocortex")
         if name == "eval":
             s.add_argument("--stages", default=None, help="comma-separated subset of pretrain,midtrain,sft,rl")
         if name in ("chat", "serve"):

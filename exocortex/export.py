@@ -227,6 +227,30 @@ def generation_config(tok: Tokenizer) -> dict:
     }
 
 
+def check_export_target(run_dir: Path, target: Path, advice: str) -> None:
+    """An export may not overwrite the run directory itself, nor go into its tokenizer or checkpoints."""
+    resolved, run = Path(target).resolve(), Path(run_dir).resolve()
+    for reserved in (run, run / "tokenizer", run / "checkpoints"):
+        if resolved == reserved or (reserved != run and reserved in resolved.parents):
+            raise ExocortexError(f"export into {advice}, not {target}")
+
+
+def load_for_export(run_dir: Path, stage: str):
+    """The run's tokenizer and latest `stage` model on the CPU: (tok, model, meta, checkpoint dir)."""
+    from exocortex.checkpoint import load_model, require_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ExocortexError(f"no run at {run_dir}; train one with `exocortex speedrun` first")
+    ckpt = require_checkpoint(run_dir, stage, f"exocortex {stage} --run {run_dir}")
+    tok = Tokenizer.load(run_dir / "tokenizer")
+    model, meta = load_model(ckpt, "cpu")
+    if model.cfg.vocab_size < tok.vocab_size:
+        raise ExocortexError(f"checkpoint {ckpt} has vocab {model.cfg.vocab_size} but the run's tokenizer has "
+                             f"{tok.vocab_size} tokens; they do not belong together")
+    return tok, model.eval(), meta, ckpt
+
+
 def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, stage: str = "sft",
               dtype: str = "float32") -> Path:
     """Write the latest `stage` checkpoint of a run as a transformers model directory; returns out_dir.
@@ -235,27 +259,15 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, stage: str
     import torch
     from safetensors.torch import save_file
 
-    from exocortex.checkpoint import load_model, require_checkpoint
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ExocortexError(f"export dtype must be float32 or bfloat16, got '{dtype}'")
     dtype = DTYPES[dtype]
-    if not run_dir.is_dir():
-        raise ExocortexError(f"no run at {run_dir}; train one with `exocortex speedrun` first")
-    ckpt = require_checkpoint(run_dir, stage, f"exocortex {stage} --run {run_dir}")
-    tok = Tokenizer.load(run_dir / "tokenizer")
-    model, meta = load_model(ckpt, "cpu")
-    cfg = model.cfg
-    if cfg.vocab_size < tok.vocab_size:
-        raise ExocortexError(f"checkpoint {ckpt} has vocab {cfg.vocab_size} but the run's tokenizer has "
-                             f"{tok.vocab_size} tokens; they do not belong together")
+    tok, model, meta, ckpt = load_for_export(run_dir, stage)
     if out_dir.exists() and not out_dir.is_dir():
         raise ExocortexError(f"export target {out_dir} exists and is not a directory")
-    target, run = out_dir.resolve(), run_dir.resolve()
-    for reserved in (run, run / "tokenizer", run / "checkpoints"):
-        if target == reserved or (reserved != run and reserved in target.parents):
-            raise ExocortexError(f"export into a directory of its own (e.g. {run_dir / 'hf'}), not {out_dir}")
+    check_export_target(run_dir, out_dir, f"a directory of its own (e.g. {run_dir / 'hf'})")
+    cfg = model.cfg
     hf_tok = build_hf_tokenizer(tok)  # before writing anything: this is what can fail
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -288,15 +300,11 @@ def verify_hf(out_dir: str | os.PathLike, run_dir: str | os.PathLike, stage: str
     raises ExocortexError on any mismatch. Cheap (one forward pass of at most 64 tokens)."""
     import torch
 
-    from exocortex.checkpoint import load_model, require_checkpoint
-
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         raise ExocortexError("verifying an export needs transformers: pip install transformers") from None
-    run_dir = Path(run_dir)
-    tok = Tokenizer.load(run_dir / "tokenizer")
-    model, _ = load_model(require_checkpoint(run_dir, stage, f"exocortex {stage} --run {run_dir}"), "cpu")
+    tok, model, _, _ = load_for_export(Path(run_dir), stage)
     hf_model = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
     g = torch.Generator().manual_seed(seed)
