@@ -11,7 +11,8 @@ from exocortex.checkpoint import load_model, save_checkpoint  # noqa: E402
 from exocortex.cli import main as cli_main  # noqa: E402
 from exocortex.config import ExocortexError, make_config, save_config  # noqa: E402
 from exocortex.engine import Engine  # noqa: E402
-from exocortex.export_gguf import GGUF_CHAT_TEMPLATE, export_gguf, load_llama, verify_gguf  # noqa: E402
+from exocortex.export_gguf import (GGUF_CHAT_TEMPLATE, export_gguf, load_llama, render_with_llama_cpp,  # noqa: E402
+                                   verify_gguf)  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from exocortex.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -138,6 +139,7 @@ def test_greedy_generation_matches_engine(llm, run, etok):
     ours = eng.complete(prompt, max_tokens=16, temperature=0)[0]
     assert len(ours) == 16
     theirs = []
+    llm.reset()
     for t in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
         theirs.append(int(t))
         if len(theirs) == 16:
@@ -145,18 +147,38 @@ def test_greedy_generation_matches_engine(llm, run, etok):
     assert theirs == ours
 
 
-def test_chat_completion_uses_the_template(llm, run, etok):
-    # llama-cpp-python renders the GGUF's chat template (plain jinja2) and decodes greedily: same text as ours
+def test_chat_template(llm, etok):
+    # the file's template, rendered by llama-cpp-python's jinja2 formatter, gives our chat format's ids
+    conv = [
+        {"role": "system", "content": "You are exocortex."},
+        {"role": "user", "content": [{"type": "text", "text": "What is 12*7"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Let me compute. "},
+            {"type": "tool_call", "text": "calc(12*7)"},
+            {"type": "tool_output", "text": "84"},
+            {"type": "text", "text": "It is 84."}]},
+        {"role": "user", "content": "Thanks! 🙂  \n\n  12345 it's"},
+    ]
+    assert render_with_llama_cpp(llm, conv) == etok.render_for_completion(conv)
+    assert render_with_llama_cpp(llm, conv[:3]) == etok.render_for_completion(conv[:3])  # trailing assistant dropped
+    with pytest.raises(Exception, match="system message may only come first"):
+        render_with_llama_cpp(llm, [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}])
+
+
+def test_chat_completion(llm, run, etok):
+    # llama-cpp-python's chat API, greedy: the prompt has one <|bos|>, and the reply is our Engine's
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who sells glimmerfern?"}]
-    eng = Engine(run["model"], etok, torch.device("cpu"))
-    ours = eng.complete(etok.render_for_completion(messages), max_tokens=12, temperature=0)[0]
+    prompt = etok.render_for_completion(messages)
+    ours = Engine(run["model"], etok, torch.device("cpu")).complete(prompt, max_tokens=12, temperature=0)[0]
     out = llm.create_chat_completion(messages=messages, max_tokens=12, temperature=0.0, top_k=1, repeat_penalty=1.0)
-    assert out["choices"][0]["message"]["content"] == etok.decode(ours)
-    assert out["usage"]["prompt_tokens"] == len(etok.render_for_completion(messages))  # one <|bos|>, not two
+    assert out["usage"]["prompt_tokens"] == len(prompt)
+    # a random model emits stray UTF-8 bytes: llama-cpp-python drops them (and finishes a split character)
+    text = out["choices"][0]["message"]["content"]
+    assert len(text) > 5 and text.startswith(etok.decode_bytes(ours).decode("utf-8", errors="ignore"))
 
 
-@pytest.mark.parametrize("dtype,tol", [("float16", 0.01), ("bfloat16", 0.04)])
-def test_half_precision_exports(run, dtype, tol):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_exports(run, dtype):
     pytest.importorskip("llama_cpp", reason="needs llama-cpp-python")
     path = export_gguf(run["run_dir"], run["tmp"] / f"g-{dtype}.gguf", dtype=dtype)
     r = gguf.GGUFReader(path)
