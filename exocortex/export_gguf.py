@@ -75,8 +75,8 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
                 dtype: str = "float16") -> Path:
     """Write the latest `stage` checkpoint of a run as one GGUF file; returns its path.
 
-    dtype: float16 (default: half the size, what llama.cpp runs fastest on a CPU short of quantizing),
-    float32 (exact weights) or bfloat16. Norm gains stay float32, as in llama.cpp's own converter."""
+    dtype: float16 (default: half the size, llama.cpp's usual unquantized type), float32 (exact weights) or
+    bfloat16. Norm gains stay float32, as in llama.cpp's own converter."""
     import numpy as np
     import torch
     try:
@@ -131,6 +131,8 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
         if t.ndim == 1 or ftype == "f32":
             w.add_tensor(gguf_tensor_name(name), t.numpy())
         elif ftype == "f16":
+            if t.abs().max() > 65504:  # float16's largest finite value
+                raise ExocortexError(f"{name} has weights beyond float16's range; export as bfloat16 or float32")
             w.add_tensor(gguf_tensor_name(name), t.to(torch.float16).numpy())
         else:  # numpy has no bfloat16: hand over the raw bytes
             raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
@@ -140,9 +142,6 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)

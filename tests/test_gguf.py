@@ -203,7 +203,7 @@ def test_verify_gguf(run, monkeypatch):
         verify_gguf(bad, run["run_dir"])
 
 
-def test_export_errors(run, tmp_path):
+def test_export_errors(run, etok, tmp_path):
     with pytest.raises(ExocortexError, match="no run at"):
         export_gguf(tmp_path / "nope", tmp_path / "x.gguf")
     with pytest.raises(ExocortexError, match="no 'pretrain' checkpoint"):
@@ -220,6 +220,15 @@ def test_export_errors(run, tmp_path):
     save_checkpoint(bare, "sft", 1, model, model.cfg)
     with pytest.raises(ExocortexError, match="no tokenizer"):
         export_gguf(bare, tmp_path / "x.gguf")
+    # a weight float16 cannot hold: an error, not a file full of inf
+    etok.save(bare / "tokenizer")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
+    save_checkpoint(bare, "sft", 2, model, model.cfg)
+    with pytest.raises(ExocortexError, match="beyond float16's range"):
+        export_gguf(bare, tmp_path / "x.gguf")
+    assert export_gguf(bare, tmp_path / "big" / "x.gguf", dtype="bfloat16").exists()
+    (tmp_path / "big" / "x.gguf").unlink()
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
 
 
