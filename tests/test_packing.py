@@ -27,9 +27,9 @@ def test_best_fit_takes_the_longest_that_fits_and_crops_only_when_none_does():
     # row 1: 9 fits best, then room 1 < every length: crop the shortest (2) to 1 token
     # row 2: 7, then 3 fills it exactly; the leftover 4 cannot fill a row alone: dropped, never padded
     assert rows == [[(3, 9), (4, 1)], [(1, 7), (2, 3)]]
-    # a document longer than a row is cropped to the row
-    row_ptr, doc, take = pack_bestfit([25], row_len=10)
-    assert doc.tolist() == [0] and take.tolist() == [10]
+    # a document longer than any row opens a row of its own (rather than being cropped into a small gap)
+    row_ptr, doc, take = pack_bestfit([6, 30, 6, 6], row_len=10)
+    assert row_ptr.tolist() == [0, 1, 3] and doc.tolist() == [1, 0, 2] and take.tolist() == [10, 6, 4]
 
 
 def test_rows_are_whole_documents_from_their_start_without_padding():

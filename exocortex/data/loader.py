@@ -12,7 +12,7 @@ Pretraining rows come in two packings (config data.packing):
 """
 from __future__ import annotations
 
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 
 import numpy as np
 import torch
@@ -71,7 +71,10 @@ def pack_bestfit(lens: list[int], row_len: int, window: int = 1000) -> tuple[np.
     A window of the next `window` documents is kept sorted by length. Each row starts with a document
     and takes, again and again, the longest one that still fits; when none fits the room left, the
     shortest is cropped to fill the row exactly (its rest is dropped: rows must start at a document's
-    start). The window refills in stream order, so the mix of documents stays that of the stream.
+    start). A document longer than a row can never fit whole, so it opens a row of its own, cropped to
+    the row, where its crop keeps the most of it (measured: on web-like lengths with 2049-token rows,
+    80% of tokens used vs 67% when long documents wait to be cropped into small gaps; they would also
+    crowd the window). The window refills in stream order, so the mix of documents stays the stream's.
     A last row that the documents cannot fill is dropped (no padding).
 
     Returns (row_ptr, doc, take): row r is pieces row_ptr[r]:row_ptr[r+1]; a piece is the first
@@ -91,9 +94,12 @@ def pack_bestfit(lens: list[int], row_len: int, window: int = 1000) -> tuple[np.
             if not keys:
                 break
             i = bisect_right(keys, (room << 32) | _LOW) - 1
-            if i >= 0:
-                key = keys.pop(i)
-                take = key >> 32
+            if room == row_len and keys[-1] >> 32 > row_len:  # too long for any row: a row of its own
+                key = keys.pop()
+                take = room
+            elif i >= 0:  # the longest that fits (the earliest of equals: none waits forever)
+                take = keys[i] >> 32
+                key = keys.pop(bisect_left(keys, take << 32))
             else:  # nothing fits: crop the shortest
                 key = keys.pop(0)
                 take = room
