@@ -5,8 +5,9 @@
 
 Tokenizes the tiny preset's generated world once (into --run, reused if there), then pretrains the tiny
 model twice from the same initialization: rows cut from the token stream (`stream`, the old loader) and
-rows best-fit packed from whole documents (`bestfit`). Both final models are scored on both val sets (the
-stream-cut one and the BOS-aligned packed one), so neither loader is judged only by its own yardstick.
+rows best-fit packed from whole documents (`bestfit`). Both final models are scored on three val sets: the
+stream-cut rows, the best-fit packed rows (each loader's own yardstick), and each val document alone from
+its <|bos|> (favours neither).
 Also: training tokens/s, the loader's own time per micro-batch, and the share of training tokens one
 best-fit epoch uses (the rest is lost to cropping). The last line is one JSON object with the results.
 """
@@ -29,6 +30,27 @@ from exocortex.model import GPT  # noqa: E402
 from exocortex.pretrain import load_splits, run_tokenizer, train_source, val_batches  # noqa: E402
 from exocortex.tokenizer import Tokenizer  # noqa: E402
 from exocortex.train import train  # noqa: E402
+
+
+def doc_batches(split, seq_len: int, rows: int, max_tokens: int) -> list:
+    """Each val document alone in its row, from its <|bos|> (cropped to the row, targets -1 past its end):
+    a yardstick that favours neither packing."""
+    import numpy as np
+
+    out, batch, n = [], [], 0
+    for s, e in zip(split.starts, list(split.starts[1:]) + [len(split.tokens)]):
+        doc = np.asarray(split.tokens[s:min(e, s + seq_len + 1)], dtype=np.int64)
+        row = np.full(seq_len + 1, -1, dtype=np.int64)
+        row[:len(doc)] = doc
+        batch.append(row)
+        n += len(doc) - 1
+        if len(batch) == rows or n >= max_tokens:
+            t = torch.from_numpy(np.stack(batch))
+            out.append((t[:, :-1].clamp(min=0), t[:, 1:]))
+            batch = []
+        if n >= max_tokens:
+            break
+    return out
 
 
 def main() -> None:
@@ -59,21 +81,23 @@ def main() -> None:
         cfg.data.packing = packing
         vals[packing] = val_batches(cfg, T, rows, t.eval_tokens * 4)
         sources[packing] = train_source(cfg, T, rows)
+    vals["doc"] = doc_batches(load_splits(cfg)[1], T, rows, t.eval_tokens * 4)
 
     results = {}
     for packing in ("stream", "bestfit"):
         src = sources[packing]
+        src.get(0)  # packs the first block
         t0 = time.perf_counter()
-        for i in range(20):
-            src.get(10_000 + i)
-        loader_ms = (time.perf_counter() - t0) / 20 * 1000
+        for i in range(1, 101):
+            src.get(i)
+        loader_ms = (time.perf_counter() - t0) / 100 * 1000
         torch.manual_seed(cfg.seed)
         model = GPT(cfg.model)
         res = train(model, t, f"bench_{packing}", cfg.run_dir, src, vals[packing], device, dtype,
                     total_steps=args.steps or None)
         results[packing] = {"steps": res.steps, "tokens": res.tokens, "tok_per_s": res.tokens_per_second,
                             "loader_ms_per_batch": loader_ms,
-                            **{f"bpb_{v}_val": bits_per_byte(model, tok, vals[v], device, dtype) for v in vals}}
+                            **{f"bpb_{v}_val": bits_per_byte(model, tok, b, device, dtype) for v, b in vals.items()}}
 
     train_split, _ = load_splits(cfg)
     bf = sources["bestfit"]
@@ -81,15 +105,16 @@ def main() -> None:
     epoch_use = used / len(train_split.tokens)
 
     print(f"\n{'loader':8} {'steps':>6} {'tokens':>10} {'tok/s':>8} {'loader ms':>9} {'bpb stream val':>15} "
-          f"{'bpb packed val':>15}")
+          f"{'bpb packed val':>15} {'bpb doc val':>12}")
     for p, r in results.items():
         print(f"{p:8} {r['steps']:>6} {r['tokens']:>10,} {r['tok_per_s']:>8,.0f} {r['loader_ms_per_batch']:>9.2f} "
-              f"{r['bpb_stream_val']:>15.4f} {r['bpb_bestfit_val']:>15.4f}")
+              f"{r['bpb_stream_val']:>15.4f} {r['bpb_bestfit_val']:>15.4f} {r['bpb_doc_val']:>12.4f}")
     print(f"one best-fit epoch uses {epoch_use:.1%} of the training tokens (the rest is cropped)")
     s, b = results["stream"], results["bestfit"]
     print(json.dumps({"bestfit_over_stream": {
         "bpb_stream_val": b["bpb_stream_val"] / s["bpb_stream_val"],
         "bpb_packed_val": b["bpb_bestfit_val"] / s["bpb_bestfit_val"],
+        "bpb_doc_val": b["bpb_doc_val"] / s["bpb_doc_val"],
         "tok_per_s": b["tok_per_s"] / s["tok_per_s"]}, "epoch_token_use": epoch_use, **results}))
 
 
