@@ -30,8 +30,17 @@ def new_config(args) -> RunConfig:
     cfg = make_config(args.preset, args.set, name=path.name)
     cfg.runs_dir = str(path.parent)
     if getattr(args, "data", None):
-        cfg.data.path = str(Path(args.data).expanduser().resolve())
+        cfg.data.path = data_path(args.data)
     return cfg
+
+
+def data_path(arg: str) -> str:
+    """--data: a path, or hf:<owner>/<name> for a dataset fetched with `exocortex data download`."""
+    if arg.startswith("hf:"):
+        from exocortex.data.hub import downloaded_dir
+
+        return str(downloaded_dir(arg[3:]))
+    return str(Path(arg).expanduser().resolve())
 
 
 def existing_config(args, stage: str) -> RunConfig:
@@ -48,6 +57,7 @@ def peak_rss_mb() -> float:
 
 
 def cmd_speedrun(args) -> None:
+    from exocortex.data.tokens import has_token_data
     from exocortex.evaluate import run_eval
     from exocortex.pretrain import run_pretrain, run_tokenizer, write_summary
     from exocortex.report import run_report
@@ -63,7 +73,7 @@ def cmd_speedrun(args) -> None:
               ("midtrain", lambda: run_midtrain(cfg)), ("sft", lambda: run_sft(cfg)), ("rl", lambda: run_rl(cfg)),
               ("eval", lambda: run_eval(cfg))]
     for name, fn in stages:
-        if args.resume and name == "tokenizer" and (cfg.run_dir / "data" / "train.npy").exists():
+        if args.resume and name == "tokenizer" and has_token_data(cfg.run_dir / "data"):
             cfg = load_config(cfg.run_dir, args.set)
             continue
         print(f"\n=== {name} ===")
@@ -93,7 +103,7 @@ def cmd_pretrain(args) -> None:
         # a new corpus (or no run yet): tokenize it first (rank 0 only), then pretrain on it
         cfg = new_config(args) if not (path / "config.json").exists() else existing_config(args, "pretrain")
         if args.data:
-            cfg.data.path = str(Path(args.data).expanduser().resolve())
+            cfg.data.path = data_path(args.data)
         if distributed.is_main():
             run_tokenizer(cfg)
         distributed.barrier()
@@ -182,6 +192,33 @@ def cmd_serve(args) -> None:
           compile=args.compile)
 
 
+def cmd_data(args) -> None:
+    from exocortex.data.hub import download
+
+    if args.data_cmd != "download":
+        raise ExocortexError("usage: exocortex data download --dataset <owner/name> [--include GLOB] [--shards N]")
+    download(args.dataset, shards=args.shards, include=args.include, revision=args.revision,
+             cache_dir=args.cache_dir, workers=args.workers, verify=args.verify)
+
+
+def _data_parser(sub) -> None:
+    d = sub.add_parser("data", help="fetch pretraining data: `exocortex data download --dataset <owner/name>`")
+    dsub = d.add_subparsers(dest="data_cmd", metavar="<command>")
+    dl = dsub.add_parser("download", help="download parquet shards of a Hugging Face hub dataset (resumable, "
+                         "parallel, checksummed) into a local cache", description="Resumable, parallel, "
+                         "checksummed download of a hub dataset's parquet files. Then: exocortex pretrain "
+                         "--data hf:<owner/name> (or the printed cache directory).")
+    dl.add_argument("--dataset", required=True, help="hub dataset id, e.g. HuggingFaceFW/fineweb-edu")
+    dl.add_argument("--include", default="*.parquet",
+                    help="which files (glob on the path in the repo), e.g. 'sample/10BT/*.parquet'")
+    dl.add_argument("--shards", type=int, default=0, help="only the first N matching files (sorted); 0 = all")
+    dl.add_argument("--revision", default="main", help="branch, tag or commit")
+    dl.add_argument("--cache-dir", default=None,
+                    help="where to put them (default: ~/.cache/exocortex/datasets/<owner>/<name>)")
+    dl.add_argument("--workers", type=int, default=8, help="parallel downloads")
+    dl.add_argument("--verify", action="store_true", help="re-hash every cached file, not only changed ones")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exocortex", description="Own your LLM end to end.")
     sub = p.add_subparsers(dest="stage", metavar="<stage>")
@@ -206,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set pretrain.time_minutes=3 (repeatable)")
         if name in ("tokenizer", "pretrain", "speedrun"):
-            s.add_argument("--data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/.parquet")
+            s.add_argument("--data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/"
+                           ".parquet, or hf:<owner/name> for a dataset fetched with `exocortex data download`")
         if name in ("pretrain", "midtrain", "sft", "rl", "speedrun"):
             s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
         if name == "serve":
@@ -245,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--max-tokens", type=int, default=256)
             s.add_argument("--system", default=None, help="a system prompt")
             s.add_argument("--seed", type=int, default=None)
+    _data_parser(sub)
     return p
 
 

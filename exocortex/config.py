@@ -63,6 +63,17 @@ class DataConfig:
     world_seed: int = 0
     world_bytes: int = 24_000_000  # how much world text to generate
     val_fraction: float = 0.01
+    packing: str = "bestfit"     # pretraining rows: bestfit (each starts at a document, no padding) | stream
+    workers: int = 0             # tokenizer processes; 0 = one per available CPU core
+
+    def validate(self) -> None:
+        if self.packing not in PACKINGS:
+            raise ExocortexError(f"data.packing={self.packing!r}: choose one of {', '.join(PACKINGS)}")
+        if not 0 < self.val_fraction < 1:
+            raise ExocortexError(f"data.val_fraction={self.val_fraction}: must be between 0 and 1")
+
+
+PACKINGS = ("bestfit", "stream")
 
 
 @dataclass
@@ -280,6 +291,7 @@ def make_config(preset: str = "tiny", overrides: list[str] | None = None, name: 
     if name:
         cfg.name = name
     cfg.model.validate()
+    cfg.data.validate()
     if cfg.tokenizer.vocab_size != cfg.model.vocab_size:
         cfg.model.vocab_size = cfg.tokenizer.vocab_size  # the tokenizer decides; keep them equal
     return cfg

@@ -186,11 +186,10 @@ def chat_scores(engine, tok, tasks, cfg: RunConfig, samples: list, stage: str) -
 
 
 def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> dict:
-    from exocortex.data.loader import eval_batches
     from exocortex.data.world import World
     from exocortex.engine import Engine
     from exocortex.lookup import tools_for_run
-    from exocortex.pretrain import load_token_data, read_summary, write_summary
+    from exocortex.pretrain import read_summary, val_batches, write_summary
     from exocortex.sft import task_set
 
     t0 = time.time()
@@ -200,7 +199,6 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     present = [s for s in (stages or STAGES) if latest_checkpoint(cfg.run_dir, s) is not None]
     if not present:
         raise ExocortexError(f"{cfg.run_dir} has no checkpoints to evaluate; run `exocortex pretrain --run {cfg.name}` first")
-    _, val_tokens = load_token_data(cfg)
     world = World(seed=cfg.data.world_seed)
     incontext = world_incontext_tasks(world, cfg.eval.core_n, cfg.eval.seed)
     if cfg.eval.core_bundle:
@@ -215,7 +213,7 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> dict:
     for stage in present:
         ts = time.time()
         model, _ = load_model(latest_checkpoint(cfg.run_dir, stage), device)
-        val = eval_batches(val_tokens, model.cfg.seq_len, cfg.pretrain.device_batch, cfg.pretrain.eval_tokens * 4)
+        val = val_batches(cfg, model.cfg.seq_len, cfg.pretrain.device_batch, cfg.pretrain.eval_tokens * 4)
         r = {"val_bpb": bits_per_byte(model, tok, val, device, dtype)}
         r.update(core_scores(model, tok, incontext, device, dtype))
         if stage != "pretrain":

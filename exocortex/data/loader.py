@@ -1,24 +1,21 @@
 """Token arrays and deterministic batch sources for the training loop.
 
 Every source maps a micro-batch index to rows through a seeded per-epoch permutation, so the data order is
-a pure function of (seed, index): resuming at step s replays exactly what an uninterrupted run would see.
+a pure function of (seed, index): resuming at step s replays exactly what an uninterrupted run would see,
+and rank r of N (which takes micro-batches r, r+N, ...) sees exactly its share of one process's stream.
+
+Pretraining rows come in two packings (config data.packing):
+  bestfit  every row starts at a document's <|bos|> and is filled with whole documents chosen best-fit
+           from a window of upcoming ones; a document is cropped only when none fits the room left.
+           No padding, and no document is seen without its beginning (crops keep a document's start).
+  stream   the token stream cut into consecutive rows (rows start mid-document).
 """
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
+
 import numpy as np
 import torch
-
-from exocortex.tokenizer import Tokenizer
-
-
-def tokenize_documents(tok: Tokenizer, docs: list[str], chunk: int = 2048) -> np.ndarray:
-    """Concatenate documents, each starting with <|bos|>, into one flat token array (multi-threaded encode)."""
-    dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-    parts = []
-    for i in range(0, len(docs), chunk):
-        for ids in tok.encode_batch(docs[i:i + chunk], bos=True):
-            parts.append(np.asarray(ids, dtype=dtype))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 def _epoch_perm(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -61,6 +58,144 @@ def eval_batches(tokens: np.ndarray, seq_len: int, rows: int, max_tokens: int) -
     for i in range(0, n_rows, rows):
         chunk = np.stack([tokens[r * T:r * T + T + 1] for r in range(i, min(n_rows, i + rows))]).astype(np.int64)
         t = torch.from_numpy(chunk)
+        out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
+    return out
+
+
+_LOW = (1 << 32) - 1
+
+
+def pack_bestfit(lens: list[int], row_len: int, window: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pack documents (token counts `lens`, in stream order) into rows of exactly `row_len` tokens.
+
+    A window of the next `window` documents is kept sorted by length. Each row starts with a document
+    and takes, again and again, the longest one that still fits; when none fits the room left, the
+    shortest is cropped to fill the row exactly (its rest is dropped: rows must start at a document's
+    start). A document longer than a row can never fit whole, so it opens a row of its own, cropped to
+    the row, where its crop keeps the most of it (measured: on web-like lengths with 2049-token rows,
+    80% of tokens used vs 67% when long documents wait to be cropped into small gaps; they would also
+    crowd the window). The window refills in stream order, so the mix of documents stays the stream's.
+    A last row that the documents cannot fill is dropped (no padding).
+
+    Returns (row_ptr, doc, take): row r is pieces row_ptr[r]:row_ptr[r+1]; a piece is the first
+    take[i] tokens of document doc[i] (an index into lens).
+    """
+    keys: list[int] = []  # (length << 32) | index: sorted by length, ties in stream order
+    nxt, n = 0, len(lens)
+    docs: list[int] = []
+    takes: list[int] = []
+    row_ptr = [0]
+    while True:
+        room = row_len
+        while room > 0:
+            while len(keys) < window and nxt < n:
+                insort(keys, (lens[nxt] << 32) | nxt)
+                nxt += 1
+            if not keys:
+                break
+            i = bisect_right(keys, (room << 32) | _LOW) - 1
+            if room == row_len and keys[-1] >> 32 > row_len:  # too long for any row: a row of its own
+                key = keys.pop()
+                take = room
+            elif i >= 0:  # the longest that fits (the earliest of equals: none waits forever)
+                take = keys[i] >> 32
+                key = keys.pop(bisect_left(keys, take << 32))
+            else:  # nothing fits: crop the shortest
+                key = keys.pop(0)
+                take = room
+            docs.append(key & _LOW)
+            takes.append(take)
+            room -= take
+        if room > 0:  # out of documents: drop the unfinished row
+            del docs[row_ptr[-1]:], takes[row_ptr[-1]:]
+            break
+        row_ptr.append(len(docs))
+    return np.asarray(row_ptr, np.int64), np.asarray(docs, np.int64), np.asarray(takes, np.int64)
+
+
+def _doc_lengths(tokens: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return np.diff(np.append(np.asarray(starts, np.int64), len(tokens)))
+
+
+class BestFitRows:
+    """Best-fit packed rows of seq_len + 1 tokens, each starting at a document's <|bos|> (see pack_bestfit).
+
+    Documents are shuffled per epoch (seeded) and packed in blocks of `block_docs`, lazily: get(index)
+    is a pure function of index (exact resume, rank sharding) that only ever packs the blocks up to the
+    one it needs, so a huge corpus costs neither a long start nor memory for a whole-epoch plan.
+    """
+
+    def __init__(self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, rows: int, seed: int = 0,
+                 window: int = 1000, block_docs: int = 1 << 16):
+        self.tokens, self.seq_len, self.rows, self.seed = tokens, seq_len, rows, seed
+        self.starts = np.asarray(starts, np.int64)
+        self.lens = _doc_lengths(tokens, self.starts)
+        self.window, self.block_docs = window, block_docs
+        self.n_docs = len(self.starts)
+        self.n_blocks = max(1, -(-self.n_docs // block_docs))
+        if len(tokens) < rows * (seq_len + 1):
+            raise ValueError(f"only {len(tokens)} tokens: too few for one batch of {rows} x {seq_len}")
+        self._perm: tuple[int, np.ndarray] | None = None
+        self._cum: dict[int, list[int]] = {}   # epoch -> rows before each packed block
+        self._plans: dict[tuple[int, int], tuple] = {}
+
+    def _block(self, epoch: int, b: int):
+        """(document ids, row_ptr, piece doc positions, piece lengths) of block b of an epoch."""
+        key = (epoch, b)
+        if key not in self._plans:
+            if self._perm is None or self._perm[0] != epoch:
+                self._perm = (epoch, _epoch_perm(self.n_docs, self.seed, epoch))
+            ids = self._perm[1][b * self.block_docs:(b + 1) * self.block_docs]
+            plan = pack_bestfit(self.lens[ids].tolist(), self.seq_len + 1, self.window)
+            if len(self._plans) >= 2:  # get() walks forward: the current block and the next suffice
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = (ids, *plan)
+        return self._plans[key]
+
+    def _locate(self, k: int) -> tuple[int, int, int]:
+        """Global row number -> (epoch, block, row in block)."""
+        epoch = 0
+        while True:
+            cum = self._cum.setdefault(epoch, [0])
+            while len(cum) <= self.n_blocks and cum[-1] <= k:
+                cum.append(cum[-1] + len(self._block(epoch, len(cum) - 1)[1]) - 1)
+            if cum[-1] > k:
+                b = bisect_right(cum, k) - 1
+                return epoch, b, k - cum[b]
+            if cum[-1] == 0:
+                raise ValueError("no document packs into a full row")
+            k -= cum[-1]
+            epoch += 1
+
+    def row(self, k: int) -> np.ndarray:
+        epoch, b, r = self._locate(k)
+        ids, row_ptr, pos, take = self._block(epoch, b)
+        parts = [self.tokens[s:s + n] for s, n in zip(self.starts[ids[pos[row_ptr[r]:row_ptr[r + 1]]]],
+                                                     take[row_ptr[r]:row_ptr[r + 1]])]
+        return np.concatenate(parts)
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = np.stack([self.row(index * self.rows + j) for j in range(self.rows)]).astype(np.int64)
+        t = torch.from_numpy(chunk)
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def packed_eval_batches(tokens: np.ndarray, starts: np.ndarray, seq_len: int, rows: int,
+                        max_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Val batches packed like BestFitRows, from the first documents in order (no shuffle): the same every
+    time, comparable across runs."""
+    n_rows = max(1, max_tokens // seq_len)
+    lens = _doc_lengths(tokens, starts)
+    # enough documents for n_rows rows, with a margin for what cropping drops
+    n_docs = int(np.searchsorted(np.cumsum(lens), 2 * n_rows * (seq_len + 1) + 1000)) + 1000
+    row_ptr, pos, take = pack_bestfit(lens[:n_docs].tolist(), seq_len + 1)
+    out_rows = []
+    for r in range(min(n_rows, len(row_ptr) - 1)):
+        sl = slice(row_ptr[r], row_ptr[r + 1])
+        out_rows.append(np.concatenate([tokens[s:s + n] for s, n in zip(starts[pos[sl]], take[sl])]))
+    out = []
+    for i in range(0, len(out_rows), rows):
+        t = torch.from_numpy(np.stack(out_rows[i:i + rows]).astype(np.int64))
         out.append((t[:, :-1].contiguous(), t[:, 1:].contiguous()))
     return out
 

@@ -1,0 +1,242 @@
+"""Tokenize a corpus of any size into token files on disk, in parallel, deterministically.
+
+Worker processes each read and encode one task (data/sources.py: a parquet row group, a byte range of a
+.jsonl file, ...); results come back in task order, so the output is byte-identical for any number of
+workers. The main process streams them to disk as they arrive — nothing holds the whole corpus in memory.
+
+Layout of runs/<name>/data/:
+    train.bin, val.bin              every document as <|bos|> + its tokens, concatenated (uint16, or
+                                    uint32 for vocabularies over 65,536), read back with np.memmap
+    train.docs.npy, val.docs.npy    int64 offset of each document's <|bos|> (what best-fit packing needs)
+    meta.json                       dtype and counts; written last, so its presence means complete
+
+Document i (counting non-blank documents in corpus order) is held out for validation when
+i % val_every == 0 (sources.split_train_val's rule, so small corpora split exactly as before).
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from exocortex.config import ExocortexError, atomic_write_text
+from exocortex.data.sources import Task, read_task, task_file, val_every
+from exocortex.tokenizer import Tokenizer
+
+SPLITS = ("train", "val")
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= 65536 else np.uint32
+
+
+def encode_docs(tok: Tokenizer, docs: list[str], dtype, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Documents -> (tokens: <|bos|> + ids per document, concatenated; tokens per document; UTF-8 bytes
+    per document)."""
+    ids = tok.encode_batch(docs, num_threads=num_threads)
+    lens = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lens.sum()), dtype=dtype)
+    pos = 0
+    for x in ids:
+        out[pos] = tok.bos_id
+        out[pos + 1:pos + 1 + len(x)] = x
+        pos += len(x) + 1
+    nbytes = np.fromiter((len(d.encode("utf-8")) for d in docs), dtype=np.int64, count=len(docs))
+    return out, lens, nbytes
+
+
+# ----------------------------------------------------------------------------- worker processes
+_worker_tok: Tokenizer | None = None
+
+
+def _init_worker(ranks: dict[bytes, int]) -> None:
+    global _worker_tok
+    # the parent handles Ctrl-C and ends the pool; a forked child must not run the CLI's SIGTERM handler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _worker_tok = Tokenizer(ranks)
+
+
+def _encode_task(task: Task):
+    tok = _worker_tok
+    return encode_docs(tok, list(read_task(task)), token_dtype(tok.vocab_size))
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def encoded_tasks(tok: Tokenizer, tasks: list[Task], workers: int = 0) -> Iterator[tuple]:
+    """encode_docs of each task's documents, in task order. workers > 1: that many processes; 1: this
+    process, threads inside tiktoken. Workers are forked where the OS can (no re-import of the caller's
+    script, instant start; they only run tiktoken, numpy and pyarrow, never torch); spawned elsewhere."""
+    n = min(workers or default_workers(), len(tasks))
+    if n <= 1:
+        dtype = token_dtype(tok.vocab_size)
+        for task in tasks:
+            yield encode_docs(tok, list(read_task(task)), dtype, num_threads=0)
+        return
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(n, initializer=_init_worker, initargs=(tok.mergeable_ranks,)) as pool:
+        # ordered results; chunksize 1 keeps the head of the line moving when tasks differ in size
+        yield from pool.imap(_encode_task, tasks, chunksize=1)
+
+
+# ----------------------------------------------------------------------------- writing
+@dataclass
+class TokenStats:
+    documents: int = 0
+    train_tokens: int = 0
+    val_tokens: int = 0
+    train_bytes: int = 0
+
+
+class _SplitWriter:
+    def __init__(self, directory: Path, name: str):
+        self.bin = directory / f"{name}.bin"
+        self.f = open(self.bin, "wb")
+        self.n_tokens = 0
+        self.starts: list[np.ndarray] = []
+
+    def write(self, tokens: np.ndarray, lens: np.ndarray) -> None:
+        if len(lens):
+            self.starts.append(self.n_tokens + np.concatenate([[0], np.cumsum(lens[:-1])]))
+        tokens.tofile(self.f)
+        self.n_tokens += len(tokens)
+
+    def close(self) -> np.ndarray:
+        self.f.close()
+        starts = np.concatenate(self.starts).astype(np.int64) if self.starts else np.zeros(0, np.int64)
+        np.save(self.bin.with_name(self.bin.stem + ".docs.npy"), starts)
+        return starts
+
+
+def write_token_data(tok: Tokenizer, tasks: list[Task], out_dir: Path, val_fraction: float,
+                     workers: int = 0, progress: bool | None = None) -> TokenStats:
+    """Encode every task's documents and write the train/val token files into out_dir (see the module
+    docstring). A file that yields no documents at all is an error naming it."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    k = val_every(val_fraction)
+    writers = {s: _SplitWriter(out_dir, s) for s in SPLITS}
+    stats = TokenStats()
+    file_docs: dict[str, int] = {}
+    interactive = sys.stderr.isatty() if progress is None else progress
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc="tokenize", unit="chunk", disable=not interactive, dynamic_ncols=True)
+    t0 = last_print = time.time()
+    prev_file = None
+
+    def check_file(f: str | None) -> None:
+        if f is not None and file_docs.get(f, 0) == 0:
+            raise ExocortexError(f"{f}: no text (no non-blank documents); remove it")
+
+    results = encoded_tasks(tok, tasks, workers)
+    try:
+        for task, (tokens, lens, nbytes) in zip(tasks, results):
+            f = task_file(task)
+            if f != prev_file:
+                check_file(prev_file)  # results arrive in file order: the previous file is complete
+                prev_file = f
+            if f is not None:
+                file_docs[f] = file_docs.get(f, 0) + len(lens)
+            is_val = (stats.documents + np.arange(len(lens))) % k == 0
+            stats.documents += len(lens)
+            if is_val.any():
+                tok_val = np.repeat(is_val, lens)
+                writers["val"].write(tokens[tok_val], lens[is_val])
+                writers["train"].write(tokens[~tok_val], lens[~is_val])
+            else:
+                writers["train"].write(tokens, lens)
+            stats.train_bytes += int(nbytes[~is_val].sum())
+            bar.update(1)
+            if not interactive and time.time() - last_print > 30:
+                last_print = time.time()
+                n = writers["train"].n_tokens + writers["val"].n_tokens
+                print(f"tokenize: {bar.n}/{len(tasks)} chunks, {stats.documents:,} documents, {n:,} tokens "
+                      f"({n / (time.time() - t0):,.0f} tok/s)", flush=True)
+        check_file(prev_file)
+    finally:
+        results.close()  # on an error: stop the worker processes now
+        bar.close()
+        starts = {s: w.close() for s, w in writers.items()}
+    if stats.documents == 0:
+        raise ExocortexError("the corpus contains no text")
+    if stats.documents == 1:
+        stats.train_bytes = _split_single_document(out_dir, val_fraction, tok)
+    stats.train_tokens = _n_tokens(out_dir / "train.bin", tok.vocab_size)
+    stats.val_tokens = _n_tokens(out_dir / "val.bin", tok.vocab_size)
+    atomic_write_text(out_dir / "meta.json", json.dumps({
+        "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "bos_id": tok.bos_id, "vocab_size": tok.vocab_size,
+        "documents": stats.documents, "train_tokens": stats.train_tokens, "val_tokens": stats.val_tokens,
+        "train_documents": len(starts["train"]) if stats.documents > 1 else 1,
+        "val_documents": len(starts["val"]), "val_every": k}, indent=2))
+    return stats
+
+
+def _n_tokens(path: Path, vocab_size: int) -> int:
+    return path.stat().st_size // np.dtype(token_dtype(vocab_size)).itemsize
+
+
+def _split_single_document(out_dir: Path, val_fraction: float, tok: Tokenizer) -> int:
+    """One document (say, a whole book): rule i % k puts it in val; cut its tokens instead, the last
+    val_fraction becoming val (with its own <|bos|>). Returns the train part's UTF-8 bytes."""
+    dtype = token_dtype(tok.vocab_size)
+    doc = np.fromfile(out_dir / "val.bin", dtype=dtype)
+    cut = max(2, int(len(doc) * (1 - val_fraction)))
+    train, val = doc[:cut], np.concatenate([[tok.bos_id], doc[cut:] if cut < len(doc) else doc[-100:]]).astype(dtype)
+    for name, arr in (("train", train), ("val", val)):
+        arr.tofile(out_dir / f"{name}.bin")
+        np.save(out_dir / f"{name}.docs.npy", np.zeros(1, np.int64))
+    return len(tok.decode_bytes(train[1:].tolist()))
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class TokenSplit:
+    tokens: np.ndarray   # memory-mapped: the corpus never has to fit in RAM
+    starts: np.ndarray   # offset of each document's <|bos|>
+
+
+def has_token_data(data_dir: Path) -> bool:
+    d = Path(data_dir)
+    return (d / "meta.json").exists() or ((d / "train.npy").exists() and (d / "val.npy").exists())
+
+
+def read_split(data_dir: Path, name: str, bos_id: int | None = None) -> TokenSplit:
+    d = Path(data_dir)
+    if (d / "meta.json").exists():
+        meta = json.loads((d / "meta.json").read_text())
+        path = d / f"{name}.bin"
+        if path.stat().st_size == 0:
+            tokens = np.zeros(0, dtype=meta["dtype"])
+        else:
+            tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
+        return TokenSplit(tokens, np.load(d / f"{name}.docs.npy"))
+    # runs tokenized before token files: one .npy per split, documents found by their <|bos|>
+    tokens = np.load(d / f"{name}.npy", mmap_mode="r")
+    starts = np.flatnonzero(np.asarray(tokens) == bos_id) if bos_id is not None else np.zeros(1, np.int64)
+    return TokenSplit(tokens, starts.astype(np.int64))
+
+
+def commit_token_data(tmp_dir: Path, data_dir: Path) -> None:
+    """Move freshly written token files into place (meta.json last) and drop an older run's files."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "meta.json").unlink(missing_ok=True)
+    for old in ("train.npy", "val.npy"):
+        (data_dir / old).unlink(missing_ok=True)
+    for f in sorted(tmp_dir.iterdir(), key=lambda p: p.name == "meta.json"):
+        os.replace(f, data_dir / f.name)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
