@@ -1,11 +1,12 @@
 """Questions about the generated world.
 
-- facts: about people, places and things the model read during pretraining; answered from memory.
-- facts_mc: the same knowledge as multiple choice (letter answers).
-- lookup: about people who were held out of the pretraining corpus (World.held_out_names): the model cannot
-  know them, so the reference answer calls `lookup(name)` and answers from the passage it gets back. Half of
-  the held-out people are used for training, the other half only for testing: at test time neither the
-  person nor their facts were ever seen, so accuracy measures looking up, not remembering.
+- facts: about places and things the model read during pretraining; answered from memory.
+- facts_mc: questions about people, places and things as multiple choice (letter answers).
+- lookup: every question about a person is answered by calling `lookup(name)` and reading the passage it
+  returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
+  neither the person nor their facts were ever seen, so accuracy there measures looking up, not remembering.
+  (A small model cannot tell a name it knows from one it does not, so the rule is by kind of question,
+  not by familiarity; measured: with "lookup only for unknown people" it almost never called the tool.)
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ class Facts(Task):
     def __init__(self, world):
         self.world = world
         self.by_split = {"train": [], "test": []}
+        people = {p.name for p in world.people}
         for f in world.facts():
-            if not world.is_held_out(f.subject):
+            if f.subject not in people:
                 self.by_split[split_of(f.subject + "|" + f.relation)].append(f)
 
     def example(self, rng: random.Random, split: str) -> dict:
@@ -40,8 +42,11 @@ class FactsMC(MultipleChoiceTask):
     chance = 0.25
 
     def __init__(self, world):
-        self.facts = Facts(world)
         self.world = world
+        self.by_split = {"train": [], "test": []}
+        for f in world.facts():
+            if not world.is_held_out(f.subject):
+                self.by_split[split_of(f.subject + "|" + f.relation)].append(f)
         self.values: dict[str, list[str]] = {}
         for f in world.facts():
             self.values.setdefault(f.relation, [])
@@ -50,7 +55,7 @@ class FactsMC(MultipleChoiceTask):
 
     def example(self, rng: random.Random, split: str) -> dict:
         while True:
-            f = rng.choice(self.facts.by_split[split])
+            f = rng.choice(self.by_split[split])
             others = [v for v in self.values[f.relation] if v.lower() != f.value.lower()]
             if len(others) >= 3:
                 break
@@ -68,9 +73,11 @@ class Lookup(Task):
         self.world = world
         self.index = index or world_index(world)
         self.by_split = {"train": [], "test": []}
+        people = {p.name for p in world.people}
         for f in world.facts():
-            if world.is_held_out(f.subject):
-                self.by_split[split_of("lookup|" + f.subject, 50)].append(f)
+            if f.subject in people:
+                test = world.is_held_out(f.subject) and split_of("lookup|" + f.subject, 50) == "test"
+                self.by_split["test" if test else "train"].append(f)
 
     def example(self, rng: random.Random, split: str) -> dict:
         f = rng.choice(self.by_split[split])
