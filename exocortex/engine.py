@@ -47,6 +47,7 @@ class RowState:
     in_tool_call: bool = False
     call_tokens: list = field(default_factory=list)
     done: bool = False
+    context: str = ""  # the user's last message: what `lookup()` without a query searches for
 
 
 class Engine:
@@ -93,7 +94,8 @@ class Engine:
         else:
             logits = torch.cat([dec.prefill(p, list(range(i * num_samples, (i + 1) * num_samples)))
                                 for i, p in enumerate(prompts)])
-        rows = [RowState() for _ in range(n_rows)]
+        contexts = [self.last_user_text(p) for p in prompts]
+        rows = [RowState(context=contexts[r // num_samples]) for r in range(n_rows)]
         n_steps = max_len - longest
         for i in range(n_steps):
             if stats is not None and temperature > 0:
@@ -121,7 +123,7 @@ class Engine:
                     row.in_tool_call, row.call_tokens = True, []
                 elif token == self.call_end and row.in_tool_call:
                     row.in_tool_call = False
-                    result = run_tool_call(self.tok.decode(row.call_tokens), self.tools)
+                    result = run_tool_call(self.tok.decode(row.call_tokens), self.tools, row.context)
                     row.forced.extend([self.out_start] + self.tok.encode(result) + [self.out_end])
                 elif row.in_tool_call:
                     row.call_tokens.append(token)
@@ -130,6 +132,16 @@ class Engine:
                 return
             # finished rows stop advancing (and rows past the last busy one are not computed)
             logits = dec.step(column) if self.weights is None else dec.step(column, [not r.done for r in rows])
+
+    def last_user_text(self, prompt: list[int]) -> str:
+        """The text of the last user message in a rendered prompt ('' if there is none)."""
+        sp = self.tok.special
+        start, end = sp["<|user_start|>"], sp["<|user_end|>"]
+        if start not in prompt:
+            return ""
+        i = len(prompt) - 1 - prompt[::-1].index(start)
+        j = prompt.index(end, i) if end in prompt[i:] else len(prompt)
+        return self.tok.decode(prompt[i + 1:j])
 
     def decoder(self, batch_size: int, max_len: int):
         """Prefill/step machinery for `batch_size` rows of up to `max_len` tokens: the fast static-cache decoder
@@ -450,7 +462,9 @@ class Batcher:
             st.in_tool_call, st.call_tokens = True, []
         elif token == eng.call_end and st.in_tool_call:
             st.in_tool_call = False
-            row.tool = self.tool_pool.submit(run_tool_call, eng.tok.decode(st.call_tokens), eng.tools)
+            if not st.context:
+                st.context = eng.last_user_text(row.req.prompt)
+            row.tool = self.tool_pool.submit(run_tool_call, eng.tok.decode(st.call_tokens), eng.tools, st.context)
             row.tool.add_done_callback(lambda _: self._wake())
         elif st.in_tool_call:
             st.call_tokens.append(token)

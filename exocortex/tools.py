@@ -84,13 +84,18 @@ def parse_tool_call(text: str) -> tuple[str, str]:
     return m.group(1), m.group(2)
 
 
-def run_tool_call(text: str, tools: dict[str, Callable[[str], str]] | None = None) -> str:
-    """Run one tool call; never raises: errors come back as text the model can read."""
+def run_tool_call(text: str, tools: dict[str, Callable[[str], str]] | None = None, context: str = "") -> str:
+    """Run one tool call; never raises: errors come back as text the model can read.
+
+    `lookup()` with no query searches for `context`, the user's last message: a small model can decide *when*
+    to look something up without having to copy an unfamiliar name into the query (which it does badly)."""
     tools = TOOLS if tools is None else tools
     try:
         name, args = parse_tool_call(text)
         if name not in tools:
             raise ToolError(f"unknown tool '{name}'")
+        if name == "lookup" and not args.strip() and context:
+            args = context
         return tools[name](args)
     except ToolError as e:
         return f"error: {e}"

@@ -74,3 +74,18 @@ def test_prompts_of_different_lengths_batch_like_each_alone(tok, small_cfg):
     stats: dict = {}
     outs = eng.complete(prompts, num_samples=2, max_tokens=6, temperature=1.0, seed=3, stats=stats)
     assert len(outs) == 6 and stats["sampled"] > 0 and stats["entropy_sum"] > 0
+
+
+def test_empty_lookup_searches_the_users_question(tok, small_cfg):
+    sp = tok.special
+    script = [sp["<|tool_call_start|>"], *tok.encode("lookup()"), sp["<|tool_call_end|>"], sp["<|assistant_end|>"]]
+    small_cfg.vocab_size = tok.vocab_size
+    seen = []
+    eng = Engine(Scripted(small_cfg, script), tok, torch.device("cpu"),
+                 tools={"lookup": lambda q: seen.append(q) or "found"})
+    prompt = tok.render_for_completion([{"role": "user", "content": "where does Mira live?"},
+                                        {"role": "assistant", "content": "in Tarsk"},
+                                        {"role": "user", "content": "and who sells glimmerfern?"}])
+    out = eng.complete(prompt, max_tokens=30, temperature=0)[0]
+    assert seen == ["and who sells glimmerfern?"]
+    assert eng.to_parts(out)[1] == {"type": "tool_output", "text": "found"}

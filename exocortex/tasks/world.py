@@ -2,8 +2,8 @@
 
 - facts: about places and things the model read during pretraining; answered from memory.
 - facts_mc: questions about people, places and things as multiple choice (letter answers).
-- lookup: every question about a person is answered by calling `lookup(name)` and reading the passage it
-  returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
+- lookup: every question about a person is answered by calling `lookup()` — which searches the question
+  itself — and reading the passage it returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
   neither the person nor their facts were ever seen, so accuracy there measures looking up, not remembering.
   (A small model cannot tell a name it knows from one it does not, so the rule is by kind of question,
   not by familiarity; measured: with "lookup only for unknown people" it almost never called the tool.)
@@ -81,12 +81,12 @@ class Lookup(Task):
 
     def example(self, rng: random.Random, split: str) -> dict:
         f = rng.choice(self.by_split[split])
-        parts = [{"type": "tool_call", "text": f"lookup({f.subject})"},
-                 {"type": "tool_output", "text": self.index(f.subject)},
+        q = self.world.ask(f, rng)
+        # `lookup()` searches the question itself (the engine passes the user's message): no name to copy
+        parts = [{"type": "tool_call", "text": "lookup()"}, {"type": "tool_output", "text": self.index(q)},
                  {"type": "text", "text": f.answer}]
         return {"task": self.name, "answer": f.value,
-                "messages": [{"role": "user", "content": self.world.ask(f, rng)},
-                             {"role": "assistant", "content": parts}]}
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
 
     def grade(self, answer_text: str, example: dict) -> bool:
         return grade_contains(answer_text, example["answer"])
