@@ -136,8 +136,8 @@ class Engine:
     def last_user_text(self, prompt: list[int]) -> str:
         """The text of the last user message in a rendered prompt ('' if there is none)."""
         sp = self.tok.special
-        start, end = sp["<|user_start|>"], sp["<|user_end|>"]
-        if start not in prompt:
+        start, end = sp.get("<|user_start|>"), sp.get("<|user_end|>")
+        if start is None or start not in prompt:
             return ""
         i = len(prompt) - 1 - prompt[::-1].index(start)
         j = prompt.index(end, i) if end in prompt[i:] else len(prompt)
