@@ -1,7 +1,7 @@
 """Decode speed: exocortex's engine vs HF transformers `generate` on the exported model, same run.
 
     python bench/decode.py --run runs/tiny [--new-tokens 128] [--stage sft] [--rounds 3] [--no-compile]
-    python bench/decode.py --run runs/d12 --device cuda --dtype bfloat16      # on a GPU
+    python bench/decode.py --run none --preset d12 --device cuda --dtype bfloat16   # GPU, random d12 model
 
 Same weights (exported with `exocortex export`), same prompt, same number of new tokens (stop tokens are
 ignored on both sides so every row decodes the full length), greedy, same dtype on both sides (fp32 by
@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,6 +31,7 @@ from exocortex.engine import Engine  # noqa: E402
 from exocortex.export import export_hf  # noqa: E402
 from exocortex.export_gguf import export_gguf  # noqa: E402
 from exocortex.tokenizer import Tokenizer  # noqa: E402
+from _runs import synthetic_run  # noqa: E402  (bench/ is on the path when run as a script)
 
 PROMPT = [{"role": "user", "content": "Tell me about the town of Hiswick and the people who live there."}]
 
@@ -86,17 +88,25 @@ def llamacpp_runner(run: str, stage: str, dtype: str, prompt: list[int], new_tok
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default="runs/tiny")
+    ap.add_argument("--run", default="runs/tiny", help="a run directory; if missing, a random model is built")
+    ap.add_argument("--preset", default="tiny", help="shape of the random model built when --run is missing")
     ap.add_argument("--stage", default="sft")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each configuration keeps its best")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled configuration")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    tmp = tempfile.TemporaryDirectory()
+    if not os.path.exists(os.path.join(args.run, "config.json")):
+        print(f"no run at {args.run}: building a random {args.preset}-preset model ...", flush=True)
+        args.run = str(synthetic_run(Path(tmp.name), args.preset))
     ckpt = latest_checkpoint(args.run, args.stage)
     if ckpt is None:
         sys.exit(f"error: no {args.stage} checkpoint in {args.run}; run `exocortex speedrun` first")

@@ -9,8 +9,8 @@ clients, each taking the next request from a shared list. Greedy decoding makes 
 the same tokens, so tokens/s compares like with like. The baseline is one client (requests one after
 another). The last line printed is one JSON object with `clients4_vs_1` and `clients16_vs_1`.
 
-Without --run and without runs/tiny, a run with the tiny preset's shape and random weights is built in a
-temporary directory (tokenizer trained on 2 MB of the generated world); its replies run to max_tokens.
+Without --run and without runs/tiny, a run with the --preset's shape (default tiny) and random weights is built
+in a temporary directory (bench/_runs.py); its replies run to max_tokens.
 """
 from __future__ import annotations
 
@@ -27,37 +27,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _runs import synthetic_run  # noqa: E402  (bench/ is on the path when run as a script)
 
 QUESTIONS = ["Tell me about the town of Hiswick.", "What is 347 * 29?", "Who are you?",
              "Describe the market in Tarsk.", "What grows near the river?", "Write a short story about a fox.",
              "What is 12 + 30 * 2?", "Name three animals of the forest.", "How far is the coast?",
              "What do the people of the hills trade?", "Explain how a mill works.", "What is 1000 - 357?"]
-
-
-def synthetic_run(root: Path) -> Path:
-    """A run directory with the tiny preset's shape, a real tokenizer and random weights (no training)."""
-    import torch
-
-    from exocortex.checkpoint import save_checkpoint
-    from exocortex.config import make_config, save_config
-    from exocortex.data.world import generate_documents
-    from exocortex.model import GPT
-    from exocortex.tokenizer import Tokenizer
-
-    cfg = make_config("tiny", name="bench-serve")
-    cfg.runs_dir = str(root)
-    tok = Tokenizer.train(generate_documents(0, target_bytes=2_000_000), cfg.tokenizer.vocab_size)
-    cfg.model.vocab_size = cfg.tokenizer.vocab_size = tok.vocab_size
-    save_config(cfg)
-    tok.save(cfg.run_dir / "tokenizer")
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.05)
-    save_checkpoint(cfg.run_dir, "sft", 0, model, cfg.model)
-    return cfg.run_dir
 
 
 def free_port() -> int:
@@ -114,7 +89,8 @@ async def workload(base: str, clients: int, questions: list[str], max_tokens: in
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--run", default=None, help="run directory (default: runs/tiny, else a random tiny model)")
+    ap.add_argument("--run", default=None, help="run directory (default: runs/tiny, else a random model)")
+    ap.add_argument("--preset", default="tiny", help="shape of the random model built when there is no run")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per client count (same list each time)")
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -126,8 +102,8 @@ def main():
     tmp = tempfile.TemporaryDirectory()
     run = args.run or ("runs/tiny" if (Path("runs/tiny") / "config.json").exists() else None)
     if run is None:
-        print("no --run and no runs/tiny: building a random tiny-preset run ...", flush=True)
-        run = str(synthetic_run(Path(tmp.name)))
+        print(f"no --run and no runs/tiny: building a random {args.preset}-preset run ...", flush=True)
+        run = str(synthetic_run(Path(tmp.name), args.preset))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "exocortex", "serve", "--run", run, "--port", str(port),

@@ -366,8 +366,16 @@ class _Generation:
             else:
                 threading.Thread(target=self._work, args=(loop, queue), daemon=True,
                                  name="exocortex-generate").start()
+            held = None
             while True:
-                item = await queue.get()
+                item, held = (held, None) if held else (await queue.get(), None)
+                # deltas already waiting (the loop fell behind a busy batch) go out together: one write, not many
+                while item[0] == "deltas" and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if nxt[0] != "deltas":
+                        held = nxt
+                        break
+                    item = ("deltas", item[1] + nxt[1])
                 yield item
                 if item[0] != "deltas":
                     return
@@ -642,8 +650,7 @@ class _Service:
         yield _sse(chunk("start", None))
         async for item in gen.events():
             if item[0] == "deltas":
-                for d in item[1]:
-                    yield _sse(chunk("delta", d))
+                yield "".join(_sse(chunk("delta", d)) for d in item[1])
             elif item[0] == "error":
                 yield _sse(_server_error(item[1]).body())
                 break
