@@ -5,7 +5,8 @@
 
 Starts `exocortex serve` on a free loopback port in a subprocess, then for each client count sends the same
 set of chat requests (greedy, fixed max_tokens, streaming with usage) from that many concurrent streaming
-clients, each taking the next request from a shared list. Greedy decoding makes every configuration generate
+clients, each taking the next request from a shared list; client counts are interleaved in rounds and each
+keeps its best, so load on a shared machine hits them alike. Greedy decoding makes every configuration generate
 the same tokens, so tokens/s compares like with like. The baseline is one client (requests one after
 another). The last line printed is one JSON object with `clients4_vs_1` and `clients16_vs_1`.
 
@@ -94,6 +95,7 @@ def main():
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per client count (same list each time)")
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each client count keeps its best")
     ap.add_argument("--compile", action="store_true", help="serve with --compile (warm-up compiles first)")
     args = ap.parse_args()
     import httpx
@@ -132,7 +134,13 @@ def main():
         print(f"model {health['model']} from {run}; context {health['context_length']}; "
               f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, streaming; "
               f"warm-up {time.perf_counter() - t:.1f} s", flush=True)
-        rows = [asyncio.run(workload(base, c, questions, args.max_tokens)) for c in counts]
+        best: dict[int, dict] = {}
+        for _ in range(args.rounds):  # interleaved, best of each: load on a shared machine hits all counts alike
+            for c in counts:
+                r = asyncio.run(workload(base, c, questions, args.max_tokens))
+                if c not in best or r["tok_s"] > best[c]["tok_s"]:
+                    best[c] = r
+        rows = [best[c] for c in counts]
     finally:
         server.terminate()
         try:
