@@ -25,6 +25,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _nanochat import nanochat_setup  # noqa: E402
 from exocortex.checkpoint import autocast, resolve_dtype  # noqa: E402
 from exocortex.config import ModelConfig, TrainConfig  # noqa: E402
 from exocortex.flops import gpu_peak_flops, matmul_peak  # noqa: E402
@@ -71,21 +72,8 @@ def ours(a, device, dtype, x, y) -> dict:
 
 
 def nanochat(a, device, dtype, x, y) -> dict:
-    # nanochat picks its compute dtype from this variable when its modules are first imported
-    os.environ["NANOCHAT_DTYPE"] = {torch.bfloat16: "bfloat16", torch.float32: "float32"}[dtype]
-    sys.path.insert(0, os.path.abspath(a.nanochat))
-    try:
-        from nanochat.gpt import GPT as NanoGPT, GPTConfig
-    except ImportError as e:
-        sys.exit(f"error: cannot import nanochat from {a.nanochat} ({e}); pass a nanochat checkout")
-    heads = a.width // a.head_dim
-    cfg = GPTConfig(sequence_len=a.seq, vocab_size=a.vocab, n_layer=a.depth, n_head=heads, n_kv_head=heads,
-                    n_embd=a.width, window_pattern="L")
-    with torch.device("meta"):  # nanochat builds shapes first, then allocates and initialises
-        model = NanoGPT(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
-    opt = model.setup_optimizer()
+    model, opt, flops_per_token = nanochat_setup(a.nanochat, a.depth, a.width, a.head_dim, a.vocab, a.seq,
+                                                 device, dtype)
     fwd = torch.compile(model, dynamic=False) if a.compile else model
 
     def step():
@@ -95,7 +83,7 @@ def nanochat(a, device, dtype, x, y) -> dict:
         model.zero_grad(set_to_none=True)
 
     warm, dt = time_steps(step, device, a.warmup, a.steps)
-    return {"params": sum(p.numel() for p in model.parameters()), "flops_per_token": model.estimate_flops(),
+    return {"params": sum(p.numel() for p in model.parameters()), "flops_per_token": flops_per_token,
             "warmup_s": warm, "step_s": dt}
 
 

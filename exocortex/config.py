@@ -132,7 +132,7 @@ class RLConfig:
     time_minutes: float = 3.0
     prompts_per_step: int = 8
     samples_per_prompt: int = 8  # the group
-    max_new_tokens: int = 96
+    max_new_tokens: int = 128
     temperature: float = 1.0
     top_k: int = 0               # 0 = full distribution
     lr_scale: float = 0.1        # learning rates relative to the sft stage's (Muon's updates have a fixed size: keep RL's small)
@@ -152,7 +152,7 @@ class EvalConfig:
     pass_k_n: int = 50
     core_n: int = 100            # in-context items per base-eval (CORE-style) task
     core_bundle: str = ""        # path to a DCLM CORE eval bundle (core.yaml + eval_data/) to add its tasks
-    max_new_tokens: int = 96
+    max_new_tokens: int = 128
     seed: int = 12345
 
 
@@ -213,7 +213,7 @@ def _tiny() -> RunConfig:
     c.midtrain_data.text_fraction = 0.2
     c.sft_data.n_conversations = 12000
     c.sft_data.text_fraction = 0.1
-    c.rl = RLConfig(time_minutes=2.5, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=96)
+    c.rl = RLConfig(time_minutes=3.0, prompts_per_step=8, samples_per_prompt=8, max_new_tokens=128)
     return c
 
 

@@ -1,4 +1,5 @@
 import random
+import re
 import string
 
 import pytest
@@ -49,11 +50,62 @@ def test_word_problems_chain_calculator_calls_and_end_with_hash_answer(tasks):
         parts = ex["messages"][-1]["content"]
         calls = [p["text"] for p in parts if p["type"] == "tool_call"]
         outs = [p["text"] for p in parts if p["type"] == "tool_output"]
-        assert 2 <= len(calls) <= 3 and [calculator(c[len("calculator("):-1]) for c in calls] == outs
-        assert outs[-1] == ex["answer"] and int(ex["answer"]) >= 0
+        assert [calculator(c[len("calculator("):-1]) for c in calls] == outs
+        # steps done in the head are written out, and right
+        mental = re.findall(r"([\d+\-*/ ]+) = (\d+)\.", "".join(p["text"] for p in parts if p["type"] == "text"))
+        assert all(calculator(e) == r for e, r in mental)
+        assert 2 <= len(calls) + len(mental) <= 5
+        assert ex["answer"] in outs + [r for _, r in mental] and int(ex["answer"]) >= 0
         assert parts[-1]["text"] == f"#### {ex['answer']}"
         assert tasks["word_problems"].grade(parts[-1]["text"], ex)
         assert not tasks["word_problems"].grade(f"#### {int(ex['answer']) + 1}", ex)
+
+
+def test_story_problems_keep_books_right():
+    """Re-derive every story's answer by reading the question independently of the generator's bookkeeping."""
+    import re
+    from exocortex.tasks.arithmetic import NUMBER_WORDS, story_problem
+
+    def num(w):
+        return 2 if w == "twice" else int(w) if w.isdigit() else NUMBER_WORDS.index(w)
+
+    rng, seen = random.Random(3), 0
+    while seen < 300:
+        got = story_problem(rng)
+        if got is None:
+            continue
+        seen += 1
+        q, steps, answer, _ = got
+        have = {}
+        *facts, question = [s.strip() for s in q.replace("?", ".").split(".") if s.strip()]
+        for f in facts:
+            f = f.replace("a dozen", "12")
+            if m := re.fullmatch(r"(\w+) has (\w+) \w+", f):
+                have[m[1]] = num(m[2])
+            elif m := re.fullmatch(r"(\w+) has half as many \w+ as (\w+)", f):
+                have[m[1]] = have[m[2]] // 2
+            elif m := re.fullmatch(r"(\w+) has (\w+)(?: times)? as many \w+ as (\w+)", f):
+                have[m[1]] = have[m[3]] * num(m[2])
+            elif m := re.fullmatch(r"(\w+) has (\w+) (more|fewer) \w+ than (\w+)", f):
+                have[m[1]] = have[m[4]] + (num(m[2]) if m[3] == "more" else -num(m[2]))
+            elif m := re.fullmatch(r"(\w+) gives (\w+) of \w+ \w+ to (\w+)", f):
+                have[m[1]] -= num(m[2])
+                have[m[3]] += num(m[2])
+            elif m := re.fullmatch(r"(\w+) buys (\w+) packs of \w+ with (\w+) in each pack", f):
+                have[m[1]] += num(m[2]) * num(m[3])
+            elif m := re.fullmatch(r"(\w+) loses (\w+) of \w+ \w+", f):
+                have[m[1]] -= num(m[2])
+            else:
+                raise AssertionError(f"unparsed: {f}")
+        assert all(v >= 0 for v in have.values()), q
+        if m := re.fullmatch(r"How many \w+ does (\w+) have now", question):
+            want = have[m[1]]
+        elif m := re.fullmatch(r"How many more \w+ does (\w+) have than (\w+)", question):
+            want = have[m[1]] - have[m[2]]
+        else:
+            want = sum(have.values())
+        assert str(want) == answer, q
+        assert 3 <= len(steps) <= 5
 
 
 def test_spelling_counts_are_right(tasks):

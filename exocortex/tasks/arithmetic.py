@@ -132,13 +132,122 @@ def _numbers(rng: random.Random, steps) -> tuple[dict, list[str]] | None:
     return v, results
 
 
+POSSESSIVE = {"she": "her", "he": "his"}
+
+
+def story_problem(rng: random.Random, n_people: int = 0, n_events: int = 0
+                  ) -> tuple[str, list[tuple[str, str]], str, str] | None:
+    """A multi-entity story: 2-3 people whose counts are defined relative to each other, change through events
+    (gifts between them, purchases of packs, losses, halving), then a question about one person, their total, or
+    a difference. The solver has to keep books on who has what: 3-5 calculator calls. Returns (question,
+    [(label, expression)], answer, split key) or None when a number would go negative or fractional."""
+    it = rng.choice(ITEMS)
+    people = rng.sample(list(NAMES), n_people or rng.choice([2, 2, 3]))
+    have: dict[str, int] = {}
+    sents: list[str] = []
+    steps: list[tuple[str, str]] = []
+    key: list[str] = []
+
+    def calc(label: str, expr: str) -> int | None:
+        r = calculator(expr)
+        if "." in r or r.startswith("-") or int(r) > 9999:
+            return None
+        steps.append((label, expr))
+        return int(r)
+
+    first = people[0]
+    have[first] = rng.randint(3, 60)
+    sents.append(f"{first} has {_say(have[first], rng)} {it}")
+    key.append(f"H{have[first]}")
+    for p in people[1:]:  # everyone else is stated relative to someone already known
+        ref = rng.choice([q for q in people if q in have])
+        kind = rng.choice(["times", "more", "fewer", "half"])
+        if kind == "times":
+            k = rng.randint(2, 5)
+            sents.append(f"{p} has {_say(k, rng) if k > 2 else 'twice'}{' times' if k > 2 else ''} as many {it} as {ref}")
+            v = calc(f"{p} has", f"{have[ref]} * {k}")
+        elif kind == "more":
+            k = rng.randint(2, 30)
+            sents.append(f"{p} has {_say(k, rng)} more {it} than {ref}")
+            v = calc(f"{p} has", f"{have[ref]} + {k}")
+        elif kind == "fewer":
+            k = rng.randint(1, max(1, have[ref] - 1))
+            sents.append(f"{p} has {_say(k, rng)} fewer {it} than {ref}")
+            v = calc(f"{p} has", f"{have[ref]} - {k}")
+        else:
+            if have[ref] % 2:
+                return None
+            k = 2
+            sents.append(f"{p} has half as many {it} as {ref}")
+            v = calc(f"{p} has", f"{have[ref]} / 2")
+        if v is None:
+            return None
+        have[p] = v
+        key.append(f"{kind}{k}{people.index(ref)}")
+    for _ in range(n_events or rng.choice([1, 1, 2])):  # events change the counts
+        a = rng.choice(people)
+        pos = POSSESSIVE[NAMES[a]]
+        kind = rng.choice(["give", "buy", "lose", "give", "buy"])
+        if kind == "give":
+            b = rng.choice([q for q in people if q != a])
+            k = rng.randint(1, max(1, have[a]))
+            sents.append(f"{a} gives {_say(k, rng)} of {pos} {it} to {b}")
+            va, vb = calc(f"{a} now has", f"{have[a]} - {k}"), calc(f"{b} now has", f"{have[b]} + {k}")
+            if va is None or vb is None:
+                return None
+            have[a], have[b] = va, vb
+        elif kind == "buy":
+            n, per = rng.randint(2, 6), rng.randint(2, 12)
+            sents.append(f"{a} buys {_say(n, rng)} packs of {it} with {_say(per, rng)} in each pack")
+            v = calc(f"{a} now has", f"{have[a]} + {n} * {per}")
+            if v is None:
+                return None
+            have[a] = v
+            k = n * 100 + per
+        else:
+            k = rng.randint(1, max(1, have[a]))
+            sents.append(f"{a} loses {_say(k, rng)} of {pos} {it}")
+            v = calc(f"{a} now has", f"{have[a]} - {k}")
+            if v is None:
+                return None
+            have[a] = v
+        key.append(f"{kind}{k}{people.index(a)}")
+    ask = rng.choice(["one", "together", "more"])
+    if ask == "one":
+        who = rng.choice(people[1:] + [a])  # someone whose count took a calculation (not just copied)
+        question = f"How many {it} does {who} have now?"
+        answer = have[who]
+    elif ask == "together":
+        names = " and ".join(people) if len(people) == 2 else f"{people[0]}, {people[1]} and {people[2]}"
+        question = f"How many {it} do {names} have together?"
+        answer = calc("Together:", " + ".join(str(have[p]) for p in people))
+    else:
+        x, y = rng.sample(people, 2)
+        if have[x] < have[y]:
+            x, y = y, x
+        question = f"How many more {it} does {x} have than {y}?"
+        answer = calc("The difference:", f"{have[x]} - {have[y]}")
+    if answer is None or not 3 <= len(steps) <= 5:
+        return None
+    key.append(ask)
+    return ". ".join(sents) + ". " + question, steps, str(answer), "|".join(key)
+
+
 class WordProblems(Task):
-    """GSM8K-like two-step problems solved with calculator calls; the final answer follows `####`."""
+    """GSM8K-like problems with a worked solution; the final answer follows `####`. Most are two- or three-step
+    templates, `story_rate` are multi-entity stories with 3-5 steps (see `story_problem`). Solutions do each
+    step with the calculator or, at `mental_rate`, in their head, as human-written solutions mix both: a small
+    model imitates the mix and its mental arithmetic is often wrong, so which style pays off is something it
+    can only learn from rewards (the RL stage), not from imitation."""
 
     name = "word_problems"
     uses_tools = True
+    story_rate = 0.3
+    mental_rate = 0.6
 
     def example(self, rng: random.Random, split: str) -> dict:
+        if rng.random() < self.story_rate:
+            return self._story(rng, split)
         while True:
             k = rng.randrange(len(PROBLEMS))
             template, steps = PROBLEMS[k]
@@ -157,16 +266,35 @@ class WordProblems(Task):
                 q = ". ".join(sents)
             if split_of(f"{k}|{v['a']}|{v['b']}|{v['c']}|{v['d']}") == split:
                 break
-        parts, results = [], []
-        for i, (say, e) in enumerate(steps):
-            expr = e.format(**v, **{f"r{j}": r for j, r in enumerate(results)})
+        results = []
+        for e in (e for _, e in steps):
+            results.append(calculator(e.format(**v, **{f"r{j}": r for j, r in enumerate(results)})))
+        labelled = [(say.format(**v), e.format(**v, **{f"r{j}": r for j, r in enumerate(results)}))
+                    for say, e in steps]
+        return self._solved(q, labelled, results[-1], rng)
+
+    def _solved(self, question: str, steps: list[tuple[str, str]], answer: str, rng: random.Random) -> dict:
+        """The worked solution: each step with the calculator or, at `mental_rate`, as mental arithmetic in the
+        text (`a + b = c.`), as human-written solutions mix both; then `#### answer`."""
+        parts = []
+        for label, expr in steps:
             r = calculator(expr)
-            results.append(r)
-            parts += [{"type": "text", "text": say.format(**v) + " "}, {"type": "tool_call", "text": f"calculator({expr})"},
-                      {"type": "tool_output", "text": r}]
-        parts.append({"type": "text", "text": f"#### {results[-1]}"})
-        return {"task": self.name, "answer": results[-1],
-                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
+            if rng.random() < self.mental_rate:
+                parts.append({"type": "text", "text": f"{label} {expr} = {r}. "})
+            else:
+                parts += [{"type": "text", "text": label + " "}, {"type": "tool_call", "text": f"calculator({expr})"},
+                          {"type": "tool_output", "text": r}]
+        parts.append({"type": "text", "text": f"#### {answer}"})
+        return {"task": self.name, "answer": answer,
+                "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
 
     def grade(self, answer_text: str, example: dict) -> bool:
         return grade_hash_answer(answer_text, example["answer"])
+
+    def _story(self, rng: random.Random, split: str) -> dict:
+        while True:
+            got = story_problem(rng)
+            if got is not None and split_of("story|" + got[3]) == split:
+                break
+        q, steps, answer, _ = got
+        return self._solved(q, steps, answer, rng)
