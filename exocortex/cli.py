@@ -104,9 +104,7 @@ def cmd_pretrain(args) -> None:
         cfg = new_config(args) if not (path / "config.json").exists() else existing_config(args, "pretrain")
         if args.data:
             cfg.data.path = data_path(args.data)
-        if distributed.is_main():
-            run_tokenizer(cfg)
-        distributed.barrier()
+        distributed.run_on_main(lambda: run_tokenizer(cfg), "tokenization")
     else:
         cfg = existing_config(args, "pretrain")
     run_pretrain(cfg, resume=args.resume)

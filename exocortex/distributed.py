@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import datetime
 import math
 import os
 
@@ -66,6 +67,32 @@ def broadcast_int(value: int) -> int:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def run_on_main(fn, what: str, timeout: datetime.timedelta = datetime.timedelta(hours=72)):
+    """fn() on rank 0 while the other ranks wait for it, however long it takes (tokenizing a hub-scale corpus
+    takes hours; NCCL's collectives would time out after 10 minutes): the wait is a broadcast on a gloo group
+    made with `timeout`, and it carries rank 0's outcome, so a failure on rank 0 stops every rank with its
+    message instead of leaving them hanging. Returns fn()'s result on rank 0, None elsewhere."""
+    if not dist.is_initialized():
+        return fn()
+    group = dist.new_group(backend="gloo", timeout=timeout)  # made by all ranks together, before the long work
+    result, error = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below after the other ranks were told
+            error = e
+    status = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(status, src=0, group=group)
+    dist.destroy_process_group(group)
+    if error is not None:
+        raise error
+    if status[0] is not None:
+        from exocortex.config import ExocortexError
+
+        raise ExocortexError(f"rank 0 failed during {what}: {status[0]}")
+    return result
 
 
 def shutdown() -> None:

@@ -117,3 +117,36 @@ def test_sharded_muon_equals_muon_on_uneven_shards(tmp_path):
     r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", str(script)],
              tmp_path)
     assert "OK" in r.stdout
+
+
+RUN_ON_MAIN = '''
+import datetime, sys, time
+import torch.distributed as dist
+from exocortex import distributed
+from exocortex.config import ExocortexError
+
+# the process group's own timeout is 2 s; rank 0's work takes 4 s: a plain barrier would fail
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+out = distributed.run_on_main(lambda: time.sleep(4) or "done", "slow work", timeout=datetime.timedelta(seconds=60))
+assert out == ("done" if dist.get_rank() == 0 else None), out
+
+def boom():
+    raise ValueError("corpus is empty")
+try:
+    distributed.run_on_main(boom, "tokenization")
+    raise SystemExit("no error raised")
+except ExocortexError as e:  # the other ranks hear what went wrong on rank 0
+    assert dist.get_rank() != 0 and "rank 0 failed during tokenization: ValueError: corpus is empty" in str(e)
+except ValueError:
+    assert dist.get_rank() == 0
+dist.destroy_process_group()
+print("OK", dist.get_rank() if dist.is_initialized() else "")
+'''
+
+
+def test_run_on_main_outlasts_collective_timeouts_and_reports_rank0_errors(tmp_path):
+    script = tmp_path / "run_on_main.py"
+    script.write_text(RUN_ON_MAIN)
+    r = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+             tmp_path)
+    assert r.stdout.count("OK") == 2, r.stdout + r.stderr
