@@ -120,11 +120,15 @@ class RolloutSource:
 class DegenerationGuard:
     """Flags reward hacking: reward up while samples degenerate. Compares a recent window of steps with the
     first window of the run. Degenerate = repeated 3-gram rate above `max_repeat` and well above the start,
-    or entropy collapsed below `entropy_frac` of the start."""
+    or entropy collapsed: below `entropy_frac` of the start *and* down by at least `min_entropy_drop` nats.
+    (A policy that is simply converging on a right answer also loses entropy: the tiny model learning to
+    trust its calculator went 0.33 -> 0.08 nats/token with held-out accuracy 20% -> 70%. The absolute drop
+    tells that apart from a collapse into loops, which the repeat rate catches anyway.)"""
 
     def __init__(self, window: int = 5, min_reward_gain: float = 0.1, max_repeat: float = 0.5,
-                 entropy_frac: float = 0.25):
+                 entropy_frac: float = 0.25, min_entropy_drop: float = 0.5):
         self.window, self.min_gain, self.max_repeat, self.entropy_frac = window, min_reward_gain, max_repeat, entropy_frac
+        self.min_entropy_drop = min_entropy_drop
         self.start: list[dict] = []
         self.recent: deque = deque(maxlen=window)
         self.reason = ""
@@ -144,7 +148,7 @@ class DegenerationGuard:
         rep0, rep = mean(self.start, "repeat_3gram"), mean(self.recent, "repeat_3gram")
         ent0, ent = mean(self.start, "entropy"), mean(self.recent, "entropy")
         looping = rep > self.max_repeat and rep > 2 * rep0
-        collapsed = ent0 > 0 and ent < self.entropy_frac * ent0
+        collapsed = ent0 > 0 and ent < self.entropy_frac * ent0 and ent0 - ent >= self.min_entropy_drop
         if gain >= self.min_gain and (looping or collapsed):
             self.reason = (f"reward rose by {gain:+.2f} while samples degenerated: repeated 3-grams {rep0:.2f} -> {rep:.2f}, "
                            f"entropy {ent0:.2f} -> {ent:.2f} nats")

@@ -57,6 +57,12 @@ def test_guard_needs_both_reward_gain_and_degeneration():
     # samples loop but the reward did not rise: not reward hacking either
     for _ in range(5):
         assert not g2.update({**base, "repeat_3gram": 0.9, "entropy": 0.2})
+    g4 = DegenerationGuard(window=3)
+    for _ in range(3):
+        g4.update({"reward": 0.1, "entropy": 0.33, "repeat_3gram": 0.1})
+    # a policy converging on right answers: low entropy got lower, repeats moderate: not flagged
+    for _ in range(5):
+        assert not g4.update({"reward": 0.7, "entropy": 0.07, "repeat_3gram": 0.27})
     g3 = DegenerationGuard(window=3)
     for _ in range(3):
         g3.update(base)
