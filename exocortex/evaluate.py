@@ -182,6 +182,7 @@ def chat_scores(engine, tok, tasks, cfg: RunConfig, samples: list, stage: str) -
     if e.pass_k > 1 and "word_problems" in counts:
         out[f"word_problems_pass@{e.pass_k}"] = pass_at_k(engine, tok, tasks["word_problems"], e.pass_k_n, e.pass_k,
                                                            e.seed, e.max_new_tokens)
+        out[f"word_problems_pass@{e.pass_k}_n"] = e.pass_k_n
     return out
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from exocortex.config import ExocortexError, RunConfig, atomic_write_text
@@ -97,7 +98,8 @@ def stage_table(ev: dict) -> list[str]:
         keys += [k for k in c if k not in keys and k != "seconds" and not k.endswith("_n")]
     L = ["| metric | " + " | ".join(LABELS[s] for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
     for k in keys:
-        n = next((c.get(k.replace("_accuracy", "_n")) for c in cols if k.replace("_accuracy", "_n") in c), None)
+        nk = k.replace("_accuracy", "_n") if k.endswith("_accuracy") else k + "_n"
+        n = next((c[nk] for c in cols if nk in c), None)
         name = ROW_NAMES.get(k, k.replace("_accuracy", "").replace("_", " ") + (f" (n={n})" if n else ""))
         vals = []
         for c in cols:
@@ -105,6 +107,21 @@ def stage_table(ev: dict) -> list[str]:
             vals.append("—" if v is None else f"{v:.4f}" if k in ("val_bpb", "core") else f"{v:.1%}")
         L.append(f"| {name} | " + " | ".join(vals) + " |")
     return L
+
+
+def rl_gain_line(ev: dict | None, task: str) -> str:
+    """RL's held-out gain over SFT on its task, with the binomial standard error of that difference."""
+    stages = (ev or {}).get("stages", {})
+    sft, rl = stages.get("sft", {}), stages.get("rl", {})
+    k, nk = f"{task}_accuracy", f"{task}_n"
+    if k not in sft or k not in rl:
+        return ""
+    p0, p1, n0, n1 = sft[k], rl[k], sft.get(nk, 0), rl.get(nk, 0)
+    if not n0 or not n1:
+        return ""
+    se = math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
+    return (f"Held-out {task.replace('_', ' ')}: SFT {p0:.1%} → RL {p1:.1%} (n={n1}), "
+            f"**{(p1 - p0) * 100:+.1f} points** (± {se * 100:.1f}: one binomial standard error of the difference).")
 
 
 def _fmt(v, digits=4):
@@ -149,6 +166,9 @@ def run_report(cfg: RunConfig) -> Path:
               f"{_fmt(rl.get('reward_first'), 3)} (first step) → {_fmt(rl.get('reward_last'), 3)} (last 5 steps). "
               "Held-out greedy accuracy during RL: " + ", ".join(f"step {s}: {a:.1%}" for s, a in rl.get("heldout", []))
               + "."]
+        gain = rl_gain_line(ev, rl.get("task", ""))
+        if gain:
+            L += ["", gain]
         g = rl.get("guard")
         L += ["", f"**Reward-hacking guard tripped** at step {g['step']}: {g['reason']}. Kept checkpoint: "
               f"{g.get('kept') or 'none (RL discarded)'}." if g else "Reward-hacking guard: not tripped.", ""]

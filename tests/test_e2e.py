@@ -45,7 +45,7 @@ def test_speedrun_outputs(run_dir):
     assert "![plots/loss.png](plots/loss.png)" in report and (d / "plots" / "rl.png").exists()
     for needle in ["val bits per byte", "| metric | BASE | MID | SFT | RL |", "arithmetic (n=4)", "identity (n=2)",
                    "lookup — same questions, tool off", "word problems pass@4", "CORE-style", "Peak memory",
-                   "distinct_4", "## RL"]:
+                   "distinct_4", "## RL", "Held-out word problems: SFT", "one binomial standard error"]:
         assert needle in report, needle
     ev = json.loads((d / "logs" / "eval_summary.json").read_text())["stages"]
     assert set(ev) == {"pretrain", "midtrain", "sft", "rl"}
