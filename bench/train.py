@@ -6,7 +6,10 @@ run, and peak memory, side by side with baselines.
     python bench/train.py --shapes tiny --seconds 10
     python bench/train.py --device cuda --shapes d12,d20
 
-For each shape it times full optimizer steps (forward, backward, Muon + AdamW) of exocortex's training setup
+For each shape it times full optimizer steps of exocortex's training setup: as in a real run, forward + backward
+over enough micro-batches to reach --batch-tokens (default: TrainConfig's 16,384; gradient accumulation), then one
+Muon + AdamW step (Muon's Newton-Schulz iterations cost ~300 GFLOP per step at d8, so the optimizer's share
+depends on the batch: --batch-tokens 0 steps after every micro-batch)
 (bf16 autocast, torch.compile), a plain fp32 eager step of the same model (the naive baseline) and, with
 --nanochat, nanochat's GPT + optimizer at the same depth, width, heads, vocab, sequence length, rows and dtype
 (compiled, random tokens). Every setup runs in a fresh subprocess so that its peak memory (max RSS on CPU,
@@ -32,7 +35,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from exocortex.config import ModelConfig, TrainConfig  # noqa: E402
 from exocortex.flops import gpu_peak_flops, matmul_peak  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.train import build_optimizers  # noqa: E402
+from exocortex.train import build_optimizers, keep_freed_memory  # noqa: E402
 
 SHAPES = {  # name: (depth, width, vocab, seq_len, device_batch)
     "tiny": (4, 256, 4096, 256, 32),
@@ -45,9 +48,10 @@ SHAPES = {  # name: (depth, width, vocab, seq_len, device_batch)
 SETUPS = {"ours": "exocortex (bf16, compile)", "fp32": "plain fp32 eager", "nanochat": "nanochat (bf16, compile)"}
 
 
-def build(setup: str, shape: str, device: str, nanochat_path: str):
-    """(step function, params, flops per token) for one setup at one shape."""
+def build(setup: str, shape: str, device: str, nanochat_path: str, batch_tokens: int = 0):
+    """(step function, params, flops per token, tokens per step) for one setup at one shape."""
     depth, width, vocab, seq_len, rows = SHAPES[shape]
+    accum = max(1, batch_tokens // (rows * seq_len))
     gpu = device != "cpu"
     head_dim = 128 if gpu else 64
     torch.manual_seed(0)
@@ -69,21 +73,24 @@ def build(setup: str, shape: str, device: str, nanochat_path: str):
     fwd = torch.compile(model, dynamic=False) if setup != "fp32" else model
 
     def step():
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            loss = fwd(x, y)
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                loss = fwd(x, y) / accum
+            loss.backward()
         for o in opts:
             o.step()
         model.zero_grad(set_to_none=True)
 
-    return step, params, flops, rows * seq_len
+    return step, params, flops, accum * rows * seq_len
 
 
-def measure(setup: str, shape: str, device: str, seconds: float, nanochat_path: str) -> dict:
+def measure(setup: str, shape: str, device: str, seconds: float, nanochat_path: str, batch_tokens: int) -> dict:
     """Runs in its own process: warmup (and compilation), then steps for `seconds`."""
     gpu = device != "cpu"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    step, params, flops, tokens = build(setup, shape, device, nanochat_path)
+    if not gpu and setup == "ours":
+        keep_freed_memory()  # as exocortex's training loop does on CPU
+    step, params, flops, tokens = build(setup, shape, device, nanochat_path, batch_tokens)
     t0 = time.perf_counter()
     for _ in range(3):
         step()
@@ -98,13 +105,13 @@ def measure(setup: str, shape: str, device: str, seconds: float, nanochat_path: 
     sync()
     tok_s = tokens * n / (time.perf_counter() - t)
     peak_mb = (torch.cuda.max_memory_allocated() if gpu else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-    return {"tok_s": tok_s, "flops": tok_s * flops, "flops_per_token": flops, "params": params, "warmup_s": warm,
+    return {"tok_s": tok_s, "tokens_per_step": tokens, "flops": tok_s * flops, "flops_per_token": flops, "params": params, "warmup_s": warm,
             "peak_mb": peak_mb, "steps": n}
 
 
 def run_child(args, setup: str, shape: str) -> dict:
     cmd = [sys.executable, __file__, "--child", f"{setup}:{shape}", "--device", args.device,
-           "--seconds", str(args.seconds), "--nanochat", args.nanochat or ""]
+           "--seconds", str(args.seconds), "--nanochat", args.nanochat or "", "--batch-tokens", str(args.batch_tokens)]
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"error: {setup} at {shape} failed:\n{p.stderr[-3000:]}")
@@ -118,14 +125,17 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu | cuda (GPU shapes: d12, d20)")
     ap.add_argument("--nanochat", default="", help="a karpathy/nanochat checkout: run its model beside ours")
     ap.add_argument("--nanochat-shapes", default="d4,d8")
+    ap.add_argument("--batch-tokens", type=int, default=TrainConfig().batch_tokens,
+                    help="tokens per optimizer step (gradient accumulation); 0 = one micro-batch per step")
     ap.add_argument("--skip-fp32", action="store_true", help="leave out the fp32 eager baseline")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         setup, shape = args.child.split(":")
-        print(json.dumps(measure(setup, shape, args.device, args.seconds, args.nanochat)))
+        print(json.dumps(measure(setup, shape, args.device, args.seconds, args.nanochat, args.batch_tokens)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; each setup in a fresh process")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; each setup in a fresh process; "
+          f"optimizer step every {args.batch_tokens or 'micro-batch'} tokens")
     if args.device == "cpu":
         peak = matmul_peak()
         print(f"measured peak: bf16 2048^2 matmul = {peak / 1e9:.0f} GFLOP/s")
@@ -144,7 +154,7 @@ def main():
             rows.append((shape, SETUPS[setup], r))
             print(f"  {shape} {SETUPS[setup]}: {r['tok_s']:,.0f} tok/s, peak {r['peak_mb']:,.0f} MB", flush=True)
         ours = res["ours"]
-        out[shape] = {"tok_s": ours["tok_s"], "mfu": ours["flops"] / peak, "params": ours["params"],
+        out[shape] = {"tok_s": ours["tok_s"], "tokens_per_step": ours["tokens_per_step"], "mfu": ours["flops"] / peak, "params": ours["params"],
                       "peak_mb": ours["peak_mb"], "compile_warmup_s": ours["warmup_s"]}
         if "fp32" in res:
             out[shape] |= {"fp32_eager_tok_s": res["fp32"]["tok_s"], "vs_fp32_eager": ours["tok_s"] / res["fp32"]["tok_s"]}

@@ -9,6 +9,7 @@ Several processes (torchrun) train data-parallel: DDP, or FSDP2 with `parallel="
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import random
@@ -58,7 +59,8 @@ def build_optimizers(model: torch.nn.Module, t: TrainConfig) -> list[torch.optim
         {"params": head, "lr": t.unembedding_lr * scale},
         {"params": scalars, "lr": t.scalar_lr},
     ]
-    kw = {"fused": True} if next(model.parameters()).is_cuda else {}
+    # the fused kernel is one pass over each tensor: 13x faster than the default on CPU (d8: 13 vs 178 ms)
+    kw = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
     adamw = torch.optim.AdamW(adam_groups, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0, **kw)
     muon_cls = dist.ShardedMuon if dist.is_sharded(model) else torch.optim.Muon
     muon = muon_cls(matrices, lr=t.matrix_lr, momentum=0.95, weight_decay=t.weight_decay, adjust_lr_fn="original")
@@ -66,6 +68,25 @@ def build_optimizers(model: torch.nn.Module, t: TrainConfig) -> list[torch.optim
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
     return [adamw, muon]
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of handing it back to the OS.
+
+    A training step frees and re-allocates the same large buffers every step (the logits alone are 268 MB at
+    vocab 32768 x 4096 tokens). glibc serves blocks over 32 MB with fresh mmaps and unmaps them on free, so
+    every step page-faults them in again, which is slow (very slow in VMs). With mmap off and trimming off,
+    freed blocks are reused: d8 on CPU, forward + backward 4.4 -> 4.1 s per micro-batch (bench/train.py).
+    Small allocations can split a freed hole, so the heap may take one more block before it settles: d8's
+    peak RSS 2,307 -> 2,350 MB, then flat (tests/test_train.py). CPU only; a no-op (False) off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
 
 
 def lr_multiplier(step: int, total: int, t: TrainConfig) -> float:
@@ -162,6 +183,8 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     checkpoint on disk is one from before the problem. `logger` (exocortex.logger.MetricsLogger) also gets
     every record. With t.parallel == "fsdp" the model is left sharded: run any later forward on every rank."""
     run_dir = Path(run_dir)
+    if device.type == "cpu":
+        keep_freed_memory()
     model.to(device).train()
     cfg: ModelConfig = model.cfg
     rank, world, main = dist.rank(), dist.world_size(), dist.is_main()
