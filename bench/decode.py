@@ -122,7 +122,6 @@ def main():
     print(f"torch {torch.__version__}, {args.device} ({torch.get_num_threads()} threads); model "
           f"{model.num_params() / 1e6:.2f}M params; prompt {len(prompt)} tokens, {args.new_tokens} new tokens, "
           f"greedy, {args.dtype}", flush=True)
-    tmp = tempfile.TemporaryDirectory()
     llamacpp = llamacpp_runner(args.run, args.stage, args.dtype, prompt, args.new_tokens, tmp.name)
     runs = {("llamacpp", 1): llamacpp} if llamacpp else {}
     for batch in (1, 16):

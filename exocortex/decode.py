@@ -14,7 +14,10 @@ not the FLOPs, is the cost:
 - q-norm and k-norm run as one op (gains stacked), rotary embeddings for q and k as one, 1/sqrt(head_dim) is
   folded into the q-norm gain, and residual adds into the output matmuls (addmm);
 - optionally the step is `torch.compile`d (the elementwise ops fuse; one graph serves every batch size and
-  length) and, on CUDA, replays as CUDA graphs.
+  length) and, on CUDA, replays as CUDA graphs. On CPU a single row's matmuls are then written as
+  multiply-and-sum over (out, in) weights, which inductor fuses into its kernels and runs on all threads
+  (PyTorch's CPU BLAS runs a one-row matmul on one thread); the weights' shapes are marked static so the
+  kernels are specialized to them.
 
 Prefill (a whole prompt at once) is the same computation with T tokens in one row and causal attention.
 """
@@ -44,24 +47,35 @@ class FusedWeights:
         self.model, self.dtype = model, dtype
         self._stamp, self._w = None, None
 
-    def get(self, check: bool = True) -> dict:
-        """The fused weights; with check=False the last built ones are trusted (within one generation)."""
-        if self._w is not None and not check:
+    def get(self, check: bool = True, rows: bool = False) -> dict:
+        """The fused weights; with check=False the last built ones are trusted (within one generation).
+
+        Every matrix is given as an (in, out) tensor `w_t` (`x @ w_t`). By default the q/k/v, gate/up and head
+        matrices are contiguous that way (the fastest layout for BLAS one-row matmuls); with rows=True every
+        matrix is an (in, out) view of a contiguous (out, in) one, so `w_t.t()` is contiguous: the layout the
+        compiled CPU step's multiply-and-sum reads (see decode_step's `gemv`). Asking for the other layout
+        rebuilds the weights (one layout is kept, not both)."""
+        if self._w is not None and not check and self._w["rows"] == rows:
             return self._w
-        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        stamp = (tuple((p.data_ptr(), p._version) for p in self.model.parameters()), rows)
         if stamp != self._stamp:
             with torch.no_grad():
-                self._w = self._build()
+                self._w = self._build(rows)
+                tensors = _tensors({k: v for k, v in self._w.items() if k != "rows"})
                 if self._w["head_t"].is_cuda:  # CUDA graphs read the weights in place (static addresses)
-                    for t in _tensors(self._w):
+                    for t in tensors:
                         torch._dynamo.mark_static_address(t)
+                elif rows:  # compiled on CPU: kernels specialized to the weights' shapes (dynamic=True otherwise)
+                    for t in tensors:
+                        torch._dynamo.mark_static(t)
             self._stamp = stamp
         return self._w
 
-    def _build(self) -> dict:
+    def _build(self, rows: bool) -> dict:
         m, dt = self.model, self.dtype
         c = m.cfg
         H, KV, hd = c.n_heads, c.kv_heads, c.head_dim
+        _t = _rows_t if rows else _cols_t
         layers = []
         for blk in m.model.layers:
             a, mlp = blk.self_attn, blk.mlp
@@ -70,23 +84,29 @@ class FusedWeights:
             layers.append(dict(
                 ln1=blk.input_layernorm.weight.float(), ln2=blk.post_attention_layernorm.weight.float(),
                 wqkv_t=_t(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), dt), qk_gain=qk_gain,
-                wo_t=a.o_proj.weight.detach().to(dt).t(),
+                wo_t=_rows_t(a.o_proj.weight, dt),
                 wgu_t=_t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dt),
-                wdown_t=mlp.down_proj.weight.detach().to(dt).t()))
+                wdown_t=_rows_t(mlp.down_proj.weight, dt)))
         half = hd // 2
         sin = m.rope_sin.float()
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): a roll instead of a cat
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
         return dict(embed=m.model.embed_tokens.weight, norm=m.model.norm.weight.float(), head_t=_t(m.lm_head.weight, dt),
-                    cos=m.rope_cos.float(), sin=sin, layers=layers)
+                    cos=m.rope_cos.float(), sin=sin, layers=layers, rows=rows)
 
 
-def _t(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _cols_t(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An (out, in) weight as a contiguous (in, out) matrix: `x @ w_t` reads it row by row, which CPU GEMV
     kernels do faster than `F.linear(x, w)` (fp32, one row: 19 vs 27 us for the tiny model's q/k/v, 70 vs
     106 us for its head; the whole compiled tiny decode step 0.9 vs 1.5 ms). For the output matmuls
     (addmm into the residual) the transposed view is as fast, so they keep it."""
     return weight.detach().to(dtype).t().contiguous()
+
+
+def _rows_t(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An (out, in) weight as an (in, out) view of a contiguous (out, in) matrix (no copy when the dtype
+    matches)."""
+    return weight.detach().to(dtype).contiguous().t()
 
 
 def _tensors(tree) -> list[torch.Tensor]:
@@ -97,17 +117,29 @@ def _tensors(tree) -> list[torch.Tensor]:
     return [tree]
 
 
-def _residual(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+def _mm(x: torch.Tensor, w_t: torch.Tensor, gemv: bool) -> torch.Tensor:
+    """x @ w_t. With gemv (compiled, rows layout): the same as a multiply-and-sum over the contiguous (out, in)
+    matrix, accumulated in float32, which inductor turns into a reduction fused with its neighbours and split
+    across threads; eagerly it would materialize the product, so only the compiled step uses it."""
+    if gemv:
+        return (x.float()[:, None, :] * w_t.t().float()).sum(-1)
+    return x @ w_t
+
+
+def _residual(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor, gemv: bool = False) -> torch.Tensor:
     """x + y @ w_t; one addmm when dtypes agree (fp32), else the float32 residual stream plus a low-precision
     matmul, as autocast computes it."""
+    if gemv:
+        return x + _mm(y, w_t, gemv)
     return torch.addmm(x, y, w_t) if y.dtype == x.dtype else x + (y @ w_t).float()
 
 
 def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos: torch.Tensor,
-                span: int, n_heads: int, n_kv: int, eps: float) -> torch.Tensor:
+                span: int, n_heads: int, n_kv: int, eps: float, gemv: bool = False) -> torch.Tensor:
     """One token per row: tokens (B,) at positions pos (B,) -> logits (B, V) float32. Writes each row's
     key/value at its position; row b attends to keys 0..pos[b] among the first `span` (> max pos). The residual
-    stream is float32 (as under autocast); matmuls run in the weights' dtype. Pure tensor code for torch.compile."""
+    stream is float32 (as under autocast); matmuls run in the weights' dtype (with `gemv`, float32 sums of
+    products: see _mm). Pure tensor code for torch.compile."""
     B = tokens.shape[0]
     hd = k_cache[0].shape[-1]
     rep, half, nq = n_heads // n_kv, hd // 2, n_heads + n_kv
@@ -119,7 +151,7 @@ def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos
     cos, sin = w["cos"][pos][:, None, :], w["sin"][pos][:, None, :]  # (B, 1, hd)
     x = w["embed"][tokens].float()
     for layer, L in enumerate(w["layers"]):
-        qkv = _rms(x, L["ln1"], eps).to(dt) @ L["wqkv_t"]
+        qkv = _mm(_rms(x, L["ln1"], eps).to(dt), L["wqkv_t"], gemv)
         qk = _rms(qkv[:, :nq * hd].view(B, nq, hd), L["qk_gain"], eps)
         qk = qk * cos + qk.roll(half, dims=-1) * sin
         kc, vc = k_cache[layer], v_cache[layer]
@@ -128,10 +160,10 @@ def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos
         q = qk[:, :n_heads].reshape(B, n_kv, rep, hd).to(kc.dtype)
         att = torch.matmul(q, kc[:, :, :span].transpose(-1, -2)).float() + mask  # (B, KV, rep, span)
         y = torch.matmul(torch.softmax(att, dim=-1).to(vc.dtype), vc[:, :, :span])
-        x = _residual(x, y.reshape(B, n_heads * hd).to(dt), L["wo_t"])
-        gate, up = (_rms(x, L["ln2"], eps).to(dt) @ L["wgu_t"]).chunk(2, dim=-1)
-        x = _residual(x, F.silu(gate) * up, L["wdown_t"])
-    return (_rms(x, w["norm"], eps).to(dt) @ w["head_t"]).float()
+        x = _residual(x, y.reshape(B, n_heads * hd).to(dt), L["wo_t"], gemv)
+        gate, up = _mm(_rms(x, L["ln2"], eps).to(dt), L["wgu_t"], gemv).chunk(2, dim=-1)
+        x = _residual(x, F.silu(gate) * up, L["wdown_t"], gemv)
+    return _mm(_rms(x, w["norm"], eps).to(dt), w["head_t"], gemv).float()
 
 
 def prefill_row(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, slot: int, n_heads: int, n_kv: int,
@@ -201,6 +233,7 @@ class Decoder:
         self.lengths = [0] * batch_size
         self._step = _compiled_step(self.device.type) if compile else decode_step
         self.cuda_graphs = compile and self.device.type == "cuda"
+        self.gemv = compile and self.device.type == "cpu"  # one-row steps as multiply-and-sum (see _mm)
         self._views: dict = {}
 
     @torch.inference_mode()
@@ -211,7 +244,7 @@ class Decoder:
         n = len(prompt)
         if not 0 < n < self.T:
             raise ValueError(f"a prompt of {n} tokens does not fit a cache of {self.T}")
-        w = self.weights.get()  # checked here, not every step: parameters do not change mid-generation
+        w = self.weights.get(rows=self.gemv)  # checked here, not every step: no parameter changes mid-generation
         c = self.model.cfg
         ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
         logits = prefill_row(w, self.k, self.v, ids, slots[0], c.n_heads, c.kv_heads, c.norm_eps)
@@ -248,7 +281,8 @@ class Decoder:
         k, v, pos = self._rows(n)
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        logits = self._step(self.weights.get(check=False), k, v, ids, pos, span, c.n_heads, c.kv_heads, c.norm_eps)
+        logits = self._step(self.weights.get(check=False, rows=self.gemv), k, v, ids, pos, span, c.n_heads,
+                            c.kv_heads, c.norm_eps, self.gemv and n == 1)
         if self.cuda_graphs:
             logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
         if advance is None:
@@ -261,12 +295,17 @@ class Decoder:
 
     def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:
         """Views of the caches and positions of rows 0..n-1, made once per n (CUDA graphs need their inputs at
-        fixed addresses, marked as such)."""
+        fixed addresses, marked as such; compiled on CPU, only rows and length vary: kernels are specialized
+        to the number of heads and the head size)."""
         if n not in self._views:
             views = ([t[:n] for t in self.k], [t[:n] for t in self.v], self.pos[:n])
             if self.cuda_graphs:
                 for t in views[0] + views[1] + [views[2]]:
                     torch._dynamo.mark_static_address(t)
+            elif self.gemv:
+                for t in views[0] + views[1]:
+                    torch._dynamo.mark_static(t, 1)
+                    torch._dynamo.mark_static(t, 3)
             self._views[n] = views
         return self._views[n]
 
