@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from exocortex.config import ModelConfig
-from exocortex.decode import Decoder
+from exocortex.decode import AheadOfTimeStep, Decoder
 from exocortex.engine import Batcher, Engine, Request
 from exocortex.model import GPT
 
@@ -51,6 +51,8 @@ def test_decoder_rows_at_different_positions_match_full_forward(n_kv_heads, comp
                 errs.append((logits[s] - full[seq_of[s], pos[s]]).abs().max())
                 pos[s] += 1
     assert len(errs) > 60 and max(errs) < (1e-4 if device == "cpu" else 2e-3), max(errs)
+    if compile and device == "cpu":  # the one-row steps ran in the ahead-of-time compiled step, not a fallback
+        assert isinstance(dec._one_row, AheadOfTimeStep)
 
 
 def test_fused_weights_follow_parameter_updates():
@@ -219,3 +221,26 @@ def test_cancel_and_bad_requests_leave_the_batch_running():
     assert isinstance(events["long"][2], ValueError)
     assert isinstance(events["bad"][2], ZeroDivisionError)
     assert events["ok"][:2] == ("length", 10) and events["ok"][2] is None
+
+
+@pytest.mark.slow  # compiles the decode step (~20 s on a small CPU)
+def test_compiled_one_row_step_falls_back_when_ahead_of_time_build_fails(monkeypatch, tmp_path):
+    """Without AOTInductor (no compiler, an unsupported torch) the one-row step runs under torch.compile
+    instead, with a warning that says so, and gives the same logits as the eager step."""
+    import exocortex.decode as decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setenv("EXOCORTEX_CACHE", str(tmp_path))  # nothing cached: the build is attempted
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
+    monkeypatch.setattr(decode, "_ahead_of_time", {})
+    m = random_gpt(300)
+    prompt = [5, 6, 7, 8]
+    eager, compiled = Decoder(m, 1, 40), Decoder(m, 1, 40, compile=True)
+    eager.prefill(prompt), compiled.prefill(prompt)
+    with pytest.warns(UserWarning, match="ahead-of-time decode step unavailable.*no C\\+\\+ compiler"):
+        first = compiled.step([9])
+    assert compiled._one_row is False
+    assert (first - eager.step([9])).abs().max() < 1e-4
+    for token in [10, 11, 12]:
+        assert (compiled.step([token]) - eager.step([token])).abs().max() < 1e-4
