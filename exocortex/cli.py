@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="generations decoded together in one batch (default 16)")
             s.add_argument("--max-queue", type=int, default=64, help="requests waiting for a place (default 64)")
             s.add_argument("--compile", action="store_true",
-                           help="torch.compile the decode step (first requests wait for the compiler)")
+                           help="compile the decode step (first requests wait for the compiler; on CPU the "
+                                "one-row step is built ahead of time once per model shape and cached)")
             s.add_argument("--max-prompt-tokens", type=int, default=None)
         if name == "export":
             s.add_argument("--format", default="hf", choices=["hf", "gguf"],
