@@ -246,7 +246,11 @@ class AheadOfTimeStep:
         path = os.path.join(root, "decode", hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt2")
         if not os.path.exists(path):
             self._build(w, k_cache, (n_heads, n_kv, eps), limit, path)
-        self.runner = torch._inductor.aoti_load_package(path)
+        try:
+            self.runner = torch._inductor.aoti_load_package(path)
+        except Exception:  # noqa: BLE001 - a damaged cache file: build it again, once
+            self._build(w, k_cache, (n_heads, n_kv, eps), limit, path)
+            self.runner = torch._inductor.aoti_load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
         self._w, self._flat = None, None
 
