@@ -239,7 +239,8 @@ class AheadOfTimeStep:
     from C++ with the weights, caches, token and position as inputs: no guards, no Python around the kernel.
     The cache length and the attended span are dynamic and the weights are inputs (not baked in), so one
     package serves every checkpoint of a shape: it is built once (~30 s on 2 cores) and kept on disk under
-    a key of the shapes, dtypes, thread count and torch version ($EXOCORTEX_CACHE, default ~/.cache/exocortex)."""
+    a key of the shapes, dtypes, thread count, CPU instruction set and torch version ($EXOCORTEX_CACHE,
+    default ~/.cache/exocortex)."""
 
     def __init__(self, key: str, w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float, limit: int):
         root = os.environ.get("EXOCORTEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "exocortex"))
@@ -292,9 +293,12 @@ def _ahead_of_time_step(w: dict, k_cache: list, n_heads: int, n_kv: int, eps: fl
                         limit: int) -> AheadOfTimeStep | None:
     """The shared AheadOfTimeStep for these shapes, built on first use; None where AOTInductor cannot build
     one here (no C++ compiler, an unsupported torch): the caller then uses the torch.compile'd step."""
-    key = repr(([(tuple(t.shape), str(t.dtype)) for t in _flatten(w)], k_cache[0].shape[1], k_cache[0].shape[3],
-                str(k_cache[0].dtype), len(k_cache), n_heads, n_kv, eps, limit, torch.get_num_threads(),
-                torch.__version__, sys.version_info[:2]))
+    # everything the .so was specialized to; the CPU's instruction set too (a shared home directory on a
+    # cluster of mixed machines must not hand an AVX-512 build to an AVX2 machine)
+    key = repr(([(tuple(t.shape), t.stride(), str(t.dtype)) for t in _flatten(w)], k_cache[0].shape[1],
+                k_cache[0].shape[3], str(k_cache[0].dtype), len(k_cache), n_heads, n_kv, eps, limit,
+                torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
+                sys.version_info[:2]))
     if key not in _ahead_of_time:
         try:
             _ahead_of_time[key] = AheadOfTimeStep(key, w, k_cache, n_heads, n_kv, eps, limit)
