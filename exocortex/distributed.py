@@ -179,11 +179,11 @@ def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
                     st[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
 
 
-def _newton_schulz(g: torch.Tensor, coeffs, steps: int, eps: float) -> torch.Tensor:
+def _newton_schulz(g: torch.Tensor, coeffs, steps: int, eps: float, dtype=torch.bfloat16) -> torch.Tensor:
     """The quintic Newton-Schulz iteration of torch.optim.Muon (same ops, same order, so sharded and
-    unsharded runs match): ~orthogonalises g, in bf16."""
+    unsharded runs match): ~orthogonalises g, in bf16 as torch does (float32 where bf16 is not native)."""
     a, b, c = coeffs
-    x = g.bfloat16()
+    x = g.to(dtype)
     tall = g.size(0) > g.size(1)
     if tall:
         x = x.T
@@ -200,6 +200,8 @@ class ShardedMuon(torch.optim.Muon):
     size of the forward's weight all-gather), orthogonalises it on every rank, and applies this rank's
     rows. Momentum buffers stay sharded. (Running NS directly on the DTensor also works but redistributes
     inside every iteration: ~10x slower on 2 CPU ranks, and not bit-equal to the unsharded step.)"""
+
+    ns_dtype = torch.bfloat16  # as torch.optim.Muon; build_optimizers sets float32 where bf16 is not native
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -223,9 +225,10 @@ class ShardedMuon(torch.optim.Muon):
                 buf.lerp_(g, 1 - mom)
                 update = g.lerp(buf, mom) if group["nesterov"] else buf
                 # gathered in bf16: NS starts by casting to bf16 anyway, so this halves the traffic for free
-                full = DTensor.from_local(update.bfloat16(), p.device_mesh, p.placements, shape=p.shape,
+                full = DTensor.from_local(update.to(self.ns_dtype), p.device_mesh, p.placements, shape=p.shape,
                                           stride=p.stride()).full_tensor()
-                ortho = _newton_schulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                ortho = _newton_schulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)
                 mine = _local_rows(ortho, p)
                 A, B = p.shape  # "original" lr adjustment (Keller Jordan's), as build_optimizers asks for
                 scale = math.sqrt(max(1, A / B)) if group["adjust_lr_fn"] in (None, "original") else \
