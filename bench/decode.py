@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from exocortex.checkpoint import latest_checkpoint, load_model  # noqa: E402
-from exocortex.engine import Engine  # noqa: E402
-from exocortex.export import export_hf  # noqa: E402
-from exocortex.export_gguf import export_gguf  # noqa: E402
+from exocortex.checkpoint import load_model  # noqa: E402
+from exocortex.run import RunDir  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
+from exocortex.apps.export.hf import export_hf  # noqa: E402
+from exocortex.apps.export.gguf import export_gguf  # noqa: E402
 from exocortex.tokenizer import Tokenizer  # noqa: E402
 from _runs import synthetic_run  # noqa: E402  (bench/ is on the path when run as a script)
 
@@ -107,7 +108,7 @@ def main():
     if not os.path.exists(os.path.join(args.run, "config.json")):
         print(f"no run at {args.run}: building a random {args.preset}-preset model ...", flush=True)
         args.run = str(synthetic_run(Path(tmp.name), args.preset))
-    ckpt = latest_checkpoint(args.run, args.stage)
+    ckpt = RunDir(args.run).latest_checkpoint(args.stage)
     if ckpt is None:
         sys.exit(f"error: no {args.stage} checkpoint in {args.run}; run `exocortex speedrun` first")
     tok = Tokenizer.load(os.path.join(args.run, "tokenizer"))

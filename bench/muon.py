@@ -1,11 +1,11 @@
-"""One Muon optimizer step over a model's matrices: torch.optim.Muon (Newton-Schulz in bf16) vs Float32Muon.
+"""One Muon optimizer step over a model's matrices: torch.optim.Muon (Newton-Schulz in bf16) vs our Muon with float32 NS.
 
     python bench/muon.py                    # the tiny preset's matrices, on CPU
     python bench/muon.py --preset d12
 
 torch.optim.Muon casts every update to bf16 for its Newton-Schulz iterations. On a CPU without native bf16
-(AVX2: no AVX512-BF16/AMX) those matmuls are emulated and slow, so exocortex's build_optimizers switches to
-Float32Muon (same update, float32 NS) wherever bf16 is not native. This times both side by side (interleaved
+(AVX2: no AVX512-BF16/AMX) those matmuls are emulated and slow, so exocortex's build_optimizers runs its
+Muon with float32 NS (same update) wherever bf16 is not native. This times both side by side (interleaved
 rounds, medians) and prints the ratio; the last line is one JSON object.
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from exocortex.checkpoint import resolve_dtype  # noqa: E402
+from exocortex.device import resolve_dtype  # noqa: E402
 from exocortex.config import make_config  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.train import Float32Muon  # noqa: E402
+from exocortex.train.optim import Muon  # noqa: E402
 
 
 def main() -> None:
@@ -34,9 +34,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(make_config(args.preset).model)
     matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
-    kw = dict(lr=0.02, momentum=0.95, weight_decay=0.0, adjust_lr_fn="original")
-    opts = {"torch.optim.Muon (bf16 NS)": torch.optim.Muon(matrices, **kw),
-            "Float32Muon (fp32 NS)": Float32Muon(matrices, **kw)}
+    kw = dict(lr=0.02, momentum=0.95, weight_decay=0.0)
+    opts = {"torch.optim.Muon (bf16 NS)": torch.optim.Muon(matrices, adjust_lr_fn="original", **kw),
+            "Muon, float32 NS": Muon(matrices, ns_dtype=torch.float32, **kw)}
     for p in matrices:
         p.grad = torch.randn_like(p)
     native = resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
@@ -54,8 +54,8 @@ def main() -> None:
     for name, ts in times.items():
         print(f"{name:>28}: {statistics.median(ts):8.3f} s per step   {base / statistics.median(ts):6.2f}x")
     print(json.dumps({"preset": args.preset, "bf16_native": native, "torch_muon_s": round(base, 4),
-                      "float32_muon_s": round(statistics.median(times["Float32Muon (fp32 NS)"]), 4),
-                      "speedup": round(base / statistics.median(times["Float32Muon (fp32 NS)"]), 2)}))
+                      "float32_muon_s": round(statistics.median(times["Muon, float32 NS"]), 4),
+                      "speedup": round(base / statistics.median(times["Muon, float32 NS"]), 2)}))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 Nothing is downloaded at run time: --nanochat is a checkout of github.com/karpathy/nanochat (its `nanochat`
 package is imported from there; it needs only torch and filelock). Both sides get the same depth, width,
 heads, vocab, sequence length, rows per step, dtype, torch.compile setting and random tokens, and each its
-own optimizer (ours: Muon + AdamW from exocortex.train; nanochat: its MuonAdamW). nanochat runs with
+own optimizer (ours: Muon + AdamW from exocortex.train.loop; nanochat: its MuonAdamW). nanochat runs with
 full-context attention in every layer (window pattern "L"), as ours does. The models are not identical
 (ours: Qwen3 with a SwiGLU MLP; nanochat: relu^2 MLP, value embeddings, smear/backout scalars, logit
 softcap), so FLOPs per token differ: the table shows tokens/s and, from each model's own FLOPs-per-token
@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from _nanochat import nanochat_setup  # noqa: E402
-from exocortex.checkpoint import autocast, resolve_dtype  # noqa: E402
+from exocortex.device import autocast, resolve_dtype  # noqa: E402
 from exocortex.config import ModelConfig, TrainConfig  # noqa: E402
-from exocortex.flops import gpu_peak_flops, matmul_peak  # noqa: E402
+from exocortex.train.flops import gpu_peak_flops, matmul_peak  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.train import build_optimizers  # noqa: E402
+from exocortex.train.optim import build_optimizers  # noqa: E402
 
 
 def sync(device):

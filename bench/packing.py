@@ -22,14 +22,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from exocortex.checkpoint import resolve_device, resolve_dtype  # noqa: E402
+from exocortex.device import resolve_device, resolve_dtype  # noqa: E402
 from exocortex.config import load_config, make_config  # noqa: E402
 from exocortex.data.tokens import has_token_data  # noqa: E402
-from exocortex.evaluate import bits_per_byte  # noqa: E402
+from exocortex.evals import bits_per_byte  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.pretrain import load_splits, run_tokenizer, train_source, val_batches  # noqa: E402
+from exocortex.data.loader import load_splits, train_source, val_batches  # noqa: E402
+from exocortex.stages.tokenizer import run_tokenizer  # noqa: E402
 from exocortex.tokenizer import Tokenizer  # noqa: E402
-from exocortex.train import train  # noqa: E402
+from exocortex.train.loop import train  # noqa: E402
 
 
 def doc_batches(split, seq_len: int, rows: int, max_tokens: int) -> list:

@@ -33,9 +33,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from exocortex.config import ModelConfig, TrainConfig  # noqa: E402
-from exocortex.flops import gpu_peak_flops, matmul_peak  # noqa: E402
+from exocortex.train.flops import gpu_peak_flops, matmul_peak  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.train import build_optimizers, keep_freed_memory  # noqa: E402
+from exocortex.device import keep_freed_memory  # noqa: E402
+from exocortex.train.optim import build_optimizers  # noqa: E402
 
 SHAPES = {  # name: (depth, width, vocab, seq_len, device_batch)
     "tiny": (4, 256, 4096, 256, 32),

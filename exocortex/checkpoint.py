@@ -1,4 +1,4 @@
-"""Devices, precision, and atomic checkpoints.
+"""Atomic checkpoints: weights, training state and metadata of one step.
 
 Layout: runs/<name>/checkpoints/<stage>/step_XXXXXX/{model.safetensors, state.pt, meta.json} and a `latest`
 file naming the newest complete one. A checkpoint directory is written under a temporary name and renamed
@@ -6,7 +6,6 @@ into place, so a crash mid-write never leaves a checkpoint that looks complete.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -14,45 +13,13 @@ from pathlib import Path
 
 import torch
 
-from exocortex.config import ExocortexError, ModelConfig, atomic_write_text
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())  # torchrun: set per rank
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """bf16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32."""
-    if name == "float32":
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
-            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-        return torch.bfloat16 if fast else torch.float32
-    return torch.float32
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from exocortex.config import ModelConfig
+from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text
+from exocortex.run import RunDir
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def stage_dir(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / "checkpoints" / stage
-
 
 def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module, model_cfg: ModelConfig,
                     state: dict | None = None, meta: dict | None = None, keep: int = 0,
@@ -61,7 +28,7 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
     `weights` replaces model.state_dict() when given (an FSDP model's weights gathered whole)."""
     from safetensors.torch import save_file
 
-    root = stage_dir(run_dir, stage)
+    root = RunDir(run_dir).checkpoints(stage)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     for stale in root.glob(".tmp_step_*"):  # left by a run killed mid-write (kill -9, power loss)
@@ -83,37 +50,6 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
         for old in steps[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def latest_checkpoint(run_dir: Path, stage: str) -> Path | None:
-    """Newest complete checkpoint of a stage, skipping any that is missing files (with a warning)."""
-    root = stage_dir(run_dir, stage)
-    if not root.exists():
-        return None
-    pointer = root / "latest"
-    if pointer.exists():
-        named = root / pointer.read_text().strip()
-        if (named / "model.safetensors").exists() and (named / "meta.json").exists():
-            return named
-    candidates = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
-    for c in candidates:
-        if (c / "model.safetensors").exists() and (c / "meta.json").exists():
-            return c
-        print(f"warning: skipping incomplete checkpoint {c}")
-    return None
-
-
-def clear_checkpoints(run_dir: Path, stage: str) -> None:
-    root = stage_dir(run_dir, stage)
-    if root.exists():
-        shutil.rmtree(root)
-
-
-def require_checkpoint(run_dir: Path, stage: str, hint: str) -> Path:
-    ckpt = latest_checkpoint(run_dir, stage)
-    if ckpt is None:
-        raise ExocortexError(f"{run_dir} has no '{stage}' checkpoint; run `{hint}` first")
-    return ckpt
 
 
 def load_model(ckpt_dir: Path, device: torch.device | str = "cpu"):

@@ -1,7 +1,9 @@
 """One config system for every stage: dataclasses, presets, and `--set key=value` overrides.
 
 A run directory keeps the resolved config (config.json), so any stage can be re-run alone and reads
-exactly what the earlier stages used.
+exactly what the earlier stages used. Every value is checked in one place (`validate`), whether it comes
+from a preset, `--set` or config.json: choices are `Literal` types, mixtures are dicts, and an unknown key
+or a value of the wrong type is an error, never silently dropped.
 """
 from __future__ import annotations
 
@@ -11,11 +13,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-
-class ExocortexError(Exception):
-    """An error with a message meant for the user: the CLI prints it on one line, no traceback."""
+from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text
+from exocortex.run import RunDir
 
 
 @dataclass
@@ -27,7 +29,7 @@ class ModelConfig:
     head_dim: int = 64
     n_kv_heads: int = 0          # 0 = same as query heads (no grouping); set smaller for GQA
     mlp_ratio: float = 3.0       # SwiGLU hidden = round(mlp_ratio * width)
-    vocab_size: int = 8192
+    vocab_size: int = 8192       # not a setting: always the tokenizer's (tokenizer.vocab_size)
     seq_len: int = 512
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
@@ -49,6 +51,8 @@ class ModelConfig:
         return int(round(self.mlp_ratio * self.n_embd / 64)) * 64 or 64
 
     def validate(self) -> None:
+        if min(self.depth, self.head_dim, self.seq_len - 1, self.n_embd) <= 0 or self.n_kv_heads < 0:
+            raise ExocortexError("model.depth, model.head_dim and the width must be positive, model.seq_len above 1")
         if self.n_embd % self.head_dim:
             raise ExocortexError(f"model width {self.n_embd} is not a multiple of head_dim {self.head_dim}")
         if self.n_heads % self.kv_heads:
@@ -63,17 +67,13 @@ class DataConfig:
     world_seed: int = 0
     world_bytes: int = 24_000_000  # how much world text to generate
     val_fraction: float = 0.01
-    packing: str = "bestfit"     # pretraining rows: bestfit (each starts at a document, no padding) | stream
+    # pretraining rows: bestfit (each starts at a document, no padding) | stream (cut from the token stream)
+    packing: Literal["bestfit", "stream"] = "bestfit"
     workers: int = 0             # tokenizer processes; 0 = one per available CPU core
 
     def validate(self) -> None:
-        if self.packing not in PACKINGS:
-            raise ExocortexError(f"data.packing={self.packing!r}: choose one of {', '.join(PACKINGS)}")
         if not 0 < self.val_fraction < 1:
             raise ExocortexError(f"data.val_fraction={self.val_fraction}: must be between 0 and 1")
-
-
-PACKINGS = ("bestfit", "stream")
 
 
 @dataclass
@@ -103,25 +103,35 @@ class TrainConfig:
     eval_tokens: int = 65536
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    dtype: str = "auto"          # auto | bfloat16 | float32
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 where the hardware computes it natively
     compile: bool = False
     grad_clip: float = 1.0
-    parallel: str = "ddp"        # ddp (replicated weights) | fsdp (FSDP2: weights, grads, optimizer state sharded)
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: weights, grads, optimizer state sharded
+
+    def validate(self) -> None:
+        for k in ("batch_tokens", "device_batch", "eval_every", "eval_tokens"):
+            if getattr(self, k) <= 0:
+                raise ExocortexError(f"{k}={getattr(self, k)}: must be positive")
+        for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "max_steps",
+                  "time_minutes", "tokens_per_param", "grad_clip", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, k) < 0:
+                raise ExocortexError(f"{k}={getattr(self, k)}: must not be negative")
 
 
-MIDTRAIN_MIXTURE = ("arithmetic=0.12,word_problems=0.16,spelling=0.12,facts=0.16,facts_mc=0.1,lookup=0.16,"
-                    "smalltalk=0.1,identity=0.08")
-SFT_MIXTURE = "word_problems=0.3,lookup=0.2,arithmetic=0.12,facts=0.12,spelling=0.1,smalltalk=0.1,identity=0.06"
+MIDTRAIN_MIXTURE = {"arithmetic": 0.12, "word_problems": 0.16, "spelling": 0.12, "facts": 0.16, "facts_mc": 0.1,
+                    "lookup": 0.16, "smalltalk": 0.1, "identity": 0.08}
+SFT_MIXTURE = {"word_problems": 0.3, "lookup": 0.2, "arithmetic": 0.12, "facts": 0.12, "spelling": 0.1,
+               "smalltalk": 0.1, "identity": 0.06}
 
 
 @dataclass
 class SFTDataConfig:
     """Conversations for a finetuning stage (midtrain or sft): a weighted task mixture (see exocortex/tasks)."""
-    mixture: str = SFT_MIXTURE
+    # task name (or benchmark file, kind:path) -> weight; on the command line "name=weight,name=weight"
+    mixture: dict[str, float] = field(default_factory=lambda: dict(SFT_MIXTURE))
     n_conversations: int = 12000
     text_fraction: float = 0.0   # share of rows that are plain pretraining text: keeps what the base model knew
     seed: int = 1
-    identity_name: str = "exocortex"
 
 
 @dataclass
@@ -147,7 +157,9 @@ class RLConfig:
 @dataclass
 class EvalConfig:
     # held-out questions per chat task (name=count); lookup is also scored with its tool switched off
-    chat_tasks: str = "arithmetic=100,word_problems=200,spelling=100,facts=100,facts_mc=100,lookup=100,identity=20"
+    chat_tasks: dict[str, int] = field(default_factory=lambda: {
+        "arithmetic": 100, "word_problems": 200, "spelling": 100, "facts": 100, "facts_mc": 100, "lookup": 100,
+        "identity": 20})
     pass_k: int = 4              # pass@k on word problems: k samples at temperature 1 per question
     pass_k_n: int = 50
     core_n: int = 100            # in-context items per base-eval (CORE-style) task
@@ -159,9 +171,18 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     """Metrics beside logs/<stage>.jsonl (rank 0 only); both are optional packages."""
-    tensorboard: str = "auto"    # auto (on when `tensorboard` is installed) | on | off; writes runs/<name>/tensorboard/
+    tensorboard: Literal["auto", "on", "off"] = "auto"  # auto: on when `tensorboard` is installed; runs/<name>/tensorboard/
     wandb_project: str = ""      # Weights & Biases project (or set WANDB_PROJECT); needs `pip install wandb`
     wandb_run: str = ""          # run name shown in wandb; default: the run's name
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults for chat and serve when the user or the request does not say."""
+    temperature: float = 0.6
+    top_k: int = 50              # 0 = off
+    top_p: float = 0.95
+    max_tokens: int = 256
 
 
 @dataclass
@@ -170,22 +191,28 @@ class RunConfig:
     runs_dir: str = "runs"
     preset: str = "tiny"
     seed: int = 42
-    device: str = "auto"
+    device: str = "auto"         # auto (cuda, mps, else cpu) | cpu | cuda | cuda:N | mps
+    identity_name: str = "exocortex"  # what the chat model calls itself: taught in midtrain/sft, graded in eval/rl
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     pretrain: TrainConfig = field(default_factory=TrainConfig)
     midtrain: TrainConfig = field(default_factory=TrainConfig)
-    midtrain_data: SFTDataConfig = field(default_factory=lambda: SFTDataConfig(mixture=MIDTRAIN_MIXTURE))
+    midtrain_data: SFTDataConfig = field(default_factory=lambda: SFTDataConfig(mixture=dict(MIDTRAIN_MIXTURE)))
     sft: TrainConfig = field(default_factory=TrainConfig)
     sft_data: SFTDataConfig = field(default_factory=SFTDataConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.runs_dir) / self.name
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -244,69 +271,154 @@ PRESETS = {
 }
 
 
-def _coerce(value: str, current: Any, key: str) -> Any:
-    """Parse a --set string into the type of the field it replaces."""
-    try:
-        if isinstance(current, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(current, int):
-            return int(float(value)) if "e" in value.lower() else int(value)
-        if isinstance(current, float):
-            return float(value)
+# ----------------------------------------------------------------------------- values: parsed and checked
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+DERIVED = {"model.vocab_size": "tokenizer.vocab_size"}  # keys that follow another setting: set that one instead
+MOVED = {"sft_data.identity_name": "identity_name", "midtrain_data.identity_name": "identity_name"}  # older runs
+
+
+def parse_mixture(spec: str) -> dict[str, float]:
+    """'a=0.5,b=0.5' -> {'a': 0.5, 'b': 0.5}; a bare name gets weight 1."""
+    out: dict[str, float] = {}
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        name, _, w = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            out[name.strip()] = float(w)
+        except ValueError:
+            raise ExocortexError(f"mixture item '{item}': weight must be a number (name=weight)") from None
+    return out
+
+
+def _convert(value: Any, hint: Any, key: str, text: bool = False) -> Any:
+    """`value` as the field's type, or a one-line error. text=True: a --set string, parsed; else a Python or
+    JSON value, which must already have the field's type (an int may stand for a float)."""
+    origin = get_origin(hint)
+
+    def bad(expected: str):
+        return ExocortexError(f"{key}={value!r}: expected {expected}")
+
+    if origin is Literal:
+        if value not in get_args(hint):
+            raise bad("one of " + ", ".join(map(str, get_args(hint))))
         return value
-    except ValueError:
-        raise ExocortexError(f"--set {key}={value}: expected a {type(current).__name__}") from None
+    if origin is dict:
+        kind = get_args(hint)[1]
+        try:
+            # the string form also reads config.json files written before mixtures were dicts
+            mixture = parse_mixture(value) if isinstance(value, str) else value
+        except ExocortexError as e:
+            raise ExocortexError(f"{key}={value!r}: {e}") from None
+        if not isinstance(mixture, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                    for v in mixture.values()):
+            raise bad("name=number pairs, e.g. 'a=0.5,b=0.5'")
+        if not mixture or any(v < 0 for v in mixture.values()) or sum(mixture.values()) <= 0:
+            raise bad("at least one name with a positive number, none negative")
+        return {str(k): kind(v) for k, v in mixture.items()}
+    if hint is bool:
+        if text and value.lower() in _TRUE + _FALSE:
+            return value.lower() in _TRUE
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if hint in (int, float):
+        try:
+            number = (float(value) if "e" in value.lower() else hint(value)) if text else value
+        except ValueError:
+            raise bad(f"a {hint.__name__}") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or (hint is int and number != int(number)):
+            raise bad(f"a {hint.__name__}")
+        return hint(number)
+    if hint is str and not isinstance(value, str):
+        raise bad("a string")
+    return value
 
 
-def apply_override(cfg: Any, key: str, value: str) -> None:
-    parts = key.split(".")
-    obj = cfg
+def _field_hints(obj) -> dict[str, Any]:
+    return get_type_hints(type(obj))
+
+
+def apply_override(cfg: RunConfig, key: str, value: str) -> None:
+    """--set section.field=value (or field=value for a top-level field)."""
+    if key in DERIVED:
+        raise ExocortexError(f"{key} follows {DERIVED[key]}; set that instead (--set {DERIVED[key]}={value})")
+    parts, obj = key.split("."), cfg
     for i, p in enumerate(parts):
-        if not dataclasses.is_dataclass(obj) or p not in {f.name for f in dataclasses.fields(obj)}:
-            valid = ", ".join(f.name for f in dataclasses.fields(obj)) if dataclasses.is_dataclass(obj) else ""
+        names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+        if p not in names:
             where = ".".join(parts[:i]) or "config"
-            raise ExocortexError(f"unknown config key '{key}' ('{p}' is not in {where}; valid: {valid})")
-        if i == len(parts) - 1:
-            cur = getattr(obj, p)
-            if dataclasses.is_dataclass(cur):
-                raise ExocortexError(f"config key '{key}' is a section; set one of its fields, e.g. {key}.<field>=...")
-            setattr(obj, p, _coerce(value, cur, key))
-        else:
+            raise ExocortexError(f"unknown config key '{key}' ('{p}' is not in {where}; valid: {', '.join(names)})")
+        if i < len(parts) - 1:
             obj = getattr(obj, p)
+        elif dataclasses.is_dataclass(getattr(obj, p)):
+            raise ExocortexError(f"config key '{key}' is a section; set one of its fields, e.g. {key}.<field>=...")
+        else:
+            setattr(obj, p, _convert(value, _field_hints(obj)[p], key, text=True))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Every check of a config's values, whatever their source."""
+    top = get_type_hints(RunConfig)
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            setattr(cfg, section.name, _convert(obj, top[section.name], section.name))
+        else:
+            hints = _field_hints(obj)
+            for f in dataclasses.fields(obj):  # presets and code can set values too: same checks as --set
+                setattr(obj, f.name, _convert(getattr(obj, f.name), hints[f.name], f"{section.name}.{f.name}"))
+            try:
+                getattr(obj, "validate", lambda: None)()
+            except ExocortexError as e:
+                raise ExocortexError(f"{section.name}.{e}" if str(e).split("=")[0].isidentifier() else str(e)) from None
+    return cfg
+
+
+def _overrides(cfg: RunConfig, overrides: list[str] | None) -> None:
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ExocortexError(f"--set expects key=value, got '{ov}'")
+        k, v = ov.split("=", 1)
+        apply_override(cfg, k.strip(), v.strip())
 
 
 def make_config(preset: str = "tiny", overrides: list[str] | None = None, name: str | None = None) -> RunConfig:
     if preset not in PRESETS:
         raise ExocortexError(f"unknown preset '{preset}' (choose from: {', '.join(PRESETS)})")
     cfg = PRESETS[preset]()
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ExocortexError(f"--set expects key=value, got '{ov}'")
-        k, v = ov.split("=", 1)
-        apply_override(cfg, k.strip(), v.strip())
+    _overrides(cfg, overrides)
     if name:
         cfg.name = name
-    cfg.model.validate()
-    cfg.data.validate()
-    if cfg.tokenizer.vocab_size != cfg.model.vocab_size:
-        cfg.model.vocab_size = cfg.tokenizer.vocab_size  # the tokenizer decides; keep them equal
-    return cfg
+    cfg.model.vocab_size = cfg.tokenizer.vocab_size  # the tokenizer decides (pretrain sets the trained size)
+    return validate(cfg)
 
 
-def _from_dict(cls, d: dict):
+def _from_dict(cls, d: Any, where: str = ""):
+    """A dataclass from config.json's dict: unknown keys and wrongly typed values are errors."""
+    if not isinstance(d, dict):
+        raise ExocortexError(f"{where or 'the config'} must be a JSON object, not {type(d).__name__}")
+    hints, fields = get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in d if k not in fields]
+    if unknown:
+        raise ExocortexError(f"unknown key '{(where + '.' if where else '') + unknown[0]}' (valid: {', '.join(fields)})")
     kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        v = d[f.name]
-        if dataclasses.is_dataclass(f.default_factory() if f.default_factory is not dataclasses.MISSING else None):
-            v = _from_dict(type(f.default_factory()), v)
-        kwargs[f.name] = v
+    for k, v in d.items():
+        key = f"{where}.{k}" if where else k
+        default = fields[k].default_factory() if fields[k].default_factory is not dataclasses.MISSING else None
+        kwargs[k] = _from_dict(type(default), v, key) if dataclasses.is_dataclass(default) else _convert(v, hints[k], key)
     return cls(**kwargs)
+
+
+def _migrate(d: dict) -> dict:
+    """Keys that moved since a run was made go to their new place (the newer place wins)."""
+    for old, new in MOVED.items():
+        section, key = old.split(".")
+        if isinstance(d.get(section), dict) and key in d[section]:
+            value = d[section].pop(key)
+            d.setdefault(new, value)
+    return d
 
 
 def save_config(cfg: RunConfig) -> Path:
@@ -317,29 +429,23 @@ def save_config(cfg: RunConfig) -> Path:
 
 
 def load_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """A run's saved config plus overrides, checked before anything runs (nothing is written here)."""
     path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise ExocortexError(f"{run_dir} is not a run directory (no config.json); run `exocortex tokenizer` or `exocortex speedrun` first")
+    if not path.is_file():
+        raise ExocortexError(f"{run_dir} is not a run directory (no config.json); run `exocortex tokenizer` or "
+                             "`exocortex speedrun` first")
     try:
-        cfg = _from_dict(RunConfig, json.loads(path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise ExocortexError(f"{path} is not a valid config ({e})") from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExocortexError(f"{path} is not valid JSON ({e})") from None
+    try:
+        cfg = _from_dict(RunConfig, _migrate(raw) if isinstance(raw, dict) else raw)
+    except ExocortexError as e:
+        raise ExocortexError(f"{path}: {e}") from None
     cfg.runs_dir = str(Path(run_dir).parent)
     cfg.name = Path(run_dir).name
-    for ov in overrides or []:
-        if "=" not in ov:
-            raise ExocortexError(f"--set expects key=value, got '{ov}'")
-        k, v = ov.split("=", 1)
-        apply_override(cfg, k.strip(), v.strip())
-    return cfg
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _overrides(cfg, overrides)
+    return validate(cfg)
 
 
 def lr_dim_scale(width: int) -> float:

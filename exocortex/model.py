@@ -46,24 +46,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return (x * cos + rotated * sin).to(x.dtype)
 
 
-class KVCache:
-    """Preallocated keys/values for every layer: generation appends one step at a time, no reallocation."""
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device, dtype):
-        shape = (cfg.depth, batch_size, cfg.kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = 0  # tokens already cached (same for all rows)
-        self.max_len = max_len
-
-    def reset(self) -> None:
-        self.pos = 0
-
-
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         d = cfg.n_embd
         self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=False)
@@ -73,32 +58,16 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, cfg.norm_eps)  # QK-norm: keeps attention logits bounded
         self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is None:
-            mask, causal = None, True
-        else:
-            # append to the cache, then attend over everything cached so far
-            p = cache.pos
-            cache.k[self.layer_idx, :, :, p:p + T] = k
-            cache.v[self.layer_idx, :, :, p:p + T] = v
-            k = cache.k[self.layer_idx, :, :, :p + T]
-            v = cache.v[self.layer_idx, :, :, :p + T]
-            if T == 1:
-                mask, causal = None, False  # one new query sees every cached key
-            elif p == 0:
-                mask, causal = None, True
-            else:  # a chunk after a prefix: query i sees keys up to p + i
-                mask = torch.ones(T, p + T, dtype=torch.bool, device=x.device).tril(diagonal=p)
-                causal = False
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -116,15 +85,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -132,7 +101,7 @@ class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.layers = nn.ModuleList([Block(cfg, i) for i in range(cfg.depth)])
+        self.layers = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
 
@@ -176,19 +145,16 @@ class GPT(nn.Module):
         matmul_params = self.num_params(exclude_embedding=True) - sum(p.numel() for p in self.parameters() if p.ndim == 1)
         return 6 * matmul_params + 12 * c.depth * c.n_embd * c.seq_len
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
-                reduction: str = "mean"):
-        """idx (B, T) -> logits (B, T, V), or the loss when targets are given (-1 = ignored position)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """idx (B, T) -> logits (B, T, V), or the loss when targets are given (-1 = ignored position).
+        Generation does not come here: it decodes token by token with exocortex/infer/decode.py."""
         B, T = idx.shape
-        start = cache.pos if cache is not None else 0
-        if start + T > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the rotary table ({self.rope_cos.shape[0]})")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if T > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {T} tokens exceeds the rotary table ({self.rope_cos.shape[0]})")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         x = self.model.embed_tokens(idx)
         for block in self.model.layers:
-            x = block(x, cos, sin, cache)
-        if cache is not None:
-            cache.pos += T
+            x = block(x, cos, sin)
         x = self.model.norm(x)
         logits = self.lm_head(x)
         if targets is None:

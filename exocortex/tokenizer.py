@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from exocortex.config import ExocortexError, atomic_write_text
+from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text
 
 SPLIT_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -90,8 +91,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str], bos: bool = False, num_threads: int = 0) -> list[list[int]]:
         """Multi-threaded encode: one plain loop per thread over a contiguous slice (tiktoken releases the
-        GIL). Measured 1.8x faster than tiktoken's own encode_batch on short documents, whose per-document
-        task overhead costs more than the encoding (bench/tokenizer.py, docs/tokenizer.md)."""
+        GIL). Faster than tiktoken's own encode_batch on short documents, whose per-document task overhead
+        costs more than the encoding (bench/tokenizer.py measures both; docs/tokenizer.md)."""
         n = max(1, min(num_threads or os.cpu_count() or 1, len(texts) // 64 or 1))
         if n == 1:
             out = [self.enc.encode_ordinary(t) for t in texts]

@@ -2,8 +2,9 @@
 
     GET /api/datasets/<owner>/<name>/tree/<rev>/<dir>?recursive=true   JSON listing, paged by Link headers
     GET /datasets/<owner>/<name>/resolve/<rev>/<path>                  302 to /cdn/... (as the hub does)
-    GET /cdn/<owner>/<name>/<path>                                      the bytes; honours Range
-Files of 1,000 bytes or more are listed as LFS (sha256); smaller ones by their git blob sha1.
+    GET /cdn/<owner>/<name>/<rev>/<path>                                the bytes; honours Range
+Files of 1,000 bytes or more are listed as LFS (sha256); smaller ones by their git blob sha1. `repos` holds
+each repo's main branch, `revisions` any other revision (URL-encoded in URLs, as the hub's are).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class FakeHub:
     def __init__(self):
         self.repos: dict[str, dict[str, bytes]] = {}
+        self.revisions: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> revision -> files
         self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
         self.fail: dict[str, int] = {}       # url path substring -> how many more 500s to answer
         self.drop: dict[str, list[int]] = {}  # file path -> bytes to send on each next request, then hang up
@@ -55,22 +57,25 @@ class FakeHub:
                 if n > 0 and key in path:
                     self.fail[key] = n - 1
                     return self._send(h, 500, b"internal error")
-        parts = path.strip("/").split("/")
+        parts = [urllib.parse.unquote(p) for p in url.path.strip("/").split("/")]  # a revision may hold %2F
         if parts[:2] == ["api", "datasets"] and len(parts) >= 6 and parts[4] == "tree":
             repo, rev, prefix = "/".join(parts[2:4]), parts[5], "/".join(parts[6:])
             return self._tree(h, repo, rev, prefix, urllib.parse.parse_qs(url.query))
         if parts[0] == "datasets" and len(parts) >= 6 and parts[3] == "resolve":
             repo, rev, fpath = "/".join(parts[1:3]), parts[4], "/".join(parts[5:])
-            if repo not in self.repos or rev != "main" or fpath not in self.repos[repo]:
+            if fpath not in (self.files(repo, rev) or {}):
                 return self._send(h, 404, b"Entry not found")
             h.send_response(302)
-            h.send_header("Location", f"/cdn/{repo}/{urllib.parse.quote(fpath)}")
+            h.send_header("Location", f"/cdn/{repo}/{urllib.parse.quote(rev, safe='')}/{urllib.parse.quote(fpath)}")
             h.send_header("Content-Length", "0")
             h.end_headers()
             return
-        if parts[0] == "cdn":
-            return self._file(h, "/".join(parts[1:3]), "/".join(parts[3:]))
+        if parts[0] == "cdn" and len(parts) >= 5:
+            return self._file(h, "/".join(parts[1:3]), parts[3], "/".join(parts[4:]))
         self._send(h, 404, b"not found")
+
+    def files(self, repo: str, rev: str) -> dict[str, bytes] | None:
+        return self.repos.get(repo) if rev == "main" else self.revisions.get(repo, {}).get(rev)
 
     def _send(self, h, code: int, body: bytes, headers: dict | None = None) -> None:
         h.send_response(code)
@@ -81,14 +86,15 @@ class FakeHub:
         h.wfile.write(body)
 
     def _tree(self, h, repo, rev, prefix, query) -> None:
-        if repo not in self.repos:
+        if repo not in self.repos and repo not in self.revisions:
             return self._send(h, 401, json.dumps({"error": "Repository not found"}).encode(),
                               {"X-Error-Code": "RepoNotFound"})  # the hub answers 401 when not logged in
-        if rev != "main":
+        files = self.files(repo, rev)
+        if files is None:
             return self._send(h, 404, json.dumps({"error": f"Invalid rev id: {rev}"}).encode(),
                               {"X-Error-Code": "RevisionNotFound"})
         entries = []
-        for p, data in sorted(self.repos[repo].items()):
+        for p, data in sorted(files.items()):
             if prefix and not p.startswith(prefix + "/"):
                 continue
             e = {"type": "file", "path": p, "size": len(data) if len(data) < 1000 else 134}
@@ -109,8 +115,8 @@ class FakeHub:
             headers["Link"] = f'<{nxt}>; rel="next"'
         self._send(h, 200, json.dumps(page).encode(), headers)
 
-    def _file(self, h, repo, fpath) -> None:
-        data = self.repos.get(repo, {}).get(fpath)
+    def _file(self, h, repo, rev, fpath) -> None:
+        data = (self.files(repo, rev) or {}).get(fpath)
         if data is None:
             return self._send(h, 404, b"no such file")
         with self.lock:

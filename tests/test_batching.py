@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from exocortex.config import ModelConfig
-from exocortex.decode import AheadOfTimeStep, Decoder
-from exocortex.engine import Batcher, Engine, Request
+from exocortex.infer.decode import AheadOfTimeStep, Decoder
+from exocortex.infer.engine import Batcher, Engine, Request
 from exocortex.model import GPT
 
 
@@ -227,7 +227,7 @@ def test_cancel_and_bad_requests_leave_the_batch_running():
 def test_compiled_one_row_step_falls_back_when_ahead_of_time_build_fails(monkeypatch, tmp_path):
     """Without AOTInductor (no compiler, an unsupported torch) the one-row step runs under torch.compile
     instead, with a warning that says so, and gives the same logits as the eager step."""
-    import exocortex.decode as decode
+    import exocortex.infer.decode as decode
 
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")

@@ -2,16 +2,15 @@
 files written in the published formats (JSONL and parquet)."""
 import json
 import random
+import re
 import string
-import sys
-import types
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from exocortex.config import ExocortexError
+from exocortex.errors import ExocortexError
 from exocortex.tasks import TaskSet
 from exocortex.tasks.benchmarks import load_benchmark, split_for
 
@@ -243,37 +242,55 @@ def test_bad_input_names_file_and_line(tmp_path):
         load_benchmark("gsm8k", "")
 
 
-def test_hub_paths(tmp_path, monkeypatch, files):
-    calls = []
+@pytest.fixture
+def fakehub(tmp_path, monkeypatch):
+    from fakehub import FakeHub
 
-    def hf_hub_download(repo_id, filename, repo_type=None, revision=None):
-        calls.append((repo_id, filename, repo_type, revision))
-        if repo_id != "openai/gsm8k":
-            raise ConnectionError("Max retries exceeded with url: https://huggingface.co/...\nmore detail")
-        return str(files["gsm8k_parquet"] if "train" in filename else files["gsm8k"])
+    h = FakeHub()
+    monkeypatch.setenv("EXOCORTEX_HF_ENDPOINT", h.url)
+    monkeypatch.setenv("EXOCORTEX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("EXOCORTEX_HTTP_BACKOFF", "0.001")
+    monkeypatch.setenv("EXOCORTEX_HTTP_RETRIES", "2")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    yield h
+    h.close()
 
-    def list_repo_files(repo_id, repo_type=None, revision=None):
-        return [".gitattributes", "README.md", "main/test-00000-of-00001.parquet",
-                "main/train-00000-of-00001.parquet", "socratic/test-00000-of-00001.parquet"]
 
-    fake = types.SimpleNamespace(hf_hub_download=hf_hub_download, list_repo_files=list_repo_files)
-    monkeypatch.setitem(sys.modules, "huggingface_hub", fake)
-    task = load_benchmark("gsm8k", "hf://openai/gsm8k/main/test-00000-of-00001.parquet")
-    assert calls == [("openai/gsm8k", "main/test-00000-of-00001.parquet", "dataset", None)]
+def test_hub_references(tmp_path, fakehub, files):
+    """hf:<owner>/<name>[@rev]/<path> goes through data/hub.py (the `data download` client) to a local fake hub."""
+    test_pq = write_parquet(tmp_path / "t.parquet", GSM8K_ROWS).read_bytes()
+    fakehub.repos["openai/gsm8k"] = {".gitattributes": b"*.parquet filter=lfs\n", "README.md": b"# gsm8k\n",
+                                     "main/test-00000-of-00001.parquet": test_pq,
+                                     "main/train-00000-of-00001.parquet": files["gsm8k_parquet"].read_bytes(),
+                                     "socratic/test-00000-of-00001.parquet": test_pq}
+    fakehub.revisions["openai/gsm8k"] = {"v1": {"main/test.jsonl": files["gsm8k"].read_bytes()}}
+    fakehub.fail = {"main/test-00000": 1}  # a 500 on the way: retried
+    task = load_benchmark("gsm8k", "hf:openai/gsm8k/main/test-00000-of-00001.parquet")
     assert len(task.rows["test"]) == 3 and not task.rows["train"]
-    calls.clear()
-    task = load_benchmark("gsm8k", "hf://datasets/openai/gsm8k@abc123/main")  # a folder: every shard in it
-    assert [c[1] for c in calls] == ["main/test-00000-of-00001.parquet", "main/train-00000-of-00001.parquet"]
-    assert {c[3] for c in calls} == {"abc123"} and len(task.rows["train"]) == len(task.rows["test"]) == 3
-    with pytest.raises(ExocortexError, match=r"cannot download .*ConnectionError: Max retries.*local path"):
-        load_benchmark("gsm8k", "hf://someone/missing/test.jsonl")
-    with pytest.raises(ExocortexError, match="has no .jsonl"):
-        load_benchmark("gsm8k", "hf://openai/gsm8k/nothing_here")
-    with pytest.raises(ExocortexError, match=r"hf://<owner>/<repo>/<path in repo>"):
-        load_benchmark("gsm8k", "hf://openai/gsm8k")
-    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
-    with pytest.raises(ExocortexError, match="pip install huggingface_hub"):
-        load_benchmark("gsm8k", "hf://openai/gsm8k/main/test-00000-of-00001.parquet")
+    cache = tmp_path / "cache" / "datasets" / "openai" / "gsm8k"
+    assert (cache / "main" / "test-00000-of-00001.parquet").read_bytes() == test_pq  # the one cache
+    task = load_benchmark("gsm8k", "hf:openai/gsm8k/main")  # a folder: every shard in it, split by name
+    assert len(task.rows["train"]) == len(task.rows["test"]) == 3
+    assert len(fakehub.resolves()) == 2  # the test shard was not fetched again
+    task = load_benchmark("gsm8k", "hf:openai/gsm8k@v1/main")  # a pinned revision
+    assert len(task.rows["test"]) == 3 and not task.rows["train"]
+    fakehub.close()  # offline: what was fetched still loads
+    assert len(load_benchmark("gsm8k", "hf:openai/gsm8k/main").rows["train"]) == 3
+
+
+def test_hub_reference_errors(fakehub):
+    fakehub.repos["openai/gsm8k"] = {"README.md": b"# gsm8k\n", "main/test.jsonl": b"{}\n"}
+    for ref, needle in (("hf:someone/missing/test.jsonl", "dataset someone/missing not found"),
+                        ("hf:openai/gsm8k/nothing_here", "has no directory 'nothing_here'"),
+                        ("hf:openai/gsm8k/main/train.jsonl", "no files matching 'main/train.jsonl'"),
+                        ("hf:openai/gsm8k@v9/main", "has no revision 'v9'"),
+                        ("hf:openai", "is not a hub reference"),
+                        ("hf://datasets/openai/gsm8k/main/test.jsonl", "here hf:openai/gsm8k/main/test.jsonl")):
+        with pytest.raises(ExocortexError, match=re.escape(needle)):
+            load_benchmark("gsm8k", ref)
+    fakehub.close()
+    with pytest.raises(ExocortexError, match="cannot reach"):  # offline and not in the cache: one clear line
+        load_benchmark("gsm8k", "hf:openai/gsm8k/main/test.jsonl")
 
 
 def test_humaneval_as_a_task(tok):
@@ -306,7 +323,7 @@ def _random_replies(n, seed=0):
 
 
 def test_graders_never_raise_on_random_replies(files, monkeypatch):
-    import exocortex.humaneval
+    import exocortex.tasks.humaneval
 
     tasks = [load_benchmark(kind, str(files[kind])) for kind in ("gsm8k", "mmlu", "arc", "smoltalk", "jsonl")]
     try:
@@ -315,13 +332,13 @@ def test_graders_never_raise_on_random_replies(files, monkeypatch):
         pass
     examples = [(t, ex) for t in tasks for ex in (t.rows["test"] or t.rows["train"])[:3]]
     hits = {t.name: 0 for t in tasks}
-    real_check, sandboxed = exocortex.humaneval.check_completion, []
+    real_check, sandboxed = exocortex.tasks.humaneval.check_completion, []
 
     def check(problem, completion, timeout_s=5.0):  # the sandbox (tested in test_humaneval) for the first 30
         sandboxed.append(completion)
         return real_check(problem, completion, timeout_s) if len(sandboxed) <= 30 else False
 
-    monkeypatch.setattr(exocortex.humaneval, "check_completion", check)
+    monkeypatch.setattr(exocortex.tasks.humaneval, "check_completion", check)
     for reply in _random_replies(2000):
         for t, ex in examples:
             got = t.grade(reply, ex)  # grade, not safe_grade: an exception fails this test
@@ -488,7 +505,7 @@ def test_core_bundle_bad_input(tmp_path):
 def test_core_bundle_zip_and_scoring(tmp_path, tok, small_cfg):
     import shutil
 
-    from exocortex.evaluate import core_scores
+    from exocortex.evals import core_scores
     from exocortex.model import GPT
     from exocortex.tasks.core import load_core_bundle
 

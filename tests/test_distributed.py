@@ -88,15 +88,16 @@ def test_fsdp_matches_one_process_and_resumes_across_modes(tmp_path):
 SHARDED_MUON = """
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from exocortex.distributed import ShardedMuon
+from exocortex.train.optim import Muon
 dist.init_process_group("gloo")
 torch.manual_seed(0)
 shapes = [(7, 5), (5, 7), (2, 9)]  # rows split 3/3/1, 2/2/1 and 1/1/0 over 3 ranks
 ref = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(*s)) for s in shapes])
 sharded = torch.nn.ParameterList([torch.nn.Parameter(p.detach().clone()) for p in ref])
 fully_shard(sharded)
-kw = dict(lr=0.05, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original")
-opt_ref, opt = torch.optim.Muon(list(ref), **kw), ShardedMuon(list(sharded), **kw)
+kw = dict(lr=0.05, momentum=0.95, weight_decay=0.1)
+opt_ref = torch.optim.Muon(list(ref), adjust_lr_fn="original", **kw)
+opt = Muon(list(sharded), ns_dtype=torch.bfloat16, **kw)
 for step in range(3):
     grads = [torch.randn(*s) for s in shapes]  # same on every rank (same seed)
     for p, g in zip(ref, grads):
@@ -124,18 +125,18 @@ def test_sharded_muon_equals_muon_on_uneven_shards(tmp_path):
 RUN_ON_MAIN = '''
 import datetime, sys, time
 import torch.distributed as dist
-from exocortex import distributed
-from exocortex.config import ExocortexError
+from exocortex.train import parallel
+from exocortex.errors import ExocortexError
 
 # the process group's own timeout is 2 s; rank 0's work takes 4 s: a plain barrier would fail
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
-out = distributed.run_on_main(lambda: time.sleep(4) or "done", "slow work", timeout=datetime.timedelta(seconds=60))
+out = parallel.run_on_main(lambda: time.sleep(4) or "done", "slow work", timeout=datetime.timedelta(seconds=60))
 assert out == ("done" if dist.get_rank() == 0 else None), out
 
 def boom():
     raise ValueError("corpus is empty")
 try:
-    distributed.run_on_main(boom, "tokenization")
+    parallel.run_on_main(boom, "tokenization")
     raise SystemExit("no error raised")
 except ExocortexError as e:  # the other ranks hear what went wrong on rank 0
     assert dist.get_rank() != 0 and "rank 0 failed during tokenization: ValueError: corpus is empty" in str(e)

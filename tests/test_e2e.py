@@ -22,7 +22,7 @@ SMALL = ["--set", "data.world_bytes=1500000", "--set", "tokenizer.train_bytes=10
          "--set", "rl.prompts_per_step=2", "--set", "rl.samples_per_prompt=2", "--set", "rl.max_new_tokens=12",
          "--set", "rl.eval_n=2", "--set", "rl.eval_every=2", "--set", "eval.core_n=4", "--set", "eval.pass_k_n=2",
          "--set", "eval.chat_tasks=arithmetic=4,word_problems=4,facts=4,lookup=3,identity=2",
-         "--set", "eval.max_new_tokens=16", "--set", "pretrain.eval_every=5"]
+         "--set", "eval.max_new_tokens=16", "--set", "pretrain.eval_every=5", "--set", "identity_name=Ada"]
 
 
 def cli(args, cwd, **kw):
@@ -55,6 +55,38 @@ def test_speedrun_outputs(run_dir):
     assert cfg["model"]["width"] == 64 and cfg["pretrain"]["max_steps"] == 12  # the resolved config is kept
     assert (d / "checkpoints" / "sft" / "latest").read_text().strip() == "step_000%03d" % json.loads(
         (d / "logs" / "sft_summary.json").read_text())["steps"]
+
+
+class Captured(Exception):
+    pass
+
+
+def test_a_custom_identity_is_taught_and_graded_by_its_name(run_dir, monkeypatch):
+    """identity_name is the run's: midtrain/sft teach it and eval and RL grade against it (not the default)."""
+    import random
+
+    from exocortex.config import load_config
+    from exocortex.stages import rl
+
+    d = run_dir / "runs" / "mini"
+    samples = json.loads((d / "logs" / "eval_summary.json").read_text())["samples"]
+    graded = [s["expected"] for s in samples if s["task"] == "identity"]
+    assert graded and set(graded) == {"Ada"}
+    seen = {}
+
+    def capture(model, tok, task, *args, **kw):  # RL's task, as run_rl built it; no training
+        seen["answers"] = {task.example(random.Random(i), split)["answer"] for i in range(8)
+                           for split in ("train", "test")}
+        raise Captured
+
+    saved = (d / "config.json").read_text()
+    monkeypatch.setattr(rl, "rl_train", capture)
+    try:
+        with pytest.raises(Captured):
+            rl.run_rl(load_config(d, ["rl.task=identity"]))
+    finally:
+        (d / "config.json").write_text(saved)
+    assert seen["answers"] == {"Ada"}
 
 
 def test_chat_one_shot_uses_most_recent_run(run_dir):

@@ -1,6 +1,6 @@
 import torch
 
-from exocortex.engine import Engine, StreamDecoder, sample_next
+from exocortex.infer.engine import Engine, StreamDecoder, sample_next
 from exocortex.model import GPT
 from scripted import Scripted
 
@@ -11,8 +11,7 @@ def test_tool_call_is_run_and_injected(tok, small_cfg):
     answer = tok.encode("It is 10063.")
     script = [sp["<|tool_call_start|>"], *call, sp["<|tool_call_end|>"], *answer, sp["<|assistant_end|>"]]
     small_cfg.vocab_size = tok.vocab_size
-    model = Scripted(small_cfg, script)
-    eng = Engine(model, tok, torch.device("cpu"))
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
     steps = list(eng.generate(tok.render_for_completion([{"role": "user", "content": "347*29?"}]), max_tokens=60,
                               temperature=0))
     tokens = [c[0] for c, _ in steps]
@@ -81,8 +80,8 @@ def test_empty_lookup_searches_the_users_question(tok, small_cfg):
     script = [sp["<|tool_call_start|>"], *tok.encode("lookup()"), sp["<|tool_call_end|>"], sp["<|assistant_end|>"]]
     small_cfg.vocab_size = tok.vocab_size
     seen = []
-    eng = Engine(Scripted(small_cfg, script), tok, torch.device("cpu"),
-                 tools={"lookup": lambda q: seen.append(q) or "found"})
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), tools={"lookup": lambda q: seen.append(q) or "found"},
+                 decoder=Scripted(script, tok.vocab_size))
     prompt = tok.render_for_completion([{"role": "user", "content": "where does Mira live?"},
                                         {"role": "assistant", "content": "in Tarsk"},
                                         {"role": "user", "content": "and who sells glimmerfern?"}])

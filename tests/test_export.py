@@ -10,9 +10,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from exocortex.checkpoint import load_model, save_checkpoint  # noqa: E402
-from exocortex.config import ExocortexError, make_config, save_config  # noqa: E402
-from exocortex.engine import Engine  # noqa: E402
-from exocortex.export import export_hf, ranks_to_bpe, verify_hf  # noqa: E402
+from exocortex.config import make_config, save_config  # noqa: E402
+from exocortex.errors import ExocortexError  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
+from exocortex.apps.export.hf import export_hf, ranks_to_bpe, verify_hf  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from exocortex.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -174,7 +175,7 @@ def test_merges_cover_every_split():
 def test_whole_piece_token_like_tiktoken():
     # tiktoken maps a regex piece that is itself a token straight to it, even where merging its bytes would
     # get stuck ("bc" first leaves a+bc+d, and no merge makes "abcd" from those): HF must too (ignore_merges)
-    from exocortex.export import build_hf_tokenizer
+    from exocortex.apps.export.hf import build_hf_tokenizer
 
     ranks = {bytes([i]): i for i in range(256)}
     for t in [b"bc", b"ab", b"cd", b"abcd"]:

@@ -4,7 +4,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from exocortex.config import ModelConfig
-from exocortex.flops import gpu_peak_flops, peak_flops
+from exocortex.train.flops import gpu_peak_flops, peak_flops
 from exocortex.model import GPT
 
 
@@ -38,9 +38,15 @@ def test_cpu_peak_is_measured():
 
 
 def test_spent_line():
-    from exocortex.pretrain import spent_line
+    from exocortex.run import PretrainSummary
 
-    s = {"seconds": 390.0, "flops": 2.5e15, "tokens": 1234567, "mfu": 0.42, "time_budget_minutes": 6.5}
-    assert spent_line(s) == "spent 6.5 min, 2.5 PFLOPs, 1,234,567 tokens at 42.0% MFU (time budget 6.5 min)"
-    assert spent_line({"seconds": 60.0, "flops": 3e12, "tokens": 10, "mfu": None}) == \
-        "spent 1.0 min, 0.003 PFLOPs, 10 tokens"
+    def summary(**kw):
+        fields = dict(params=1, flops_per_token=1, steps=1, tokens=1, seconds=1.0, tokens_per_second=1.0, flops=0.0,
+                      mfu=None, final_train_loss=1.0, final_val_loss=None, val_bpb=1.0, tokens_per_param=1.0,
+                      packing="bestfit", device="cpu", dtype="float32", world_size=1, parallel="ddp",
+                      time_budget_minutes=None, checkpoint="")
+        return PretrainSummary(**{**fields, **kw})
+
+    s = summary(seconds=390.0, flops=2.5e15, tokens=1234567, mfu=0.42, time_budget_minutes=6.5)
+    assert s.spent_line() == "spent 6.5 min, 2.5 PFLOPs, 1,234,567 tokens at 42.0% MFU (time budget 6.5 min)"
+    assert summary(seconds=60.0, flops=3e12, tokens=10).spent_line() == "spent 1.0 min, 0.003 PFLOPs, 10 tokens"

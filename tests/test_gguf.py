@@ -9,9 +9,10 @@ gguf = pytest.importorskip("gguf", reason="GGUF export needs the gguf package (t
 
 from exocortex.checkpoint import load_model, save_checkpoint  # noqa: E402
 from exocortex.cli import main as cli_main  # noqa: E402
-from exocortex.config import ExocortexError, make_config, save_config  # noqa: E402
-from exocortex.engine import Engine  # noqa: E402
-from exocortex.export_gguf import (GGUF_CHAT_TEMPLATE, export_gguf, load_llama, render_with_llama_cpp,  # noqa: E402
+from exocortex.config import make_config, save_config  # noqa: E402
+from exocortex.errors import ExocortexError  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
+from exocortex.apps.export.gguf import (GGUF_CHAT_TEMPLATE, export_gguf, load_llama, render_with_llama_cpp,  # noqa: E402
                                    verify_gguf)  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from exocortex.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402

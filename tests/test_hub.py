@@ -4,13 +4,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from exocortex.config import ExocortexError
-from exocortex.data.hub import MANIFEST, Hub, download
+from exocortex.errors import ExocortexError
+from exocortex.data.hub import MANIFEST, Hub, download, hub_files, parse_ref, sync
 from fakehub import FakeHub
 
 REPO = "acme/corpus"
@@ -129,6 +130,87 @@ def test_corrupted_cache_file_is_redownloaded(hub, tmp_path, capsys):
 def test_bad_dataset_is_a_clear_error(hub, tmp_path, repo, kw, needle):
     with pytest.raises(ExocortexError, match=needle.replace("*", r"\*").replace(".", r"\.")):
         download(repo, cache_dir=tmp_path, hub=_hub(hub), **kw)
+
+
+def test_concurrent_downloads_of_one_cache_fetch_each_file_once(hub, tmp_path):
+    """Torchrun ranks loading the same files: one downloads, the others wait and find them verified."""
+    out, errors = [], []
+
+    def run():
+        try:
+            out.append(download(REPO, cache_dir=tmp_path, hub=_hub(hub), workers=2))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(out) == 3 and out[0] == out[1] == out[2]
+    assert len(hub.resolves()) == 3  # three shards, each fetched once
+    for p in out[0]:
+        assert p.read_bytes() == hub.repos[REPO][p.relative_to(tmp_path).as_posix()]
+
+
+@pytest.mark.parametrize("ref,want", [
+    ("hf:acme/corpus", ("acme/corpus", "main", "")),
+    ("hf:acme/corpus/data/", ("acme/corpus", "main", "data")),
+    ("hf:openai/gsm8k@v1.0/main/test-00000-of-00001.parquet",
+     ("openai/gsm8k", "v1.0", "main/test-00000-of-00001.parquet")),
+    ("hf:acme/corpus@refs%2Fconvert%2Fparquet/default", ("acme/corpus", "refs/convert/parquet", "default")),
+])
+def test_parse_ref(ref, want):
+    assert parse_ref(ref) == want
+
+
+@pytest.mark.parametrize("ref,needle", [
+    ("hf:acme", "is not a hub reference"),
+    ("hf:../x/y", "is not a hub reference"),
+    ("acme/corpus", "is not a hub reference"),
+    ("hf://datasets/openai/gsm8k/main/x.parquet", "here hf:openai/gsm8k/main/x.parquet"),
+])
+def test_bad_ref_is_a_clear_error(ref, needle):
+    with pytest.raises(ExocortexError, match=needle):
+        parse_ref(ref)
+
+
+def test_hub_files_share_the_cache_and_need_no_network_once_fetched(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXOCORTEX_HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("EXOCORTEX_CACHE", str(tmp_path))
+    monkeypatch.setenv("EXOCORTEX_HTTP_BACKOFF", "0.001")
+    cache = tmp_path / "datasets" / "acme" / "corpus"
+    hub.repos[REPO]["data/extra/notes.txt"] = b"not a shard"
+    hub.repos[REPO]["data/extra/more.jsonl"] = b'{"text": "x"}\n'
+    hub.revisions[REPO] = {"refs/convert/parquet": {"data/shard_00000.parquet": hub.repos[REPO]["README.md"]}}
+    suffixes = (".jsonl", ".parquet")
+    got = hub_files(f"hf:{REPO}/data", suffixes)  # a folder: its files with those suffixes, at any depth
+    assert [name for _, name in got] == ["data/extra/more.jsonl"] + [f"data/shard_{i:05d}.parquet" for i in range(3)]
+    assert [p for p, _ in got] == [cache / name for _, name in got]
+    assert (cache / MANIFEST).exists() and not (cache / "data" / "extra" / "notes.txt").exists()
+    n = len(hub.requests)
+    assert hub_files(f"hf:{REPO}/data", suffixes) == got and len(hub.requests) == n  # cache-first: no request
+    # `data download` of the same files finds them verified (the cache is one), and refreshes: the next use of
+    # a reference lists again (a moved branch is seen), fetching nothing unchanged
+    download(REPO, include="data/*.parquet", hub=_hub(hub))
+    assert len(hub.resolves()) == 4
+    n = len(hub.requests)
+    assert hub_files(f"hf:{REPO}/data", suffixes) == got and len(hub.requests) > n and len(hub.resolves()) == 4
+    n = len(hub.requests)
+    assert hub_files(f"hf:{REPO}/data", suffixes) == got and len(hub.requests) == n
+    # a file that changed since is noticed: the hub is asked again and the file verified (and refetched)
+    (cache / "data" / "shard_00001.parquet").write_bytes(b"damaged")
+    assert hub_files(f"hf:{REPO}/data", suffixes) == got and len(hub.resolves()) == 5
+    # a pinned revision (URL-encoded slash) is fetched from that revision; a glob picks files too
+    ((p, name),) = hub_files(f"hf:{REPO}@refs%2Fconvert%2Fparquet/data/shard_00000.parquet", suffixes)
+    assert name == "data/shard_00000.parquet" and p.read_bytes() == hub.repos[REPO]["README.md"]
+    assert [n for _, n in hub_files(f"hf:{REPO}/data/shard_0000[12].parquet", suffixes)] == \
+        ["data/shard_00001.parquet", "data/shard_00002.parquet"]
+    with pytest.raises(ExocortexError, match="has no directory 'nope'"):
+        hub_files(f"hf:{REPO}/nope", suffixes)
+    with pytest.raises(ExocortexError, match="no files matching 'data/missing.parquet'"):
+        hub_files(f"hf:{REPO}/data/missing.parquet", suffixes)
+    assert sync(REPO, ("*.md",), reuse=True, hub=_hub(hub))[0].read_bytes() == hub.repos[REPO]["README.md"]
 
 
 def _cli(args, cwd, env):

@@ -6,11 +6,12 @@ import time
 import pytest
 import torch
 
-from exocortex.config import ExocortexError
-from exocortex.engine import Engine
-from exocortex.humaneval import (check_completion, engine_generate_fn, evaluate_humaneval, load_humaneval,
+from exocortex.errors import ExocortexError
+from exocortex.infer.engine import Engine
+from exocortex.tasks.humaneval import (check_completion, engine_generate_fn, evaluate_humaneval, load_humaneval,
                                  pass_at_k, run_completion, truncate_completion)
 from exocortex.model import GPT
+from scripted import Scripted
 
 
 @pytest.fixture(scope="module")
@@ -128,38 +129,19 @@ def test_truncate_completion():
     assert truncate_completion("    return 1") == "    return 1"
 
 
-class Scripted(torch.nn.Module):
-    """Stands in for a model: emits a fixed script of tokens, one per forward call."""
-
-    def __init__(self, cfg, script, context=1000):
-        super().__init__()
-        self.cfg, self.script = cfg, list(script)
-        self.rope_cos = torch.zeros(context, 1)
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.calls = 0
-        self.prompt_lengths = []
-
-    def forward(self, idx, cache=None):
-        if idx.shape[1] > 1:
-            self.prompt_lengths.append(idx.shape[1])
-        logits = torch.full((idx.shape[0], idx.shape[1], self.cfg.vocab_size), -1e9)
-        logits[:, -1, self.script[min(self.calls, len(self.script) - 1)]] = 0
-        self.calls += 1
-        return logits
-
-
 def test_engine_generate_fn_stops_at_dedent(tok, small_cfg, problems):
     small_cfg.vocab_size = tok.vocab_size
     script = tok.encode("    return 1\n\ndef extra():\n    return 2\n") + [tok.special["<|assistant_end|>"]]
-    model = Scripted(small_cfg, script)
-    gen = engine_generate_fn(Engine(model, tok, torch.device("cpu")), max_tokens=64)
+    scripted = Scripted(script, tok.vocab_size)
+    gen = engine_generate_fn(Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=scripted), max_tokens=64)
     assert gen("def f():\n") == "    return 1\n"
-    assert model.calls < len(script) - 3  # stopped early, not at the stop token
+    assert scripted.steps < len(script) - 4  # stopped early, not at the stop token
     # a prompt longer than the context is cut from the left, keeping <|bos|> and room to generate
-    model = Scripted(small_cfg, script, context=64)
-    gen = engine_generate_fn(Engine(model, tok, torch.device("cpu")), max_tokens=256)
+    small_cfg.seq_len = 16  # context: the rotary table, 4 * seq_len = 64 tokens
+    scripted = Scripted(script, tok.vocab_size)
+    gen = engine_generate_fn(Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=scripted), max_tokens=256)
     assert gen(problems[0]["prompt"] * 4) == "    return 1\n"
-    assert model.prompt_lengths[0] <= 32
+    assert scripted.prompt_lengths[0] <= 32
 
 
 def test_engine_generate_fn_with_a_real_model(tok, small_cfg, problems):

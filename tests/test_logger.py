@@ -1,4 +1,5 @@
 import importlib.machinery
+import json
 import importlib.util
 import sys
 import types
@@ -7,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from exocortex.config import ExocortexError, LoggingConfig, ModelConfig, TrainConfig
+from exocortex.config import LoggingConfig, ModelConfig, TrainConfig, make_config
+from exocortex.errors import ExocortexError
 from exocortex.data.loader import TokenRows, eval_batches
-from exocortex.logger import MetricsLogger
+from exocortex.train.metrics import MetricsSink
 from exocortex.model import GPT
-from exocortex.train import train
+from exocortex.train.loop import train
 
 
 class FakeWriter:
@@ -27,7 +29,7 @@ class FakeWriter:
 
 def test_log_sends_numeric_fields_by_stage():
     w = FakeWriter()
-    MetricsLogger([w]).log("sft", {"step": 7, "loss": 1.5, "val_loss": 1.25, "tokens": 4096, "mfu": 0.31,
+    MetricsSink("sft", writers=[w]).log({"step": 7, "loss": 1.5, "val_loss": 1.25, "tokens": 4096, "mfu": 0.31,
                                    "note": "text", "stopped": True})
     assert sorted(w.scalars) == [("sft/loss", 1.5, 7), ("sft/mfu", 0.31, 7), ("sft/tokens", 4096.0, 7),
                                  ("sft/val_loss", 1.25, 7)]
@@ -41,22 +43,25 @@ def test_train_logs_every_step_with_mfu_and_flops(tmp_path):
     w = FakeWriter()
     model = GPT(cfg)
     res = train(model, t, "pretrain", tmp_path, src, val, torch.device("cpu"), torch.float32, total_steps=3,
-                logger=MetricsLogger([w]))
+                metrics=MetricsSink("pretrain", tmp_path / "logs" / "pretrain.jsonl", writers=[w]))
     tags = {tag for tag, _, _ in w.scalars}
     assert {"pretrain/loss", "pretrain/tok_per_s", "pretrain/lr_mult", "pretrain/mfu", "pretrain/val_loss"} <= tags
     assert [s for tag, _, s in w.scalars if tag == "pretrain/loss"] == [1, 2, 3]
     assert [v for tag, v, _ in w.scalars if tag == "pretrain/loss"] == pytest.approx([h["loss"] for h in res.history])
     assert res.flops == res.tokens * model.flops_per_token() == 3 * 256 * model.flops_per_token()
     assert 0 < res.mfu < 1 and all(0 < h["mfu"] for h in res.history)
+    assert w.closed  # train() closes the sink it was given
+    logged = [json.loads(line) for line in (tmp_path / "logs" / "pretrain.jsonl").read_text().splitlines()]
+    assert logged == res.history  # the jsonl and the writers get the same records
 
 
 def test_tensorboard_event_files(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log = MetricsLogger.from_config(LoggingConfig(tensorboard="on"), tmp_path, "r", "pretrain")
+    log = MetricsSink.from_config(LoggingConfig(tensorboard="on"), tmp_path, "r", "pretrain")
     for step, loss in ((1, 3.0), (2, 2.5), (3, 2.25)):
-        log.log("pretrain", {"step": step, "loss": loss})
+        log.log({"step": step, "loss": loss})
     log.close()
     acc = EventAccumulator(str(tmp_path / "tensorboard" / "pretrain"))
     acc.Reload()
@@ -72,17 +77,17 @@ def test_asking_for_a_missing_package_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
     monkeypatch.setattr(importlib.util, "find_spec", _missing("tensorboard", "wandb"))
     with pytest.raises(ExocortexError, match="pip install tensorboard"):
-        MetricsLogger.from_config(LoggingConfig(tensorboard="on"), tmp_path, "r", "pretrain")
+        MetricsSink.from_config(LoggingConfig(tensorboard="on"), tmp_path, "r", "pretrain")
     with pytest.raises(ExocortexError, match="pip install wandb"):
-        MetricsLogger.from_config(LoggingConfig(wandb_project="p"), tmp_path, "r", "pretrain")
+        MetricsSink.from_config(LoggingConfig(wandb_project="p"), tmp_path, "r", "pretrain")
     monkeypatch.setenv("WANDB_PROJECT", "from-env")
     with pytest.raises(ExocortexError, match="from-env"):
-        MetricsLogger.from_config(LoggingConfig(), tmp_path, "r", "pretrain")
+        MetricsSink.from_config(LoggingConfig(), tmp_path, "r", "pretrain")
     monkeypatch.delenv("WANDB_PROJECT")
-    log = MetricsLogger.from_config(LoggingConfig(), tmp_path, "r", "pretrain")  # auto: nothing installed, no-op
+    log = MetricsSink.from_config(LoggingConfig(), tmp_path, "r", "pretrain")  # auto: nothing installed, no-op
     assert log.writers == [] and log.wandb is None
-    with pytest.raises(ExocortexError, match="auto, on or off"):
-        MetricsLogger.from_config(LoggingConfig(tensorboard="yes please"), tmp_path, "r", "pretrain")
+    with pytest.raises(ExocortexError, match="auto, on, off"):  # checked with every config value
+        make_config("tiny", ["logging.tensorboard=yes please"])
 
 
 def test_wandb_run_per_stage(tmp_path, monkeypatch):
@@ -99,9 +104,9 @@ def test_wandb_run_per_stage(tmp_path, monkeypatch):
     fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
     fake.init = lambda **kw: calls.append(("init", kw)) or Run()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    log = MetricsLogger.from_config(LoggingConfig(tensorboard="off", wandb_project="exo"), tmp_path, "tiny", "sft",
+    log = MetricsSink.from_config(LoggingConfig(tensorboard="off", wandb_project="exo"), tmp_path, "tiny", "sft",
                                     {"seed": 1})
-    log.log("sft", {"step": 4, "loss": 0.5})
+    log.log({"step": 4, "loss": 0.5})
     log.close()
     assert calls == [("init", {"project": "exo", "name": "tiny-sft", "group": "tiny", "config": {"seed": 1}}),
                      ("log", {"sft/loss": 0.5}, 4), ("finish",)]

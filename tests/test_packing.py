@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from exocortex.config import ExocortexError, TrainConfig
+from exocortex.config import TrainConfig
+from exocortex.errors import ExocortexError
 from exocortex.data.loader import BestFitRows, pack_bestfit, packed_eval_batches
 from exocortex.model import GPT
-from exocortex.train import train
+from exocortex.train.loop import train
 
 BOS = 60000
 

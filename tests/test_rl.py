@@ -5,7 +5,7 @@ import torch
 
 from exocortex.config import RLConfig, TrainConfig
 from exocortex.model import GPT
-from exocortex.rl import DegenerationGuard, repeated_ngram_rate, rl_train, rl_train_config
+from exocortex.stages.rl import DegenerationGuard, repeated_ngram_rate, rl_train, rl_train_config
 from exocortex.tasks.base import Task
 
 
@@ -74,11 +74,11 @@ def test_gameable_reward_trips_the_guard_and_keeps_an_earlier_checkpoint(tmp_pat
     model, res, tripped = _rl(tmp_path, tok, small_cfg, steps=40, lr=0.3)
     rewards = [h["reward"] for h in res.history]
     assert tripped is not None, f"guard never tripped; rewards {rewards[:3]} ... {rewards[-3:]}"
-    assert res.stopped_early and res.steps < 40
+    assert res.stop_reason and res.steps < 40
     assert sum(rewards[-3:]) / 3 > rewards[0] + 0.05  # the reward really was being hacked
     kept = tripped["kept"]
     if kept is not None:  # the stage's checkpoint is from before the degenerate window
         step = int(kept.rsplit("_", 1)[1])
         assert step <= tripped["step"] - 10
-        from exocortex.checkpoint import latest_checkpoint
-        assert str(latest_checkpoint(tmp_path, "rl")) == kept
+        from exocortex.run import RunDir
+        assert str(RunDir(tmp_path).latest_checkpoint("rl")) == kept

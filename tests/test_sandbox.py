@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
-from exocortex import sandbox
-from exocortex.sandbox import MARKER, isolation_layers, python_tool, run_python
-from exocortex.tools import run_tool_call
+from exocortex.infer import sandbox
+from exocortex.infer.sandbox import MARKER, isolation_layers, python_tool, run_python
+from exocortex.infer.tools import run_tool_call
 
 PARENT_LIMITS = {r: resource.getrlimit(r) for r in (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_NPROC,
                                                      resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE)}

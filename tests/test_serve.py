@@ -7,6 +7,7 @@ import json
 import socket
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
@@ -17,10 +18,11 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from exocortex.config import ModelConfig  # noqa: E402
-from exocortex.engine import Engine  # noqa: E402
+from exocortex.infer.decode import Decoder  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.serve import create_app  # noqa: E402
-from scripted import Scripted  # noqa: E402
+from exocortex.apps.serve import create_app  # noqa: E402
+from scripted import Paced, Scripted  # noqa: E402
 
 MODEL = "tiny-test"
 
@@ -233,7 +235,8 @@ def test_tool_calls_are_shown_and_can_be_sent_back(tok):
     script = [sp["<|tool_call_start|>"], *tok.encode("calculator(347 * 29)"), sp["<|tool_call_end|>"],
               *tok.encode("It is 10063."), sp["<|assistant_end|>"]]
     cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=32, mlp_ratio=1.0)
-    server = Server(create_app(Engine(Scripted(cfg, script), tok, torch.device("cpu")), MODEL))
+    eng = Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
+    server = Server(create_app(eng, MODEL))
     try:
         c = server.client()
         user = [{"role": "user", "content": "What is 347 * 29?"}]
@@ -270,18 +273,6 @@ def test_tool_calls_are_shown_and_can_be_sent_back(tok):
         server.stop()
 
 
-class SlowEngine(Engine):
-    """Never stops on its own and sleeps each step: a long generation to hold the only slot."""
-
-    steps = 0
-
-    def generate(self, *args, **kw):
-        for step in super().generate(*args, **kw):
-            SlowEngine.steps += 1
-            time.sleep(0.02)
-            yield step
-
-
 def _wait_idle(server, timeout=5.0):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -293,7 +284,9 @@ def _wait_idle(server, timeout=5.0):
 
 
 def test_limits_429_and_disconnect_cancels(tok):
-    eng = SlowEngine(tiny_model(tok), tok, torch.device("cpu"))
+    model = tiny_model(tok)
+    slow = Paced(partial(Decoder, model), pause=0.02)  # each step sleeps: a long generation holds the only slot
+    eng = Engine(model, tok, torch.device("cpu"), decoder=slow)
     eng.stop_ids = {-1}  # only max_tokens ends a reply
     server = Server(create_app(eng, MODEL, max_concurrent=1, max_queue=1))
     url = server.url + "/v1/chat/completions"
@@ -322,34 +315,30 @@ def test_limits_429_and_disconnect_cancels(tok):
                 assert err["type"] == "rate_limit_error"
                 with pytest.raises(openai.RateLimitError):
                     server.client().chat.completions.create(model=MODEL, messages=body["messages"])
-                steps_before = SlowEngine.steps
+                steps_before = len(slow.rows_per_step)
             # leaving the `with` closed the stream: its generation stops, and the queued request runs
         t.join(10)
         assert queued["response"].status_code == 200
         assert queued["response"].json()["usage"]["completion_tokens"] == 3
         _wait_idle(server)
-        assert SlowEngine.steps - steps_before < 40  # far from the 100 steps it asked for
+        assert len(slow.rows_per_step) - steps_before < 40  # far from the 100 steps it asked for
 
         # a non-streaming client that gives up is cancelled too
-        before = SlowEngine.steps
+        before = len(slow.rows_per_step)
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url, json=body, timeout=0.3)
         _wait_idle(server)
-        assert SlowEngine.steps - before < 60
+        assert len(slow.rows_per_step) - before < 60
     finally:
         server.stop()
 
 
-class FailingEngine(Engine):
-    """Breaks after its first step, as a model running out of memory might."""
-
-    def generate(self, *args, **kw):
-        yield from list(super().generate(*args, **kw))[:1]
-        raise RuntimeError("boom")
-
-
 def test_engine_failure_is_a_server_error(tok):
-    server = Server(create_app(FailingEngine(tiny_model(tok), tok, torch.device("cpu")), MODEL))
+    model = tiny_model(tok)
+    failing = Paced(partial(Decoder, model), fail_after=0)  # the first token comes (prefill), then a step fails
+    eng = Engine(model, tok, torch.device("cpu"), decoder=failing)
+    eng.stop_ids = {-1}  # the reply always reaches the failing step
+    server = Server(create_app(eng, MODEL))
     try:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         err = _error(httpx.post(server.url + "/v1/chat/completions", json=body), 500)

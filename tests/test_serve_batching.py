@@ -3,36 +3,27 @@ alone, limits (429) and client disconnects work on rows of the batch."""
 import json
 import threading
 import time
+from functools import partial
 
 import pytest
 import torch
 
 httpx = pytest.importorskip("httpx")
+from scripted import Paced  # noqa: E402
 from test_serve import MODEL, Server, _error  # noqa: E402
 
 from exocortex.config import ModelConfig  # noqa: E402
-from exocortex.engine import Engine  # noqa: E402
+from exocortex.infer.decode import Decoder  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.serve import create_app  # noqa: E402
+from exocortex.apps.serve import create_app  # noqa: E402
 
 
-class PacedEngine(Engine):
-    """Each batched decode step sleeps a little (so requests overlap) and records how many rows it advanced."""
-
-    def __init__(self, *args, pause=0.005, **kw):
-        super().__init__(*args, **kw)
-        self.pause, self.rows_per_step = pause, []
-
-    def decoder(self, batch_size, max_len):
-        dec = super().decoder(batch_size, max_len)
-        step = dec.step
-
-        def paced(tokens, advance=None):
-            self.rows_per_step.append(len(tokens) if advance is None else sum(advance))
-            time.sleep(self.pause)
-            return step(tokens, advance)
-        dec.step = paced
-        return dec
+def paced_engine(tok, pause):
+    """An engine whose decode steps sleep a little (so requests overlap) and are recorded (`paced`)."""
+    model = random_model(tok)
+    paced = Paced(partial(Decoder, model), pause)
+    return Engine(model, tok, torch.device("cpu"), decoder=paced), paced
 
 
 def random_model(tok):
@@ -55,7 +46,7 @@ def alone(engine, prompt, max_tokens):
 
 
 def test_concurrent_requests_share_steps_and_match_running_alone(tok):
-    eng = PacedEngine(random_model(tok), tok, torch.device("cpu"))
+    eng, paced = paced_engine(tok, pause=0.005)
     server = Server(create_app(eng, MODEL, max_concurrent=4, max_queue=8))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 256, (int(n),), generator=g).tolist() for n in torch.randint(1, 60, (7,), generator=g)]
@@ -80,7 +71,7 @@ def test_concurrent_requests_share_steps_and_match_running_alone(tok):
             t.join(60)
     finally:
         server.stop()
-    assert max(eng.rows_per_step) >= 3  # the requests really were decoded together
+    assert max(paced.rows_per_step) >= 3  # the requests really were decoded together
     for i, prompt in enumerate(prompts):
         tokens, steps = alone(eng, prompt, max_tokens[i])
         if i % 2:
@@ -92,7 +83,7 @@ def test_concurrent_requests_share_steps_and_match_running_alone(tok):
 
 
 def test_limits_429_and_disconnect_cancel_a_row(tok):
-    eng = PacedEngine(random_model(tok), tok, torch.device("cpu"), pause=0.02)
+    eng, paced = paced_engine(tok, pause=0.02)
     eng.stop_ids = {-1}  # only max_tokens ends a reply
     app = create_app(eng, MODEL, max_concurrent=2, max_queue=1)
     batcher = app.state.exocortex.batcher
@@ -133,13 +124,13 @@ def test_limits_429_and_disconnect_cancel_a_row(tok):
         while busy_rows() or server.health()["active"]:
             assert time.time() < deadline, server.health()
             time.sleep(0.02)
-        steps = len(eng.rows_per_step)
+        steps = len(paced.rows_per_step)
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is cancelled too
             httpx.post(url, json=body, timeout=0.3)
         deadline = time.time() + 5
         while busy_rows() or server.health()["active"]:
             assert time.time() < deadline, server.health()
             time.sleep(0.02)
-        assert len(eng.rows_per_step) - steps < 60  # far from the 100 steps it asked for
+        assert len(paced.rows_per_step) - steps < 60  # far from the 100 steps it asked for
     finally:
         server.stop()

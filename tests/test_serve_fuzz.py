@@ -8,8 +8,8 @@ import torch
 httpx = pytest.importorskip("httpx")
 from test_serve import MODEL, Server, tiny_model  # noqa: E402
 
-from exocortex.engine import Engine  # noqa: E402
-from exocortex.serve import create_app  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
+from exocortex.apps.serve import create_app  # noqa: E402
 
 
 def malformed(rng: random.Random):

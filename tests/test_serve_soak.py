@@ -17,8 +17,8 @@ httpx = pytest.importorskip("httpx")
 from test_serve import MODEL, Server  # noqa: E402
 from test_serve_batching import alone, random_model  # noqa: E402
 
-from exocortex.engine import Engine  # noqa: E402
-from exocortex.serve import create_app  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
+from exocortex.apps.serve import create_app  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from exocortex.config import DataConfig, ExocortexError
+from exocortex.config import DataConfig
+from exocortex.errors import ExocortexError
 from exocortex.data.sources import iter_documents, load_documents, split_train_val
 
 

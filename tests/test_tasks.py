@@ -4,12 +4,13 @@ import string
 
 import pytest
 
-from exocortex.config import ExocortexError
+from exocortex.errors import ExocortexError
 from exocortex.data.world import World, generate_documents
-from exocortex.lookup import DocumentIndex, world_index
-from exocortex.tasks import GENERATED, TaskSet, make_example, mixture_conversations, parse_mixture, sft_conversations, split_of
+from exocortex.infer.lookup import DocumentIndex, world_index
+from exocortex.config import parse_mixture
+from exocortex.tasks import GENERATED, TaskSet, mixture_conversations
 from exocortex.tasks.base import choice_letter, grade_final_number, grade_hash_answer, hash_answer
-from exocortex.tools import calculator
+from exocortex.infer.tools import calculator
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +35,10 @@ def test_train_and_test_never_overlap(tasks):
         assert not train & test, name
 
 
-def test_arithmetic_examples_are_correct_and_use_the_tool(world):
+def test_arithmetic_examples_are_correct_and_use_the_tool(tasks):
     rng = random.Random(0)
     for _ in range(200):
-        ex = make_example("arithmetic", rng, "train", world)
+        ex = tasks["arithmetic"].example(rng, "train")
         call, output, text = ex["messages"][-1]["content"]
         assert call["type"] == "tool_call" and output["type"] == "tool_output" and text["type"] == "text"
         expr = call["text"][len("calculator("):-1]
@@ -168,8 +169,9 @@ def test_mixture_is_deterministic_and_weighted(tasks):
         mixture_conversations(tasks, {"nope": 1.0}, 2, 0)
 
 
-def test_sft_conversations_render_with_masks(tok, world):
-    convs = sft_conversations(200, 3, world)
+def test_mixture_conversations_render_with_masks(tok, world):
+    mixture = {"arithmetic": 0.4, "facts": 0.3, "smalltalk": 0.2, "identity": 0.1}
+    convs = mixture_conversations(TaskSet(world), mixture, 200, 3)
     assert {c["task"] for c in convs} == {"arithmetic", "facts", "smalltalk", "identity"}
     assert any(c["messages"][0]["role"] == "system" for c in convs)
     for c in convs:

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from exocortex.config import ExocortexError
+from exocortex.errors import ExocortexError
 from exocortex.data.sources import find_files, iter_documents, plan_tasks, read_task, split_train_val
 from exocortex.data.tokens import read_split, write_token_data
 

@@ -3,7 +3,7 @@ import string
 
 import pytest
 
-from exocortex.tools import calculator, parse_tool_call, run_tool_call
+from exocortex.infer.tools import calculator, parse_tool_call, run_tool_call
 
 
 @pytest.mark.parametrize("expr,want", [("347 * 29", "10063"), ("10 / 4", "2.5"), ("2 ** 10", "1024"),

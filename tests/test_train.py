@@ -5,11 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from exocortex.checkpoint import latest_checkpoint, load_model
-from exocortex.config import ExocortexError, ModelConfig, TrainConfig
+from exocortex.checkpoint import load_model
+from exocortex.run import RunDir
+from exocortex.config import ModelConfig, TrainConfig
+from exocortex.errors import ExocortexError
 from exocortex.data.loader import PackedRows, TokenRows, eval_batches, pack_conversations
 from exocortex.model import GPT
-from exocortex.train import build_optimizers, lr_multiplier, train
+from exocortex.train.budget import lr_multiplier
+from exocortex.train.loop import train
+from exocortex.train.optim import build_optimizers
 
 
 def _source(vocab, seq_len):
@@ -47,7 +51,7 @@ def test_resume_continues_identically(small_cfg, tmp_path):
     with pytest.raises(ExocortexError, match="resume"):
         train(b, t, "pretrain", tmp_path / "b", Interrupting(src, at=2 * 5), val, torch.device("cpu"),
               torch.float32, total_steps=8)
-    assert latest_checkpoint(tmp_path / "b", "pretrain").name == "step_000005"
+    assert RunDir(tmp_path / "b").latest_checkpoint("pretrain").name == "step_000005"
     torch.manual_seed(123)  # a fresh process: different RNG, fresh weights
     c = GPT(small_cfg)
     rc = train(c, t, "pretrain", tmp_path / "b", src, val, torch.device("cpu"), torch.float32, total_steps=8,
@@ -56,7 +60,7 @@ def test_resume_continues_identically(small_cfg, tmp_path):
     for (n, p), (_, q) in zip(a.state_dict().items(), c.state_dict().items()):
         assert torch.allclose(p, q, atol=1e-6), n
     # the final checkpoint loads back into the same model
-    m, meta = load_model(latest_checkpoint(tmp_path / "b", "pretrain"))
+    m, meta = load_model(RunDir(tmp_path / "b").latest_checkpoint("pretrain"))
     assert meta["step"] == 8
     assert torch.allclose(m.lm_head.weight, c.lm_head.weight)
 
@@ -106,7 +110,7 @@ def test_fresh_run_supersedes_old_checkpoints(small_cfg, tmp_path):
         train(GPT(small_cfg), t, "pretrain", tmp_path, Interrupting(src, at=2 * 3), val, torch.device("cpu"),
               torch.float32, total_steps=8)
     # --resume continues the interrupted run, not the finished step_000008 of the earlier one
-    assert latest_checkpoint(tmp_path, "pretrain").name == "step_000003"
+    assert RunDir(tmp_path).latest_checkpoint("pretrain").name == "step_000003"
     r = train(GPT(small_cfg), t, "pretrain", tmp_path, src, val, torch.device("cpu"), torch.float32, total_steps=8,
               resume=True)
     assert r.steps == 8 and r.final_val_loss is not None
@@ -152,7 +156,8 @@ def test_resume_skips_a_corrupt_checkpoint(small_cfg, tmp_path, capsys):
 
 _FAULTS_SCRIPT = r"""
 import resource, sys, torch
-from exocortex.train import keep_freed_memory
+import exocortex.train.loop  # the heap a training process has (how many blocks it takes to settle depends on it)
+from exocortex.device import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def rss_mb():
@@ -185,35 +190,34 @@ def test_keep_freed_memory_reuses_large_blocks():
     assert keep[-1][1] < 8 * 256, keep  # and settles at a few blocks, not one per step
 
 
-def test_float32_muon_is_torch_muon_with_float32_newton_schulz():
-    """Float32Muon is torch.optim.Muon's update (same momentum, lr adjustment, weight decay, same NS ops):
-    with bf16 Newton-Schulz it equals torch's bit for bit; in float32 it is the same direction. build_optimizers
-    uses it exactly where bf16 is not native (torch's bf16 NS is ~40x slower than float32 there)."""
-    from exocortex.checkpoint import resolve_dtype
-    from exocortex.train import Float32Muon
+def test_muon_is_torch_muon_with_a_choice_of_newton_schulz_dtype():
+    """Our Muon is torch.optim.Muon's update (same momentum, lr adjustment, weight decay, same NS ops): with bf16
+    Newton-Schulz it equals torch's bit for bit; in float32 it is the same direction. build_optimizers picks
+    float32 exactly where bf16 is not native (emulated bf16 NS is many times slower there: bench/muon.py)."""
+    from exocortex.device import resolve_dtype
+    from exocortex.train.optim import Muon
 
     torch.manual_seed(0)
     shapes = [(48, 16), (16, 48), (32, 32)]
     start = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(3)]
-    kw = dict(lr=0.02, momentum=0.95, weight_decay=0.1, adjust_lr_fn="original")
+    kw = dict(lr=0.02, momentum=0.95, weight_decay=0.1)
 
-    def run(opt_cls, ns_dtype=None):
+    def run(make):
         params = [torch.nn.Parameter(p.clone()) for p in start]
-        opt = opt_cls(params, **kw)
-        if ns_dtype is not None:
-            opt.ns_dtype = ns_dtype
+        opt = make(params)
         for step in grads:
             for p, g in zip(params, step):
                 p.grad = g.clone()
             opt.step()
         return [p.detach() for p in params]
 
-    ref = run(torch.optim.Muon)
-    assert all(torch.equal(a, b) for a, b in zip(ref, run(Float32Muon, torch.bfloat16)))
-    for a, b, s in zip(ref, run(Float32Muon), start):  # float32: same update direction, not the same bits
-        assert not torch.equal(a, b)
+    ref = run(lambda ps: torch.optim.Muon(ps, adjust_lr_fn="original", **kw))
+    assert all(torch.equal(a, b) for a, b in zip(ref, run(lambda ps: Muon(ps, ns_dtype=torch.bfloat16, **kw))))
+    for a, b, s in zip(ref, run(lambda ps: Muon(ps, ns_dtype=torch.float32, **kw)), start):
+        assert not torch.equal(a, b)  # float32: same update direction, not the same bits
         assert torch.nn.functional.cosine_similarity((a - s).flatten(), (b - s).flatten(), dim=0) > 0.99
     model = GPT(ModelConfig(depth=1, width=32, head_dim=16, vocab_size=64, seq_len=16))
     muon = build_optimizers(model, TrainConfig())[1]
-    assert isinstance(muon, Float32Muon) == (resolve_dtype("auto", torch.device("cpu")) != torch.bfloat16)
+    native = resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert isinstance(muon, Muon) and muon.ns_dtype == (torch.bfloat16 if native else torch.float32)

@@ -16,23 +16,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if not CHROMIUM:
     pytest.skip("no chromium on this machine (apt-get install chromium)", allow_module_level=True)
 
-from scripted import Scripted  # noqa: E402
+from scripted import Paced, Scripted  # noqa: E402
 from test_serve import MODEL, Server  # noqa: E402
 
 from exocortex.config import ModelConfig  # noqa: E402
-from exocortex.engine import Engine  # noqa: E402
-from exocortex.serve import create_app  # noqa: E402
+from exocortex.infer.engine import Engine  # noqa: E402
+from exocortex.model import GPT  # noqa: E402
+from exocortex.apps.serve import create_app  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("EXOCORTEX_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
-
-
-class Paced(Engine):
-    """A scripted model slowed down so streaming is visible step by step."""
-
-    def generate(self, *args, **kw):
-        for step in super().generate(*args, **kw):
-            time.sleep(0.08)
-            yield step
 
 
 def test_chat_page_streams_reply_with_tool_call(tok):
@@ -41,7 +33,8 @@ def test_chat_page_streams_reply_with_tool_call(tok):
     script = [sp["<|tool_call_start|>"], *tok.encode("calculator(347 * 29)"), sp["<|tool_call_end|>"],
               *tok.encode(answer), sp["<|assistant_end|>"]]
     cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=64, mlp_ratio=1.0)
-    server = Server(create_app(Paced(Scripted(cfg, script), tok, torch.device("cpu")), MODEL))
+    paced = Paced(Scripted(script, tok.vocab_size), pause=0.08)  # slowed down: streaming shows step by step
+    server = Server(create_app(Engine(GPT(cfg), tok, torch.device("cpu"), decoder=paced), MODEL))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     try:
         with sync_api.sync_playwright() as pw:

@@ -1,0 +1,1 @@
+"""Data: the generated world, user corpora, hub downloads, token files and batch sources."""

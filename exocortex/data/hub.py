@@ -1,6 +1,15 @@
-"""`exocortex data download`: fetch a Hugging Face hub dataset's parquet shards into a local cache.
+"""The one Hugging Face hub client: `exocortex data download` (pretraining shards) and hub references in
+benchmark paths (tasks/benchmarks.py) both fetch through it, into one cache.
 
-Plain HTTP (urllib), nothing to install, against the hub's public URL layout:
+Why ours and not huggingface_hub: nothing to install; parallel downloads that resume (.part + Range) and
+check every file against the hub's own checksum; a cache of plain files at the repo's own paths (what
+`--data` reads); and an endpoint override, so tests run the real HTTP path (drops, 5xx, corruption)
+against a local fake hub (tests/fakehub.py) with no network.
+
+A hub reference is hf:<owner>/<name>[@<revision>][/<path in repo>] (a file, a glob or a folder; a revision
+with a slash is URL-encoded: @refs%2Fconvert%2Fparquet).
+
+Plain HTTP (urllib) against the hub's public URL layout:
     listing   {endpoint}/api/datasets/{repo}/tree/{revision}/{dir}?recursive=true  (paged by Link headers)
     file      {endpoint}/datasets/{repo}/resolve/{revision}/{path}                  (redirects to a CDN)
 The endpoint is https://huggingface.co unless EXOCORTEX_HF_ENDPOINT or HF_ENDPOINT says otherwise (a
@@ -27,15 +36,18 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
-from exocortex.config import ExocortexError, atomic_write_text
+from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 MANIFEST = ".exocortex-manifest.json"
+LOCK = ".exocortex-lock"
 CHUNK = 1 << 20
 
 
@@ -62,6 +74,39 @@ def downloaded_dir(repo: str) -> Path:
         raise ExocortexError(f"dataset {repo} is not downloaded (no {d / MANIFEST}); run "
                              f"`exocortex data download --dataset {repo}` first")
     return d
+
+
+REF_FORM = "hf:<owner>/<name>[@<revision>][/<path in repo>]"
+
+
+def parse_ref(ref: str) -> tuple[str, str, str]:
+    """A hub reference -> (repo, revision, path in repo); the path is "" for the whole repo."""
+    if not ref.startswith("hf:"):
+        raise ExocortexError(f"'{ref}' is not a hub reference: write {REF_FORM}")
+    body = ref[3:]
+    if body.startswith("//"):  # huggingface_hub's hf://[datasets/]owner/name/path: say what we call it
+        rest = body[2:].removeprefix("datasets/")
+        raise ExocortexError(f"'{ref}': write hub references as {REF_FORM}, here hf:{rest}")
+    parts = body.split("/")
+    name, _, rev = parts[1].partition("@") if len(parts) > 1 else ("", "", "")
+    repo = f"{parts[0]}/{name}"
+    if not REPO_ID.match(repo) or ".." in repo:
+        raise ExocortexError(f"'{ref}' is not a hub reference: write {REF_FORM}, "
+                             "e.g. hf:openai/gsm8k/main/test-00000-of-00001.parquet")
+    return repo, urllib.parse.unquote(rev) or "main", "/".join(p for p in parts[2:] if p)
+
+
+def hub_files(ref: str, suffixes: tuple[str, ...]) -> list[tuple[Path, str]]:
+    """(local file, path in repo) for a hub reference: a file, a glob, or a folder (its files ending in one of
+    `suffixes`, at any depth; no path: the whole repo). Cache-first: what this reference fetched before is
+    used without asking the hub, so loaders work offline (`exocortex data download` refreshes a branch)."""
+    repo, revision, path = parse_ref(ref)
+    if path.lower().endswith(suffixes) or any(c in path for c in "*?["):
+        include: tuple[str, ...] = (path,)
+    else:
+        include = tuple(f"{path}/*{s}" if path else f"*{s}" for s in suffixes)
+    root = default_cache_dir(repo)
+    return [(p, p.relative_to(root).as_posix()) for p in sync(repo, include, revision, reuse=True)]
 
 
 @dataclass
@@ -135,10 +180,12 @@ class Hub:
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------ listing
-    def list_files(self, repo: str, revision: str = "main", include: str = "*.parquet") -> list[RemoteFile]:
-        """Files of the dataset matching the glob `include`, sorted by path."""
+    def list_files(self, repo: str, revision: str = "main", include: str | tuple[str, ...] = "*.parquet"
+                   ) -> list[RemoteFile]:
+        """Files of the dataset matching the glob `include` (or any of several), sorted by path."""
         check_repo_id(repo)
-        prefix = _glob_prefix(include)
+        patterns = (include,) if isinstance(include, str) else tuple(include)
+        prefix = _glob_prefix(patterns)
         url = (f"{self.base}/api/datasets/{repo}/tree/{_q(revision, '')}"
                + (f"/{_q(prefix)}" if prefix else "") + "?recursive=true")
         files: list[RemoteFile] = []
@@ -148,7 +195,9 @@ class Hub:
             except urllib.error.HTTPError as e:
                 raise self._listing_error(e, repo, revision, prefix) from None
             for e in entries:
-                if e.get("type") == "file" and fnmatch.fnmatchcase(e["path"], include):
+                if e.get("type") != "file" or e["path"].startswith("/") or ".." in e["path"].split("/"):
+                    continue  # a listing may not write outside the cache
+                if any(fnmatch.fnmatchcase(e["path"], p) for p in patterns):
                     lfs = e.get("lfs") or {}
                     files.append(RemoteFile(e["path"], int(lfs.get("size", e.get("size", 0))), lfs.get("oid"),
                                             None if lfs else e.get("oid")))
@@ -261,15 +310,24 @@ def _q(s: str, safe: str = "/") -> str:
     return urllib.parse.quote(s, safe=safe)
 
 
-def _glob_prefix(pattern: str) -> str:
-    """The directory part of a glob before its first wildcard: only that subtree needs listing."""
-    parts = pattern.split("/")
-    fixed = []
-    for p in parts[:-1]:
-        if any(c in p for c in "*?["):
-            break
-        fixed.append(p)
-    return "/".join(fixed)
+def _glob_prefix(patterns: tuple[str, ...]) -> str:
+    """The folder the globs share before their first wildcard: only that subtree needs listing."""
+    common: list[str] | None = None
+    for pattern in patterns:
+        fixed = []
+        for p in pattern.split("/")[:-1]:
+            if any(c in p for c in "*?["):
+                break
+            fixed.append(p)
+        n = 0
+        while common is not None and n < min(len(common), len(fixed)) and common[n] == fixed[n]:
+            n += 1
+        common = fixed if common is None else common[:n]
+    return "/".join(common or [])
+
+
+def _shown(include: str | tuple[str, ...]) -> str:
+    return f"'{include}'" if isinstance(include, str) else " or ".join(f"'{p}'" for p in include)
 
 
 def _next_link(link: str) -> str | None:
@@ -295,9 +353,11 @@ def _reason(e: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- the cache
 class _Manifest:
-    """What was verified, keyed by path: size, checksum and the file's mtime at verification."""
+    """What was verified, keyed by path: size, checksum and the file's mtime at verification; and which
+    files each request (revision, globs, shards) resolved to, so a repeated request needs no network."""
 
-    def __init__(self, directory: Path, repo: str, revision: str, base: str):
+    def __init__(self, directory: Path, header: dict | None = None):
+        self.root = directory
         self.path = directory / MANIFEST
         self.lock = threading.Lock()
         data = {}
@@ -307,92 +367,153 @@ class _Manifest:
             except json.JSONDecodeError:
                 data = {}
         self.files: dict = data.get("files", {})
-        self.header = {"repo": repo, "revision": revision, "endpoint": base}
+        self.listings: dict = data.get("listings", {})
+        self.header = header or {k: data[k] for k in ("repo", "revision", "endpoint") if k in data}
 
     def is_verified(self, dest: Path, f: RemoteFile) -> bool:
         rec = self.files.get(f.path)
-        st = dest.stat()
-        return bool(rec) and rec.get("checksum") == f.checksum and rec.get("size") == st.st_size == f.size \
-            and rec.get("mtime_ns") == st.st_mtime_ns
+        return bool(rec) and rec.get("checksum") == f.checksum and rec.get("size") == f.size and _same(dest, rec)
 
     def record(self, dest: Path, f: RemoteFile) -> None:
         with self.lock:
             self.files[f.path] = {"size": f.size, "checksum": f.checksum, "mtime_ns": dest.stat().st_mtime_ns}
-            atomic_write_text(self.path, json.dumps({**self.header, "files": self.files}, indent=1))
+            self._write()
+
+    def remember(self, key: str, files: list[RemoteFile], forget_others: bool = False) -> None:
+        with self.lock:
+            if forget_others:  # an explicit `data download` refreshes: references ask the hub again
+                self.listings = {}
+            self.listings[key] = [[f.path, f.checksum] for f in files]
+            self._write()
+
+    def recall(self, key: str) -> list[str] | None:
+        """The files a request resolved to before, if each is still here as verified; else None."""
+        entries = self.listings.get(key)
+        if not entries:
+            return None
+        for path, checksum in entries:
+            rec = self.files.get(path)
+            if not rec or rec.get("checksum") != checksum or not _same(self.root / path, rec):
+                return None
+        return [path for path, _ in entries]
+
+    def _write(self) -> None:
+        atomic_write_text(self.path, json.dumps({**self.header, "files": self.files, "listings": self.listings},
+                                                indent=1))
+
+
+def _same(dest: Path, rec: dict) -> bool:
+    try:
+        st = dest.stat()
+    except FileNotFoundError:
+        return False
+    return rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns
+
+
+@contextmanager
+def _locked(root: Path):
+    """One download at a time per cache directory: torchrun ranks (or two shells) asking for the same files
+    wait for the first, then find them verified, instead of writing the same .part together."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: unlocked, as before
+        yield
+        return
+    with open(root / LOCK, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def download(repo: str, shards: int = 0, include: str = "*.parquet", revision: str = "main",
              cache_dir: str | Path | None = None, workers: int = 8, verify: bool = False,
              progress: bool | None = None, hub: Hub | None = None) -> list[Path]:
-    """Download the first `shards` (0 = all) files of `repo` matching `include`; returns their local paths."""
+    """`exocortex data download`: sync the files, then say how to train on them."""
+    paths = sync(repo, include, revision, shards=shards, cache_dir=cache_dir, workers=workers, verify=verify,
+                 progress=progress, hub=hub)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir(repo)
+    print(f"pretrain on them: exocortex pretrain --data {root}" + (f"  (or --data hf:{repo})" if not cache_dir else ""))
+    return paths
+
+
+def sync(repo: str, include: str | tuple[str, ...] = "*.parquet", revision: str = "main", shards: int = 0,
+         cache_dir: str | Path | None = None, workers: int = 8, verify: bool = False,
+         progress: bool | None = None, hub: Hub | None = None, reuse: bool = False) -> list[Path]:
+    """Download the first `shards` (0 = all) files of `repo` matching `include`; returns their local paths.
+    reuse: if this same request was synced before and its files are unchanged, return them without listing."""
     check_repo_id(repo)
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir(repo)
+    key = json.dumps([revision, include if isinstance(include, str) else list(include), shards])
+    if reuse and not verify and (known := _Manifest(root).recall(key)) is not None:
+        return [root / p for p in known]
     hub = hub or Hub()
     files = hub.list_files(repo, revision, include)
     if not files:
-        raise ExocortexError(f"dataset {repo} has no files matching '{include}' at revision '{revision}'")
+        raise ExocortexError(f"dataset {repo} has no files matching {_shown(include)} at revision '{revision}'")
     total_available = len(files)
     if shards > 0:
         files = files[:shards]
-    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir(repo)
     root.mkdir(parents=True, exist_ok=True)
-    manifest = _Manifest(root, repo, revision, hub.base)
+    with _locked(root):
+        manifest = _Manifest(root, {"repo": repo, "revision": revision, "endpoint": hub.base})
+        todo = []
+        for f in files:
+            dest = root / f.path
+            if dest.exists():
+                if not verify and manifest.is_verified(dest, f):
+                    continue
+                if verify_file(dest, f):
+                    manifest.record(dest, f)
+                    continue
+                print(f"download: {dest} does not match its checksum ({f.checksum}); downloading it again",
+                      file=sys.stderr)
+                dest.unlink()
+            todo.append(f)
+        need = sum(f.size for f in todo)
+        have = sum((root / (f.path + ".part")).stat().st_size for f in todo if (root / (f.path + ".part")).exists())
+        print(f"download: {repo}@{revision}: {len(files)} of {total_available} files matching {_shown(include)} "
+              f"({_gb(sum(f.size for f in files))}); {len(files) - len(todo)} already here, {len(todo)} to fetch "
+              f"({_gb(need - have)}) into {root}")
+        free = shutil.disk_usage(root).free
+        if need - have > free:
+            raise ExocortexError(f"not enough disk space in {root}: need {_gb(need - have)}, {_gb(free)} free; "
+                                 f"use --cache-dir or fewer --shards")
 
-    todo = []
-    for f in files:
-        dest = root / f.path
-        if dest.exists():
-            if not verify and manifest.is_verified(dest, f):
-                continue
-            if verify_file(dest, f):
-                manifest.record(dest, f)
-                continue
-            print(f"download: {dest} does not match its checksum ({f.checksum}); downloading it again",
-                  file=sys.stderr)
-            dest.unlink()
-        todo.append(f)
-    need = sum(f.size for f in todo)
-    have = sum((root / (f.path + ".part")).stat().st_size for f in todo if (root / (f.path + ".part")).exists())
-    print(f"download: {repo}@{revision}: {len(files)} of {total_available} files matching '{include}' "
-          f"({_gb(sum(f.size for f in files))}); {len(files) - len(todo)} already here, {len(todo)} to fetch "
-          f"({_gb(need - have)}) into {root}")
-    free = shutil.disk_usage(root).free
-    if need - have > free:
-        raise ExocortexError(f"not enough disk space in {root}: need {_gb(need - have)}, {_gb(free)} free; "
-                             f"use --cache-dir or fewer --shards")
+        from tqdm import tqdm
 
-    from tqdm import tqdm
+        interactive = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=need, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc="download",
+                   disable=not interactive, dynamic_ncols=True)
+        bar_lock = threading.Lock()
+        done = [0]
 
-    interactive = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=need, initial=have, unit="B", unit_scale=True, unit_divisor=1024, desc="download",
-               disable=not interactive, dynamic_ncols=True)
-    bar_lock = threading.Lock()
-    done = [0]
+        def on_bytes(n: int) -> None:
+            with bar_lock:
+                bar.update(n)
 
-    def on_bytes(n: int) -> None:
-        with bar_lock:
-            bar.update(n)
+        def one(f: RemoteFile) -> None:
+            dest = root / f.path
+            hub.fetch(repo, revision, f, dest, on_bytes)
+            manifest.record(dest, f)
+            with bar_lock:
+                done[0] += 1
+                if not interactive:
+                    print(f"download: [{done[0]}/{len(todo)}] {f.path} ({_gb(f.size)})", flush=True)
 
-    def one(f: RemoteFile) -> None:
-        dest = root / f.path
-        hub.fetch(repo, revision, f, dest, on_bytes)
-        manifest.record(dest, f)
-        with bar_lock:
-            done[0] += 1
-            if not interactive:
-                print(f"download: [{done[0]}/{len(todo)}] {f.path} ({_gb(f.size)})", flush=True)
-
-    pool = ThreadPoolExecutor(max(1, workers))
-    try:
-        for fut in [pool.submit(one, f) for f in todo]:
-            fut.result()  # the first failure ends the command: .part files resume next time
-    except BaseException:
-        hub.cancelled.set()
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        bar.close()
-    print(f"download: {len(files)} files verified in {root}\n"
-          f"pretrain on them: exocortex pretrain --data {root}" + (f"  (or --data hf:{repo})" if not cache_dir else ""))
+        pool = ThreadPoolExecutor(max(1, workers))
+        try:
+            for fut in [pool.submit(one, f) for f in todo]:
+                fut.result()  # the first failure ends the command: .part files resume next time
+        except BaseException:
+            hub.cancelled.set()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            bar.close()
+        manifest.remember(key, files, forget_others=not reuse)
+    print(f"download: {len(files)} files verified in {root}")
     return [root / f.path for f in files]
 
 

@@ -17,6 +17,11 @@ from bisect import bisect_left, bisect_right, insort
 import numpy as np
 import torch
 
+from exocortex.config import RunConfig
+from exocortex.data.tokens import TokenSplit, has_token_data, read_split
+from exocortex.errors import ExocortexError
+from exocortex.tokenizer import Tokenizer
+
 
 def _epoch_perm(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -249,3 +254,30 @@ class PackedRows:
         """All rows in order (for validation)."""
         return [(torch.from_numpy(self.inputs[i:i + self.rows]), torch.from_numpy(self.targets[i:i + self.rows]))
                 for i in range(0, self.n_rows, self.rows)]
+
+
+# ----------------------------------------------------------------------------- a run's token files
+
+def load_splits(cfg: RunConfig) -> tuple[TokenSplit, TokenSplit]:
+    """The run's tokenized (train, val) splits, memory-mapped."""
+    d = cfg.run.data_dir
+    if not has_token_data(d):
+        raise ExocortexError(f"{cfg.run_dir} has no tokenized data; run `exocortex tokenizer --run {cfg.name}` first")
+    bos = Tokenizer.load(cfg.run.tokenizer_dir).bos_id if not (d / "meta.json").exists() else None
+    return read_split(d, "train", bos), read_split(d, "val", bos)
+
+
+def train_source(cfg: RunConfig, seq_len: int, rows: int):
+    """The pretraining batch source, packed as cfg.data.packing says."""
+    train, _ = load_splits(cfg)
+    if cfg.data.packing == "bestfit":
+        return BestFitRows(train.tokens, train.starts, seq_len, rows, seed=cfg.seed)
+    return TokenRows(train.tokens, seq_len, rows, seed=cfg.seed)
+
+
+def val_batches(cfg: RunConfig, seq_len: int, rows: int, max_tokens: int) -> list:
+    """Fixed val batches, packed the way training rows are (so val loss measures the training objective)."""
+    _, val = load_splits(cfg)
+    if cfg.data.packing == "bestfit":
+        return packed_eval_batches(val.tokens, val.starts, seq_len, rows, max_tokens)
+    return eval_batches(val.tokens, seq_len, rows, max_tokens)

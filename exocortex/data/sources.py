@@ -15,7 +15,8 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from exocortex.config import DataConfig, ExocortexError
+from exocortex.config import DataConfig
+from exocortex.errors import ExocortexError
 
 SUPPORTED = (".txt", ".md", ".jsonl", ".parquet")
 JSONL_CHUNK_BYTES = 64 << 20   # a .jsonl file is read in byte ranges of this size, in parallel

@@ -28,7 +28,8 @@ from typing import Iterator
 
 import numpy as np
 
-from exocortex.config import ExocortexError, atomic_write_text
+from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text
 from exocortex.data.sources import Task, read_task, task_file, val_every
 from exocortex.tokenizer import Tokenizer
 

@@ -6,17 +6,16 @@ Generated families (offline, deterministic by seed, test splits held out by cont
 Benchmark loaders (real file formats; exocortex/tasks/benchmarks.py): gsm8k, mmlu, arc, smoltalk, humaneval,
 and `jsonl:<path>` for the user's own conversations.
 
-A mixture is `name=weight,...` (e.g. "arithmetic=0.3,word_problems=0.3,facts=0.4"); a benchmark file is named
-`kind:path`, e.g. "gsm8k:data/gsm8k_train.jsonl=0.2".
+A mixture maps task names to weights (config: a dict; command line: "arithmetic=0.3,facts=0.7"); a benchmark
+file is named `kind:path`, e.g. "gsm8k:data/gsm8k_train.jsonl=0.2".
 """
 from __future__ import annotations
 
 import random
 
-from exocortex.config import ExocortexError
+from exocortex.errors import ExocortexError
 from exocortex.tasks.arithmetic import Arithmetic, WordProblems
-from exocortex.tasks.base import (DatasetTask, MultipleChoiceTask, Task, grade_contains, grade_final_number,
-                                  grade_hash_answer, split_of)
+from exocortex.tasks.base import Task
 from exocortex.tasks.chat import SYSTEM_PROMPTS, Identity, SmallTalk
 from exocortex.tasks.spelling import Spelling
 from exocortex.tasks.world import Facts, FactsMC, Lookup
@@ -73,25 +72,6 @@ class TaskSet:
                              "gsm8k:<path>, mmlu:<path>, arc:<path>, smoltalk:<path>, jsonl:<path>; and humaneval)")
 
 
-def parse_mixture(spec: str) -> dict[str, float]:
-    """'a=0.5,b=0.5' -> {'a': 0.5, 'b': 0.5}; a bare name gets weight 1."""
-    out: dict[str, float] = {}
-    for item in (s.strip() for s in spec.split(",")):
-        if not item:
-            continue
-        name, _, w = item.rpartition("=") if "=" in item else (item, "", "1")
-        try:
-            weight = float(w)
-        except ValueError:
-            raise ExocortexError(f"mixture item '{item}': weight must be a number (name=weight)") from None
-        if weight < 0:
-            raise ExocortexError(f"mixture item '{item}': weight must be >= 0")
-        out[name.strip()] = weight
-    if not out or sum(out.values()) <= 0:
-        raise ExocortexError(f"empty task mixture '{spec}'; write e.g. 'arithmetic=0.5,facts=0.5'")
-    return out
-
-
 def mixture_conversations(tasks: TaskSet, mixture: dict[str, float], n: int, seed: int, split: str = "train",
                           system_prompt_rate: float = 0.15) -> list[dict]:
     """n examples drawn from the weighted mixture, deterministic in (mixture, n, seed, split)."""
@@ -110,22 +90,9 @@ def mixture_conversations(tasks: TaskSet, mixture: dict[str, float], n: int, see
     return out
 
 
-# ----------------------------------------------------------------------------- spine-era helpers (kept)
+def task_set(cfg) -> TaskSet:
+    """A run's tasks: questions about its generated world, and the name its model is taught to answer to
+    (the same name in midtrain, sft, eval and RL)."""
+    from exocortex.data.world import World
 
-SFT_MIXTURE = {"arithmetic": 0.40, "facts": 0.30, "smalltalk": 0.20, "identity": 0.10}
-
-
-def make_example(task: str, rng: random.Random, split: str, world) -> dict:
-    return TaskSet(world)[task].example(rng, split)
-
-
-def sft_conversations(n: int, seed: int, world, split: str = "train", mixture: dict | None = None) -> list[dict]:
-    return mixture_conversations(TaskSet(world), mixture or SFT_MIXTURE, n, seed, split)
-
-
-GRADERS = {"arithmetic": grade_final_number, "facts": grade_contains, "identity": grade_contains,
-           "word_problems": grade_hash_answer}
-grade_number = grade_final_number
-
-__all__ = ["Task", "DatasetTask", "MultipleChoiceTask", "TaskSet", "parse_mixture", "mixture_conversations",
-           "split_of", "make_example", "sft_conversations", "GRADERS", "grade_number", "GENERATED"]
+    return TaskSet(World(seed=cfg.data.world_seed), identity_name=cfg.identity_name)

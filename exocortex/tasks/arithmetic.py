@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 
 from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, split_of
-from exocortex.tools import calculator
+from exocortex.infer.tools import calculator
 
 ARITH_QUESTIONS = [
     "What is {e}?", "what is {e}", "Calculate {e}.", "Compute {e}", "How much is {e}?", "{e} = ?",
@@ -135,6 +135,99 @@ def _numbers(rng: random.Random, steps) -> tuple[dict, list[str]] | None:
 POSSESSIVE = {"she": "her", "he": "his"}
 
 
+class _Invalid(Exception):
+    """A story whose numbers went negative, fractional or too big: the caller draws another."""
+
+
+class _Story:
+    """The books a story keeps while it is told: who has how many, the sentences, the calculator steps, and a
+    key of the story's structure (its train/test split key)."""
+
+    def __init__(self, rng: random.Random, item: str, people: list[str]):
+        self.rng, self.it, self.people = rng, item, people
+        self.have: dict[str, int] = {}
+        self.sents: list[str] = []
+        self.steps: list[tuple[str, str]] = []
+        self.key: list[str] = []
+
+    def calc(self, label: str, expr: str) -> int:
+        r = calculator(expr)
+        if "." in r or r.startswith("-") or int(r) > 9999:
+            raise _Invalid
+        self.steps.append((label, expr))
+        return int(r)
+
+    def relate(self, p: str) -> None:
+        """`p`'s count, stated relative to someone already known."""
+        rng, it, have = self.rng, self.it, self.have
+        ref = rng.choice([q for q in self.people if q in have])
+        kind = rng.choice(["times", "more", "fewer", "half"])
+        if kind == "times":
+            k = rng.randint(2, 5)
+            self.sents.append(f"{p} has {_say(k, rng) if k > 2 else 'twice'}{' times' if k > 2 else ''} as many "
+                              f"{it} as {ref}")
+            v = self.calc(f"{p} has", f"{have[ref]} * {k}")
+        elif kind == "more":
+            k = rng.randint(2, 30)
+            self.sents.append(f"{p} has {_say(k, rng)} more {it} than {ref}")
+            v = self.calc(f"{p} has", f"{have[ref]} + {k}")
+        elif kind == "fewer":
+            k = rng.randint(1, max(1, have[ref] - 1))
+            self.sents.append(f"{p} has {_say(k, rng)} fewer {it} than {ref}")
+            v = self.calc(f"{p} has", f"{have[ref]} - {k}")
+        else:
+            if have[ref] % 2:
+                raise _Invalid
+            k = 2
+            self.sents.append(f"{p} has half as many {it} as {ref}")
+            v = self.calc(f"{p} has", f"{have[ref]} / 2")
+        have[p] = v
+        self.key.append(f"{kind}{k}{self.people.index(ref)}")
+
+    def event(self) -> str:
+        """Someone's count changes (a gift, a purchase of packs, a loss); returns who."""
+        rng, it, have = self.rng, self.it, self.have
+        a = rng.choice(self.people)
+        pos = POSSESSIVE[NAMES[a]]
+        kind = rng.choice(["give", "buy", "lose", "give", "buy"])
+        if kind == "give":
+            b = rng.choice([q for q in self.people if q != a])
+            k = rng.randint(1, max(1, have[a]))
+            self.sents.append(f"{a} gives {_say(k, rng)} of {pos} {it} to {b}")
+            have[a], have[b] = self.calc(f"{a} now has", f"{have[a]} - {k}"), self.calc(f"{b} now has", f"{have[b]} + {k}")
+        elif kind == "buy":
+            n, per = rng.randint(2, 6), rng.randint(2, 12)
+            self.sents.append(f"{a} buys {_say(n, rng)} packs of {it} with {_say(per, rng)} in each pack")
+            have[a] = self.calc(f"{a} now has", f"{have[a]} + {n} * {per}")
+            k = n * 100 + per
+        else:
+            k = rng.randint(1, max(1, have[a]))
+            self.sents.append(f"{a} loses {_say(k, rng)} of {pos} {it}")
+            have[a] = self.calc(f"{a} now has", f"{have[a]} - {k}")
+        self.key.append(f"{kind}{k}{self.people.index(a)}")
+        return a
+
+    def question(self, last_actor: str) -> tuple[str, int]:
+        """About one person, everyone together, or a difference."""
+        rng, it, have, people = self.rng, self.it, self.have, self.people
+        ask = rng.choice(["one", "together", "more"])
+        if ask == "one":
+            who = rng.choice(people[1:] + [last_actor])  # someone whose count took a calculation (not just copied)
+            question, answer = f"How many {it} does {who} have now?", have[who]
+        elif ask == "together":
+            names = " and ".join(people) if len(people) == 2 else f"{people[0]}, {people[1]} and {people[2]}"
+            question = f"How many {it} do {names} have together?"
+            answer = self.calc("Together:", " + ".join(str(have[p]) for p in people))
+        else:
+            x, y = rng.sample(people, 2)
+            if have[x] < have[y]:
+                x, y = y, x
+            question = f"How many more {it} does {x} have than {y}?"
+            answer = self.calc("The difference:", f"{have[x]} - {have[y]}")
+        self.key.append(ask)
+        return question, answer
+
+
 def story_problem(rng: random.Random, n_people: int = 0, n_events: int = 0
                   ) -> tuple[str, list[tuple[str, str]], str, str] | None:
     """A multi-entity story: 2-3 people whose counts are defined relative to each other, change through events
@@ -142,95 +235,22 @@ def story_problem(rng: random.Random, n_people: int = 0, n_events: int = 0
     a difference. The solver has to keep books on who has what: 3-5 calculator calls. Returns (question,
     [(label, expression)], answer, split key) or None when a number would go negative or fractional."""
     it = rng.choice(ITEMS)
-    people = rng.sample(list(NAMES), n_people or rng.choice([2, 2, 3]))
-    have: dict[str, int] = {}
-    sents: list[str] = []
-    steps: list[tuple[str, str]] = []
-    key: list[str] = []
-
-    def calc(label: str, expr: str) -> int | None:
-        r = calculator(expr)
-        if "." in r or r.startswith("-") or int(r) > 9999:
-            return None
-        steps.append((label, expr))
-        return int(r)
-
-    first = people[0]
-    have[first] = rng.randint(3, 60)
-    sents.append(f"{first} has {_say(have[first], rng)} {it}")
-    key.append(f"H{have[first]}")
-    for p in people[1:]:  # everyone else is stated relative to someone already known
-        ref = rng.choice([q for q in people if q in have])
-        kind = rng.choice(["times", "more", "fewer", "half"])
-        if kind == "times":
-            k = rng.randint(2, 5)
-            sents.append(f"{p} has {_say(k, rng) if k > 2 else 'twice'}{' times' if k > 2 else ''} as many {it} as {ref}")
-            v = calc(f"{p} has", f"{have[ref]} * {k}")
-        elif kind == "more":
-            k = rng.randint(2, 30)
-            sents.append(f"{p} has {_say(k, rng)} more {it} than {ref}")
-            v = calc(f"{p} has", f"{have[ref]} + {k}")
-        elif kind == "fewer":
-            k = rng.randint(1, max(1, have[ref] - 1))
-            sents.append(f"{p} has {_say(k, rng)} fewer {it} than {ref}")
-            v = calc(f"{p} has", f"{have[ref]} - {k}")
-        else:
-            if have[ref] % 2:
-                return None
-            k = 2
-            sents.append(f"{p} has half as many {it} as {ref}")
-            v = calc(f"{p} has", f"{have[ref]} / 2")
-        if v is None:
-            return None
-        have[p] = v
-        key.append(f"{kind}{k}{people.index(ref)}")
-    for _ in range(n_events or rng.choice([1, 1, 2])):  # events change the counts
-        a = rng.choice(people)
-        pos = POSSESSIVE[NAMES[a]]
-        kind = rng.choice(["give", "buy", "lose", "give", "buy"])
-        if kind == "give":
-            b = rng.choice([q for q in people if q != a])
-            k = rng.randint(1, max(1, have[a]))
-            sents.append(f"{a} gives {_say(k, rng)} of {pos} {it} to {b}")
-            va, vb = calc(f"{a} now has", f"{have[a]} - {k}"), calc(f"{b} now has", f"{have[b]} + {k}")
-            if va is None or vb is None:
-                return None
-            have[a], have[b] = va, vb
-        elif kind == "buy":
-            n, per = rng.randint(2, 6), rng.randint(2, 12)
-            sents.append(f"{a} buys {_say(n, rng)} packs of {it} with {_say(per, rng)} in each pack")
-            v = calc(f"{a} now has", f"{have[a]} + {n} * {per}")
-            if v is None:
-                return None
-            have[a] = v
-            k = n * 100 + per
-        else:
-            k = rng.randint(1, max(1, have[a]))
-            sents.append(f"{a} loses {_say(k, rng)} of {pos} {it}")
-            v = calc(f"{a} now has", f"{have[a]} - {k}")
-            if v is None:
-                return None
-            have[a] = v
-        key.append(f"{kind}{k}{people.index(a)}")
-    ask = rng.choice(["one", "together", "more"])
-    if ask == "one":
-        who = rng.choice(people[1:] + [a])  # someone whose count took a calculation (not just copied)
-        question = f"How many {it} does {who} have now?"
-        answer = have[who]
-    elif ask == "together":
-        names = " and ".join(people) if len(people) == 2 else f"{people[0]}, {people[1]} and {people[2]}"
-        question = f"How many {it} do {names} have together?"
-        answer = calc("Together:", " + ".join(str(have[p]) for p in people))
-    else:
-        x, y = rng.sample(people, 2)
-        if have[x] < have[y]:
-            x, y = y, x
-        question = f"How many more {it} does {x} have than {y}?"
-        answer = calc("The difference:", f"{have[x]} - {have[y]}")
-    if answer is None or not 3 <= len(steps) <= 5:
+    story = _Story(rng, it, rng.sample(list(NAMES), n_people or rng.choice([2, 2, 3])))
+    first = story.people[0]
+    story.have[first] = rng.randint(3, 60)
+    story.sents.append(f"{first} has {_say(story.have[first], rng)} {it}")
+    story.key.append(f"H{story.have[first]}")
+    try:
+        for p in story.people[1:]:
+            story.relate(p)
+        for _ in range(n_events or rng.choice([1, 1, 2])):
+            last = story.event()
+        question, answer = story.question(last)
+    except _Invalid:
         return None
-    key.append(ask)
-    return ". ".join(sents) + ". " + question, steps, str(answer), "|".join(key)
+    if not 3 <= len(story.steps) <= 5:
+        return None
+    return ". ".join(story.sents) + ". " + question, story.steps, str(answer), "|".join(story.key)
 
 
 class WordProblems(Task):

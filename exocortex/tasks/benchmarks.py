@@ -2,9 +2,9 @@
 
 `load_benchmark(kind, path)` reads the files as they are published on the Hugging Face hub (parquet or JSONL,
 the same columns) and returns a DatasetTask. `path` is a file, a directory of shards (searched recursively
-for .jsonl, .jsonl.gz and .parquet), or `hf://<owner>/<repo>/<path in repo>` (a dataset repository; downloaded
-with huggingface_hub, e.g. hf://openai/gsm8k/main/test-00000-of-00001.parquet; a folder path fetches every
-shard under it; `<repo>@<revision>` pins a revision).
+for .jsonl, .jsonl.gz and .parquet), or a hub reference hf:<owner>/<name>[@<revision>][/<path in repo>], e.g.
+hf:openai/gsm8k/main/test-00000-of-00001.parquet (a folder: every shard under it), fetched by data/hub.py into
+the cache `exocortex data download` uses, and read from there without the network once fetched.
 
 Which split a file's rows go to comes from its name (then its folders): a word "test", "validation", "val" or
 "valid" -> test; "train" -> train; anything else -> both (name your own files *_train / *_test to keep
@@ -26,11 +26,12 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-from exocortex.config import ExocortexError
+from exocortex.data.hub import hub_files
 from exocortex.data.sources import iter_json_lines
+from exocortex.errors import ExocortexError
 from exocortex.tasks.base import (LETTERS, SPLITS, DatasetTask, MultipleChoiceTask, grade_contains,
                                   grade_hash_answer, hash_answer, mc_example)
-from exocortex.tools import calculator, run_tool_call
+from exocortex.infer.tools import calculator, run_tool_call
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 TEST_WORDS = {"test", "validation", "val", "valid"}
@@ -72,47 +73,16 @@ def _local_files(path: str) -> list[tuple[Path, list[str]]]:
     return [(f, [f.name] + list(reversed(f.relative_to(p).parts[:-1])) + [p.name]) for f in files]
 
 
-def _hub_files(spec: str) -> list[tuple[Path, list[str]]]:
-    """Download hf://<owner>/<repo>[@revision]/<path> (a file, or every shard under a folder)."""
-    parts = [s for s in spec[len("hf://"):].split("/") if s]
-    repo_type = "dataset"
-    if parts and parts[0] in ("datasets", "models"):  # hf://datasets/owner/repo/... as in huggingface_hub URLs
-        repo_type = parts.pop(0)[:-1]
-    if len(parts) < 3:
-        raise ExocortexError(f"hub path '{spec}': write hf://<owner>/<repo>/<path in repo>, "
-                             "e.g. hf://openai/gsm8k/main/test-00000-of-00001.parquet")
-    repo, _, revision = "/".join(parts[:2]).partition("@")
-    inner = "/".join(parts[2:])
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ExocortexError(f"downloading '{spec}' needs huggingface_hub: pip install huggingface_hub "
-                             "(or download the file yourself and give its local path)") from None
-    try:
-        if _supported(inner):
-            names = [inner]
-        else:
-            names = sorted(n for n in huggingface_hub.list_repo_files(repo, repo_type=repo_type,
-                                                                      revision=revision or None)
-                           if n.startswith(inner.rstrip("/") + "/") and _supported(n))
-            if not names:
-                raise ExocortexError(f"hub path '{spec}' has no {', '.join(SUFFIXES)} files")
-        local = [Path(huggingface_hub.hf_hub_download(repo, n, repo_type=repo_type, revision=revision or None))
-                 for n in names]
-    except ExocortexError:
-        raise
-    except Exception as e:  # offline, unknown repo, gated dataset, ...: one readable line
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExocortexError(f"cannot download '{spec}' from the Hugging Face hub ({type(e).__name__}: {msg}); "
-                             "check the name and your connection, or download it and give the local path") from None
-    return [(f, list(reversed(n.split("/")))) for f, n in zip(local, names)]
+def _hub_files(ref: str) -> list[tuple[Path, list[str]]]:
+    """(file, names that decide its split) for a hub reference: the path in the repo decides, not the cache's."""
+    return [(f, list(reversed(name.split("/")))) for f, name in hub_files(ref, SUFFIXES)]
 
 
 def benchmark_files(path: str) -> list[tuple[Path, tuple[str, ...]]]:
-    """(local file, its splits) for a file, a directory of shards, or an hf:// path."""
+    """(local file, its splits) for a file, a directory of shards, or a hub reference (hf:...)."""
     if not path:
-        raise ExocortexError("benchmark needs a path: kind:<file, directory or hf://owner/repo/path>")
-    found = _hub_files(path) if path.startswith("hf://") else _local_files(path)
+        raise ExocortexError("benchmark needs a path: kind:<file, directory or hf:owner/name/path>")
+    found = _hub_files(path) if path.startswith("hf:") else _local_files(path)
     return [(f, split_for(names)) for f, names in found]
 
 
@@ -336,7 +306,7 @@ class HumanEval(DatasetTask):
     timeout_s = 5.0
 
     def __init__(self, path: str | None = None):
-        from exocortex.humaneval import load_humaneval
+        from exocortex.tasks.humaneval import load_humaneval
 
         rows = []
         for p in load_humaneval(path or None):
@@ -348,7 +318,7 @@ class HumanEval(DatasetTask):
         super().__init__({"train": [], "test": rows})
 
     def grade(self, answer_text: str, example: dict) -> bool:
-        from exocortex.humaneval import check_completion, program_for
+        from exocortex.tasks.humaneval import check_completion, program_for
 
         problem = example["problem"]
         completion = "\n" + code_in(answer_text, problem["entry_point"])
@@ -366,7 +336,7 @@ KINDS = sorted(LOADERS) + ["humaneval"]
 
 
 def load_benchmark(kind: str, path: str) -> DatasetTask:
-    """A benchmark's rows as a task: `kind` is one of KINDS, `path` a file, directory or hf:// path."""
+    """A benchmark's rows as a task: `kind` is one of KINDS, `path` a file, directory or hub reference."""
     if kind == "humaneval":
         if path and not path.lower().endswith(".jsonl.gz"):
             raise ExocortexError(f"humaneval:{path}: give a HumanEval .jsonl.gz (or no path: the packaged one)")

@@ -1,4 +1,4 @@
-"""DCLM's CORE eval bundle (the one nanochat reports) as in-context tasks for evaluate.core_scores.
+"""DCLM's CORE eval bundle (the one nanochat reports) as in-context tasks for evals.core_scores.
 
 A bundle is a folder (or the .zip it ships as) holding
   core.yaml           icl_tasks: [{label, dataset_uri, icl_task_type, num_fewshot, continuation_delimiter}, ...]
@@ -11,7 +11,7 @@ Optional per task: prompt_string (put before everything) and example_delimiter (
 default a blank line). num_fewshot may be a list; its first entry is used. A task missing from the csv gets
 the chance of guessing (mean 1/#options; 0 for em).
 
-Each item is the text a model scores, as evaluate.py's item formats: the few-shot examples (other rows of the
+Each item is the text a model scores, as evals.py's item formats: the few-shot examples (other rows of the
 same task, drawn by a seeded rng, so the same for every model), then the item, then the delimiter. The
 delimiter's trailing whitespace is moved onto the continuation (" Paris", not "... " + "Paris"), so context and
 continuation split the way a tokenizer splits the joined text.
@@ -24,8 +24,9 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from exocortex.config import ExocortexError
+from exocortex.errors import ExocortexError
 from exocortex.data.sources import iter_json_lines
+from exocortex.tasks.base import split_of
 
 TYPES = {"multiple_choice": "mc", "schema": "mc", "language_modeling": "em"}
 
@@ -208,3 +209,39 @@ def load_core_bundle(path: str | Path, max_items: int | None = None, seed: int =
             chance = 0.0
         out[spec["label"]] = {"kind": kind, "chance": chance, "items": items}
     return out
+
+
+def world_incontext_tasks(world, n: int, seed: int) -> dict[str, dict]:
+    """Offline CORE-style tasks from the generated world: {name: {"kind", "chance", "items"}}.
+
+    world_cloze: "<subject> lives in" -> which of 4 values (mc). arithmetic_em: few-shot "a + b = " -> exact match.
+    Item formats (shared with tasks/core.py's DCLM bundle loader): mc {"context", "choices", "gold"} or
+    schema-style mc {"contexts", "continuation", "gold"}; em {"context", "continuation"}.
+    """
+    rng = random.Random(f"incontext-{seed}")
+    facts = [f for f in world.facts() if not world.is_held_out(f.subject) and f.answer.count(f.value) == 1]
+    values: dict[str, list[str]] = {}
+    for f in facts:
+        values.setdefault(f.relation, [])
+        if f.value not in values[f.relation]:
+            values[f.relation].append(f.value)
+    test = [f for f in facts if split_of(f.subject + "|" + f.relation) == "test" and len(values[f.relation]) >= 4]
+    shots = [f for f in facts if split_of(f.subject + "|" + f.relation) == "train"]
+    cloze = []
+    for f in rng.sample(test, min(n, len(test))):
+        demo = " ".join(s.answer for s in rng.sample(shots, 3))
+        ctx = demo + " " + f.answer[: f.answer.index(f.value)].rstrip()
+        opts = [f.value] + rng.sample([v for v in values[f.relation] if v != f.value], 3)
+        rng.shuffle(opts)
+        cloze.append({"context": ctx, "choices": [" " + o for o in opts], "gold": opts.index(f.value)})
+    em = []
+    for _ in range(n):
+        def pair():
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            op = rng.choice("+-")
+            return f"{a} {op} {b} =", str(a + b if op == "+" else a - b)
+        demo = "\n".join(f"{q} {a}" for q, a in (pair() for _ in range(3)))
+        q, a = pair()
+        em.append({"context": f"{demo}\n{q}", "continuation": " " + a})
+    return {"world_cloze": {"kind": "mc", "chance": 0.25, "items": cloze},
+            "arithmetic_em": {"kind": "em", "chance": 0.0, "items": em}}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from exocortex.lookup import world_index
+from exocortex.infer.lookup import world_index
 from exocortex.tasks.base import MultipleChoiceTask, Task, grade_contains, mc_example, split_of
 
 

@@ -20,10 +20,18 @@ from collections import deque
 
 import torch
 
-from exocortex.checkpoint import load_model, resolve_device, resolve_dtype
-from exocortex.config import ExocortexError, RLConfig, RunConfig, TrainConfig, save_config
-from exocortex.engine import Engine
+from exocortex.checkpoint import load_model
+from exocortex.config import RLConfig, RunConfig, TrainConfig, save_config
+from exocortex.device import resolve_device, resolve_dtype
+from exocortex.errors import ExocortexError
+from exocortex.evals import task_accuracy
+from exocortex.infer.engine import Engine
+from exocortex.infer.lookup import tools_for_run
+from exocortex.run import RLSummary, RunDir
+from exocortex.tasks import task_set
 from exocortex.tokenizer import Tokenizer
+from exocortex.train.loop import train
+from exocortex.train.metrics import MetricsSink
 
 
 def repeated_ngram_rate(tokens: list[int], n: int = 3) -> float:
@@ -157,76 +165,60 @@ class DegenerationGuard:
 
 
 def rl_train_config(base: TrainConfig, r: RLConfig, rows: int, seq_len: int) -> TrainConfig:
-    """The RL stage's loop settings: the sft stage's learning rates scaled down, one micro-batch per step,
-    constant LR, no compile (sequence lengths vary)."""
+    """The RL stage's loop settings, from the sft stage's (its learning rates, scaled by r.lr_scale in train()):
+    one micro-batch of rollouts per step, constant LR, no compile (sequence lengths vary), and replicated
+    weights, because rollouts run the model on each rank alone (it must not be FSDP-sharded)."""
     return dataclasses.replace(
         base, batch_tokens=rows * seq_len, device_batch=rows, max_steps=r.steps, time_minutes=r.time_minutes,
-        matrix_lr=base.matrix_lr * r.lr_scale, embedding_lr=base.embedding_lr * r.lr_scale,
-        unembedding_lr=base.unembedding_lr * r.lr_scale, scalar_lr=base.scalar_lr * r.lr_scale,
-        warmup_frac=0.0, warmdown_frac=0.0, eval_every=10 ** 9, checkpoint_every=r.checkpoint_every,
-        keep_checkpoints=6, compile=False, tokens_per_param=0.0,
-        parallel="ddp")  # rollouts run the model on each rank alone: it must not be FSDP-sharded
+        tokens_per_param=0.0, warmup_frac=0.0, warmdown_frac=0.0, checkpoint_every=r.checkpoint_every,
+        keep_checkpoints=6, compile=False, parallel="ddp")
 
 
-def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, device, dtype, tools=None,
-             eval_fn=None, resume: bool = False, meta: dict | None = None, ref_model=None):
-    """Run GRPO on `task`'s rewards. eval_fn(step) -> float is called every r.eval_every steps (held-out accuracy)."""
-    from exocortex.train import train
+class GuardHook:
+    """The training loop's hook for RL: adds the rollouts' statistics (and now and then held-out accuracy) to
+    every step's record, and stops the run when the degeneration guard trips."""
 
-    engine = Engine(model, tok, device, dtype, tools=tools)
-    source = RolloutSource(engine, task, r, ref_model)
-    guard = DegenerationGuard() if r.guard else None
-    state = {"guard": None}
+    def __init__(self, source: RolloutSource, r: RLConfig, eval_fn=None):
+        self.source, self.r, self.eval_fn = source, r, eval_fn
+        self.guard = DegenerationGuard() if r.guard else None
 
-    def hook(step: int, record: dict) -> bool:
-        record.update({k: round(v, 4) for k, v in source.last_stats.items()})
-        if eval_fn is not None and (step % r.eval_every == 0 or step == 1):
-            record["heldout_accuracy"] = eval_fn(step)
+    def __call__(self, step: int, record: dict) -> str | None:
+        record.update({k: round(v, 4) for k, v in self.source.last_stats.items()})
+        if self.eval_fn is not None and (step % self.r.eval_every == 0 or step == 1):
+            record["heldout_accuracy"] = self.eval_fn(step)
         print(f"rl: step {step} reward {record['reward']:.3f} len {record['length']:.1f} "
               f"entropy {record['entropy']:.2f} repeat {record['repeat_3gram']:.2f}"
               + (f" heldout {record['heldout_accuracy']:.1%}" if "heldout_accuracy" in record else ""), flush=True)
-        if guard is not None and guard.update(source.last_stats):
-            state["guard"] = {"step": step, "reason": guard.reason}
-            print(f"rl: GUARD: {guard.reason}; stopping and keeping the checkpoint from before", flush=True)
-            return True
-        return False
-
-    steps = t.max_steps or None
-    res = train(model, t, "rl", run_dir, source, [], device, dtype, total_steps=steps, resume=resume, meta=meta,
-                step_hook=hook)
-    if state["guard"] is not None:
-        state["guard"]["kept"] = keep_checkpoint_before(run_dir, state["guard"]["step"] - 2 * guard.window)
-    return res, state["guard"]
-
-
-def keep_checkpoint_before(run_dir, step: int) -> str | None:
-    """Point the rl stage's `latest` at its newest checkpoint from before `step` (before degeneration began);
-    with none, remove the stage's checkpoints so later stages fall back to the model RL started from."""
-    from exocortex.checkpoint import clear_checkpoints, stage_dir
-    from exocortex.config import atomic_write_text
-
-    root = stage_dir(run_dir, "rl")
-    good = [p for p in sorted(root.glob("step_*")) if p.is_dir() and int(p.name.split("_")[1]) <= step]
-    if not good:
-        clear_checkpoints(run_dir, "rl")
+        if self.guard is not None and self.guard.update(self.source.last_stats):
+            print(f"rl: GUARD: {self.guard.reason}; stopping and keeping the checkpoint from before", flush=True)
+            return self.guard.reason
         return None
-    atomic_write_text(root / "latest", good[-1].name)
-    return str(good[-1])
 
 
-def run_rl(cfg: RunConfig, resume: bool = False) -> dict:
-    from exocortex.evaluate import task_accuracy
-    from exocortex.lookup import tools_for_run
-    from exocortex.pretrain import write_summary
-    from exocortex.sft import parent_checkpoint, task_set
+def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, device, dtype, tools=None,
+             eval_fn=None, resume: bool = False, meta: dict | None = None, ref_model=None, metrics=None):
+    """Run GRPO on `task`'s rewards. eval_fn(step) -> float is called every r.eval_every steps (held-out
+    accuracy). Returns (train result, guard report or None); when the guard trips, the stage is rolled back to
+    its newest checkpoint from before the degenerate window."""
+    engine = Engine(model, tok, device, dtype, tools=tools)
+    source = RolloutSource(engine, task, r, ref_model)
+    hook = GuardHook(source, r, eval_fn)
+    res = train(model, t, "rl", run_dir, source, [], device, dtype, total_steps=t.max_steps or None, resume=resume,
+                meta=meta, hooks=(hook,), metrics=metrics, lr_scale=r.lr_scale)
+    if res.stop_reason is None:
+        return res, None
+    kept = RunDir(run_dir).roll_back("rl", res.steps - 2 * hook.guard.window)
+    return res, {"step": res.steps, "reason": res.stop_reason, "kept": str(kept) if kept else None}
 
+
+def run_rl(cfg: RunConfig, resume: bool = False) -> RLSummary:
     r = cfg.rl
     if not r.steps and not r.time_minutes:
         raise ExocortexError("rl: no budget; set rl.steps or rl.time_minutes")
-    tok = Tokenizer.load(cfg.run_dir / "tokenizer")
+    tok = Tokenizer.load(cfg.run.tokenizer_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)
-    parent, parent_ckpt = parent_checkpoint(cfg, "rl")
+    parent, parent_ckpt = cfg.run.parent_checkpoint("rl")
     model, _ = load_model(parent_ckpt, device)
     ref = load_model(parent_ckpt, device)[0].eval() if r.kl_coef > 0 else None
     task = task_set(cfg)[r.task]
@@ -242,15 +234,17 @@ def run_rl(cfg: RunConfig, resume: bool = False) -> dict:
     save_config(cfg)
     torch.manual_seed(cfg.seed + 2)
     t0 = time.time()
+    metrics = MetricsSink.from_config(cfg.logging, cfg.run_dir, cfg.name, "rl", cfg.to_dict())
     res, tripped = rl_train(model, tok, task, r, t, cfg.run_dir, device, dtype, tools=tools, eval_fn=eval_fn,
-                            resume=resume, meta={"base": str(parent_ckpt), "task": r.task}, ref_model=ref)
+                            resume=resume, meta={"base": str(parent_ckpt), "task": r.task}, ref_model=ref,
+                            metrics=metrics)
     hist = res.history
-    summary = {"parent": parent, "task": r.task, "steps": res.steps, "seconds": time.time() - t0,
-               "checkpoint": res.checkpoint, "guard": tripped,
-               "reward_first": hist[0]["reward"] if hist else None,
-               "reward_last": sum(h["reward"] for h in hist[-5:]) / max(1, len(hist[-5:])) if hist else None,
-               "heldout": [(h["step"], h["heldout_accuracy"]) for h in hist if "heldout_accuracy" in h]}
-    write_summary(cfg.run_dir, "rl", summary)
-    print(f"rl: {res.steps} steps in {summary['seconds']:.0f}s; reward {summary['reward_first']:.3f} -> "
-          f"{summary['reward_last']:.3f}" + (f"; GUARD tripped at step {tripped['step']}" if tripped else ""))
+    summary = RLSummary(
+        parent=parent, task=r.task, steps=res.steps, seconds=time.time() - t0, checkpoint=res.checkpoint,
+        guard=tripped, reward_first=hist[0]["reward"] if hist else None,
+        reward_last=sum(h["reward"] for h in hist[-5:]) / max(1, len(hist[-5:])) if hist else None,
+        heldout=[(h["step"], h["heldout_accuracy"]) for h in hist if "heldout_accuracy" in h])
+    cfg.run.write_summary("rl", summary)
+    print(f"rl: {res.steps} steps in {summary.seconds:.0f}s; reward {summary.reward_first:.3f} -> "
+          f"{summary.reward_last:.3f}" + (f"; GUARD tripped at step {tripped['step']}" if tripped else ""))
     return summary

@@ -16,11 +16,14 @@ from typing import Callable, Iterator
 
 import torch
 
-from exocortex.checkpoint import autocast
-from exocortex.decode import MIN_SPAN, Decoder, FusedWeights
-from exocortex.model import GPT, KVCache
+from exocortex.checkpoint import load_model
+from exocortex.config import RunConfig
+from exocortex.device import resolve_device, resolve_dtype
+from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
+from exocortex.infer.lookup import tools_for_run
+from exocortex.model import GPT
+from exocortex.infer.tools import TOOLS, run_tool_call
 from exocortex.tokenizer import Tokenizer
-from exocortex.tools import TOOLS, run_tool_call
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -51,12 +54,16 @@ class RowState:
 
 
 class Engine:
+    """Generation over a GPT. `decoder(batch_size, max_len)` makes the prefill/step machinery (default: the
+    static-cache Decoder over `model`); tests pass scripted or paced ones."""
+
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | None = None,
                  dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[str], str]] | None = None,
-                 compile: bool = False):
+                 compile: bool = False, decoder: Callable[[int, int], DecoderLike] | None = None):
         self.model = model.eval()
         self.compile = compile  # torch.compile the decode step (worth it for long runs: the first one compiles)
-        self.weights = FusedWeights(model, dtype) if isinstance(model, GPT) else None
+        self.weights = FusedWeights(model, dtype)  # shared by this engine's decoders: fused once per update
+        self.make_decoder = decoder if decoder is not None else self._static_decoder
         self.tok = tokenizer
         self.device = device or next(model.parameters()).device
         self.dtype = dtype
@@ -79,8 +86,6 @@ class Engine:
         prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
-        if len(prompts) > 1 and self.weights is None:
-            raise ValueError("batched prompts need exocortex's GPT (the static-cache decoder)")
         limit = self.model.rope_cos.shape[0]
         longest = max(len(p) for p in prompts)
         max_len = min(longest + max_tokens, limit)
@@ -131,7 +136,7 @@ class Engine:
             if all(row.done for row in rows) or i == n_steps - 1:
                 return
             # finished rows stop advancing (and rows past the last busy one are not computed)
-            logits = dec.step(column) if self.weights is None else dec.step(column, [not r.done for r in rows])
+            logits = dec.step(column, [not r.done for r in rows])
 
     def last_user_text(self, prompt: list[int]) -> str:
         """The text of the last user message in a rendered prompt ('' if there is none)."""
@@ -143,11 +148,11 @@ class Engine:
         j = prompt.index(end, i) if end in prompt[i:] else len(prompt)
         return self.tok.decode(prompt[i + 1:j])
 
-    def decoder(self, batch_size: int, max_len: int):
-        """Prefill/step machinery for `batch_size` rows of up to `max_len` tokens: the fast static-cache decoder
-        (exocortex/decode.py) for our GPT, the model's own forward with a KV cache for anything else."""
-        if self.weights is None:
-            return _ForwardDecoder(self, batch_size, max_len)
+    def decoder(self, batch_size: int, max_len: int) -> DecoderLike:
+        """Prefill/step machinery for `batch_size` rows of up to `max_len` tokens."""
+        return self.make_decoder(batch_size, max_len)
+
+    def _static_decoder(self, batch_size: int, max_len: int) -> Decoder:
         if self.compile and self.device.type == "cuda":  # a few cache lengths, so a few CUDA graphs serve all calls
             max_len = min(self.model.rope_cos.shape[0], max(MIN_SPAN, 1 << (max_len - 1).bit_length()))
         return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights)
@@ -169,12 +174,11 @@ class Engine:
 
     def complete_many(self, prompts: list[list[int]], batch_size: int = 32, **kw) -> list[list[int]]:
         """Completions for many different prompts, `batch_size` rows at a time, sorted by length so a batch's
-        rows are alike (a model without the static-cache decoder goes one prompt at a time)."""
+        rows are alike."""
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        size = batch_size if self.weights is not None else 1
         outs: list[list[int]] = [[] for _ in prompts]
-        for j in range(0, len(order), size):
-            chunk = order[j:j + size]
+        for j in range(0, len(order), batch_size):
+            chunk = order[j:j + batch_size]
             batch = [prompts[i] for i in chunk]
             for i, out in zip(chunk, self.complete(batch if len(batch) > 1 else batch[0], **kw)):
                 outs[i] = out
@@ -229,25 +233,6 @@ class Engine:
         return self.tok.decode(out).strip()
 
 
-class _ForwardDecoder:
-    """Decoder's prefill/step interface over a model's plain forward and KVCache (all rows at one position)."""
-
-    def __init__(self, engine: Engine, batch_size: int, max_len: int):
-        self.engine, self.B = engine, batch_size
-        self.cache = KVCache(engine.model.cfg, batch_size, max_len, engine.device, engine.dtype)
-
-    def _forward(self, ids: list[list[int]]) -> torch.Tensor:
-        e = self.engine
-        with autocast(e.device, e.dtype):
-            return e.model(torch.tensor(ids, dtype=torch.long, device=e.device), cache=self.cache)[:, -1, :]
-
-    def prefill(self, prompt: list[int]) -> torch.Tensor:
-        return self._forward([prompt] * self.B)
-
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        return self._forward([[t] for t in tokens])
-
-
 # ----------------------------------------------------------------------------- continuous batching
 
 @dataclass(eq=False)
@@ -290,15 +275,13 @@ class Batcher:
     steps, the others go on), and its own length limit. At most `max_rows` run at once; more wait in a queue."""
 
     def __init__(self, engine: Engine, max_rows: int):
-        if engine.weights is None:
-            raise ValueError("continuous batching needs exocortex's GPT (the static-cache decoder)")
         self.engine, self.max_rows = engine, max_rows
         self.limit = engine.model.rope_cos.shape[0]
         self.rows: list[_Row | None] = [None] * max_rows
         self.pending: deque[Request] = deque()
         self.cv = threading.Condition()
         self.closed = False
-        self.decoder: Decoder | None = None  # made by the thread on first use: serving nothing costs nothing
+        self.decoder: DecoderLike | None = None  # made by the thread on first use: serving nothing costs nothing
         self.thread: threading.Thread | None = None
         self.tool_pool: ThreadPoolExecutor | None = None
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
@@ -510,3 +493,12 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         return self.dec.decode(self.tok.decode_bytes([token]))
+
+
+def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None) -> Engine:
+    """A run's chat model (its `stage` checkpoint, default the newest chat stage) with its tools: calculator,
+    python, and lookup (over `docs`, or the generated world)."""
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.sft.dtype, device)
+    model, _ = load_model(cfg.run.chat_checkpoint(stage), device)
+    return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools_for_run(cfg, docs))

@@ -1,15 +1,14 @@
 """Stage `serve`: an OpenAI-compatible HTTP API and a web chat page for a run's chat model.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and the chat page at /
-(plain HTML/CSS/JS from exocortex/static, nothing fetched from the internet). See docs/serve.md.
+(plain HTML/CSS/JS from exocortex/apps/static, nothing fetched from the internet). See docs/serve.md.
 
 Continuous batching: one thread (engine.Batcher) owns the model and decodes all running requests in the same
 step; a request joins the batch between two steps and leaves when it ends, with its own sampling, stop
 sequences and tool calls. Its tokens are rendered on that thread and passed to the event loop through a queue;
 the loop never runs the model. At most `max_concurrent` requests are in the batch and at most `max_queue` wait
 for a place; past that a request gets 429. A client that disconnects (streaming or not) cancels its request,
-whose row leaves the batch at the next step. (An Engine subclass that overrides `generate` gets one worker
-thread per request iterating its generate instead, with the same limits and cancellation.)
+whose row leaves the batch at the next step.
 
 Tool calls are run by the engine. They appear in the text as the engine renders them
 (`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
@@ -27,9 +26,10 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
-from exocortex.config import ExocortexError
-from exocortex.engine import Batcher, Engine
-from exocortex.engine import Request as GenRequest
+from exocortex.config import RunConfig, SamplingConfig, load_config
+from exocortex.errors import ExocortexError
+from exocortex.infer.engine import Batcher, load_engine
+from exocortex.infer.engine import Request as GenRequest
 
 try:
     from fastapi import FastAPI, Request
@@ -44,11 +44,6 @@ except ImportError as e:  # an optional extra: say how to get it instead of a tr
 
 STATIC_DIR = Path(__file__).parent / "static"
 
-# Sampling defaults when a request leaves them out: the same as `exocortex chat`.
-DEFAULT_TEMPERATURE = 0.6
-DEFAULT_TOP_P = 0.95
-DEFAULT_TOP_K = 50
-DEFAULT_MAX_TOKENS = 256
 MAX_STOP_SEQUENCES = 4
 MAX_BODY_BYTES = 4 * 1024 * 1024
 INT64 = 2 ** 63
@@ -336,12 +331,11 @@ class _Ticket:
 
 
 class _Generation:
-    """One request's generation: waits for a slot, then runs either as a row of the shared batch (`batcher`)
-    or in its own worker thread; both send ("deltas", [...]), then ("done", finish_reason, completion_tokens)
-    or ("error", exception)."""
+    """One request's generation: waits for a slot, then runs as a row of the shared batch; sends
+    ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception)."""
 
     def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
-                 batcher: Batcher | None = None):
+                 batcher: Batcher):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
         self.batcher, self.request = batcher, None
         self.cancelled = threading.Event()
@@ -360,12 +354,8 @@ class _Generation:
             if not await self.ticket.acquire() or self.cancelled.is_set():
                 return  # close() (in finally) gives the slot back
             loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            self.started = True  # from here the worker (or the batcher) owns the slot and releases it at the end
-            if self.batcher is not None:
-                self._join_batch(loop, queue)
-            else:
-                threading.Thread(target=self._work, args=(loop, queue), daemon=True,
-                                 name="exocortex-generate").start()
+            self.started = True  # from here the batcher owns the slot and releases it at the end
+            self._join_batch(loop, queue)
             held = None
             while True:
                 item, held = (held, None) if held else (await queue.get(), None)
@@ -411,47 +401,6 @@ class _Generation:
                                **self.sampling)
         self.batcher.submit(self.request)
 
-    def _work(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
-        send = _sender(loop, queue)
-
-        eng = self.engine
-        renderer, stopper = _Renderer(eng), _StopFilter(self.stops)
-        steps, finish = 0, "length"
-        gen, final = None, None
-        try:
-            gen = eng.generate(self.prompt, num_samples=1, **self.sampling)
-            for column, _ in gen:
-                if self.cancelled.is_set():
-                    finish = None
-                    break
-                steps += 1
-                token = column[0]
-                if token in eng.stop_ids:
-                    finish = "stop"
-                    break
-                deltas = stopper.feed(renderer.push(token))
-                if deltas:
-                    send(("deltas", deltas))
-                if stopper.stopped:
-                    finish = "stop"
-                    break
-            if finish is not None:
-                deltas = stopper.finish(renderer.finish())
-                if deltas:
-                    send(("deltas", deltas))
-            final = ("done", finish, steps)
-        except Exception as e:  # noqa: BLE001 - reported to the client as a server error
-            final = ("error", e)
-        finally:
-            if gen is not None:
-                with contextlib.suppress(Exception):
-                    gen.close()
-            # the slot is free before the client hears the end, so its next request finds it free
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.ticket.release)
-            if final is not None:
-                send(final)
-
 
 def _sender(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
     """Puts items on an event loop's queue from another thread."""
@@ -490,29 +439,17 @@ def _server_error(e: Exception) -> APIError:
 
 # ----------------------------------------------------------------------------- the app
 
-def batchable(engine) -> bool:
-    """Continuous batching needs exocortex's GPT (the static-cache decoder) and the stock generate loop: an
-    Engine subclass that changes generate (the tests pace it or make it fail) gets one generate() per request."""
-    return getattr(engine, "weights", None) is not None and type(engine).generate is Engine.generate
-
-
 class _Service:
     def __init__(self, engine, model_name: str, max_concurrent: int, max_queue: int, max_prompt_tokens: int | None,
-                 default_max_tokens: int, batching: bool | None = None):
+                 sampling: SamplingConfig):
         self.engine, self.model_name = engine, model_name
         self.limiter = _Limiter(max_concurrent, max_queue)
-        if batching is None:
-            batching = batchable(engine)
-        elif batching and not batchable(engine):
-            raise ExocortexError("continuous batching needs an exocortex GPT engine with the stock generate loop")
-        # one batch of up to max_concurrent rows shares every decode step (see exocortex/engine.py: Batcher)
-        self.batcher = Batcher(engine, max_concurrent) if batching else None
-        model = engine.model
-        rope = getattr(model, "rope_cos", None)
-        self.context = int(rope.shape[0]) if rope is not None else int(model.cfg.seq_len)
+        # one batch of up to max_concurrent rows shares every decode step (see exocortex/infer/engine.py: Batcher)
+        self.batcher = Batcher(engine, max_concurrent)
+        self.context = self.batcher.limit  # the rotary table
         cap = self.context - 1  # the prompt must leave room for at least one token
         self.max_prompt_tokens = min(cap, max_prompt_tokens) if max_prompt_tokens else cap
-        self.default_max_tokens = default_max_tokens
+        self.defaults = sampling  # for what a request leaves out: the same as `exocortex chat`
         self.created = int(time.time())
 
     # ---------------------------------------------------------------- request -> prompt and sampling
@@ -589,10 +526,11 @@ class _Service:
                            f"at most {self.max_prompt_tokens}; yours has {len(prompt)}.", param=what,
                            code="context_length_exceeded")
         room = self.context - len(prompt)
-        return dict(max_tokens=min(max_tokens or self.default_max_tokens, room),
-                    temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-                    top_p=DEFAULT_TOP_P if req.top_p is None else req.top_p,
-                    top_k=(DEFAULT_TOP_K if req.top_k is None else req.top_k) or None,
+        d = self.defaults
+        return dict(max_tokens=min(max_tokens or d.max_tokens, room),
+                    temperature=d.temperature if req.temperature is None else req.temperature,
+                    top_p=d.top_p if req.top_p is None else req.top_p,
+                    top_k=(d.top_k if req.top_k is None else req.top_k) or None,
                     seed=req.seed)
 
     def start(self, prompt: list[int], sampling: dict, stop) -> _Generation:
@@ -734,12 +672,11 @@ class _Service:
 
 
 def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int = 64,
-               max_prompt_tokens: int | None = None, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-               batching: bool | None = None) -> FastAPI:
+               max_prompt_tokens: int | None = None, sampling: SamplingConfig | None = None) -> FastAPI:
     """The HTTP app around an Engine. `max_prompt_tokens` caps prompts below the model's context
-    (rotary table length); `default_max_tokens` is used when a request gives no max_tokens. `batching`:
-    running requests share decode steps (continuous batching); default: whenever the engine allows it."""
-    svc = _Service(engine, model_name, max_concurrent, max_queue, max_prompt_tokens, default_max_tokens, batching)
+    (rotary table length); `sampling` holds the defaults for what a request leaves out (a run's config
+    section)."""
+    svc = _Service(engine, model_name, max_concurrent, max_queue, max_prompt_tokens, sampling or SamplingConfig())
     # no /docs or /redoc: their pages load scripts from a CDN, and this server fetches nothing from the internet
     app = FastAPI(title="exocortex", docs_url=None, redoc_url=None)
     app.state.exocortex = svc
@@ -802,19 +739,15 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
     import uvicorn
 
-    from exocortex.chat import load_chat_engine
-    from exocortex.config import RunConfig, load_config
-
     cfg = run if isinstance(run, RunConfig) else load_config(run)
     _check_port_free(host, port)
-    engine = load_chat_engine(cfg, stage, docs)
+    engine = load_engine(cfg, stage, docs)
     engine.compile = compile
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
-                     max_prompt_tokens=max_prompt_tokens)
-    batcher = app.state.exocortex.batcher
-    if batcher is not None and compile:
+                     max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling)
+    if compile:
         print("compiling the decode step (torch.compile; a minute on a small CPU) ...", flush=True)
-        batcher.warm_up()
+        app.state.exocortex.batcher.warm_up()
     shown = f"[{host}]" if ":" in host else host
     print(f"exocortex serve — model {cfg.name} ({stage or 'newest chat stage'}) from {cfg.run_dir}\n"
           f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "

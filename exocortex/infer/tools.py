@@ -67,7 +67,7 @@ def calculator(expression: str) -> str:
 
 
 def _python(code: str) -> str:
-    from exocortex.sandbox import python_tool  # subprocess sandbox: rlimits, no network, throwaway dir
+    from exocortex.infer.sandbox import python_tool  # subprocess sandbox: rlimits, no network, throwaway dir
 
     return python_tool(code)
 

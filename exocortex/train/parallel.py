@@ -8,15 +8,14 @@ see exactly the batches one process would see with N-times gradient accumulation
 `fully_shard` on every block and the root, torchtitan-style): the same batches and the same math, 1/N of
 the memory per GPU for the model and optimizer. Checkpoints stay one full safetensors file (gathered on
 save, re-sharded on load), so a run can be resumed with either mode. Muon orthogonalises whole matrices:
-`ShardedMuon` all-gathers each matrix's update, runs Newton-Schulz on it (on every rank, as DDP does) and
-keeps its own rows; momentum stays sharded. See docs/benchmarks.md for the tradeoff.
+train/optim.py's Muon all-gathers each sharded matrix's update, runs Newton-Schulz on it (on every rank, as DDP
+does) and keeps its own rows; momentum stays sharded. See docs/benchmarks.md for the tradeoff.
 """
 from __future__ import annotations
 
 import builtins
 import contextlib
 import datetime
-import math
 import os
 
 import torch
@@ -89,7 +88,7 @@ def run_on_main(fn, what: str, timeout: datetime.timedelta = datetime.timedelta(
     if error is not None:
         raise error
     if status[0] is not None:
-        from exocortex.config import ExocortexError
+        from exocortex.errors import ExocortexError
 
         raise ExocortexError(f"rank 0 failed during {what}: {status[0]}")
     return result
@@ -177,78 +176,3 @@ def load_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
             for k, v in st.items():
                 if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.shape:
                     st[k] = distribute_tensor(v, p.device_mesh, p.placements, src_data_rank=None)
-
-
-def _newton_schulz(g: torch.Tensor, coeffs, steps: int, eps: float, dtype=torch.bfloat16) -> torch.Tensor:
-    """The quintic Newton-Schulz iteration of torch.optim.Muon (same ops, same order, so sharded and
-    unsharded runs match): ~orthogonalises g, in bf16 as torch does (float32 where bf16 is not native)."""
-    a, b, c = coeffs
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-class ShardedMuon(torch.optim.Muon):
-    """torch.optim.Muon for FSDP2-sharded (DTensor) matrices. Newton-Schulz needs the whole matrix, so
-    each step all-gathers the momentum-corrected update of every matrix (one all-gather per matrix, the
-    size of the forward's weight all-gather), orthogonalises it on every rank, and applies this rank's
-    rows. Momentum buffers stay sharded. (Running NS directly on the DTensor also works but redistributes
-    inside every iteration: ~10x slower on 2 CPU ranks, and not bit-equal to the unsharded step.)"""
-
-    ns_dtype = torch.bfloat16  # as torch.optim.Muon; build_optimizers sets float32 where bf16 is not native
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        from torch.distributed.tensor import DTensor
-
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, mom = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not isinstance(p, DTensor):
-                    raise TypeError("ShardedMuon expects FSDP-sharded parameters; use torch.optim.Muon")
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                g, buf = p.grad.to_local(), state["momentum_buffer"].to_local()
-                buf.lerp_(g, 1 - mom)
-                update = g.lerp(buf, mom) if group["nesterov"] else buf
-                # gathered in bf16: NS starts by casting to bf16 anyway, so this halves the traffic for free
-                full = DTensor.from_local(update.to(self.ns_dtype), p.device_mesh, p.placements, shape=p.shape,
-                                          stride=p.stride()).full_tensor()
-                ortho = _newton_schulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
-                mine = _local_rows(ortho, p)
-                A, B = p.shape  # "original" lr adjustment (Keller Jordan's), as build_optimizers asks for
-                scale = math.sqrt(max(1, A / B)) if group["adjust_lr_fn"] in (None, "original") else \
-                    0.2 * math.sqrt(max(A, B)) if group["adjust_lr_fn"] == "match_rms_adamw" else 1.0
-                local = p.to_local()
-                local.mul_(1 - lr * group["weight_decay"])
-                local.add_(mine, alpha=-lr * scale)
-        return loss
-
-
-def _local_rows(full: torch.Tensor, p) -> torch.Tensor:
-    """This rank's rows of a whole matrix, as FSDP2 splits dim 0 (torch.chunk: the last ranks may get
-    fewer rows, or none)."""
-    from torch.distributed.tensor import Shard
-
-    if len(p.placements) != 1 or p.placements[0] != Shard(0):
-        raise ValueError(f"ShardedMuon supports FSDP's Shard(0) on a 1-D mesh, got {p.placements}")
-    n, r = p.device_mesh.size(), p.device_mesh.get_local_rank()
-    chunks = torch.chunk(full, n, dim=0)
-    mine = chunks[r] if r < len(chunks) else full[:0]
-    if mine.shape != p.to_local().shape:
-        raise RuntimeError(f"unexpected FSDP shard shape {tuple(p.to_local().shape)} for {tuple(full.shape)}")
-    return mine

@@ -1,6 +1,6 @@
 """Export a run to a Hugging Face transformers directory (Qwen3ForCausalLM + a `tokenizers` tokenizer).
 
-    from exocortex.export import export_hf
+    from exocortex.apps.export.hf import export_hf
     export_hf("runs/tiny", "exports/tiny-hf")              # latest sft checkpoint, fp32
     export_hf("runs/tiny", "exports/tiny-base", stage="pretrain", dtype="bfloat16")
 
@@ -20,7 +20,11 @@ import json
 import os
 from pathlib import Path
 
-from exocortex.config import ExocortexError, ModelConfig, atomic_write_text
+from exocortex.checkpoint import load_model
+from exocortex.config import ModelConfig
+from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text
+from exocortex.run import RunDir
 from exocortex.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -237,13 +241,11 @@ def check_export_target(run_dir: Path, target: Path, advice: str) -> None:
 
 def load_for_export(run_dir: Path, stage: str):
     """The run's tokenizer and latest `stage` model on the CPU: (tok, model, meta, checkpoint dir)."""
-    from exocortex.checkpoint import load_model, require_checkpoint
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ExocortexError(f"no run at {run_dir}; train one with `exocortex speedrun` first")
-    ckpt = require_checkpoint(run_dir, stage, f"exocortex {stage} --run {run_dir}")
-    tok = Tokenizer.load(run_dir / "tokenizer")
+    ckpt = RunDir(run_dir).require_checkpoint(stage)
+    tok = Tokenizer.load(RunDir(run_dir).tokenizer_dir)
     model, meta = load_model(ckpt, "cpu")
     if model.cfg.vocab_size < tok.vocab_size:
         raise ExocortexError(f"checkpoint {ckpt} has vocab {model.cfg.vocab_size} but the run's tokenizer has "

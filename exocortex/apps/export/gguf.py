@@ -1,6 +1,6 @@
 """Export a run to one GGUF file that llama.cpp runs (llama-cli, llama-server, llama-cpp-python, Ollama).
 
-    from exocortex.export_gguf import export_gguf, verify_gguf
+    from exocortex.apps.export.gguf import export_gguf, verify_gguf
     export_gguf("runs/tiny", "runs/tiny/gguf/tiny.gguf")             # latest sft checkpoint, f16 weights
     export_gguf("runs/tiny", "tiny-f32.gguf", dtype="float32")         # exact weights
     verify_gguf("runs/tiny/gguf/tiny.gguf", "runs/tiny")               # needs llama-cpp-python
@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from exocortex.config import ExocortexError
-from exocortex.export import CHAT_TEMPLATE, check_export_target, load_for_export, ranks_to_bpe
+from exocortex.errors import ExocortexError
+from exocortex.apps.export.hf import CHAT_TEMPLATE, check_export_target, load_for_export, ranks_to_bpe
 from exocortex.tokenizer import Tokenizer
 
 GGUF_DTYPES = {"float32": "f32", "fp32": "f32", "f32": "f32", "float16": "f16", "fp16": "f16", "f16": "f16",
@@ -178,7 +178,7 @@ def verify_gguf(path: str | os.PathLike, run_dir: str | os.PathLike, stage: str 
     import numpy as np
     import torch
 
-    from exocortex.engine import Engine
+    from exocortex.infer.engine import Engine
 
     tok, model, _, _ = load_for_export(Path(run_dir), stage)
     llm = load_llama(path, n_ctx=max(256, min(512, model.cfg.seq_len)))  # llama.cpp warns past seq_len

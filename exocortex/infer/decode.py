@@ -30,6 +30,7 @@ import os
 import sys
 import tempfile
 import warnings
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -309,8 +310,23 @@ def _ahead_of_time_step(w: dict, k_cache: list, n_heads: int, n_kv: int, eps: fl
     return _ahead_of_time[key]
 
 
+class DecoderLike(Protocol):
+    """What Engine.generate and Batcher drive: a fixed number of rows (slots), each with its own position.
+    `Decoder` is the implementation; tests script the logits through this protocol instead of a model."""
+
+    def prefill(self, prompt: list[int], slots: list[int] | None = None) -> torch.Tensor:
+        """Start each of `slots` (default: every row) on `prompt` -> next-token logits, one row per slot."""
+
+    def step(self, tokens: list[int], advance: list[bool] | None = None) -> torch.Tensor:
+        """Feed one token per row; rows with advance=False stay put -> next-token logits of (at least) every
+        row up to the last advancing one."""
+
+    def release(self, slot: int) -> None:
+        """Free a slot for a later prefill."""
+
+
 class Decoder:
-    """A static per-row KV cache and the decode step for one GPT.
+    """A static per-row KV cache and the decode step for one GPT (a DecoderLike).
 
     Rows are slots. `prefill(prompt, slots)` fills slots from position 0 and returns their next-token logits;
     `step(tokens, advance)` feeds one token per row and returns every row's next-token logits. A row with

@@ -1,0 +1,74 @@
+"""App `chat`: talk to your model in the terminal (interactive, or one-shot with -p).
+
+Tokens stream as they are generated; tool calls and their outputs are shown inline.
+"""
+from __future__ import annotations
+
+import sys
+
+from exocortex.config import RunConfig
+from exocortex.errors import ExocortexError
+from exocortex.infer.engine import Engine, StreamDecoder, load_engine
+
+
+def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **sampling) -> list[int]:
+    """Generate one assistant turn, printing it as it comes; returns its tokens (without the stop token)."""
+    tok = engine.tok
+    dec = StreamDecoder(tok)
+    prompt = tok.render_for_completion(messages)
+    tokens: list[int] = []
+    for column, forced in engine.generate(prompt, **sampling):
+        t = column[0]
+        if t in engine.stop_ids:
+            break
+        tokens.append(t)
+        if t == engine.call_start:
+            out.write("\n  [tool call: ")
+        elif t == engine.call_end:
+            out.write("]")
+        elif t == engine.out_start:
+            out.write(" -> ")
+        elif t == engine.out_end:
+            out.write("\n")
+        elif not tok.is_special(t):
+            out.write(dec.push(t))
+        out.flush()
+    out.write("\n")
+    out.flush()
+    return tokens
+
+
+def run_chat(cfg: RunConfig, prompt: str | None = None, temperature: float | None = None, top_k: int | None = None,
+             top_p: float | None = None, max_tokens: int | None = None, system: str | None = None,
+             seed: int | None = None, stage: str | None = None, docs: list[str] | None = None) -> None:
+    """Sampling settings left out come from the run's config (`sampling` section)."""
+    engine = load_engine(cfg, stage, docs)
+    d = cfg.sampling
+    sampling = dict(temperature=d.temperature if temperature is None else temperature,
+                    top_k=(d.top_k if top_k is None else top_k) or None, top_p=d.top_p if top_p is None else top_p,
+                    max_tokens=d.max_tokens if max_tokens is None else max_tokens, seed=seed)
+    messages: list[dict] = [{"role": "system", "content": system}] if system else []
+    if prompt is not None:
+        if not prompt.strip():
+            raise ExocortexError("-p needs a non-empty prompt")
+        stream_reply(engine, messages + [{"role": "user", "content": prompt}], **sampling)
+        return
+    print(f"exocortex chat — run {cfg.run_dir}. Type /clear for a new chat, /quit (or Ctrl-D) to leave.")
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/clear":
+            messages = messages[:1] if system else []
+            print("(new chat)")
+            continue
+        messages.append({"role": "user", "content": line})
+        sys.stdout.write("exocortex> ")
+        tokens = stream_reply(engine, messages, **sampling)
+        messages.append({"role": "assistant", "content": engine.to_parts(tokens) or ""})

@@ -1,0 +1,58 @@
+"""Which device and precision to compute in: one answer for training, evaluation and inference."""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import sys
+
+import torch
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())  # torchrun: set per rank
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        fast = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
+            getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if fast else torch.float32
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory in the process instead of handing it back to the OS.
+
+    A training step frees and re-allocates the same large buffers every step (the logits alone are 268 MB at
+    vocab 32768 x 4096 tokens). glibc serves blocks over 32 MB with fresh mmaps and unmaps them on free, so
+    every step page-faults them in again, which is slow (very slow in VMs). With mmap off and trimming off,
+    freed blocks are reused (bench/train.py measures it). Small allocations can split a freed hole, so the heap
+    may take a few more blocks before it settles, then stays flat (tests/test_train.py). CPU only; a no-op
+    (False) off glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from <malloc.h>
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False

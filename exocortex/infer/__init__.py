@@ -1,0 +1,1 @@
+"""Inference: the fast decoder, the engine (sampling, tools, continuous batching) and the tools themselves."""

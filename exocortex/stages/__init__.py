@@ -1,0 +1,1 @@
+"""Pipeline stages: one file each, listed in exocortex/registry.py. A stage never imports another stage."""

@@ -1,0 +1,219 @@
+"""Stage `report`: one markdown report card of the run (runs/<name>/report.md) with plots and every metric."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from exocortex import registry
+from exocortex.config import RunConfig
+from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text, read_jsonl
+from exocortex.run import EvalSummary, RunDir
+
+
+def plot_losses(run_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = []
+    (run_dir / "plots").mkdir(exist_ok=True)
+    run = RunDir(run_dir)
+    stages = [s for s in registry.MODEL_STAGES if s != "rl" and run.log_path(s).exists()]
+    if not stages:
+        return plots
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        h = read_jsonl(run.log_path(stage))
+        if not h:
+            continue
+        tokens = [r["tokens"] / 1e6 for r in h]
+        ax.plot(tokens, [r["loss"] for r in h], lw=0.8, alpha=0.6, label="train")
+        # smoothed train loss reads better than the raw noisy one
+        k = max(1, len(h) // 50)
+        sm = [sum(r["loss"] for r in h[max(0, i - k):i + 1]) / len(h[max(0, i - k):i + 1]) for i in range(len(h))]
+        ax.plot(tokens, sm, lw=1.5, label=f"train (avg {k + 1})")
+        val = [(r["tokens"] / 1e6, r["val_loss"]) for r in h if "val_loss" in r]
+        if val:
+            ax.plot(*zip(*val), "o-", lw=1.5, label="val")
+        ax.set_title(f"{stage} loss")
+        ax.set_xlabel("tokens (M)")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    out = run_dir / "plots" / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    plots.append("plots/loss.png")
+    rl = read_jsonl(run.log_path("rl"))
+    if rl:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+        steps = [r["step"] for r in rl]
+        axes[0].plot(steps, [r["reward"] for r in rl], lw=0.8, label="train reward (mean of group samples)")
+        held = [(r["step"], r["heldout_accuracy"]) for r in rl if "heldout_accuracy" in r]
+        if held:
+            axes[0].plot(*zip(*held), "o-", label="held-out accuracy (greedy)")
+        axes[0].set_title("RL reward")
+        axes[1].plot(steps, [r["entropy"] for r in rl], lw=0.8)
+        axes[1].set_title("sampling entropy (nats/token)")
+        axes[2].plot(steps, [r["repeat_3gram"] for r in rl], lw=0.8, label="repeated 3-grams")
+        axes[2].plot(steps, [r["length"] / max(1, max(x["length"] for x in rl)) for r in rl], lw=0.8,
+                     label="length (relative)")
+        axes[2].set_title("degeneration watch")
+        for ax in axes:
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        axes[2].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(run_dir / "plots" / "rl.png", dpi=110)
+        plt.close(fig)
+        plots.append("plots/rl.png")
+    return plots
+
+
+ROW_NAMES = {"val_bpb": "val bits per byte ↓", "core": "CORE-style in-context (centred) ↑",
+             "world_cloze_accuracy": "in-context: world cloze (4-way)", "arithmetic_em_accuracy": "in-context: arithmetic exact match",
+             "lookup_no_tool_accuracy": "lookup — same questions, tool off"}
+
+
+def stage_table(ev: EvalSummary) -> list[str]:
+    """Metrics x stages (BASE / MID / SFT / RL), every number measured by `exocortex eval`."""
+    stages = [s for s in registry.MODEL_STAGES if s in ev.stages]
+    cols = [ev.stages[s] for s in stages]
+    keys: list[str] = []
+    for c in cols:
+        keys += [k for k in c if k not in keys and k != "seconds" and not k.endswith("_n")]
+    L = ["| metric | " + " | ".join(registry.LABELS[s] for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for k in keys:
+        nk = k.replace("_accuracy", "_n") if k.endswith("_accuracy") else k + "_n"
+        n = next((c[nk] for c in cols if nk in c), None)
+        name = ROW_NAMES.get(k, k.replace("_accuracy", "").replace("_", " ") + (f" (n={n})" if n else ""))
+        vals = []
+        for c in cols:
+            v = c.get(k)
+            vals.append("—" if v is None else f"{v:.4f}" if k in ("val_bpb", "core") else f"{v:.1%}")
+        L.append(f"| {name} | " + " | ".join(vals) + " |")
+    return L
+
+
+def rl_gain_line(ev: EvalSummary | None, task: str) -> str:
+    """RL's held-out gain over SFT on its task, with the binomial standard error of that difference."""
+    stages = ev.stages if ev else {}
+    sft, rl = stages.get("sft", {}), stages.get("rl", {})
+    k, nk = f"{task}_accuracy", f"{task}_n"
+    if k not in sft or k not in rl:
+        return ""
+    p0, p1, n0, n1 = sft[k], rl[k], sft.get(nk, 0), rl.get(nk, 0)
+    if not n0 or not n1:
+        return ""
+    se = math.sqrt(p0 * (1 - p0) / n0 + p1 * (1 - p1) / n1)
+    return (f"Held-out {task.replace('_', ' ')}: SFT {p0:.1%} → RL {p1:.1%} (n={n1}), "
+            f"**{(p1 - p0) * 100:+.1f} points** (± {se * 100:.1f}: one binomial standard error of the difference).")
+
+
+def _fmt(v, digits=4):
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+EVAL_NOTE = ("All questions are held out from training (hashed train/test splits). Chat tasks are greedy with "
+             "tools on and graded on the assistant's own words: arithmetic and word problems (GSM8K-style `#### N`) "
+             "call the calculator; facts are recalled from pretraining; facts_mc is multiple choice; lookup asks "
+             "about people who were *never in the pretraining data* and must be looked up with the lookup tool "
+             "(also scored with the tool switched off); spelling spells and counts letters. pass@k: k samples at "
+             "temperature 1. In-context tasks (base-model style, few-shot) score options by mean loss; CORE is their "
+             "mean centred accuracy.")
+PRETRAIN_ROWS = ("params", "flops_per_token", "steps", "tokens", "tokens_per_param", "seconds", "tokens_per_second",
+                 "flops", "mfu", "final_train_loss", "final_val_loss", "val_bpb", "device", "dtype", "world_size",
+                 "parallel")
+FINETUNE_ROWS = ("parent", "conversations", "rows", "steps", "epochs", "tokens", "seconds", "tokens_per_second",
+                 "final_train_loss", "final_val_loss")
+
+
+def _timings(sr) -> list[str]:
+    L = ["## Timings", "", "| stage | seconds |", "|---|---|"]
+    L += [f"| {k} | {v:.1f} |" for k, v in sr.stage_seconds.items()]
+    return L + [f"| **total** | **{sr.total_seconds:.1f}** |", "", f"Peak memory (max RSS): {sr.peak_rss_mb:,.0f} MB.", ""]
+
+
+def _rl(rl, ev) -> list[str]:
+    L = ["## RL", "", f"Task `{rl.task}`, {rl.steps} steps in {rl.seconds:.0f}s; mean group reward "
+         f"{_fmt(rl.reward_first, 3)} (first step) → {_fmt(rl.reward_last, 3)} (last 5 steps). "
+         "Held-out greedy accuracy during RL: " + ", ".join(f"step {s}: {a:.1%}" for s, a in rl.heldout) + "."]
+    gain = rl_gain_line(ev, rl.task)
+    if gain:
+        L += ["", gain]
+    g = rl.guard
+    return L + ["", f"**Reward-hacking guard tripped** at step {g['step']}: {g['reason']}. Kept checkpoint: "
+                f"{g.get('kept') or 'none (RL discarded)'}." if g else "Reward-hacking guard: not tripped.", ""]
+
+
+def _table(title: str, summary, rows: tuple[str, ...]) -> list[str]:
+    L = [f"## {title}", "", "| | |", "|---|---|"]
+    for k in rows:
+        v = getattr(summary, k)
+        if v is not None:
+            v = f"{v:.3g}" if k == "flops" else f"{v:.1%}" if k == "mfu" else _fmt(v)
+            L.append(f"| {k.replace('_', ' ')} | {v} |")
+    return L
+
+
+def _data(tok_s) -> list[str]:
+    L = ["## Data and tokenizer", "", f"Source: {tok_s.source}; {tok_s.documents:,} documents; "
+         f"{tok_s.train_tokens:,} train / {tok_s.val_tokens:,} val tokens; vocab {tok_s.vocab_size:,}; "
+         f"{tok_s.bytes_per_token:.2f} bytes per token; BPE trained in {tok_s.seconds_train:.1f}s.", ""]
+    if tok_s.corpus_stats:
+        L += ["Corpus variety (synthetic data must not collapse):", "", "| statistic | value |", "|---|---|"]
+        L += [f"| {k} | {_fmt(v)} |" for k, v in tok_s.corpus_stats.items()]
+        L.append("")
+    return L
+
+
+def _samples(ev) -> list[str]:
+    L = ["## Sample generations (greedy, held-out questions)", ""]
+    for s in ev.samples:
+        mark = "✅" if s["correct"] else "❌"
+        stage = f"{s['stage']} · " if s.get("stage") else ""
+        L += [f"- {mark} **{stage}{s['task']}** — *{s['question']}*", f"  → {s['reply']}"]
+    return L + [""]
+
+
+def run_report(cfg: RunConfig) -> Path:
+    run = cfg.run
+    if not (run.path / "config.json").exists():
+        raise ExocortexError(f"{run.path} is not a run directory; run `exocortex speedrun` first")
+    summaries = {s: run.summary(s) for s in ("tokenizer", "pretrain", "midtrain", "sft", "rl", "eval", "speedrun")}
+    pre, ev = summaries["pretrain"], summaries["eval"]
+    plots = plot_losses(run.path)
+    L = [f"# exocortex report card — run `{cfg.name}`", "",
+         f"Preset `{cfg.preset}`; model: {cfg.model.depth} layers, width {cfg.model.n_embd}, {cfg.model.n_heads} heads "
+         f"({cfg.model.kv_heads} KV) x {cfg.model.head_dim}, vocab {cfg.model.vocab_size}, context {cfg.model.seq_len} "
+         "— architecture Qwen3ForCausalLM.", ""]
+    if summaries["speedrun"]:
+        L += _timings(summaries["speedrun"])
+    if ev and ev.stages:
+        L += ["## Evaluation: every stage", ""] + stage_table(ev) + ["", EVAL_NOTE, ""]
+    if summaries["rl"]:
+        L += _rl(summaries["rl"], ev)
+    if pre:
+        L += _table("Pretraining", pre, PRETRAIN_ROWS) + ["", f"Pretraining {pre.spent_line()}.", ""]
+    for title, stage in (("Midtraining", "midtrain"), ("SFT", "sft")):
+        if summaries[stage]:
+            L += _table(title, summaries[stage], FINETUNE_ROWS) + [""]
+    L += [line for p in plots for line in (f"![{p}]({p})", "")]
+    if summaries["tokenizer"]:
+        L += _data(summaries["tokenizer"])
+    if ev and ev.samples:
+        L += _samples(ev)
+    L += ["## Config", "", "```json", json.dumps(cfg.to_dict(), indent=2), "```", ""]
+    out = run.path / "report.md"
+    atomic_write_text(out, "\n".join(L))
+    print(f"report: wrote {out}")
+    return out

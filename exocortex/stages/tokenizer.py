@@ -1,0 +1,77 @@
+"""Stage `tokenizer`: stream the corpus (generated world or --data), train the BPE on its start, and encode all
+of it in parallel worker processes into runs/<name>/data/{train,val}.bin (data/tokens.py), holding out every
+k-th document for val; measure the corpus's variety for the report.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Iterator
+
+from exocortex.config import RunConfig, save_config
+from exocortex.data.sources import corpus_tasks, read_task, val_every
+from exocortex.data.tokens import commit_token_data, write_token_data
+from exocortex.data.world import corpus_stats
+from exocortex.run import TokenizerSummary
+from exocortex.tokenizer import Tokenizer, iter_texts_for_training
+
+
+def _train_texts(tasks, k: int, val_fraction: float, sample: list[str], sample_bytes: int) -> Iterator[str]:
+    """The train split's documents in corpus order (document i is val when i % k == 0), read in this
+    process; the first sample_bytes of them are also kept in `sample` for the corpus statistics."""
+    first, n, kept = None, 0, 0
+    for task in tasks:
+        for doc in read_task(task):
+            if kept < sample_bytes:
+                sample.append(doc)
+                kept += len(doc)
+            if n == 0:
+                first = doc
+            elif n % k:
+                yield doc
+            n += 1
+    if n == 1:  # a single document: train on all but its held-out tail (as write_token_data splits it)
+        yield first[:max(1, int(len(first) * (1 - val_fraction)))]
+
+
+def run_tokenizer(cfg: RunConfig) -> TokenizerSummary:
+    """Train the BPE on the start of the corpus, then encode all of it in parallel into token files.
+    Nothing is written to the run directory until both have succeeded."""
+    t0 = time.time()
+    tasks, source, world_docs = corpus_tasks(cfg.data)  # cheap checks of every file first
+    t_load = time.time() - t0
+    print(f"tokenizer: {source}" + (f" ({len(world_docs):,} documents)" if world_docs else f" ({len(tasks):,} chunks)"))
+
+    t1 = time.time()
+    sample: list[str] = []
+    k = val_every(cfg.data.val_fraction)
+    texts = _train_texts(tasks, k, cfg.data.val_fraction, sample, 0 if world_docs else 50_000_000)
+    tok = Tokenizer.train(iter_texts_for_training(texts, cfg.tokenizer.train_bytes), cfg.tokenizer.vocab_size)
+    t_train = time.time() - t1
+
+    t2 = time.time()
+    run_dir = cfg.run_dir.absolute()
+    created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    tmp = run_dir / f".data.tmp{os.getpid()}"
+    try:
+        stats = write_token_data(tok, tasks, tmp, cfg.data.val_fraction, workers=cfg.data.workers)
+    except BaseException:  # bad input found while encoding: leave no trace of this run
+        shutil.rmtree(created or tmp, ignore_errors=True)
+        raise
+    t_encode = time.time() - t2
+    save_config(cfg)
+    tok.save(cfg.run.tokenizer_dir)
+    commit_token_data(tmp, cfg.run.data_dir)
+
+    summary = TokenizerSummary(
+        source=source, documents=stats.documents, train_tokens=stats.train_tokens, val_tokens=stats.val_tokens,
+        vocab_size=tok.vocab_size, bytes_per_token=stats.train_bytes / max(1, stats.train_tokens),
+        seconds_load=t_load, seconds_train=t_train, seconds_encode=t_encode,
+        corpus_stats=corpus_stats(world_docs or sample),
+        corpus_stats_sample_documents=None if world_docs else len(sample))
+    cfg.run.write_summary("tokenizer", summary)
+    print(f"tokenizer: vocab {tok.vocab_size}, trained in {t_train:.1f}s; {stats.documents:,} documents, "
+          f"{stats.train_tokens:,} train / {stats.val_tokens:,} val tokens ({summary.bytes_per_token:.2f} "
+          f"bytes/token), encoded in {t_encode:.1f}s")
+    return summary

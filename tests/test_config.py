@@ -1,0 +1,87 @@
+"""One place checks every config value, from presets, --set and config.json alike."""
+import json
+
+import pytest
+
+from exocortex.config import load_config, make_config, save_config
+from exocortex.errors import ExocortexError
+
+
+def test_choices_are_checked_wherever_they_come_from(tmp_path):
+    for bad in ("data.packing=zigzag", "pretrain.dtype=fp8", "sft.parallel=tp", "logging.tensorboard=maybe"):
+        with pytest.raises(ExocortexError, match="expected one of"):
+            make_config("tiny", [bad])
+    cfg = make_config("tiny", name="r")
+    cfg.runs_dir = str(tmp_path)
+    save_config(cfg)
+    raw = json.loads((tmp_path / "r" / "config.json").read_text())
+    raw["pretrain"]["dtype"] = "fp8"
+    (tmp_path / "r" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ExocortexError, match="pretrain.dtype"):
+        load_config(tmp_path / "r")
+
+
+def test_mixtures_are_dicts_on_disk_and_name_weight_pairs_on_the_command_line(tmp_path):
+    cfg = make_config("tiny", ["sft_data.mixture=arithmetic=3,facts=1", "eval.chat_tasks=arithmetic=5"], name="r")
+    assert cfg.sft_data.mixture == {"arithmetic": 3.0, "facts": 1.0} and cfg.eval.chat_tasks == {"arithmetic": 5}
+    cfg.runs_dir = str(tmp_path)
+    save_config(cfg)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["sft_data"]["mixture"] == {"arithmetic": 3.0,
+                                                                                               "facts": 1.0}
+    assert load_config(tmp_path / "r").sft_data.mixture == cfg.sft_data.mixture
+    for bad in ("arithmetic=lots", "arithmetic=-1", "=", ""):
+        with pytest.raises(ExocortexError, match="sft_data.mixture"):
+            make_config("tiny", [f"sft_data.mixture={bad}"])
+
+
+def test_config_json_unknown_keys_and_wrong_types_are_errors(tmp_path):
+    cfg = make_config("tiny", name="r")
+    cfg.runs_dir = str(tmp_path)
+    path = save_config(cfg)
+    good = json.loads(path.read_text())
+    cases = [({**good, "surprise": 1}, "unknown key 'surprise'"),
+             ({**good, "model": {**good["model"], "depht": 3}}, "unknown key 'model.depht'"),
+             ({**good, "model": {**good["model"], "depth": "4"}}, "model.depth"),
+             ({**good, "model": {**good["model"], "depth": 4.5}}, "model.depth"),
+             ({**good, "sft": {**good["sft"], "compile": "yes"}}, "sft.compile"),
+             ({**good, "model": [1, 2]}, "model must be a JSON object"),
+             ([good], "must be a JSON object")]
+    for raw, needle in cases:
+        path.write_text(json.dumps(raw))
+        with pytest.raises(ExocortexError, match=needle):
+            load_config(tmp_path / "r")
+    path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(ExocortexError, match="not valid JSON"):
+        load_config(tmp_path / "r")
+
+
+def test_values_out_of_range_are_errors_not_tracebacks():
+    for bad in ("model.head_dim=0", "model.depth=0", "pretrain.matrix_lr=-0.1", "sft.device_batch=0",
+                "data.val_fraction=1.5", "model.seq_len=1"):
+        with pytest.raises(ExocortexError):
+            make_config("tiny", [bad])
+
+
+def test_vocab_size_has_one_home():
+    with pytest.raises(ExocortexError, match="tokenizer.vocab_size"):
+        make_config("tiny", ["model.vocab_size=1000"])
+    assert make_config("tiny", ["tokenizer.vocab_size=2048"]).model.vocab_size == 2048
+
+
+def test_identity_name_is_one_setting_and_older_runs_keep_theirs(tmp_path):
+    assert make_config("tiny", ["identity_name=Ada"]).identity_name == "Ada"
+    cfg = make_config("tiny", name="r")
+    cfg.runs_dir = str(tmp_path)
+    path = save_config(cfg)
+    raw = json.loads(path.read_text())
+    del raw["identity_name"]
+    raw["sft_data"]["identity_name"] = "Old"  # where a run made before this version kept it
+    path.write_text(json.dumps(raw))
+    assert load_config(tmp_path / "r").identity_name == "Old"
+
+
+def test_every_preset_passes_its_own_checks():
+    from exocortex.config import PRESETS
+
+    for name in PRESETS:
+        assert make_config(name).preset == name

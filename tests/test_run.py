@@ -1,0 +1,74 @@
+"""The run directory: which checkpoint counts, typed summaries, rollback."""
+import json
+
+import pytest
+
+from exocortex.errors import ExocortexError
+from exocortex.run import EvalSummary, RunDir, SpeedrunSummary, most_recent_run
+
+
+def _checkpoint(run: RunDir, stage: str, step: int, latest: bool = True):
+    d = run.checkpoints(stage) / f"step_{step:06d}"
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"w")
+    (d / "meta.json").write_text("{}")
+    if latest:
+        (run.checkpoints(stage) / "latest").write_text(d.name)
+    return d
+
+
+def test_parent_and_chat_checkpoints_follow_the_registry(tmp_path):
+    run = RunDir(tmp_path / "r")
+    with pytest.raises(ExocortexError, match="exocortex pretrain --run r"):
+        run.parent_checkpoint("sft")
+    base = _checkpoint(run, "pretrain", 10)
+    assert run.parent_checkpoint("sft") == ("pretrain", base)  # no midtrain: sft starts from the base model
+    mid = _checkpoint(run, "midtrain", 5)
+    assert run.parent_checkpoint("sft") == ("midtrain", mid)
+    assert run.parent_checkpoint("rl") == ("midtrain", mid)
+    assert run.chat_checkpoint() == mid
+    sft = _checkpoint(run, "sft", 3)
+    assert run.chat_checkpoint() == sft and run.chat_checkpoint("midtrain") == mid
+    with pytest.raises(ExocortexError, match="no 'rl' checkpoint"):
+        run.chat_checkpoint("rl")
+
+
+def test_roll_back_points_latest_at_an_earlier_checkpoint_or_clears(tmp_path):
+    run = RunDir(tmp_path / "r")
+    for step in (10, 20, 30):
+        _checkpoint(run, "rl", step)
+    assert run.roll_back("rl", 25).name == "step_000020"
+    assert run.latest_checkpoint("rl").name == "step_000020"
+    assert run.roll_back("rl", 5) is None and run.latest_checkpoint("rl") is None
+
+
+def test_latest_skips_an_incomplete_checkpoint(tmp_path):
+    run = RunDir(tmp_path / "r")
+    good = _checkpoint(run, "sft", 1, latest=False)
+    broken = run.checkpoints("sft") / "step_000002"
+    broken.mkdir()
+    assert run.latest_checkpoint("sft") == good
+
+
+def test_summaries_are_typed(tmp_path):
+    run = RunDir(tmp_path / "r")
+    assert run.summary("eval") is None
+    run.write_summary("speedrun", SpeedrunSummary(stage_seconds={"pretrain": 1.5}, total_seconds=2.0))
+    assert run.summary("speedrun").stage_seconds == {"pretrain": 1.5}
+    with pytest.raises(TypeError):
+        run.write_summary("eval", {"stages": {}})  # a dict is not the eval stage's summary
+    (run.logs_dir / "eval_summary.json").write_text(json.dumps({"stages": {}, "surprise": 1}))
+    with pytest.raises(ExocortexError, match="re-run `exocortex eval"):
+        run.summary("eval")
+    run.write_summary("eval", EvalSummary(stages={"sft": {"arithmetic_accuracy": 0.5}}))
+    assert run.summary("eval").stages["sft"]["arithmetic_accuracy"] == 0.5
+
+
+def test_most_recent_run_is_the_one_written_last(tmp_path):
+    with pytest.raises(ExocortexError, match="no runs in"):
+        most_recent_run(tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    _checkpoint(RunDir(tmp_path / "a"), "sft", 1)
+    assert most_recent_run(tmp_path).name == "a"
