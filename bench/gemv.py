@@ -4,7 +4,7 @@
     python bench/gemv.py --preset d12 --threads 2
 
 A decode step at batch 1 reads every weight once to multiply it by one row. PyTorch's CPU BLAS runs a
-one-row matmul on one thread; `exocortex/decode.py` (compiled, CPU, one row) writes it as
+one-row matmul on one thread; `exocortex/infer/decode.py` (compiled, CPU, one row) writes it as
 `(x[:, None, :] * w).sum(-1)` over the (out, in) weight, which inductor turns into a reduction split across
 threads. This times the model's matrices in sequence (so they come from cache/memory as in a real step):
 eager `x @ w_t` with (in, out) weights (the eager decode path's layout), eager `F.linear` with (out, in), and

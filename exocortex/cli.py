@@ -24,7 +24,8 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "data": [(("--data",), dict(dest="data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/.parquet, "
                                  "or hf:<owner/name> for a dataset fetched with `exocortex data download`"))],
     "resume": [(("--resume",), dict(dest="resume", action="store_true", help="continue from the latest checkpoint"))],
-    "stages": [(("--stages",), dict(dest="stages", default=None, type=lambda s: [x.strip() for x in s.split(",")],
+    "stages": [(("--stages",), dict(dest="stages", default=None,
+                                    type=lambda s: [x.strip() for x in s.split(",") if x.strip()] or None,
                                     help="comma-separated subset of " + ",".join(registry.MODEL_STAGES)))],
     "checkpoint": [(("--checkpoint", "--stage"), dict(dest="stage", default=None, choices=registry.MODEL_STAGES[::-1],
                     help="which stage's model (default: the newest chat stage the run has: rl, sft, then midtrain)"))],
@@ -127,6 +128,10 @@ def new_config(args) -> RunConfig:
     path = _run_path(args)
     cfg = make_config(args.preset, args.set, name=path.name)
     cfg.runs_dir = str(path.parent)
+    return _with_data(cfg, args)
+
+
+def _with_data(cfg: RunConfig, args) -> RunConfig:
     if getattr(args, "data", None):
         cfg.data.path = data_path(args.data)
     return cfg
@@ -149,9 +154,8 @@ def stage_config(stage: registry.Stage, args) -> RunConfig:
         args.run = str(most_recent_run(args.runs_dir))
     if "data" in stage.options and (args.data or not (_run_path(args) / "config.json").exists()):
         # a new corpus (or no run yet): tokenize it first (rank 0 only), then run this stage on it
-        cfg = new_config(args) if not (_run_path(args) / "config.json").exists() else existing_config(args, stage.name)
-        if args.data:
-            cfg.data.path = data_path(args.data)
+        exists = (_run_path(args) / "config.json").exists()
+        cfg = _with_data(existing_config(args, stage.name), args) if exists else new_config(args)
         tokenize = registry.BY_NAME["tokenizer"].load()
         parallel.run_on_main(lambda: tokenize(cfg), "tokenization")
         return cfg

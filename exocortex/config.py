@@ -344,6 +344,9 @@ def apply_override(cfg: RunConfig, key: str, value: str) -> None:
     """--set section.field=value (or field=value for a top-level field)."""
     if key in DERIVED:
         raise ExocortexError(f"{key} follows {DERIVED[key]}; set that instead (--set {DERIVED[key]}={value})")
+    if key in MOVED:
+        print(f"note: {key} is now {MOVED[key]}; setting that")
+        key = MOVED[key]
     parts, obj = key.split("."), cfg
     for i, p in enumerate(parts):
         names = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []

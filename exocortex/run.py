@@ -40,28 +40,30 @@ class TokenizerSummary:
 @dataclass
 class PretrainSummary:
     params: int
-    flops_per_token: int
     steps: int
     tokens: int
     seconds: float
     tokens_per_second: float
-    flops: float
-    mfu: float | None
     final_train_loss: float
     final_val_loss: float | None
     val_bpb: float
     tokens_per_param: float
-    packing: str
     device: str
     dtype: str
-    world_size: int
-    parallel: str
-    time_budget_minutes: float | None
     checkpoint: str
+    # None in summaries written by older versions, which did not measure them
+    flops_per_token: int | None = None
+    flops: float | None = None
+    mfu: float | None = None
+    packing: str | None = None
+    world_size: int | None = None
+    parallel: str | None = None
+    time_budget_minutes: float | None = None
 
     def spent_line(self) -> str:
         """'spent X min, Y PFLOPs, Z tokens' (+ MFU where the peak is known) for logs and the report."""
-        line = f"spent {self.seconds / 60:.1f} min, {self.flops / 1e15:.3g} PFLOPs, {self.tokens:,} tokens"
+        flops = f", {self.flops / 1e15:.3g} PFLOPs" if self.flops is not None else ""
+        line = f"spent {self.seconds / 60:.1f} min{flops}, {self.tokens:,} tokens"
         if self.mfu is not None:
             line += f" at {self.mfu:.1%} MFU"
         if self.time_budget_minutes:
@@ -150,12 +152,15 @@ class RunDir:
         atomic_write_json(self.logs_dir / f"{stage}_summary.json", dataclasses.asdict(summary))
 
     def summary(self, stage: str):
-        """The stage's typed summary, or None if it has not run."""
+        """The stage's typed summary, or None if it has not run. Keys this version does not know (a newer
+        version wrote them) are left out; a missing required one is an error that says what to re-run."""
         p = self.logs_dir / f"{stage}_summary.json"
         if not p.exists():
             return None
+        cls = SUMMARIES[stage]
         try:
-            return SUMMARIES[stage](**json.loads(p.read_text()))
+            known = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in json.loads(p.read_text()).items() if k in known})
         except (json.JSONDecodeError, TypeError) as e:
             raise ExocortexError(f"{p} is unreadable or from another version ({e}); re-run "
                                  f"`exocortex {stage} --run {self.name}`") from None

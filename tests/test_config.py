@@ -70,6 +70,7 @@ def test_vocab_size_has_one_home():
 
 def test_identity_name_is_one_setting_and_older_runs_keep_theirs(tmp_path):
     assert make_config("tiny", ["identity_name=Ada"]).identity_name == "Ada"
+    assert make_config("tiny", ["sft_data.identity_name=Ada"]).identity_name == "Ada"  # the older key
     cfg = make_config("tiny", name="r")
     cfg.runs_dir = str(tmp_path)
     path = save_config(cfg)

@@ -162,6 +162,18 @@ def test_sigterm_saves_and_resume_finishes(run_dir):
     assert (run_dir / "runs" / "mini" / "checkpoints" / "pretrain" / "latest").read_text().strip() == "step_000400"
 
 
+def test_speedrun_resume_keeps_the_tokens_and_pretraining_and_redoes_the_rest(run_dir):
+    """--resume on a run with tokens: its config (plus --set), pretraining continued from its latest checkpoint
+    (here already finished), the later stages trained fresh from it."""
+    d = run_dir / "runs" / "mini"
+    r = cli(["speedrun", "--run", "mini", "--resume", "--set", "rl.steps=2"], run_dir)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "=== tokenizer ===" not in r.stdout and "pretrain: already finished" in r.stdout
+    assert json.loads((d / "logs" / "rl_summary.json").read_text())["steps"] == 2  # --set applies on resume
+    assert json.loads((d / "logs" / "sft_summary.json").read_text())["steps"] == 6  # trained anew
+    assert "## Timings" in (d / "report.md").read_text()
+
+
 def test_serve_on_a_busy_port_is_a_clean_error(run_dir):
     pytest.importorskip("fastapi")
     import socket

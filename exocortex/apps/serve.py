@@ -1,4 +1,4 @@
-"""Stage `serve`: an OpenAI-compatible HTTP API and a web chat page for a run's chat model.
+"""App `serve`: an OpenAI-compatible HTTP API and a web chat page for a run's chat model.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, and the chat page at /
 (plain HTML/CSS/JS from exocortex/apps/static, nothing fetched from the internet). See docs/serve.md.

@@ -6,7 +6,7 @@ import resource
 import time
 
 from exocortex import registry
-from exocortex.config import RunConfig, load_config
+from exocortex.config import RunConfig
 from exocortex.data.tokens import has_token_data
 from exocortex.run import SpeedrunSummary
 
@@ -15,20 +15,22 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_speedrun(cfg: RunConfig, resume: bool = False, overrides: list[str] | None = None) -> SpeedrunSummary:
-    """With resume, a run that has its tokens keeps them (and its config, plus `overrides`) and its training
-    stages continue from their latest checkpoints."""
+def run_speedrun(cfg: RunConfig, resume: bool = False) -> SpeedrunSummary:
+    """With resume (the CLI then passes the run's saved config), a run that has its tokens keeps them and
+    pretraining continues from its latest checkpoint; the stages after it start fresh from its result, since
+    their old checkpoints (if any) grew from another base model."""
     if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()) and not resume:
         print(f"speedrun: {cfg.run_dir} exists; its stages will be overwritten (use --run to pick another name)")
     t_start = time.time()
     summary = SpeedrunSummary()
+    first_trained = next(s.name for s in registry.STAGES if s.speedrun and "resume" in s.options)
     for stage in (s for s in registry.STAGES if s.speedrun):
         if resume and stage.name == "tokenizer" and has_token_data(cfg.run.data_dir):
-            cfg = load_config(cfg.run_dir, overrides)
             continue
         print(f"\n=== {stage.name} ===")
         t0 = time.time()
-        stage.load()(cfg, **({"resume": resume} if "resume" in stage.options else {}))
+        options = {"resume": resume and stage.name == first_trained} if "resume" in stage.options else {}
+        stage.load()(cfg, **options)
         summary.stage_seconds[stage.name] = time.time() - t0
         # written as it goes, so the report (the last stage) shows every stage before it
         summary.total_seconds, summary.peak_rss_mb = time.time() - t_start, peak_rss_mb()

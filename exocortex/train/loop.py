@@ -80,25 +80,30 @@ def train(model: torch.nn.Module, t: TrainConfig, stage: str, run_dir: Path, sou
     """Train `model` in place; returns a summary. Budget: total_steps, else t.time_minutes (measured).
     `metrics` defaults to the stage's jsonl alone. With t.parallel == "fsdp" the model is left sharded: run any
     later forward on every rank."""
-    trainer = _Trainer(model, t, stage, RunDir(run_dir), source, val_batches, device, dtype, meta, lr_scale)
+    metrics = metrics or MetricsSink(stage, RunDir(run_dir).log_path(stage))
+    trainer = None
     try:
-        trainer.begin(total_steps, resume, metrics or MetricsSink(stage, RunDir(run_dir).log_path(stage)))
+        trainer = _Trainer(model, t, stage, RunDir(run_dir), source, val_batches, device, dtype, meta, lr_scale)
+        trainer.begin(total_steps, resume, metrics)
         while not trainer.budget.done(trainer.step):
             record = trainer.train_step()
             if trainer.after_step(record, hooks):
                 break
         trainer.finish()
     except (torch.cuda.OutOfMemoryError, MemoryError):
-        raise ExocortexError(f"{stage}: out of memory at step {trainer.step + 1} with {source.rows} rows x "
+        at = trainer.step + 1 if trainer is not None else 1
+        raise ExocortexError(f"{stage}: out of memory at step {at} with {source.rows} rows x "
                              f"{model.cfg.seq_len} tokens per micro-batch; try --set {stage}.device_batch="
                              f"{max(1, source.rows // 2)} (gradient accumulation keeps the same batch_tokens)") from None
     except KeyboardInterrupt:
-        if trainer.step > 0:
+        if trainer is not None and trainer.step > 0 and trainer.budget is not None:
             p = trainer.checkpoint()
             raise ExocortexError(f"{stage}: interrupted at step {trainer.step}; saved {p}. Continue with --resume") from None
         raise ExocortexError(f"{stage}: interrupted before the first step") from None
     finally:
-        trainer.close()
+        if trainer is not None:
+            trainer.close()
+        metrics.close()  # idempotent: also when the trainer never got it
     return trainer.result()
 
 
@@ -127,9 +132,10 @@ class _Trainer:
         self.peak = peak_flops(device, dtype)  # one rank's; None where unknown
         self.step, self.elapsed, self.history = 0, 0.0, []
         self.last_loss, self.last_val, self.stop_reason, self.ckpt_path = float("nan"), None, None, None
-        self.metrics, self.progress = None, None  # begin() opens them
+        self.metrics, self.progress, self.budget = None, None, None  # set by begin()
 
     def begin(self, total_steps: int | None, resume: bool, metrics: MetricsSink) -> None:
+        self.metrics = metrics
         if not resume and dist.is_main():
             self.run.clear_checkpoints(self.stage)  # a fresh run supersedes old ones: --resume must never find them
         dist.barrier()
@@ -141,7 +147,6 @@ class _Trainer:
             print(f"{self.stage}: already finished at step {self.step}; nothing to resume" if state.get("done")
                   else f"{self.stage}: resuming from {ckpt.name} (step {self.step}/{total_steps})")
         self.budget = StepBudget(self.stage, total_steps, self.t.time_minutes)
-        self.metrics = metrics
         metrics.start(self.history)
         self.progress = Progress(self.stage, self.budget.total, self.step)
 
