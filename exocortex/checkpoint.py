@@ -16,6 +16,7 @@ import torch
 from exocortex.config import ModelConfig
 from exocortex.errors import ExocortexError
 from exocortex.fileio import atomic_write_text
+from exocortex.model import GPT
 from exocortex.run import RunDir
 
 
@@ -55,8 +56,6 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
 def load_model(ckpt_dir: Path, device: torch.device | str = "cpu"):
     """Rebuild the model from a checkpoint directory (config travels in meta.json)."""
     from safetensors.torch import load_file
-
-    from exocortex.model import GPT
 
     meta = json.loads((Path(ckpt_dir) / "meta.json").read_text())
     cfg = ModelConfig(**meta["model_config"])

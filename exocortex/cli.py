@@ -13,6 +13,7 @@ from pathlib import Path
 
 from exocortex import registry
 from exocortex.config import RunConfig, load_config, make_config
+from exocortex.data.hub import download, downloaded_dir
 from exocortex.data.tokens import has_token_data
 from exocortex.errors import ExocortexError
 from exocortex.run import RunDir, most_recent_run
@@ -98,8 +99,6 @@ def _data_parser(sub) -> None:
 
 
 def run_data(args) -> None:
-    from exocortex.data.hub import download
-
     if args.data_cmd != "download":
         raise ExocortexError("usage: exocortex data download --dataset <owner/name> [--include GLOB] [--shards N]")
     download(args.dataset, shards=args.shards, include=args.include, revision=args.revision,
@@ -117,8 +116,6 @@ def _run_path(args) -> Path:
 def data_path(arg: str) -> str:
     """--data: a path, or hf:<owner>/<name> for a dataset fetched with `exocortex data download`."""
     if arg.startswith("hf:"):
-        from exocortex.data.hub import downloaded_dir
-
         return str(downloaded_dir(arg[3:]))
     return str(Path(arg).expanduser().resolve())
 

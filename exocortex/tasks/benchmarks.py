@@ -29,9 +29,10 @@ from typing import Callable, Iterator
 from exocortex.data.hub import hub_files
 from exocortex.data.sources import iter_json_lines
 from exocortex.errors import ExocortexError
+from exocortex.infer.tools import calculator, run_tool_call
 from exocortex.tasks.base import (LETTERS, SPLITS, DatasetTask, MultipleChoiceTask, grade_contains,
                                   grade_hash_answer, hash_answer, mc_example)
-from exocortex.infer.tools import calculator, run_tool_call
+from exocortex.tasks import humaneval
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 TEST_WORDS = {"test", "validation", "val", "valid"}
@@ -306,10 +307,8 @@ class HumanEval(DatasetTask):
     timeout_s = 5.0
 
     def __init__(self, path: str | None = None):
-        from exocortex.tasks.humaneval import load_humaneval
-
         rows = []
-        for p in load_humaneval(path or None):
+        for p in humaneval.load_humaneval(path or None):
             reference = (p["prompt"] + p["canonical_solution"]).strip("\n")
             ask = f"{HUMANEVAL_ASK}```python\n{p['prompt'].strip()}\n```"
             rows.append({"task": self.name, "answer": reference, "problem": p,
@@ -318,15 +317,13 @@ class HumanEval(DatasetTask):
         super().__init__({"train": [], "test": rows})
 
     def grade(self, answer_text: str, example: dict) -> bool:
-        from exocortex.tasks.humaneval import check_completion, program_for
-
         problem = example["problem"]
         completion = "\n" + code_in(answer_text, problem["entry_point"])
         try:  # most broken replies fail to compile: no need to start a sandbox for them (compile runs nothing)
-            compile(program_for(problem, completion), "<humaneval>", "exec")
+            compile(humaneval.program_for(problem, completion), "<humaneval>", "exec")
         except (SyntaxError, ValueError, RecursionError, MemoryError):
             return False
-        return check_completion(problem, completion, self.timeout_s)
+        return humaneval.check_completion(problem, completion, self.timeout_s)
 
 
 LOADERS: dict[str, tuple[type[DatasetTask], Callable[[dict, str], dict]]] = {

@@ -21,6 +21,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from exocortex.errors import ExocortexError
 
 def init_from_env() -> None:
     """Join the process group when launched by torchrun; a no-op for a plain single process."""
@@ -88,8 +89,6 @@ def run_on_main(fn, what: str, timeout: datetime.timedelta = datetime.timedelta(
     if error is not None:
         raise error
     if status[0] is not None:
-        from exocortex.errors import ExocortexError
-
         raise ExocortexError(f"rank 0 failed during {what}: {status[0]}")
     return result
 
