@@ -348,3 +348,12 @@ def test_engine_failure_is_a_server_error(tok):
         assert server.health()["active"] == 0
     finally:
         server.stop()
+
+
+def test_a_port_out_of_range_is_a_clean_error():
+    from exocortex.apps.serve import _check_port_free
+    from exocortex.errors import ExocortexError
+
+    for port in (0, 65536, 99999, -1):
+        with pytest.raises(ExocortexError, match="from 1 to 65535"):
+            _check_port_free("127.0.0.1", port)

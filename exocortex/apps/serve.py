@@ -741,6 +741,9 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
 
     cfg = run if isinstance(run, RunConfig) else load_config(run)
     _check_port_free(host, port)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host}, not only this machine: anyone who can reach it can use the model and "
+              "its tools (sandboxed python included); there is no API key", flush=True)
     engine = load_engine(cfg, stage, docs)
     engine.compile = compile
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
@@ -760,6 +763,8 @@ def _check_port_free(host: str, port: int) -> None:
     """Fail with one clear line before loading anything else, instead of uvicorn's log lines."""
     import socket
 
+    if not 0 < port < 65536:
+        raise ExocortexError(f"--port {port}: a port is a number from 1 to 65535")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
