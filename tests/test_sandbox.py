@@ -67,6 +67,29 @@ def test_stdin_main_and_threads():
     assert r.ok and r.stdout == "True\n", r.stderr  # threads are not processes: allowed
 
 
+def test_socketpair_and_asyncio_work_network_stays_off():
+    """docs/sandbox.md allows socketpair (and so asyncio's self-pipe); only new network sockets are refused."""
+    r = run_python("import socket\na, b = socket.socketpair()\na.sendall(b'ping')\nprint(b.recv(4).decode())")
+    assert r.ok and r.stdout == "ping\n", r.stderr
+    r = run_python("import asyncio\nasync def f():\n    await asyncio.sleep(0.01)\n    return 6 * 7\n"
+                   "print(asyncio.run(f()))")
+    assert r.ok and r.stdout == "42\n", r.stderr
+    for disable in [(), ("netns", "landlock", "seccomp")]:  # the prelude alone still refuses socket()
+        r = run_python("import socket\nsocket.socket()", disable_layers=disable)
+        assert not r.ok and "PermissionError" in r.error
+
+
+@pytest.mark.parametrize("disable", [(), ("prelude",)], ids=["prelude", "bare"])
+def test_output_survives_a_thread_that_outlives_the_call(disable):
+    """Main's output is flushed before the interpreter waits for a thread the timeout then kills."""
+    code = ("import sys, threading, time\nprint('before')\nthreading.Thread(target=time.sleep, args=(60,)).start()\n"
+            "sys.stdout.write('after')\nsys.stderr.write('err')")
+    r = run_python(code, timeout_s=1.0, disable_layers=disable)
+    assert r.timed_out and r.stdout == "before\nafter" and r.stderr == "err", r
+    r = run_python("import time\nprint('progress')\nwhile True:\n    pass", timeout_s=1.0, disable_layers=disable)
+    assert r.timed_out and r.stdout == "progress\n"
+
+
 def test_fresh_workdir_minimal_env_removed_after():
     r = run_python("import os, sys\nopen('a.txt', 'w').write('x')\nos.mkdir('d')\nprint(os.getcwd())\n"
                    "print(sorted(os.listdir('.')))\nprint(sorted(os.environ))\nprint(sys.flags.isolated)")

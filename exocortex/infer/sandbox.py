@@ -145,9 +145,14 @@ class _NoNetSocket(_sockmod.socket):
         if fileno is None:  # wrapping an existing descriptor (socketpair, fromfd) is harmless
             _no_network()
         super().__init__(family, type, proto, fileno)
-class _NoNetRawSocket(_socket.socket):
-    def __init__(self, *args, **kwargs):
-        _no_network()
+_RawSocket = _socket.socket
+class _NoNetRawSocket(_RawSocket):
+    def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+        if fileno is None:
+            _no_network()
+        _RawSocket.__init__(self, family, type, proto, fileno)
+# socket.socket.__init__ calls `_socket.socket.__init__(self, ...)`, i.e. the replacement above, so wrapping an
+# existing descriptor (socketpair, asyncio's self-pipe, fromfd) must pass through it too.
 _sockmod.socket = _NoNetSocket
 _socket.socket = _socket.SocketType = _NoNetRawSocket
 for _name in ("create_connection", "create_server", "getaddrinfo", "gethostbyname", "gethostbyname_ex",
@@ -156,6 +161,8 @@ for _name in ("create_connection", "create_server", "getaddrinfo", "gethostbynam
     if hasattr(_socket, _name):
         setattr(_socket, _name, _no_network)
 
+# line-buffered, so what was printed before a timeout kill (a loop, a thread never joined) comes back
+sys.stdout.reconfigure(line_buffering=True)
 if not hasattr(builtins, "exit"):  # -S skips site, which defines them
     builtins.exit = builtins.quit = sys.exit
 _main = types.ModuleType("__main__")
@@ -178,12 +185,20 @@ except SystemExit:
 except BaseException as _e:
     traceback.print_exception(type(_e), _e, _e.__traceback__.tb_next)  # hide this prelude's frame
     sys.exit(1)
+finally:  # before the interpreter waits for threads that may outlive the timeout
+    sys.stdout.flush()
+    sys.stderr.flush()
 '''
 
 # Without the prelude the child still runs main.py as __main__ (so results are comparable).
 BARE_RUNNER = MARKER + '''
-import runpy
-runpy.run_path("main.py", run_name="__main__")
+import runpy, sys
+sys.stdout.reconfigure(line_buffering=True)
+try:
+    runpy.run_path("main.py", run_name="__main__")
+finally:
+    sys.stdout.flush()
+    sys.stderr.flush()
 '''
 
 
