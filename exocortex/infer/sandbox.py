@@ -43,11 +43,19 @@ import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-__all__ = ["SandboxResult", "run_python", "python_tool", "isolation_layers", "OPTIONAL_LAYERS"]
+from exocortex.errors import ExocortexError
 
-OPTIONAL_LAYERS = ("netns", "landlock", "seccomp", "prelude")  # may be switched off (tests, measurements)
+__all__ = ["SandboxResult", "SandboxUnavailable", "run_python", "python_tool", "python_tool_status",
+           "isolation_layers", "OPTIONAL_LAYERS", "REQUIRED_LAYERS"]
+
+OPTIONAL_LAYERS = ("netns", "tmpfs", "uid", "landlock", "seccomp", "prelude")  # may be switched off (measuring)
+REQUIRED_LAYERS = ("netns", "tmpfs", "uid", "landlock", "seccomp")  # without one, the sandbox fails closed
+OPT_IN_VAR, OPT_IN_VALUE = "EXOCORTEX_SANDBOX", "degraded"  # the user's explicit opt-in to a weaker sandbox
 MARKER = "# exocortex-sandbox"  # first line of the child's -c program: lets tests find stray processes
 MAX_FILE_BYTES = 16 * 1024 * 1024
+DISK_BYTES = 64 * 1024 * 1024  # all files of one call together (the working directory is a tmpfs this size)
+MAX_INODES = 16384             # files + directories in it: bounds the kernel memory a flood of empty files takes
+SANDBOX_UID = 65534            # nobody: the uid a root caller runs the program as
 MAX_OPEN_FILES = 64
 TOOL_OUTPUT_CHARS = 2000
 TOOL_TIMEOUT_S = 5.0
@@ -64,6 +72,7 @@ class SandboxResult:
     seconds: float
     truncated: bool = False       # stdout or stderr was cut at max_output_bytes
     layers: dict = field(default_factory=dict)  # layer -> "on" / "on: detail" / "off: why"
+    cleanup_error: str | None = None  # why the working directory could not be removed (None: it was)
 
     @property
     def error(self) -> str | None:
@@ -210,13 +219,16 @@ try:
     _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     _libc.unshare.restype = ctypes.c_int
     _libc.unshare.argtypes = [ctypes.c_int]
+    _libc.mount.restype = ctypes.c_int
+    _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 except (OSError, AttributeError):  # not Linux/glibc-like: the kernel layers are reported off
     _libc = None
 
 _IS_LINUX = sys.platform.startswith("linux")
 _MACHINE = platform.machine().lower()
 
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x10000000, 0x40000000, 0x00010000
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWNS, CLONE_THREAD = 0x10000000, 0x40000000, 0x00020000, 0x00010000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
 
 # Landlock (uapi/linux/landlock.h)
@@ -319,11 +331,15 @@ class _ChildSetup:
     """The preexec_fn. Everything it needs is computed in the parent; in the child it only makes syscalls
     and records each layer's outcome, which it writes to `report_fd` for the parent."""
 
-    def __init__(self, workdir: str, report_fd: int, timeout_s: float, memory_mb: int, disabled: set[str]):
-        self.workdir = workdir
-        self.report_fd = report_fd
-        self.disabled = disabled
-        self.uid, self.gid = os.geteuid(), os.getegid()
+    def __init__(self, workdir: str, code: bytes, report_fd: int, timeout_s: float, memory_mb: int,
+                 disabled: set[str]):
+        self.workdir, self.code, self.report_fd, self.disabled = workdir, code, report_fd, disabled
+        self.root = os.geteuid() == 0
+        # a root caller runs the program as nobody, so file permissions apply to it (root-only files)
+        self.reach = _reach_plan(SANDBOX_UID) if self.root and "uid" not in disabled else None
+        self.drop_uid = self.reach is not None
+        self.uid = SANDBOX_UID if self.drop_uid else os.geteuid()
+        self.gid = SANDBOX_UID if self.drop_uid else os.getegid()
         cpu = int(math.ceil(timeout_s)) + 1
         self.limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)),
                        (resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES)),
@@ -332,13 +348,17 @@ class _ChildSetup:
         if hasattr(resource, "RLIMIT_NPROC"):
             # counted per user over the whole machine, so leave room above what this user already runs
             # (the kernel ignores it for root: seccomp's no-fork rule is what holds there)
-            n = _count_own_processes() + 32
+            n = _count_processes(self.uid) + 32
             self.limits.append((resource.RLIMIT_NPROC, (n, n)))
         self.memory = (memory_mb * 1024 * 1024, memory_mb * 1024 * 1024)
         self.landlock_abi = _LANDLOCK_ABI
         self.devnull = os.devnull
+        # the user namespace is how a non-root caller gets network and mount namespaces; root needs none
+        self.userns = not self.drop_uid
         self.uid_map = f"{self.uid} {self.uid} 1\n".encode()
         self.gid_map = f"{self.gid} {self.gid} 1\n".encode()
+        self.tmpfs_opts = (f"size={DISK_BYTES},nr_inodes={MAX_INODES},mode=0700,"
+                           f"uid={self.uid},gid={self.gid}").encode()
         self.ll_attr = ctypes.create_string_buffer(24)
         self.ll_rule = ctypes.create_string_buffer(16)
         self.prog_buf = ctypes.create_string_buffer(8 * 512)
@@ -382,42 +402,118 @@ class _ChildSetup:
         self._set("rlimits", "on")
         os.umask(0o077)
         if _libc is None or not _IS_LINUX:
-            for layer in ("netns", "landlock", "seccomp"):
+            for layer in ("netns", "tmpfs", "uid", "landlock", "seccomp"):
                 self._set(layer, "off: not Linux")
             return
-        # 1. namespaces: a user namespace drops every capability in the machine's namespace (even for
-        #    root) and lets an unprivileged caller own a network namespace with only a downed loopback.
-        if "netns" in self.disabled:
-            self._set("netns", "off: disabled")
-        elif _libc.unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0:
-            try:
-                self._write_file("/proc/self/setgroups", b"deny")
-                self._write_file("/proc/self/uid_map", self.uid_map)
-                self._write_file("/proc/self/gid_map", self.gid_map)
-                self._set("netns", "on: user+net namespace")
-            except OSError as e:
-                self._set("netns", f"on: net namespace (uid map failed: {errno.errorcode.get(e.errno, e.errno)})")
+        mounts = self._namespaces()                 # 1. network and mount namespaces
+        if mounts:                                  # 2. the disk budget, and the interpreter reachable as nobody
+            self._mounts()
         else:
-            first = self._errno()
-            if _libc.unshare(CLONE_NEWNET) == 0:
-                self._set("netns", "on: net namespace only (capabilities kept)")
-            else:
-                self._set("netns", f"off: unshare {first}/{self._errno()}")
-        # 2. no privilege gain through exec (needed by landlock and seccomp without CAP_SYS_ADMIN)
+            self._set("tmpfs", "off: disabled" if "tmpfs" in self.disabled else "off: no mount namespace")
+        self._drop_uid()                            # 3. root -> nobody
+        # 4. no privilege gain through exec (needed by landlock and seccomp without CAP_SYS_ADMIN)
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             self._set("no_new_privs", f"off: {self._errno()}")
-        # 3. landlock
-        if "landlock" in self.disabled:
+        if "landlock" in self.disabled:             # 5. landlock
             self._set("landlock", "off: disabled")
         elif self.landlock_abi < 1:
             self._set("landlock", "off: not supported by this kernel")
         else:
             self._landlock()
-        # 4. seccomp, last: it forbids some of the calls above
-        if "seccomp" in self.disabled:
+        if "seccomp" in self.disabled:              # 6. seccomp, last: it forbids some of the calls above
             self._set("seccomp", "off: disabled")
         else:
             self._seccomp()
+
+    def _namespaces(self) -> bool:
+        """unshare the network and mount namespaces (inside a new user namespace unless root drops to nobody:
+        that drops every capability in the machine's namespace, and lets an unprivileged caller own the
+        others). Returns whether there is a private mount namespace."""
+        flags = (0 if "netns" in self.disabled else CLONE_NEWNET)
+        flags |= CLONE_NEWNS if ("tmpfs" not in self.disabled or self.reach) else 0
+        if flags and self.userns:
+            flags |= CLONE_NEWUSER
+        if flags and _libc.unshare(flags) != 0:
+            why = f"off: unshare {self._errno()}"
+            self._set("netns", why if flags & CLONE_NEWNET else "off: disabled")
+            if self.reach:  # the interpreter cannot be made reachable: stay root, say so
+                self.drop_uid = False
+                self._set("uid", why)
+            return False
+        if flags & CLONE_NEWUSER:
+            try:
+                self._write_file("/proc/self/setgroups", b"deny")
+                self._write_file("/proc/self/uid_map", self.uid_map)
+                self._write_file("/proc/self/gid_map", self.gid_map)
+            except OSError as e:
+                self._set("userns", f"off: uid map failed: {errno.errorcode.get(e.errno, e.errno)}")
+        if flags & CLONE_NEWNET:
+            self._set("netns", "on: " + ("user+net namespace" if flags & CLONE_NEWUSER else "net namespace"))
+        else:
+            self._set("netns", "off: disabled")
+        return bool(flags & CLONE_NEWNS)
+
+    def _mount(self, source, target, fstype, flags: int, data) -> None:
+        if _libc.mount(source, target, fstype, flags, data) != 0:
+            raise OSError(ctypes.get_errno(), f"mount {target!r}")
+
+    def _mounts(self) -> None:
+        """The working directory becomes a fresh tmpfs of DISK_BYTES (the disk budget: the program's files
+        never reach the real disk and vanish with its last process), holding main.py. For a root caller
+        dropping to nobody, each directory nobody cannot search on the way to the interpreter (/root) is
+        covered by an empty tmpfs with just the needed entries bound back in."""
+        try:
+            self._mount(None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing propagates back out
+        except OSError as e:  # then no mount at all: it could show outside
+            self._set("tmpfs", f"off: private mounts {errno.errorcode.get(e.errno, e.errno)}")
+            if self.reach:
+                self.drop_uid = False
+                self._set("uid", "off: interpreter not reachable (no private mounts)")
+            return
+        try:
+            if "tmpfs" in self.disabled:
+                self._set("tmpfs", "off: disabled")
+            else:
+                self._mount(b"tmpfs", self.workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                            self.tmpfs_opts)
+                os.chdir(self.workdir)  # the cwd Popen set is the directory underneath
+                fd = os.open("main.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, self.code)
+                    os.fchown(fd, self.uid, self.gid)
+                finally:
+                    os.close(fd)
+                self._set("tmpfs", f"on: {DISK_BYTES >> 20} MiB, {MAX_INODES} inodes")
+        except OSError as e:
+            self._set("tmpfs", f"off: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})")
+        if self.reach:
+            try:
+                self._reach_interpreter()
+            except OSError as e:
+                self.drop_uid = False
+                self._set("uid", f"off: interpreter not reachable ({errno.errorcode.get(e.errno, e.errno)})")
+
+    def _reach_interpreter(self) -> None:
+        for blocked, entries in self.reach:
+            fds = [os.open(e, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for e in entries]
+            self._mount(b"tmpfs", blocked.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755")
+            for entry, fd in zip(entries, fds):
+                os.mkdir(entry)
+                self._mount(f"/proc/self/fd/{fd}".encode(), entry.encode(), None, MS_BIND | MS_REC, None)
+                os.close(fd)
+
+    def _drop_uid(self) -> None:
+        if not self.root:
+            self._set("uid", f"on: not root (uid {self.uid})")
+        elif "uid" in self.disabled:
+            self._set("uid", "off: disabled")
+        elif self.reach is None:
+            self._set("uid", f"off: the interpreter ({sys.executable}) is not reachable as uid {SANDBOX_UID}")
+        elif self.drop_uid:
+            os.setgroups([])
+            os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
+            os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
+            self._set("uid", f"on: root ran it as uid {SANDBOX_UID}")
 
     def _landlock(self) -> None:
         abi = self.landlock_abi
@@ -472,8 +568,7 @@ class _ChildSetup:
             self._set("seccomp", "on")
 
 
-def _count_own_processes() -> int:
-    uid = os.getuid()
+def _count_processes(uid: int) -> int:
     n = 0
     try:
         for name in os.listdir("/proc"):
@@ -485,6 +580,36 @@ def _count_own_processes() -> int:
     except OSError:
         return 256
     return n
+
+
+def _searchable(path: str, uid: int, need: int = 1) -> bool:
+    """Whether `uid` (not root, in no group of its own but its own gid == uid) has the `need` rights
+    (1 = search, 5 = read + search) on the directory `path`."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    shift = 6 if st.st_uid == uid else 3 if st.st_gid == uid else 0
+    return (st.st_mode >> shift) & need == need
+
+
+def _reach_plan(uid: int) -> list[tuple[str, list[str]]] | None:
+    """What running the interpreter as `uid` needs: for each directory on the way to it that `uid` cannot
+    search (e.g. /root, mode 0700, holding ~/.pyenv), the entries beneath it to bind back in. None when one
+    blocked directory is not enough (two on one path, or the interpreter's own directory)."""
+    dirs = {os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable)),
+            sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    plan: dict[str, set[str]] = {}
+    for d in sorted({os.path.realpath(d) for d in dirs}):
+        parts = d.split("/")
+        if not _searchable(d, uid, 5):
+            return None
+        blocked = [i for i in range(2, len(parts)) if not _searchable("/".join(parts[:i]), uid)]
+        if len(blocked) > 1:
+            return None
+        if blocked:
+            plan.setdefault("/".join(parts[:blocked[0]]), set()).add("/".join(parts[:blocked[0] + 1]))
+    return [(blocked, sorted(entries)) for blocked, entries in sorted(plan.items())]
 
 
 def _parse_layers(report: str) -> dict:
@@ -511,52 +636,165 @@ def _exited(pid: int) -> bool:
         return True
 
 
+# --------------------------------------------------------------------------------------------- the cleanup
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(name: str, dir_fd: int | None) -> int:
+    """Open a directory without following a symlink; one the program made unreadable (chmod 000) is given
+    back its owner's rights first, through an O_PATH descriptor so a swapped-in symlink is never chmodded."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except PermissionError:
+        path_fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.chmod(f"/proc/self/fd/{path_fd}", 0o700)
+        finally:
+            os.close(path_fd)
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def _empty_dir(fd: int) -> list[str]:
+    """Unlink everything in the directory that is not a directory (files, symlinks, fifos, sockets: none is
+    opened or followed); return the subdirectories' names."""
+    os.fchmod(fd, 0o700)  # unlinking needs write and search rights on the directory itself
+    subdirs = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry.name)
+            else:
+                os.unlink(entry.name, dir_fd=fd)
+    return subdirs
+
+
+def _remove_tree(path: str) -> None:
+    """Remove a directory tree the sandboxed program may have booby-trapped: any depth (beyond PATH_MAX; no
+    recursion), any number of entries, modes it removed, symlinks (never followed). At most two descriptors
+    are open at a time: the walk goes down by name and back up through '..', checked against the inode it
+    came from. Raises OSError when something cannot be removed."""
+    fd = _open_dir(path, None)
+    stack: list[tuple[int, int, list[str], str]] = []  # per level: (dev, inode, subdirs left, own name)
+    try:
+        pending, name = _empty_dir(fd), ""
+        while True:
+            if pending:
+                sub = pending.pop()
+                st = os.fstat(fd)
+                child = _open_dir(sub, fd)
+                stack.append((st.st_dev, st.st_ino, pending, name))
+                os.close(fd)
+                fd, pending, name = child, _empty_dir(child), sub
+                continue
+            if not stack:
+                break
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            dev, ino, pending, parent_name = stack.pop()
+            os.close(fd)
+            fd = parent
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (dev, ino):
+                raise OSError(errno.ESTALE, "directory moved during cleanup", path)
+            os.rmdir(name, dir_fd=fd)
+            name = parent_name
+    finally:
+        os.close(fd)
+    os.rmdir(path)
+
+
+def _cleanup(path: str) -> str | None:
+    """Remove the working directory; never raises. Returns None, or a one-line reason it could not (after
+    a few tries: a process that escaped the group might still be writing)."""
+    reason = None
+    for _ in range(3):
+        if not os.path.lexists(path):
+            return None
+        try:
+            _remove_tree(path)
+        except (OSError, ValueError) as e:
+            reason = f"could not remove the sandbox directory {path}: {e}"
+    return None if not os.path.lexists(path) else reason
+
+
 # ---------------------------------------------------------------------------------------------- the runner
+class SandboxUnavailable(ExocortexError):
+    """A hard layer is missing on this kernel and the caller did not opt in to the degraded sandbox."""
+
+
 def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 256, max_output_bytes: int = 16384,
                stdin: str = "", *, disable_layers: tuple[str, ...] | list[str] = (),
-               site_packages: bool = False) -> SandboxResult:
+               site_packages: bool = False, allow_degraded: bool | None = None) -> SandboxResult:
     """Run `code` as __main__ of a fresh interpreter under the sandbox's layers; never raises for anything
     the code does. stdout/stderr are capped at `max_output_bytes` each (more kills the program:
     killed_reason 'output_limit'). `disable_layers` (from OPTIONAL_LAYERS) switches layers off to measure
-    the others; `site_packages=True` drops `-S` so installed packages can be imported."""
+    the others; `site_packages=True` drops `-S` so installed packages can be imported.
+
+    Fails closed: raises SandboxUnavailable when a layer of REQUIRED_LAYERS is missing on this kernel
+    (other than ones switched off on purpose), unless `allow_degraded` (default: EXOCORTEX_SANDBOX=degraded)."""
     bad = set(disable_layers) - set(OPTIONAL_LAYERS)
     if bad:
         raise ValueError(f"unknown sandbox layers {sorted(bad)}; optional layers are {OPTIONAL_LAYERS}")
-    disabled = set(disable_layers)
+    enabled, reason = python_tool_status(allow_degraded, ignore=disable_layers)
+    if not enabled:
+        raise SandboxUnavailable(reason)
+    return _run(code, timeout_s, memory_mb, max_output_bytes, stdin, set(disable_layers), site_packages)
+
+
+def _run(code: str, timeout_s: float, memory_mb: int, max_output_bytes: int, stdin: str, disabled: set[str],
+         site_packages: bool) -> SandboxResult:
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="exocortex-sandbox-", ignore_cleanup_errors=True) as workdir:
-        workdir = os.path.realpath(workdir)
-        with open(os.path.join(workdir, "main.py"), "w", encoding="utf-8") as f:
+    workdir = os.path.realpath(tempfile.mkdtemp(prefix="exocortex-sandbox-"))
+    try:
+        main = os.path.join(workdir, "main.py")  # read from here only where the tmpfs layer is off
+        with open(main, "w", encoding="utf-8") as f:
             f.write(code)
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-               "LC_ALL": "C.UTF-8"}
-        argv = [sys.executable, "-I", "-B", "-X", "utf8"] + ([] if site_packages else ["-S"])
-        argv += ["-c", BARE_RUNNER if "prelude" in disabled else PRELUDE]
-        report_r, report_w = os.pipe()
+        if os.geteuid() == 0 and "uid" not in disabled:  # nobody must be able to use it then
+            for path in (workdir, main):
+                os.chown(path, SANDBOX_UID, SANDBOX_UID)
+        started = _start(workdir, code, timeout_s, memory_mb, disabled, site_packages)
+        if isinstance(started, str):
+            return SandboxResult(False, "", f"sandbox: could not start python: {started}", None, False,
+                                 "start_failed", time.monotonic() - start)
+        proc, layers = started
+        out = _communicate(proc, stdin.encode(), start + timeout_s, max_output_bytes)
+    finally:
+        # after _communicate killed the process group: nothing of the program writes here any more
+        cleanup_error = _cleanup(workdir)
+    return _result(out, time.monotonic() - start, layers, max_output_bytes, cleanup_error)
+
+
+def _start(workdir: str, code: str, timeout_s: float, memory_mb: int, disabled: set[str], site_packages: bool):
+    """Start the interpreter under the layers; returns (process, layers report) or why it could not start."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+    argv = [sys.executable, "-I", "-B", "-X", "utf8"] + ([] if site_packages else ["-S"])
+    argv += ["-c", BARE_RUNNER if "prelude" in disabled else PRELUDE]
+    report_r, report_w = os.pipe()
+    try:
+        setup = _ChildSetup(workdir, code.encode("utf-8", "surrogatepass"), report_w, timeout_s, memory_mb,
+                            disabled)
         try:
-            setup = _ChildSetup(workdir, report_w, timeout_s, memory_mb, disabled)
-            try:
-                proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, start_new_session=True, preexec_fn=setup,
-                                        close_fds=True)
-            except (OSError, subprocess.SubprocessError) as e:
-                return SandboxResult(False, "", f"sandbox: could not start python: {e}", None, False,
-                                     "start_failed", time.monotonic() - start)
+            proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True, preexec_fn=setup,
+                                    close_fds=True)
+        except (OSError, subprocess.SubprocessError) as e:
+            return str(e)
+        os.close(report_w)
+        report_w = -1
+        report = b""
+        while chunk := os.read(report_r, 4096):
+            report += chunk
+    finally:
+        os.close(report_r)
+        if report_w >= 0:
             os.close(report_w)
-            report_w = -1
-            report = b""
-            while chunk := os.read(report_r, 4096):
-                report += chunk
-        finally:
-            os.close(report_r)
-            if report_w >= 0:
-                os.close(report_w)
-        layers = {"workdir": "on", "session": "on", "isolated_python": "on"}
-        layers.update(_parse_layers(report.decode(errors="replace")))
-        layers["prelude"] = "off: disabled" if "prelude" in disabled else "on"
-        result = _communicate(proc, stdin.encode(), start + timeout_s, max_output_bytes)
-    stdout, stderr, timed_out, overflow, returncode = result
-    seconds = time.monotonic() - start
+    layers = {"workdir": "on", "session": "on", "isolated_python": "on"}
+    layers.update(_parse_layers(report.decode(errors="replace")))
+    layers["prelude"] = "off: disabled" if "prelude" in disabled else "on"
+    return proc, layers
+
+
+def _result(out, seconds: float, layers: dict, cap: int, cleanup_error: str | None) -> SandboxResult:
+    stdout, stderr, timed_out, overflow, returncode = out
     err_text = stderr.decode("utf-8", errors="replace")
     reason = None
     if timed_out:
@@ -573,13 +811,14 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 256, max_outp
             reason = "memory_limit"
         elif "[Errno 27]" in last:  # EFBIG: RLIMIT_FSIZE (python ignores SIGXFSZ)
             reason = "file_size_limit"
-    truncated = len(stdout) > max_output_bytes or len(stderr) > max_output_bytes
+        elif "[Errno 28]" in last:  # ENOSPC: the working directory's tmpfs is full
+            reason = "disk_limit"
     return SandboxResult(
         ok=returncode == 0 and not timed_out and not overflow,
-        stdout=stdout[:max_output_bytes].decode("utf-8", errors="replace"),
-        stderr=stderr[:max_output_bytes].decode("utf-8", errors="replace"),
+        stdout=stdout[:cap].decode("utf-8", errors="replace"),
+        stderr=stderr[:cap].decode("utf-8", errors="replace"),
         returncode=returncode, timed_out=timed_out, killed_reason=reason, seconds=seconds,
-        truncated=truncated, layers=layers)
+        truncated=len(stdout) > cap or len(stderr) > cap, layers=layers, cleanup_error=cleanup_error)
 
 
 def _communicate(proc: subprocess.Popen, stdin: bytes, deadline: float, cap: int):
@@ -670,18 +909,46 @@ def python_tool(code: str) -> str:
     TOOL_OUTPUT_CHARS), or a short 'error: ...' text. Never raises."""
     try:
         r = run_python(code, timeout_s=TOOL_TIMEOUT_S, memory_mb=256, max_output_bytes=16384)
+    except SandboxUnavailable as e:
+        return f"error: {e}"
     except Exception as e:  # defensive: the engine must never see an exception from a tool
         return f"error: sandbox failed ({type(e).__name__})"
     out = r.stdout
     if len(out) > TOOL_OUTPUT_CHARS or r.truncated:
         out = out[:TOOL_OUTPUT_CHARS].rstrip("\n") + "\n[output truncated]"
     if r.ok or r.killed_reason == "output_limit":
-        return out.rstrip("\n") if out.strip() else "(no output)"
-    msg = f"error: {r.error}"
-    return (out.rstrip("\n") + "\n" + msg) if out.strip() else msg
+        text = out.rstrip("\n") if out.strip() else "(no output)"
+    else:
+        msg = f"error: {r.error}"
+        text = (out.rstrip("\n") + "\n" + msg) if out.strip() else msg
+    return text + ("\n[sandbox: its working directory could not be removed]" if r.cleanup_error else "")
 
 
 @lru_cache(maxsize=1)
 def isolation_layers() -> dict:
     """Which layers apply on this machine (runs one trivial program once and caches the report)."""
-    return dict(run_python("pass", timeout_s=10.0).layers)
+    try:
+        return dict(_run("pass", 10.0, 256, 16384, "", set(), False).layers)
+    except Exception as e:  # noqa: BLE001 - a probe that cannot run finds nothing on
+        return {"probe": f"off: {type(e).__name__}: {e}"}
+
+
+def python_tool_status(allow_degraded: bool | None = None, ignore=()) -> tuple[bool, str | None]:
+    """Whether the python tool (and anything else run in the sandbox, e.g. HumanEval grading) may run here,
+    and a one-line reason to show when it is off or degraded (None when every required layer is on).
+    `allow_degraded` is the user's explicit opt-in; None reads EXOCORTEX_SANDBOX=degraded from the
+    environment. Layers in `ignore` were switched off on purpose (measurements) and are not asked for."""
+    layers = isolation_layers()
+    missing = [f"{name} ({layers.get(name, 'off: not probed')})" for name in REQUIRED_LAYERS
+               if name not in ignore and not layers.get(name, "off").startswith("on")]
+    if "probe" in layers:
+        missing.append(f"probe ({layers['probe']})")
+    if not missing:
+        return True, None
+    if allow_degraded is None:
+        allow_degraded = os.environ.get(OPT_IN_VAR, "") == OPT_IN_VALUE
+    if allow_degraded:
+        return True, (f"warning: the python tool runs in a degraded sandbox ({OPT_IN_VAR}={OPT_IN_VALUE}); "
+                      f"missing: {'; '.join(missing)}")
+    return False, (f"the python tool is off: this kernel lacks sandbox layer(s) {'; '.join(missing)}; "
+                   f"set {OPT_IN_VAR}={OPT_IN_VALUE} to run it with weaker isolation (docs/sandbox.md)")
