@@ -257,6 +257,147 @@ def test_bad_layer_name_is_an_error():
         run_python("pass", disable_layers=("rlimits",))
 
 
+# ------------------------------------------------------------------------- cleanup, disk budget, uid, fail closed
+TRAPS = """import os
+top = os.getcwd()
+print(top)
+for i in range(1500):  # deeper than PATH_MAX, and than Python's recursion limit
+    os.mkdir('d')
+    os.chdir('d')
+os.chdir(top)
+os.makedirs('ro/sub')
+open('ro/sub/f', 'w').write('x')
+os.chmod('ro/sub/f', 0o400)
+os.chmod('ro/sub', 0o500)
+os.chmod('ro', 0)              # a directory nobody may enter or list
+os.symlink({victim!r}, 'out')  # a link out of the tree: must not be followed
+os.symlink('/', 'root')
+os.mkfifo('fifo')
+os.makedirs('many')
+for i in range(3000):
+    open(f'many/{{i}}', 'w').close()
+print('trapped')
+"""
+
+
+def test_cleanup_survives_a_booby_trapped_tree(tmp_path):
+    """With the tmpfs layer off, the program's files are on the real disk: all of them must still go, the
+    link's target must stay, and the call must answer."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    r = run_python(TRAPS.format(victim=str(victim)), timeout_s=20.0, disable_layers=("tmpfs",))
+    assert r.ok and r.stdout.endswith("trapped\n"), r
+    assert r.cleanup_error is None and not os.path.exists(r.stdout.splitlines()[0])
+    assert (victim / "keep.txt").read_text() == "keep"
+
+
+def test_remove_tree_beyond_path_max_and_modes(tmp_path):
+    top = tmp_path / "tree"
+    fd = os.open(tmp_path, os.O_RDONLY)
+    os.mkdir("tree", dir_fd=fd)
+    for _ in range(30):  # 30 x 200 characters > PATH_MAX (4096)
+        nxt = os.open("tree" if _ == 0 else "n" * 200, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+        os.mkdir("n" * 200, dir_fd=fd)
+    os.close(fd)
+    with pytest.raises(OSError):
+        os.stat(str(top) + ("/" + "n" * 200) * 30)  # ENAMETOOLONG: a path-based remover cannot reach it
+    (top / "locked").mkdir()
+    (top / "locked" / "f").write_text("x")
+    (top / "locked").chmod(0)
+    assert sandbox._cleanup(str(top)) is None and not top.exists()
+    assert sandbox._cleanup(str(top)) is None  # already gone: fine
+
+
+def test_cleanup_failure_never_raises(monkeypatch):
+    def broken(path):
+        raise OSError(16, "Device or resource busy")
+    monkeypatch.setattr(sandbox, "_remove_tree", broken)
+    r = run_python("print('answer')")
+    assert r.ok and r.stdout == "answer\n" and "could not remove" in r.cleanup_error
+    monkeypatch.undo()
+    sandbox._cleanup(r.cleanup_error.split("directory ")[1].split(":")[0])
+    monkeypatch.setattr(sandbox, "_remove_tree", broken)
+    assert python_tool("print(6 * 7)") == "42\n[sandbox: its working directory could not be removed]"
+
+
+DISK_FILL = """import os
+written = 0
+try:
+    for i in range(12):  # 12 x 12 MiB: each under RLIMIT_FSIZE, together over the disk budget
+        with open(f'f{i}', 'wb') as f:
+            for _ in range(12):
+                f.write(b'x' * 2 ** 20)
+                f.flush()
+                written += 2 ** 20
+finally:
+    print(written >> 20)
+"""
+
+
+@needs("tmpfs")
+def test_disk_budget_bounds_all_files_together():
+    r = run_python(DISK_FILL, timeout_s=10.0)
+    assert r.killed_reason == "disk_limit" and "No space left" in r.error, r
+    assert int(r.stdout) <= sandbox.DISK_BYTES >> 20
+    r = run_python("import os\nfor i in range(20000):\n    open(f'e{i}', 'w').close()", timeout_s=10.0)
+    assert r.killed_reason == "disk_limit", r  # empty files: the inode budget
+    r = run_python(DISK_FILL, timeout_s=10.0, disable_layers=("tmpfs",))  # without it: 144 MiB reach the disk
+    assert r.ok and int(r.stdout) == 144 and r.cleanup_error is None
+
+
+@needs("uid")
+def test_root_only_files_unreadable(tmp_path):
+    secret = f"/tmp/exocortex-secret-{uuid.uuid4().hex}"
+    with open(os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write("s3cret")
+    try:
+        code = f"import os\nprint(os.getuid())\nprint(open({secret!r}).read())"
+        r = run_python(code)
+        assert not r.ok and "PermissionError" in r.error and "s3cret" not in r.stdout, r
+        if os.geteuid() == 0:
+            assert r.stdout.split() == [str(sandbox.SANDBOX_UID)]
+            r = run_python(code, disable_layers=("uid",))  # the protection removed: root's file is read
+            assert r.ok and "s3cret" in r.stdout
+    finally:
+        os.remove(secret)
+
+
+def probe_without(monkeypatch, layer):
+    layers = dict(isolation_layers(), **{layer: "off: not supported by this kernel"})
+    monkeypatch.setattr(sandbox, "isolation_layers", lambda: layers)
+
+
+@pytest.mark.parametrize("layer", sandbox.REQUIRED_LAYERS)
+def test_fails_closed_without_a_required_layer(monkeypatch, layer):
+    monkeypatch.delenv("EXOCORTEX_SANDBOX", raising=False)
+    probe_without(monkeypatch, layer)
+    enabled, reason = sandbox.python_tool_status()
+    assert not enabled and f"{layer} (off: not supported" in reason and "EXOCORTEX_SANDBOX=degraded" in reason
+    assert "\n" not in reason
+    assert python_tool("print(1)") == f"error: {reason}"
+    assert run_tool_call("python(print(1))") == f"error: {reason}"
+    with pytest.raises(sandbox.SandboxUnavailable):
+        run_python("print(1)")
+    assert run_python("print(1)", disable_layers=(layer,)).ok  # switched off on purpose: a measurement
+
+
+def test_degraded_only_by_explicit_opt_in(monkeypatch):
+    probe_without(monkeypatch, "seccomp")
+    monkeypatch.setenv("EXOCORTEX_SANDBOX", "yes")  # anything but the exact word keeps it closed
+    assert not sandbox.python_tool_status()[0]
+    assert sandbox.python_tool_status(allow_degraded=True)[0]
+    monkeypatch.setenv("EXOCORTEX_SANDBOX", "degraded")
+    enabled, reason = sandbox.python_tool_status()
+    assert enabled and reason.startswith("warning: the python tool runs in a degraded sandbox")
+    assert python_tool("print(6 * 7)") == "42"
+    assert not sandbox.python_tool_status(allow_degraded=False)[0]
+    monkeypatch.undo()
+    assert sandbox.python_tool_status() == (True, None) or not layer_on("seccomp")
+
+
 def test_parent_unaffected():
     """Runs last in this file: the test process still has its limits, network, files, and no strays."""
     assert os.getpid() == PARENT_PID
