@@ -398,6 +398,18 @@ def test_degraded_only_by_explicit_opt_in(monkeypatch):
     assert sandbox.python_tool_status() == (True, None) or not layer_on("seccomp")
 
 
+def test_chat_says_at_start_that_the_python_tool_is_off(monkeypatch, capsys):
+    from exocortex.apps import chat
+    from exocortex.config import RunConfig
+    monkeypatch.delenv("EXOCORTEX_SANDBOX", raising=False)
+    probe_without(monkeypatch, "landlock")
+    monkeypatch.setattr(chat, "load_engine", lambda *a: object())
+    monkeypatch.setattr(chat, "stream_reply", lambda *a, **k: [])
+    chat.run_chat(RunConfig(), prompt="hi")
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("the python tool is off: this kernel lacks sandbox layer(s) landlock") and "\n" not in err
+
+
 def test_parent_unaffected():
     """Runs last in this file: the test process still has its limits, network, files, and no strays."""
     assert os.getpid() == PARENT_PID

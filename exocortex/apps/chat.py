@@ -9,6 +9,7 @@ import sys
 from exocortex.config import RunConfig
 from exocortex.errors import ExocortexError
 from exocortex.infer.engine import Engine, StreamDecoder, load_engine
+from exocortex.infer.sandbox import python_tool_status
 
 
 def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **sampling) -> list[int]:
@@ -43,6 +44,9 @@ def run_chat(cfg: RunConfig, prompt: str | None = None, temperature: float | Non
              seed: int | None = None, stage: str | None = None, docs: list[str] | None = None) -> None:
     """Sampling settings left out come from the run's config (`sampling` section)."""
     engine = load_engine(cfg, stage, docs)
+    note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so, once
+    if note:
+        print(note, file=sys.stderr, flush=True)
     d = cfg.sampling
     sampling = dict(temperature=d.temperature if temperature is None else temperature,
                     top_k=(d.top_k if top_k is None else top_k) or None, top_p=d.top_p if top_p is None else top_p,

@@ -30,6 +30,7 @@ from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.errors import ExocortexError
 from exocortex.infer.engine import Batcher, load_engine
 from exocortex.infer.engine import Request as GenRequest
+from exocortex.infer.sandbox import python_tool_status
 
 try:
     from fastapi import FastAPI, Request
@@ -746,6 +747,9 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
               "its tools (sandboxed python included); there is no API key", flush=True)
     engine = load_engine(cfg, stage, docs)
     engine.compile = compile
+    note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
+    if note:
+        print(note, flush=True)
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling)
     if compile:
