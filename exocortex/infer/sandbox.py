@@ -4,13 +4,16 @@
 `python -I -S -B` in a new session, under these layers (docs/sandbox.md says what each guarantees and what
 was measured):
 
-- hard, always:    throwaway working directory (removed after); minimal environment; resource limits
+- hard, always:    throwaway working directory (removed after, by a remover that never raises or follows a
+                   link); minimal environment; resource limits
                    (RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE, RLIMIT_CORE=0); a new
                    session whose whole process group is SIGKILLed on wall-clock timeout, on output flood
                    and after the program exits; output read incrementally and capped.
 - hard, Linux, where the kernel allows (each detected and reported in `SandboxResult.layers`):
-    userns/netns   unshare(CLONE_NEWUSER | CLONE_NEWNET): no network interface but a downed loopback, and no
-                   capabilities in the machine's user namespace even when the caller is root;
+    netns          unshare(CLONE_NEWNET | CLONE_NEWNS), in a new user namespace for a non-root caller: no
+                   network interface but a downed loopback;
+    tmpfs          the working directory is a 64 MiB tmpfs in that mount namespace: the disk budget;
+    uid            a root caller runs the program as nobody, so root-only files stay unreadable;
     landlock       file writes, creates, removes and renames only beneath the working directory (and
                    /dev/null); TCP bind/connect denied (ABI >= 4); signals and abstract unix sockets scoped to
                    the sandbox (ABI >= 6);
@@ -20,6 +23,9 @@ was measured):
 - soft, in-process: a prelude that replaces socket constructors and refuses opens for writing and other
                    path-modifying os calls outside the working directory, with readable errors. Code can undo
                    it (ctypes, gc); it is a first line that explains, not a guarantee.
+
+Without one of REQUIRED_LAYERS it fails closed (SandboxUnavailable; the python tool answers with the reason)
+unless the user opts in with EXOCORTEX_SANDBOX=degraded: see `python_tool_status`.
 
 Everything that must run in the child before the interpreter starts happens in `preexec_fn`, built from
 objects prepared in the parent (no imports, as little allocation as possible), and each layer's outcome is
