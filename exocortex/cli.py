@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
             run_stage(registry.BY_NAME[args.command], args)
         parallel.shutdown()
     except ExocortexError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -469,6 +469,13 @@ def _from_dict(cls, d: Any, where: str = ""):
     return cls(**kwargs)
 
 
+def section_from_dict(cls, d: Any, where: str):
+    """One section read from a file (a checkpoint's model_config): the same checks as config.json's."""
+    section = _from_dict(cls, d, where)
+    getattr(section, "validate", lambda: None)()
+    return section
+
+
 def _migrate(d: dict) -> dict:
     """Keys that moved since a run was made go to their new place (the newer place wins)."""
     for old, new in MOVED.items():
