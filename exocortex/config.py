@@ -496,11 +496,13 @@ def save_config(cfg: RunConfig) -> Path:
 def load_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """A run's saved config plus overrides, checked before anything runs (nothing is written here)."""
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise ExocortexError(f"{run_dir} is not a run directory (no config.json); run `exocortex tokenizer` or "
                              "`exocortex speedrun` first")
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:  # a directory, no permission
+        raise ExocortexError(f"cannot read {path}: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExocortexError(f"{path} is not valid JSON ({e})") from None
     try:

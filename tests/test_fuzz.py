@@ -192,3 +192,49 @@ def test_the_real_cli_says_the_same(trained, tmp_path):
         assert_one_line_failure(r.returncode, r.stderr, " ".join(args))
         assert r.returncode == 1 and needle in r.stderr, r.stderr
     assert snapshot(run) == before
+
+
+# ----------------------------------------------------------------------------- one protection each
+
+@pytest.fixture
+def run_copy(trained, tmp_path) -> Path:
+    shutil.copytree(trained / "fz", tmp_path / "fz")
+    return tmp_path
+
+
+def test_a_tokenizer_trained_again_with_another_vocab_is_refused(run_copy, texts):
+    """`exocortex tokenizer` on a trained run (or a copied tokenizer) must not let chat answer garbage."""
+    from exocortex.tokenizer import Tokenizer
+
+    Tokenizer.train(texts, 290).save(run_copy / "fz" / "tokenizer")
+    code, err = invoke(["chat", "-p", "hi", "--runs-dir", str(run_copy), "--run", "fz"])
+    assert_one_line_failure(code, err, "replaced tokenizer")
+    assert "trained with a vocabulary of 300 tokens" in err and "has 290" in err
+
+
+def test_a_tokenizer_file_missing_its_last_ranks_is_refused(run_copy):
+    """Fewer ranks than tokenizer.json (and the model) say: every line is well-formed, so only the count finds it."""
+    f = run_copy / "fz" / "tokenizer" / "tokenizer.tiktoken"
+    f.write_text("\n".join(f.read_text().splitlines()[:-5]) + "\n")
+    code, err = invoke(["chat", "-p", "hi", "--runs-dir", str(run_copy), "--run", "fz"])
+    assert_one_line_failure(code, err, "short tokenizer")
+    assert "tokenizer.json says vocab_size 300" in err
+
+
+def test_a_corpus_too_small_for_one_val_row_says_how_much_is_needed(tmp_path):
+    (tmp_path / "a.txt").write_text("The river town sells glimmerfern at market. " * 40)
+    sets = ["tokenizer.vocab_size=300", "model.width=32", "model.depth=1", "model.head_dim=16", "model.seq_len=64",
+            "pretrain.max_steps=1", "pretrain.compile=false", "pretrain.device_batch=2", "logging.tensorboard=off"]
+    code, err = invoke(["pretrain", "--runs-dir", str(tmp_path), "--run", "s", "--data", str(tmp_path / "a.txt"),
+                        *[a for kv in sets for a in ("--set", kv)]])
+    assert_one_line_failure(code, err, "tiny corpus")
+    assert "the val split has 5 tokens, fewer than 65" in err and "needs at least about 6,500 tokens" in err
+
+
+def test_config_json_that_is_a_directory_or_unreadable(run_copy):
+    cfg = run_copy / "fz" / "config.json"
+    cfg.unlink()
+    cfg.mkdir()
+    code, err = invoke(["chat", "-p", "hi", "--runs-dir", str(run_copy), "--run", "fz"])
+    assert_one_line_failure(code, err, "config.json directory")
+    assert "cannot read" in err and "config.json" in err
