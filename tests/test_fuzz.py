@@ -241,3 +241,19 @@ def test_config_json_that_is_a_directory_or_unreadable(run_copy):
     code, err = invoke(["chat", "-p", "hi", "--runs-dir", str(run_copy), "--run", "fz"])
     assert_one_line_failure(code, err, "config.json directory")
     assert "cannot read" in err and "config.json" in err
+
+
+def test_tokenizer_ranks_must_be_whole_and_cover_every_byte(tmp_path, tok):
+    """Lines that each parse but together are no tokenizer: a rank twice (tiktoken would refuse it only with a
+    panic), a single byte without a rank (encoding it would panic)."""
+    from exocortex.tokenizer import Tokenizer
+
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()  # the ranks alone: tokenizer.json's count is a separate check
+    f = tmp_path / "tokenizer.tiktoken"
+    lines = f.read_text().splitlines()
+    for broken, needle in [(lines[:-1] + [lines[-1].split()[0] + " 0"], "ranks are not 0.."),
+                           ([" ".join((ln.split()[0], str(i))) for i, ln in enumerate(lines[1:])], "single byte")]:
+        f.write_text("\n".join(broken) + "\n")
+        with pytest.raises(ExocortexError, match=needle):
+            Tokenizer.load(tmp_path)
