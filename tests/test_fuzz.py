@@ -257,3 +257,11 @@ def test_tokenizer_ranks_must_be_whole_and_cover_every_byte(tmp_path, tok):
         f.write_text("\n".join(broken) + "\n")
         with pytest.raises(ExocortexError, match=needle):
             Tokenizer.load(tmp_path)
+
+
+def test_a_damaged_training_state_names_its_file(tmp_path):
+    from exocortex.checkpoint import load_state
+
+    (tmp_path / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(ExocortexError, match="cannot load the training state .*state.pt"):
+        load_state(tmp_path)
