@@ -265,3 +265,24 @@ def test_a_damaged_training_state_names_its_file(tmp_path):
     (tmp_path / "state.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(ExocortexError, match="cannot load the training state .*state.pt"):
         load_state(tmp_path)
+
+
+def test_wrong_types_inside_meta_json_and_summaries_are_named(run_copy):
+    import json
+
+    from exocortex.run import RunDir
+
+    run = run_copy / "fz"
+    meta = run / "checkpoints" / "sft" / "step_000001" / "meta.json"
+    good = json.loads(meta.read_text())
+    for bad, needle in [({**good, "model_config": {**good["model_config"], "depth": "1"}}, "model_config.depth"),
+                        ({**good, "model_config": {**good["model_config"], "head_dim": 0}}, "model_config.head_dim"),
+                        ({k: v for k, v in good.items() if k != "step"}, "needs an object with 'step'")]:
+        meta.write_text(json.dumps(bad))
+        code, err = invoke(["chat", "-p", "hi", "--runs-dir", str(run_copy), "--run", "fz"])
+        assert_one_line_failure(code, err, needle)
+        assert "meta.json" in err and needle in err, err
+    summary = run / "logs" / "pretrain_summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "val_bpb": "low"}))
+    with pytest.raises(ExocortexError, match="pretrain_summary.json is unreadable .*val_bpb='low'"):
+        RunDir(run).summary("pretrain")
