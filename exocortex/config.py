@@ -308,6 +308,7 @@ PRESETS = {
 _KIND = {int: "a whole number", float: "a number"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DERIVED = {"model.vocab_size": "tokenizer.vocab_size"}  # keys that follow another setting: set that one instead
+FROM_FLAGS = {"name": "--run", "runs_dir": "--runs-dir", "preset": "--preset"}  # where a run is: flags, not --set
 MOVED = {"sft_data.identity_name": "identity_name", "midtrain_data.identity_name": "identity_name"}  # older runs
 
 
@@ -386,6 +387,8 @@ def apply_override(cfg: RunConfig, key: str, value: str) -> None:
     """--set section.field=value (or field=value for a top-level field)."""
     if key in DERIVED:
         raise ExocortexError(f"{key} follows {DERIVED[key]}; set that instead (--set {DERIVED[key]}={value})")
+    if key in FROM_FLAGS:  # on an existing run --set name=x would write the next stage's files into another run
+        raise ExocortexError(f"{key} comes from the command line: use {FROM_FLAGS[key]} {value}")
     if key in MOVED:
         print(f"note: {key} is now {MOVED[key]}; setting that")
         key = MOVED[key]

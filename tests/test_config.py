@@ -137,7 +137,7 @@ def test_range_errors_name_key_value_and_range():
                         ("device=tpu", "device='tpu': expected auto, cpu, mps, cuda or cuda:N"),
                         ("sft_data.mixture=a=nan", "sft_data.mixture"),
                         ("midtrain_data.mixture=a=0,b=0", "midtrain_data.mixture"),
-                        ("name=a/b", "name='a/b'")]:
+                        ("identity_name=a\nb", "identity_name")]:
         with pytest.raises(ExocortexError) as e:
             make_config("tiny", [bad])
         assert needle in str(e.value) and "\n" not in str(e.value)
@@ -168,3 +168,13 @@ def test_config_json_nan_and_out_of_range_values_are_errors(tmp_path):
         path.write_text(json.dumps({**good, section: {**good[section], key: value}}))
         with pytest.raises(ExocortexError, match=f"{section}.{key}"):
             load_config(tmp_path / "r")
+
+
+def test_where_a_run_lives_comes_from_flags_not_set(tmp_path):
+    """--set name=x on an existing run would send the next stage's files into another run directory."""
+    cfg = make_config("tiny", name="r")
+    cfg.runs_dir = str(tmp_path)
+    save_config(cfg)
+    for key, flag in (("name", "--run"), ("runs_dir", "--runs-dir"), ("preset", "--preset")):
+        with pytest.raises(ExocortexError, match=f"use {flag} x"):
+            load_config(tmp_path / "r", [f"{key}=x"])
