@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
+from exocortex.device import why_unavailable
 from exocortex.errors import ExocortexError
 from exocortex.fileio import atomic_write_text
 from exocortex.run import RunDir
@@ -48,6 +49,17 @@ class Match:
     def check(self, key: str, value: str) -> None:
         if not re.fullmatch(self.pattern, value):
             raise ExocortexError(f"{key}={value!r}: expected {self.allowed}")
+
+
+@dataclass(frozen=True)
+class ExistingPath:
+    """A path field: when set on the command line it must exist (empty = unset). Only then: a run whose corpus
+    was moved later must still load for chat and eval, which never read it."""
+    on_command_line_only = True
+
+    def check(self, key: str, value: str) -> None:
+        if value and not Path(value).expanduser().exists():
+            raise ExocortexError(f"{key}={value!r}: no such file or directory")
 
 
 BIG = 10**9                                    # counts of steps, items, conversations
@@ -106,7 +118,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""               # user's text (file or directory of .txt/.md/.jsonl/.parquet); empty = generated world
+    path: Annotated[str, ExistingPath()] = ""  # user's text (file or directory of .txt/.md/.jsonl/.parquet); empty = generated world
     world_seed: SEED = 0
     world_bytes: BYTES = 24_000_000  # how much world text to generate
     val_fraction: Annotated[float, Range(1e-6, 0.5)] = 0.01
@@ -193,7 +205,7 @@ class EvalConfig:
     pass_k: Annotated[int, Range(1, 1024)] = 4              # pass@k on word problems: k samples at temperature 1 per question
     pass_k_n: STEPS = 50
     core_n: STEPS = 100            # in-context items per base-eval (CORE-style) task
-    core_bundle: str = ""        # path to a DCLM CORE eval bundle (core.yaml + eval_data/) to add its tasks
+    core_bundle: Annotated[str, ExistingPath()] = ""  # path to a DCLM CORE eval bundle (core.yaml + eval_data/) to add its tasks
     max_new_tokens: NEW_TOKENS = 128
     seed: SEED = 12345
 
@@ -333,7 +345,8 @@ def _convert(value: Any, hint: Any, key: str, text: bool = False) -> Any:
         kind, *rules = get_args(hint)
         value = _convert(value, kind, key, text)
         for rule in rules:
-            rule.check(key, value)
+            if text or not getattr(rule, "on_command_line_only", False):
+                rule.check(key, value)
         return value
     origin = get_origin(hint)
 
@@ -434,6 +447,9 @@ def validate(cfg: RunConfig) -> RunConfig:
             except ExocortexError as e:
                 raise ExocortexError(f"{section.name}.{e}" if str(e).split("=")[0].isidentifier() else str(e)) from None
     _check_budgets(cfg)
+    reason = why_unavailable(cfg.device)  # a run copied from a GPU machine says so, not a torch assertion
+    if reason:
+        raise ExocortexError(f"device={cfg.device!r}: {reason}; use --set device=auto (or cpu)")
     return cfg
 
 

@@ -178,3 +178,23 @@ def test_where_a_run_lives_comes_from_flags_not_set(tmp_path):
     for key, flag in (("name", "--run"), ("runs_dir", "--runs-dir"), ("preset", "--preset")):
         with pytest.raises(ExocortexError, match=f"use {flag} x"):
             load_config(tmp_path / "r", [f"{key}=x"])
+
+
+def test_paths_set_on_the_command_line_must_exist(tmp_path):
+    for key in ("data.path", "eval.core_bundle"):
+        with pytest.raises(ExocortexError, match=f"{key}='/no/such/place': no such file or directory"):
+            make_config("tiny", [f"{key}=/no/such/place"])
+    assert make_config("tiny", [f"data.path={tmp_path}"]).data.path == str(tmp_path)
+    cfg = make_config("tiny", name="r")  # a saved run whose corpus has moved since still loads
+    cfg.runs_dir, cfg.data.path = str(tmp_path), "/moved/away"
+    save_config(cfg)
+    assert load_config(tmp_path / "r").data.path == "/moved/away"
+
+
+def test_a_device_this_machine_lacks_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ExocortexError, match="device='cuda:1': .*no CUDA GPU; use --set device=auto"):
+        make_config("tiny", ["device=cuda:1"])
