@@ -142,6 +142,8 @@ def reader(rel: str, base: list[str]) -> list[str]:
         return [rel.split("/")[1], "--resume", *base]
     if "checkpoints/pretrain" in rel:
         return ["eval", "--stages", "pretrain", *base]
+    if rel.startswith("tokenizer/"):
+        return ["export", *base]
     return ["chat", "-p", "hi", "--max-tokens", "2", *base]
 
 
