@@ -367,6 +367,8 @@ def _convert(value: Any, hint: Any, key: str, text: bool = False) -> Any:
         if not isinstance(mixture, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                     for v in mixture.values()):
             raise bad("name=number pairs, e.g. 'a=0.5,b=0.5'")
+        if kind is int and not all(float(v).is_integer() for v in mixture.values()):
+            raise bad("name=count pairs with whole counts, e.g. 'a=5,b=10'")
         if not mixture or not all(0 <= v <= BIG for v in mixture.values()) or sum(mixture.values()) <= 0:
             raise bad(f"at least one name with a positive number, each between 0 and {BIG:g}")
         return {str(k): kind(v) for k, v in mixture.items()}

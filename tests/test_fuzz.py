@@ -75,7 +75,7 @@ def trained(tmp_path_factory) -> Path:
 BAD_NUMBERS = ["0", "-1", "nan", "inf", "-inf", "", "abc", "1e400", str(10**30), "1.5", "[1]", "true"]
 NEVER_A_NUMBER = ("nan", "inf", "-inf", "1e400", str(10**30), "", "abc", "[1]", "true")
 BAD_VALUES = {bool: ["", "maybe", "2", "-1"], Literal: ["", "abc", "0"], dict: ["", "abc", "a=-1", "a=nan", "=",
-              "a=1e400", "a=0"], str: ["", "a/b", "\n", "x" * 300]}
+              "a=1e400", "a=0", "a=1.5"], str: ["", "a/b", "\n", "x" * 300]}
 
 
 def config_keys():
