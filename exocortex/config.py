@@ -432,6 +432,14 @@ def _check_budgets(cfg: RunConfig) -> None:
             raise ExocortexError(f"{stage} has no budget: set one of " + ", ".join(f"{stage}.{k}" for k in keys))
 
 
+def check_flag(flag: str, key: str, value: Any) -> Any:
+    """A command-line flag that stands for a config field (chat's --temperature for sampling.temperature):
+    the field's type and range, the error naming the flag."""
+    section, name = key.split(".")
+    owner = type(getattr(RunConfig(), section))
+    return _convert(value, _field_hints(owner)[name], flag)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Every check of a config's values, whatever their source: each field's type and range (the Range and
     Match beside it), then how the fields fit together."""

@@ -288,3 +288,18 @@ def test_wrong_types_inside_meta_json_and_summaries_are_named(run_copy):
     summary.write_text(json.dumps({**json.loads(summary.read_text()), "val_bpb": "low"}))
     with pytest.raises(ExocortexError, match="pretrain_summary.json is unreadable .*val_bpb='low'"):
         RunDir(run).summary("pretrain")
+
+
+def test_fuzz_chat_sampling_flags(trained):
+    """chat's flags for sampling.* take the same ranges (NaN temperature was a torch traceback)."""
+    run, n = trained / "fz", 0
+    before = snapshot(run)
+    for flag in ("--temperature", "--top-k", "--top-p", "--max-tokens"):
+        for bad in ("nan", "inf", "-1", "1e400", str(10**30)):
+            code, err = invoke(["chat", "-p", "hi", flag, bad, "--runs-dir", str(trained), "--run", "fz"])
+            if code == 2 and "invalid int value" in err:  # argparse refused a non-integer for an int flag
+                continue
+            assert_one_line_failure(code, err, f"{flag} {bad}")
+            assert flag in err
+            n += 1
+    assert n >= 12 and snapshot(run) == before
