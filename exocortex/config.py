@@ -58,7 +58,7 @@ class ExistingPath:
     on_command_line_only = True
 
     def check(self, key: str, value: str) -> None:
-        if value and not Path(value).expanduser().exists():
+        if value and not os.path.exists(os.path.expanduser(value)):  # False (no exception) for a name too long
             raise ExocortexError(f"{key}={value!r}: no such file or directory")
 
 

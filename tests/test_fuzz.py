@@ -102,7 +102,7 @@ def test_fuzz_set_values(trained, capsys):
         for bad in BAD_NUMBERS if kind in (int, float) else BAD_VALUES[kind]:
             try:  # the oracle: the run's config with this one value, checked in memory (not the CLI's path)
                 cfg = copy.deepcopy(base)
-                apply_override(cfg, key, bad)
+                apply_override(cfg, key, bad.strip())  # as the CLI reads key=value
                 validate(cfg)
             except ExocortexError:
                 pass
