@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from exocortex.config import ModelConfig
+from exocortex.config import ModelConfig, section_from_dict
 from exocortex.errors import ExocortexError
 from exocortex.fileio import atomic_write_text
 from exocortex.model import GPT
 from exocortex.run import RunDir
+from exocortex.tokenizer import Tokenizer
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -54,18 +55,60 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
 
 
 def load_model(ckpt_dir: Path, device: torch.device | str = "cpu"):
-    """Rebuild the model from a checkpoint directory (config travels in meta.json)."""
+    """Rebuild the model from a checkpoint directory (config travels in meta.json). Every file is checked:
+    a damaged one is a one-line error naming it."""
     from safetensors.torch import load_file
 
-    meta = json.loads((Path(ckpt_dir) / "meta.json").read_text())
-    cfg = ModelConfig(**meta["model_config"])
+    ckpt_dir = Path(ckpt_dir)
+    meta, cfg = read_meta(ckpt_dir)
+    _check_vocab(ckpt_dir, cfg)
     model = GPT(cfg)
+    path = ckpt_dir / "model.safetensors"
     try:
-        model.load_state_dict(load_file(str(Path(ckpt_dir) / "model.safetensors")))
-    except Exception as e:  # corrupt or mismatched file: say which
-        raise ExocortexError(f"cannot load weights from {ckpt_dir}: {e}") from None
+        model.load_state_dict(load_file(str(path)))
+    except Exception as e:  # truncated, garbage or another shape: which file, and the first line of why
+        raise ExocortexError(f"cannot load weights from {path}: {_first_line(e)}") from None
     return model.to(device), meta
 
 
+def read_meta(ckpt_dir: Path) -> tuple[dict, ModelConfig]:
+    """meta.json, and its model_config checked like config.json's (types, ranges, shape)."""
+    path = Path(ckpt_dir) / "meta.json"
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExocortexError(f"{path} is unreadable ({_first_line(e)}); the checkpoint is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "model_config" not in meta:
+        raise ExocortexError(f"{path} is damaged: it needs an object with 'step' and 'model_config'")
+    try:
+        cfg = section_from_dict(ModelConfig, meta["model_config"], "model_config")
+    except ExocortexError as e:
+        raise ExocortexError(f"{path}: {e}") from None
+    return meta, cfg
+
+
+def _check_vocab(ckpt_dir: Path, cfg: ModelConfig) -> None:
+    """A checkpoint inside a run (runs/<name>/checkpoints/<stage>/step_X) must match that run's tokenizer:
+    a tokenizer trained again with another vocabulary would make the model answer garbage."""
+    run = RunDir(ckpt_dir.parents[2]) if len(ckpt_dir.parents) > 2 else None
+    if run is None or ckpt_dir.parents[1].name != "checkpoints" or not run.tokenizer_dir.exists():
+        return
+    tok = Tokenizer.load(run.tokenizer_dir)
+    if tok.vocab_size != cfg.vocab_size:
+        raise ExocortexError(f"{ckpt_dir} was trained with a vocabulary of {cfg.vocab_size} tokens but "
+                             f"{run.tokenizer_dir} has {tok.vocab_size}: the tokenizer was replaced after training")
+
+
 def load_state(ckpt_dir: Path) -> dict:
-    return torch.load(Path(ckpt_dir) / "state.pt", weights_only=False)
+    path = Path(ckpt_dir) / "state.pt"
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # truncated or garbage: torch raises many kinds
+        raise ExocortexError(f"cannot load the training state {path}: {_first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise ExocortexError(f"{path} is damaged: not a training state")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

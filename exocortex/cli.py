@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from exocortex import registry
-from exocortex.config import RunConfig, load_config, make_config
+from exocortex.config import RunConfig, check_flag, load_config, make_config
 from exocortex.data.hub import download, downloaded_dir
 from exocortex.data.tokens import has_token_data
 from exocortex.errors import ExocortexError
@@ -160,6 +160,10 @@ def stage_config(stage: registry.Stage, args) -> RunConfig:
 
 
 def run_stage(stage: registry.Stage, args) -> None:
+    if "sampling" in stage.options:  # chat's --temperature etc. stand for sampling.*: the same ranges
+        for flags, kw in OPTIONS["sampling"]:
+            if getattr(args, kw["dest"]) is not None:
+                check_flag(flags[0], f"sampling.{kw['dest']}", getattr(args, kw["dest"]))
     cfg = stage_config(stage, args)
     kwargs = {kw["dest"]: getattr(args, kw["dest"]) for option in stage.options if option != "data"  # in cfg
               for _, kw in OPTIONS[option]}
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             run_stage(registry.BY_NAME[args.command], args)
         parallel.shutdown()
     except ExocortexError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, whatever the message holds
         sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -11,28 +11,84 @@ import dataclasses
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
+from exocortex.device import why_unavailable
 from exocortex.errors import ExocortexError
 from exocortex.fileio import atomic_write_text
 from exocortex.run import RunDir
 
 
+# ----------------------------------------------------------------------------- what each field allows
+
+@dataclass(frozen=True)
+class Range:
+    """A number field's allowed values, both ends included. Every number has both ends: a huge value is a
+    typo to report, not a run that allocates for hours and then dies."""
+    lo: float
+    hi: float
+
+    def check(self, key: str, value: float) -> None:
+        if not self.lo <= value <= self.hi:  # NaN fails every comparison, so it lands here too
+            raise ExocortexError(f"{key}={value!r}: must be between {_show(self.lo)} and {_show(self.hi)}")
+
+
+def _show(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Match:
+    """A string field's allowed values: a regular expression that must match all of it."""
+    pattern: str
+    allowed: str  # the pattern in words, for the error
+
+    def check(self, key: str, value: str) -> None:
+        if not re.fullmatch(self.pattern, value):
+            raise ExocortexError(f"{key}={value!r}: expected {self.allowed}")
+
+
+@dataclass(frozen=True)
+class ExistingPath:
+    """A path field: when set on the command line it must exist (empty = unset). Only then: a run whose corpus
+    was moved later must still load for chat and eval, which never read it."""
+    on_command_line_only = True
+
+    def check(self, key: str, value: str) -> None:
+        if value and not os.path.exists(os.path.expanduser(value)):  # False (no exception) for a name too long
+            raise ExocortexError(f"{key}={value!r}: no such file or directory")
+
+
+BIG = 10**9                                    # counts of steps, items, conversations
+SEED = Annotated[int, Range(0, 2**32 - 1)]     # numpy's generators take no negative seeds
+STEPS = Annotated[int, Range(0, BIG)]          # 0 = off / derived from another setting
+EVERY = Annotated[int, Range(1, BIG)]
+LR = Annotated[float, Range(0, 10)]
+FRACTION = Annotated[float, Range(0, 1)]
+MINUTES = Annotated[float, Range(0, 10**6)]
+BYTES = Annotated[int, Range(1, 2**50)]
+NEW_TOKENS = Annotated[int, Range(1, 2**20)]
+# 256 single bytes + the chat format's special tokens (tokenizer.SPECIAL_TOKENS, which sits above this module;
+# tests/test_config.py checks the two agree)
+MIN_VOCAB = 256 + 11
+
+
 @dataclass
 class ModelConfig:
     # Architecture is exactly HF transformers' Qwen3ForCausalLM (see docs/architecture.md), so exports are lossless.
-    depth: int = 4               # number of transformer blocks: the one knob the GPU presets turn
-    width: int = 0               # model dim; 0 = depth * aspect_ratio
-    aspect_ratio: int = 64       # width per layer, as nanochat sizes its models
-    head_dim: int = 64
-    n_kv_heads: int = 0          # 0 = same as query heads (no grouping); set smaller for GQA
-    mlp_ratio: float = 3.0       # SwiGLU hidden = round(mlp_ratio * width)
-    vocab_size: int = 8192       # not a setting: always the tokenizer's (tokenizer.vocab_size)
-    seq_len: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    depth: Annotated[int, Range(1, 1024)] = 4               # number of transformer blocks: the one knob the GPU presets turn
+    width: Annotated[int, Range(0, 2**16)] = 0               # model dim; 0 = depth * aspect_ratio
+    aspect_ratio: Annotated[int, Range(1, 1024)] = 64       # width per layer, as nanochat sizes its models
+    head_dim: Annotated[int, Range(2, 1024)] = 64
+    n_kv_heads: Annotated[int, Range(0, 2**12)] = 0          # 0 = same as query heads (no grouping); set smaller for GQA
+    mlp_ratio: Annotated[float, Range(0.1, 64)] = 3.0       # SwiGLU hidden = round(mlp_ratio * width)
+    vocab_size: Annotated[int, Range(MIN_VOCAB, 2**24)] = 8192  # not a setting: always the tokenizer's (tokenizer.vocab_size)
+    seq_len: Annotated[int, Range(2, 2**20)] = 512
+    rope_theta: Annotated[float, Range(1, 1e12)] = 10000.0
+    norm_eps: Annotated[float, Range(1e-12, 1)] = 1e-6
 
     @property
     def n_embd(self) -> int:
@@ -51,8 +107,7 @@ class ModelConfig:
         return int(round(self.mlp_ratio * self.n_embd / 64)) * 64 or 64
 
     def validate(self) -> None:
-        if min(self.depth, self.head_dim, self.seq_len - 1, self.n_embd) <= 0 or self.n_kv_heads < 0:
-            raise ExocortexError("model.depth, model.head_dim and the width must be positive, model.seq_len above 1")
+        """What no single field's range can say: how the fields fit together."""
         if self.n_embd % self.head_dim:
             raise ExocortexError(f"model width {self.n_embd} is not a multiple of head_dim {self.head_dim}")
         if self.n_heads % self.kv_heads:
@@ -63,59 +118,46 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""               # user's text (file or directory of .txt/.md/.jsonl/.parquet); empty = generated world
-    world_seed: int = 0
-    world_bytes: int = 24_000_000  # how much world text to generate
-    val_fraction: float = 0.01
+    path: Annotated[str, ExistingPath()] = ""  # user's text (file or directory of .txt/.md/.jsonl/.parquet); empty = generated world
+    world_seed: SEED = 0
+    world_bytes: BYTES = 24_000_000  # how much world text to generate
+    val_fraction: Annotated[float, Range(1e-6, 0.5)] = 0.01
     # pretraining rows: bestfit (each starts at a document, no padding) | stream (cut from the token stream)
     packing: Literal["bestfit", "stream"] = "bestfit"
-    workers: int = 0             # tokenizer processes; 0 = one per available CPU core
-
-    def validate(self) -> None:
-        if not 0 < self.val_fraction < 1:
-            raise ExocortexError(f"data.val_fraction={self.val_fraction}: must be between 0 and 1")
+    workers: Annotated[int, Range(0, 4096)] = 0             # tokenizer processes; 0 = one per available CPU core
 
 
 @dataclass
 class TokenizerConfig:
-    vocab_size: int = 8192       # including special tokens
-    train_bytes: int = 20_000_000  # train the BPE on at most this much text
+    vocab_size: Annotated[int, Range(MIN_VOCAB, 2**24)] = 8192  # including special tokens
+    train_bytes: BYTES = 20_000_000  # train the BPE on at most this much text
 
 
 @dataclass
 class TrainConfig:
     """Shared by every training stage (pretrain, sft): they differ only in data and loss mask."""
-    batch_tokens: int = 16384    # tokens per optimizer step (gradient accumulation reaches it)
-    device_batch: int = 16       # rows per forward pass
-    tokens_per_param: float = 0.0  # token budget = ratio * params; 0 = use max_steps / time_minutes
-    max_steps: int = 0           # 0 = derived from tokens_per_param or epochs
-    time_minutes: float = 0.0    # alternative budget: choose steps to fit this many minutes (measured)
-    epochs: float = 1.0          # for finetuning stages: passes over the conversation set
-    matrix_lr: float = 0.02      # Muon, for 2-D weights inside the blocks
-    embedding_lr: float = 0.2    # AdamW, token embeddings (scaled by (width/768)^-0.5)
-    unembedding_lr: float = 0.004  # AdamW, lm_head (scaled likewise)
-    scalar_lr: float = 0.02      # AdamW, norm gains
-    weight_decay: float = 0.0
-    warmup_frac: float = 0.02
-    warmdown_frac: float = 0.3
-    final_lr_frac: float = 0.0
-    eval_every: int = 100
-    eval_tokens: int = 65536
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
+    batch_tokens: Annotated[int, Range(1, 2**34)] = 16384    # tokens per optimizer step (gradient accumulation reaches it)
+    device_batch: Annotated[int, Range(1, 2**16)] = 16       # rows per forward pass
+    tokens_per_param: Annotated[float, Range(0, 10**6)] = 0.0  # token budget = ratio * params; 0 = use max_steps / time_minutes
+    max_steps: STEPS = 0           # 0 = derived from tokens_per_param or epochs
+    time_minutes: MINUTES = 0.0    # alternative budget: choose steps to fit this many minutes (measured)
+    epochs: Annotated[float, Range(0, 10**4)] = 1.0          # for finetuning stages: passes over the conversation set
+    matrix_lr: LR = 0.02      # Muon, for 2-D weights inside the blocks
+    embedding_lr: LR = 0.2    # AdamW, token embeddings (scaled by (width/768)^-0.5)
+    unembedding_lr: LR = 0.004  # AdamW, lm_head (scaled likewise)
+    scalar_lr: LR = 0.02      # AdamW, norm gains
+    weight_decay: LR = 0.0
+    warmup_frac: FRACTION = 0.02
+    warmdown_frac: FRACTION = 0.3
+    final_lr_frac: FRACTION = 0.0
+    eval_every: EVERY = 100
+    eval_tokens: Annotated[int, Range(1, 2**40)] = 65536
+    checkpoint_every: STEPS = 200
+    keep_checkpoints: STEPS = 2
     dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 where the hardware computes it natively
     compile: bool = False
-    grad_clip: float = 1.0
+    grad_clip: Annotated[float, Range(0, 10**6)] = 1.0
     parallel: Literal["ddp", "fsdp"] = "ddp"  # ddp: replicated weights; fsdp: weights, grads, optimizer state sharded
-
-    def validate(self) -> None:
-        for k in ("batch_tokens", "device_batch", "eval_every", "eval_tokens"):
-            if getattr(self, k) <= 0:
-                raise ExocortexError(f"{k}={getattr(self, k)}: must be positive")
-        for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "weight_decay", "max_steps",
-                  "time_minutes", "tokens_per_param", "grad_clip", "checkpoint_every", "keep_checkpoints"):
-            if getattr(self, k) < 0:
-                raise ExocortexError(f"{k}={getattr(self, k)}: must not be negative")
 
 
 MIDTRAIN_MIXTURE = {"arithmetic": 0.12, "word_problems": 0.16, "spelling": 0.12, "facts": 0.16, "facts_mc": 0.1,
@@ -129,29 +171,29 @@ class SFTDataConfig:
     """Conversations for a finetuning stage (midtrain or sft): a weighted task mixture (see exocortex/tasks)."""
     # task name (or benchmark file, kind:path) -> weight; on the command line "name=weight,name=weight"
     mixture: dict[str, float] = field(default_factory=lambda: dict(SFT_MIXTURE))
-    n_conversations: int = 12000
-    text_fraction: float = 0.0   # share of rows that are plain pretraining text: keeps what the base model knew
-    seed: int = 1
+    n_conversations: Annotated[int, Range(1, BIG)] = 12000
+    text_fraction: Annotated[float, Range(0, 0.99)] = 0.0   # share of rows that are plain pretraining text: keeps what the base model knew
+    seed: SEED = 1
 
 
 @dataclass
 class RLConfig:
     """GRPO-style RL on a task's grader: a group of samples per prompt, group-normalised advantages."""
     task: str = "word_problems"
-    steps: int = 0               # 0 = use time_minutes
-    time_minutes: float = 3.0
-    prompts_per_step: int = 8
-    samples_per_prompt: int = 8  # the group
-    max_new_tokens: int = 128
-    temperature: float = 1.0
-    top_k: int = 0               # 0 = full distribution
-    lr_scale: float = 0.1        # learning rates relative to the sft stage's (Muon's updates have a fixed size: keep RL's small)
-    kl_coef: float = 0.0         # per-token KL penalty to the sft model (0 = off, as DAPO/nanochat)
-    eval_every: int = 20
-    eval_n: int = 100            # held-out prompts for the periodic eval
-    checkpoint_every: int = 10
+    steps: STEPS = 0             # 0 = use time_minutes
+    time_minutes: MINUTES = 3.0
+    prompts_per_step: Annotated[int, Range(1, 2**16)] = 8
+    samples_per_prompt: Annotated[int, Range(1, 2**16)] = 8  # the group
+    max_new_tokens: NEW_TOKENS = 128
+    temperature: Annotated[float, Range(0.01, 100)] = 1.0
+    top_k: Annotated[int, Range(0, 2**24)] = 0               # 0 = full distribution
+    lr_scale: Annotated[float, Range(0, 100)] = 0.1        # learning rates relative to the sft stage's (Muon's updates have a fixed size: keep RL's small)
+    kl_coef: Annotated[float, Range(0, 100)] = 0.0         # per-token KL penalty to the sft model (0 = off, as DAPO/nanochat)
+    eval_every: EVERY = 20
+    eval_n: STEPS = 100            # held-out prompts for the periodic eval
+    checkpoint_every: STEPS = 10
     guard: bool = True           # stop and keep the last good checkpoint when rewards rise while samples degenerate
-    seed: int = 7
+    seed: SEED = 7
 
 
 @dataclass
@@ -160,12 +202,12 @@ class EvalConfig:
     chat_tasks: dict[str, int] = field(default_factory=lambda: {
         "arithmetic": 100, "word_problems": 200, "spelling": 100, "facts": 100, "facts_mc": 100, "lookup": 100,
         "identity": 20})
-    pass_k: int = 4              # pass@k on word problems: k samples at temperature 1 per question
-    pass_k_n: int = 50
-    core_n: int = 100            # in-context items per base-eval (CORE-style) task
-    core_bundle: str = ""        # path to a DCLM CORE eval bundle (core.yaml + eval_data/) to add its tasks
-    max_new_tokens: int = 128
-    seed: int = 12345
+    pass_k: Annotated[int, Range(1, 1024)] = 4              # pass@k on word problems: k samples at temperature 1 per question
+    pass_k_n: STEPS = 50
+    core_n: STEPS = 100            # in-context items per base-eval (CORE-style) task
+    core_bundle: Annotated[str, ExistingPath()] = ""  # path to a DCLM CORE eval bundle (core.yaml + eval_data/) to add its tasks
+    max_new_tokens: NEW_TOKENS = 128
+    seed: SEED = 12345
 
 
 @dataclass
@@ -179,20 +221,22 @@ class LoggingConfig:
 @dataclass
 class SamplingConfig:
     """Defaults for chat and serve when the user or the request does not say."""
-    temperature: float = 0.6
-    top_k: int = 50              # 0 = off
-    top_p: float = 0.95
-    max_tokens: int = 256
+    temperature: Annotated[float, Range(0, 100)] = 0.6
+    top_k: Annotated[int, Range(0, 2**24)] = 50              # 0 = off
+    top_p: Annotated[float, Range(0, 1)] = 0.95
+    max_tokens: NEW_TOKENS = 256
 
 
 @dataclass
 class RunConfig:
-    name: str = "tiny"
+    name: Annotated[str, Match(r"[^/\\\x00]+", "a directory name (no slashes)")] = "tiny"
     runs_dir: str = "runs"
     preset: str = "tiny"
-    seed: int = 42
-    device: str = "auto"         # auto (cuda, mps, else cpu) | cpu | cuda | cuda:N | mps
-    identity_name: str = "exocortex"  # what the chat model calls itself: taught in midtrain/sft, graded in eval/rl
+    seed: SEED = 42
+    # auto: cuda, mps, else cpu
+    device: Annotated[str, Match(r"auto|cpu|mps|cuda(:\d{1,3})?", "auto, cpu, mps, cuda or cuda:N")] = "auto"
+    # what the chat model calls itself: taught in midtrain/sft, graded in eval/rl
+    identity_name: Annotated[str, Match(r"\S[^\n\r]{0,63}", "one line of 1 to 64 characters")] = "exocortex"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -273,8 +317,10 @@ PRESETS = {
 
 # ----------------------------------------------------------------------------- values: parsed and checked
 
+_KIND = {int: "a whole number", float: "a number"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 DERIVED = {"model.vocab_size": "tokenizer.vocab_size"}  # keys that follow another setting: set that one instead
+FROM_FLAGS = {"name": "--run", "runs_dir": "--runs-dir", "preset": "--preset"}  # where a run is: flags, not --set
 MOVED = {"sft_data.identity_name": "identity_name", "midtrain_data.identity_name": "identity_name"}  # older runs
 
 
@@ -295,6 +341,13 @@ def parse_mixture(spec: str) -> dict[str, float]:
 def _convert(value: Any, hint: Any, key: str, text: bool = False) -> Any:
     """`value` as the field's type, or a one-line error. text=True: a --set string, parsed; else a Python or
     JSON value, which must already have the field's type (an int may stand for a float)."""
+    if get_origin(hint) is Annotated:  # a type plus what it allows: convert, then check the value
+        kind, *rules = get_args(hint)
+        value = _convert(value, kind, key, text)
+        for rule in rules:
+            if text or not getattr(rule, "on_command_line_only", False):
+                rule.check(key, value)
+        return value
     origin = get_origin(hint)
 
     def bad(expected: str):
@@ -314,8 +367,10 @@ def _convert(value: Any, hint: Any, key: str, text: bool = False) -> Any:
         if not isinstance(mixture, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                     for v in mixture.values()):
             raise bad("name=number pairs, e.g. 'a=0.5,b=0.5'")
-        if not mixture or any(v < 0 for v in mixture.values()) or sum(mixture.values()) <= 0:
-            raise bad("at least one name with a positive number, none negative")
+        if kind is int and not all(float(v).is_integer() for v in mixture.values()):
+            raise bad("name=count pairs with whole counts, e.g. 'a=5,b=10'")
+        if not mixture or not all(0 <= v <= BIG for v in mixture.values()) or sum(mixture.values()) <= 0:
+            raise bad(f"at least one name with a positive number, each between 0 and {BIG:g}")
         return {str(k): kind(v) for k, v in mixture.items()}
     if hint is bool:
         if text and value.lower() in _TRUE + _FALSE:
@@ -327,23 +382,28 @@ def _convert(value: Any, hint: Any, key: str, text: bool = False) -> Any:
         try:
             number = (float(value) if "e" in value.lower() else hint(value)) if text else value
         except ValueError:
-            raise bad(f"a {hint.__name__}") from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)) or (hint is int and number != int(number)):
-            raise bad(f"a {hint.__name__}")
+            raise bad(_KIND[hint]) from None
+        whole = isinstance(number, int) or (isinstance(number, float) and number.is_integer())  # False for NaN, inf
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or (hint is int and not whole):
+            raise bad(_KIND[hint])
         return hint(number)
     if hint is str and not isinstance(value, str):
         raise bad("a string")
     return value
 
 
-def _field_hints(obj) -> dict[str, Any]:
-    return get_type_hints(type(obj))
+def _field_hints(obj_or_class) -> dict[str, Any]:
+    """Field -> type, with its Range or Match kept (include_extras)."""
+    cls = obj_or_class if isinstance(obj_or_class, type) else type(obj_or_class)
+    return get_type_hints(cls, include_extras=True)
 
 
 def apply_override(cfg: RunConfig, key: str, value: str) -> None:
     """--set section.field=value (or field=value for a top-level field)."""
     if key in DERIVED:
         raise ExocortexError(f"{key} follows {DERIVED[key]}; set that instead (--set {DERIVED[key]}={value})")
+    if key in FROM_FLAGS:  # on an existing run --set name=x would write the next stage's files into another run
+        raise ExocortexError(f"{key} comes from the command line: use {FROM_FLAGS[key]} {value}")
     if key in MOVED:
         print(f"note: {key} is now {MOVED[key]}; setting that")
         key = MOVED[key]
@@ -361,9 +421,29 @@ def apply_override(cfg: RunConfig, key: str, value: str) -> None:
             setattr(obj, p, _convert(value, _field_hints(obj)[p], key, text=True))
 
 
+def _check_budgets(cfg: RunConfig) -> None:
+    """Each training stage needs something that says how long it trains; without, it would fail only after
+    writing config.json and loading its data."""
+    need = {"pretrain": ("max_steps", "tokens_per_param", "time_minutes"),
+            "midtrain": ("max_steps", "time_minutes", "epochs"), "sft": ("max_steps", "time_minutes", "epochs"),
+            "rl": ("steps", "time_minutes")}
+    for stage, keys in need.items():
+        if not any(getattr(getattr(cfg, stage), k) for k in keys):
+            raise ExocortexError(f"{stage} has no budget: set one of " + ", ".join(f"{stage}.{k}" for k in keys))
+
+
+def check_flag(flag: str, key: str, value: Any) -> Any:
+    """A command-line flag that stands for a config field (chat's --temperature for sampling.temperature):
+    the field's type and range, the error naming the flag."""
+    section, name = key.split(".")
+    owner = type(getattr(RunConfig(), section))
+    return _convert(value, _field_hints(owner)[name], flag)
+
+
 def validate(cfg: RunConfig) -> RunConfig:
-    """Every check of a config's values, whatever their source."""
-    top = get_type_hints(RunConfig)
+    """Every check of a config's values, whatever their source: each field's type and range (the Range and
+    Match beside it), then how the fields fit together."""
+    top = _field_hints(RunConfig)
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
         if not dataclasses.is_dataclass(obj):
@@ -376,6 +456,10 @@ def validate(cfg: RunConfig) -> RunConfig:
                 getattr(obj, "validate", lambda: None)()
             except ExocortexError as e:
                 raise ExocortexError(f"{section.name}.{e}" if str(e).split("=")[0].isidentifier() else str(e)) from None
+    _check_budgets(cfg)
+    reason = why_unavailable(cfg.device)  # a run copied from a GPU machine says so, not a torch assertion
+    if reason:
+        raise ExocortexError(f"device={cfg.device!r}: {reason}; use --set device=auto (or cpu)")
     return cfg
 
 
@@ -402,7 +486,7 @@ def _from_dict(cls, d: Any, where: str = ""):
     """A dataclass from config.json's dict: unknown keys and wrongly typed values are errors."""
     if not isinstance(d, dict):
         raise ExocortexError(f"{where or 'the config'} must be a JSON object, not {type(d).__name__}")
-    hints, fields = get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    hints, fields = _field_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in d if k not in fields]
     if unknown:
         raise ExocortexError(f"unknown key '{(where + '.' if where else '') + unknown[0]}' (valid: {', '.join(fields)})")
@@ -412,6 +496,13 @@ def _from_dict(cls, d: Any, where: str = ""):
         default = fields[k].default_factory() if fields[k].default_factory is not dataclasses.MISSING else None
         kwargs[k] = _from_dict(type(default), v, key) if dataclasses.is_dataclass(default) else _convert(v, hints[k], key)
     return cls(**kwargs)
+
+
+def section_from_dict(cls, d: Any, where: str):
+    """One section read from a file (a checkpoint's model_config): the same checks as config.json's."""
+    section = _from_dict(cls, d, where)
+    getattr(section, "validate", lambda: None)()
+    return section
 
 
 def _migrate(d: dict) -> dict:
@@ -434,11 +525,13 @@ def save_config(cfg: RunConfig) -> Path:
 def load_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """A run's saved config plus overrides, checked before anything runs (nothing is written here)."""
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise ExocortexError(f"{run_dir} is not a run directory (no config.json); run `exocortex tokenizer` or "
                              "`exocortex speedrun` first")
     try:
         raw = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:  # a directory, no permission
+        raise ExocortexError(f"cannot read {path}: {e.strerror or e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ExocortexError(f"{path} is not valid JSON ({e})") from None
     try:

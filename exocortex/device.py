@@ -18,6 +18,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def why_unavailable(name: str) -> str | None:
+    """Why this machine cannot compute on device `name` (auto, cpu, mps, cuda, cuda:N), or None if it can."""
+    kind, _, index = name.partition(":")
+    if kind == "cuda" and not torch.cuda.is_available():
+        return "this machine (or this torch build) has no CUDA GPU"
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        return f"there are only {torch.cuda.device_count()} CUDA GPU(s)"
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        return "MPS (Apple GPU) is not available here"
+    return None
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """bf16 where the hardware computes it natively (GPUs, CPUs with AVX512-BF16/AMX), else fp32."""
     if name == "float32":

@@ -24,9 +24,16 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged byte costs its line, not the log
+    except OSError as e:  # a log feeds plots and reports: without it they lack a curve, nothing fails
+        print(f"warning: cannot read {path} ({e.strerror or e}); its records are left out")
+        return []
+    for line in text.splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            pass
+            continue
+        if isinstance(record, dict):
+            out.append(record)
     return out

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 from exocortex import registry
 from exocortex.errors import ExocortexError
@@ -159,10 +161,18 @@ class RunDir:
             return None
         cls = SUMMARIES[stage]
         try:
-            known = {f.name for f in dataclasses.fields(cls)}
-            return cls(**{k: v for k, v in json.loads(p.read_text()).items() if k in known})
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ExocortexError(f"{p} is unreadable or from another version ({e}); re-run "
+            raw = json.loads(p.read_bytes().decode("utf-8"))
+            if not isinstance(raw, dict):
+                raise TypeError("not a JSON object")
+            hints = get_type_hints(cls)
+            known = {k: v for k, v in raw.items() if k in hints}
+            for k, v in known.items():
+                if not _is_a(v, hints[k]):
+                    raise TypeError(f"{k}={v!r} is not {hints[k]}")
+            return cls(**known)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ExocortexError(f"{p} is unreadable or from another version ({why}); re-run "
                                  f"`exocortex {stage} --run {self.name}`") from None
 
     # ------------------------------------------------------------------ checkpoints
@@ -174,11 +184,9 @@ class RunDir:
         root = self.checkpoints(stage)
         if not root.exists():
             return None
-        pointer = root / "latest"
-        if pointer.exists():
-            named = root / pointer.read_text().strip()
-            if _complete(named):
-                return named
+        named = _pointed_to(root)
+        if named is not None and _complete(named):
+            return named
         for c in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
             if _complete(c):
                 return c
@@ -225,6 +233,31 @@ class RunDir:
             return None
         atomic_write_text(root / "latest", good[-1].name)
         return good[-1]
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    """Does a JSON value have a summary field's type? (an int stands for a float; a bool is no number)"""
+    kinds = get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if float in kinds:
+        kinds = (*kinds, int)
+    return any(value is None if k is type(None) else isinstance(value, k) and not (isinstance(value, bool) and k is not bool)
+               for k in kinds)
+
+
+def _pointed_to(root: Path) -> Path | None:
+    """The checkpoint a stage's `latest` file names; None (and a warning) when it names none, so the newest
+    complete checkpoint is used as if the file were missing."""
+    pointer = root / "latest"
+    if not pointer.exists():
+        return None
+    try:
+        name = pointer.read_bytes().decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if not re.fullmatch(r"step_\d+", name):
+        print(f"warning: {pointer} is damaged; using the newest complete checkpoint")
+        return None
+    return root / name
 
 
 def _complete(ckpt: Path) -> bool:

@@ -73,16 +73,20 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Tokenizer":
+        """The saved tokenizer, every line checked: a damaged file is a one-line error naming it, never a
+        tokenizer that silently encodes differently (or a panic inside tiktoken)."""
         d = Path(directory)
         f = d / "tokenizer.tiktoken"
         if not f.exists():
             raise ExocortexError(f"no tokenizer in {d}; run `exocortex tokenizer` first")
-        ranks = {}
-        for line in f.read_text().splitlines():
-            if line:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
-        return cls(ranks)
+        tok = cls(_read_ranks(f))
+        meta = d / "tokenizer.json"
+        if meta.exists():  # written beside the ranks: both must describe the same vocabulary
+            saved = _read_json_object(meta)
+            if saved.get("vocab_size") != tok.vocab_size or saved.get("special_tokens") != tok.special:
+                raise ExocortexError(f"{meta} says vocab_size {saved.get('vocab_size')!r} but {f} has "
+                                     f"{tok.vocab_size} tokens: the tokenizer is damaged; re-run `exocortex tokenizer`")
+        return tok
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, bos: bool = False) -> list[int]:
@@ -180,6 +184,41 @@ class Tokenizer:
             msgs = msgs[:-1]
         ids, _ = self.render_conversation(msgs)
         return ids + [self.special["<|assistant_start|>"]]
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    """tokenizer.tiktoken: "base64(token) rank" per line, ranks 0..n-1 each once, every single byte ranked."""
+    def bad(why: str) -> ExocortexError:
+        return ExocortexError(f"{path} is damaged ({why}); re-run `exocortex tokenizer`")
+
+    try:
+        lines = path.read_bytes().decode("ascii").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise bad(type(e).__name__ if isinstance(e, UnicodeDecodeError) else e.strerror or str(e)) from None
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            tok, rank = line.split()
+            ranks[base64.b64decode(tok, validate=True)] = int(rank)
+        except ValueError:  # binascii.Error is a ValueError
+            raise bad(f"line {n} is not 'base64 rank'") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise bad(f"its {len(ranks)} ranks are not 0..{len(ranks) - 1}, each once")
+    if any(bytes([b]) not in ranks for b in range(256)):
+        raise bad("a single byte has no rank")
+    return ranks
+
+
+def _read_json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExocortexError(f"{path} is unreadable ({type(e).__name__}); re-run `exocortex tokenizer`") from None
+    if not isinstance(value, dict):
+        raise ExocortexError(f"{path} must hold a JSON object; re-run `exocortex tokenizer`")
+    return value
 
 
 def _text(content) -> str:

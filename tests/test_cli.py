@@ -43,7 +43,7 @@ def files(tmp_path):
     (["tokenizer", "--data", "notext.jsonl"], ["notext.jsonl:1", '"text"']),
     (["speedrun", "--preset", "huge"], ["unknown preset 'huge'", "tiny"]),
     (["speedrun", "--set", "model.depthh=3"], ["unknown config key 'model.depthh'"]),
-    (["speedrun", "--set", "model.depth=three"], ["expected a int"]),
+    (["speedrun", "--set", "model.depth=three"], ["expected a whole number"]),
     (["speedrun", "--set", "nonsense"], ["key=value"]),
     (["sft", "--run", "nothing_here"], ["no run at", "speedrun"]),
     (["eval", "--run", "nothing_here"], ["no run at"]),

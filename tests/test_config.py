@@ -86,3 +86,115 @@ def test_every_preset_passes_its_own_checks():
 
     for name in PRESETS:
         assert make_config(name).preset == name
+
+
+def _number_fields():
+    """(dotted key, hint) for every number field of every section."""
+    import dataclasses
+    from typing import Annotated, get_args, get_origin
+
+    from exocortex.config import RunConfig, _field_hints
+
+    cfg = RunConfig()
+    for f in dataclasses.fields(cfg):
+        obj = getattr(cfg, f.name)
+        owner, names = (obj, [g.name for g in dataclasses.fields(obj)]) if dataclasses.is_dataclass(obj) else (cfg, [f.name])
+        for name in names:
+            hint = _field_hints(owner)[name]
+            base = get_args(hint)[0] if get_origin(hint) is Annotated else hint
+            if base in (int, float):
+                yield (f"{f.name}.{name}" if owner is not cfg else name), hint
+
+
+def test_every_number_has_a_range_with_both_ends():
+    from typing import Annotated, get_args, get_origin
+
+    from exocortex.config import Range
+
+    keys = list(_number_fields())
+    assert len(keys) > 50
+    for key, hint in keys:
+        assert get_origin(hint) is Annotated and any(isinstance(r, Range) for r in get_args(hint)[1:]), key
+
+
+def test_nan_inf_huge_and_words_are_rejected_for_every_number():
+    """One line naming the key and the allowed range, for every number field (model.vocab_size follows the
+    tokenizer's and is refused for that reason)."""
+    n = 0
+    for key, _ in _number_fields():
+        for bad in ("nan", "inf", "-inf", "1e400", str(10**30), "", "abc", "1.5.2", "true"):
+            with pytest.raises(ExocortexError, match=f"^{key}"):
+                make_config("tiny", [f"{key}={bad}"])
+            n += 1
+    assert n > 400
+
+
+def test_range_errors_name_key_value_and_range():
+    for bad, needle in [("model.depth=0", "model.depth=0: must be between 1 and 1024"),
+                        ("pretrain.matrix_lr=-0.1", "pretrain.matrix_lr=-0.1: must be between 0 and 10"),
+                        ("seed=-1", "seed=-1: must be between 0 and 4294967295"),
+                        ("tokenizer.vocab_size=100", "tokenizer.vocab_size=100: must be between 267"),
+                        ("device=tpu", "device='tpu': expected auto, cpu, mps, cuda or cuda:N"),
+                        ("sft_data.mixture=a=nan", "sft_data.mixture"),
+                        ("midtrain_data.mixture=a=0,b=0", "midtrain_data.mixture"),
+                        ("identity_name=a\nb", "identity_name")]:
+        with pytest.raises(ExocortexError) as e:
+            make_config("tiny", [bad])
+        assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_training_stage_without_a_budget_is_refused_before_anything_runs():
+    for bad in (["pretrain.time_minutes=0"], ["rl.time_minutes=0"],
+                ["sft.time_minutes=0", "sft.epochs=0"]):
+        with pytest.raises(ExocortexError, match="has no budget"):
+            make_config("tiny", bad)
+    assert make_config("tiny", ["pretrain.time_minutes=0", "pretrain.max_steps=5"]).pretrain.max_steps == 5
+
+
+def test_min_vocab_matches_the_tokenizer():
+    from exocortex.config import MIN_VOCAB
+    from exocortex.tokenizer import SPECIAL_TOKENS
+
+    assert MIN_VOCAB == 256 + len(SPECIAL_TOKENS)
+
+
+def test_config_json_nan_and_out_of_range_values_are_errors(tmp_path):
+    cfg = make_config("tiny", name="r")
+    cfg.runs_dir = str(tmp_path)
+    path = save_config(cfg)
+    good = json.loads(path.read_text())
+    for section, key, value in [("model", "depth", float("nan")), ("pretrain", "matrix_lr", float("inf")),
+                                ("model", "depth", 0), ("rl", "seed", -3)]:
+        path.write_text(json.dumps({**good, section: {**good[section], key: value}}))
+        with pytest.raises(ExocortexError, match=f"{section}.{key}"):
+            load_config(tmp_path / "r")
+
+
+def test_where_a_run_lives_comes_from_flags_not_set(tmp_path):
+    """--set name=x on an existing run would send the next stage's files into another run directory."""
+    cfg = make_config("tiny", name="r")
+    cfg.runs_dir = str(tmp_path)
+    save_config(cfg)
+    for key, flag in (("name", "--run"), ("runs_dir", "--runs-dir"), ("preset", "--preset")):
+        with pytest.raises(ExocortexError, match=f"use {flag} x"):
+            load_config(tmp_path / "r", [f"{key}=x"])
+
+
+def test_paths_set_on_the_command_line_must_exist(tmp_path):
+    for key in ("data.path", "eval.core_bundle"):
+        with pytest.raises(ExocortexError, match=f"{key}='/no/such/place': no such file or directory"):
+            make_config("tiny", [f"{key}=/no/such/place"])
+    assert make_config("tiny", [f"data.path={tmp_path}"]).data.path == str(tmp_path)
+    cfg = make_config("tiny", name="r")  # a saved run whose corpus has moved since still loads
+    cfg.runs_dir, cfg.data.path = str(tmp_path), "/moved/away"
+    save_config(cfg)
+    assert load_config(tmp_path / "r").data.path == "/moved/away"
+
+
+def test_a_device_this_machine_lacks_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(ExocortexError, match="device='cuda:1': .*no CUDA GPU; use --set device=auto"):
+        make_config("tiny", ["device=cuda:1"])

@@ -12,6 +12,7 @@ Pretraining rows come in two packings (config data.packing):
 """
 from __future__ import annotations
 
+import json
 from bisect import bisect_left, bisect_right, insort
 
 import numpy as np
@@ -259,17 +260,79 @@ class PackedRows:
 # ----------------------------------------------------------------------------- a run's token files
 
 def load_splits(cfg: RunConfig) -> tuple[TokenSplit, TokenSplit]:
-    """The run's tokenized (train, val) splits, memory-mapped."""
+    """The run's tokenized (train, val) splits, memory-mapped, checked against data/meta.json."""
     d = cfg.run.data_dir
     if not has_token_data(d):
         raise ExocortexError(f"{cfg.run_dir} has no tokenized data; run `exocortex tokenizer --run {cfg.name}` first")
-    bos = Tokenizer.load(cfg.run.tokenizer_dir).bos_id if not (d / "meta.json").exists() else None
-    return read_split(d, "train", bos), read_split(d, "val", bos)
+    meta = _token_meta(d, cfg.name) if (d / "meta.json").exists() else None
+    bos = Tokenizer.load(cfg.run.tokenizer_dir).bos_id if meta is None else None
+    try:
+        splits = read_split(d, "train", bos), read_split(d, "val", bos)
+    except Exception as e:  # numpy and the OS raise many kinds on a damaged file; say where and what to do
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise ExocortexError(f"the token files in {d} are damaged ({why}); {_REDO.format(cfg.name)}") from None
+    if meta is not None:
+        for name, split in zip(("train", "val"), splits):
+            _check_split(d, name, split, meta, cfg.name)
+    return splits
+
+
+_REDO = "re-run `exocortex tokenizer --run {}`"
+
+
+def _token_meta(d, run_name: str) -> dict:
+    path = d / "meta.json"
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ExocortexError(f"{path} is unreadable ({type(e).__name__}); {_REDO.format(run_name)}") from None
+    counts = ("vocab_size", "train_tokens", "val_tokens")
+    if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+            and all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in counts)):
+        raise ExocortexError(f"{path} is damaged (it needs dtype uint16/uint32 and the counts {', '.join(counts)}); "
+                             + _REDO.format(run_name))
+    return meta
+
+
+def _check_split(d, name: str, split: TokenSplit, meta: dict, run_name: str) -> None:
+    """Cheap checks that catch a cut or overwritten file: the length meta.json recorded, document starts
+    inside the tokens in order. (Token ids are checked where rows are made: train_source, val_batches.)"""
+    n, s = meta[f"{name}_tokens"], split.starts
+    if len(split.tokens) != n:
+        raise ExocortexError(f"{d / (name + '.bin')} holds {len(split.tokens):,} tokens but {d / 'meta.json'} "
+                             f"recorded {n:,}: it was cut or replaced; {_REDO.format(run_name)}")
+    if s.ndim != 1 or s.dtype.kind not in "iu" or (len(s) and (s[0] < 0 or s[-1] >= max(1, n) or np.any(np.diff(s) <= 0))):
+        raise ExocortexError(f"{d / (name + '.docs.npy')} is damaged (document starts out of order or past the "
+                             f"tokens); {_REDO.format(run_name)}")
+
+
+def _check_ids(cfg: RunConfig, name: str, tokens: np.ndarray) -> None:
+    """Every token id inside the tokenizer's vocabulary (the model would index past its embedding); one pass
+    over a memory-mapped file, chunked so it never needs the whole split in memory."""
+    vocab = Tokenizer.load(cfg.run.tokenizer_dir).vocab_size
+    chunk = 1 << 24
+    top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+    if top >= vocab:
+        raise ExocortexError(f"{cfg.run.data_dir / (name + '.bin')} holds token id {top}, outside the vocabulary of "
+                             f"{vocab}: it was overwritten or belongs to another tokenizer; {_REDO.format(cfg.name)}")
+
+
+def _too_small(cfg: RunConfig, split: str, have: int, seq_len: int, rows: int) -> ExocortexError:
+    """How much text a split lacks, in words a user can act on."""
+    need = rows * (seq_len + 1)
+    share = cfg.data.val_fraction if split == "val" else 1 - cfg.data.val_fraction
+    hint = " or raise data.val_fraction" if split == "val" else " or lower the device batch"
+    return ExocortexError(f"the {split} split has {have:,} tokens, fewer than {need:,} ({rows} row(s) of "
+                          f"{seq_len + 1}): the corpus needs at least about {int(need / share):,} tokens in all; "
+                          f"give it more text{hint}")
 
 
 def train_source(cfg: RunConfig, seq_len: int, rows: int):
     """The pretraining batch source, packed as cfg.data.packing says."""
     train, _ = load_splits(cfg)
+    if len(train.tokens) < rows * (seq_len + 1):
+        raise _too_small(cfg, "train", len(train.tokens), seq_len, rows)
+    _check_ids(cfg, "train", train.tokens)
     if cfg.data.packing == "bestfit":
         return BestFitRows(train.tokens, train.starts, seq_len, rows, seed=cfg.seed)
     return TokenRows(train.tokens, seq_len, rows, seed=cfg.seed)
@@ -278,6 +341,9 @@ def train_source(cfg: RunConfig, seq_len: int, rows: int):
 def val_batches(cfg: RunConfig, seq_len: int, rows: int, max_tokens: int) -> list:
     """Fixed val batches, packed the way training rows are (so val loss measures the training objective)."""
     _, val = load_splits(cfg)
+    if len(val.tokens) < seq_len + 1:
+        raise _too_small(cfg, "val", len(val.tokens), seq_len, 1)
+    _check_ids(cfg, "val", val.tokens)
     if cfg.data.packing == "bestfit":
         return packed_eval_batches(val.tokens, val.starts, seq_len, rows, max_tokens)
     return eval_batches(val.tokens, seq_len, rows, max_tokens)
