@@ -159,5 +159,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
+        flat = targets.reshape(-1)
+        if reduction != "mean":
+            return F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, ignore_index=-1, reduction=reduction)
+        # a mean over the counted positions, 0 (not NaN) for a batch with none: a short SFT row may hold no reply
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, ignore_index=-1, reduction="sum")
+        return loss / (flat != -1).sum().clamp(min=1)

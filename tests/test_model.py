@@ -34,3 +34,18 @@ def test_causality(small_cfg):
     x = torch.randint(0, small_cfg.vocab_size, (1, 16))
     x2 = x.clone(); x2[0, 10:] = (x2[0, 10:] + 1) % small_cfg.vocab_size
     assert torch.allclose(m(x)[:, :10], m(x2)[:, :10], atol=1e-5)
+
+
+def test_batch_without_targets_is_zero_loss_not_nan(small_cfg):
+    # an SFT row cut before the reply has no counted position: it must add nothing, not poison the weights
+    torch.manual_seed(0)
+    model = GPT(small_cfg)
+    x = torch.randint(0, small_cfg.vocab_size, (2, 8))
+    loss = model(x, torch.full((2, 8), -1))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    y = torch.randint(0, small_cfg.vocab_size, (2, 8))
+    y[0] = -1
+    mean = model(x, y)
+    torch.testing.assert_close(mean, model(x, y, reduction="none").view(2, 8)[1].mean())
