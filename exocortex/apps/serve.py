@@ -19,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import ctypes
 import hmac
 import json
 import os
+import sys
 import threading
 import time
 import uuid
@@ -637,7 +639,8 @@ class _Service:
         def no_constants(c):
             raise ValueError(f"{c} is not valid JSON")
         try:
-            data = json.loads(body, parse_constant=no_constants)
+            # JSON is UTF-8 (RFC 8259); json.loads(bytes) would also let encoded surrogates through
+            data = json.loads(body.decode("utf-8"), parse_constant=no_constants)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json")
         except RecursionError:  # [[[[...]]]] deeper than the interpreter's stack
@@ -924,6 +927,7 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     cfg = run if isinstance(run, RunConfig) else load_config(run)
     _check_port_free(host, port)
     limits = serve_limits(host, api_key, allowed_hosts, insecure_no_api_key)
+    bound_memory()
     engine = load_engine(cfg, stage, docs)
     engine.compile = compile
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
@@ -937,6 +941,23 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
           f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
     # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **server_options(limits))
+
+
+def bound_memory() -> None:
+    """Keep a long-running server's memory flat (it grew from 0.3 to 3.5 GB in 16 long replies and stayed
+    there; bench/serve_soak.py). Call before the first matrix product. Two causes:
+    - the decode step's attention product has a new shape at every step (the span grows by one), and oneDNN,
+      like torch's own oneDNN cache, keeps a primitive with its scratch memory for each of the last 1024
+      shapes: a few MB each. A handful is enough to reuse the shapes that repeat (the weight products);
+    - glibc raises its mmap threshold as large blocks are freed, so the buffers of ever larger shapes then come
+      from the heap and stay there after they are freed; a fixed threshold returns them to the OS.
+    Settings the user made in the environment win. A no-op for glibc's part off glibc."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # read at their first use
+        os.environ.setdefault(name, "8")
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            M_MMAP_THRESHOLD = -3  # from <malloc.h>
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def serve_limits(host: str, api_key: str | None = None, allowed_hosts: str | None = None,
