@@ -1,5 +1,5 @@
 """Server memory stays bounded: 16 long replies at once (the tiny preset's shape, random weights, so every reply
-runs to the end of the context) used to take the process from 0.3 to 3.5 GB, for good (bench/serve_soak.py).
+peaked like a trained model's) used to take the process from 0.3 to 3.5 GB, for good (bench/serve_soak.py).
 Runs the batcher in a fresh process, since the settings that bound it are read at oneDNN's first use."""
 import subprocess
 import sys
@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent("""
     if sys.argv[2] == "bounded":
         bound_memory()
     from exocortex.config import make_config
+    from exocortex.device import resolve_dtype
     from exocortex.infer.engine import Batcher, Engine, Request
     from exocortex.model import GPT
     from exocortex.tokenizer import Tokenizer
@@ -27,7 +28,13 @@ SCRIPT = textwrap.dedent("""
     shape = make_config("tiny").model
     shape.vocab_size = tok.vocab_size
     torch.manual_seed(0)
-    engine = Engine(GPT(shape), tok, torch.device("cpu"))
+    model = GPT(shape)
+    with torch.no_grad():  # peaked replies, as a trained model's (the default init's are near uniform)
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.05)
+    cpu = torch.device("cpu")
+    engine = Engine(model, tok, cpu, resolve_dtype("auto", cpu))  # bf16 (oneDNN) where the CPU has it, as served
     batcher, done = Batcher(engine, 16), threading.Semaphore(0)
     before = rss_mb()
     for seed in range(16):
@@ -49,5 +56,4 @@ def growth_mb(tok_dir, mode: str) -> int:
 def test_long_replies_leave_memory_bounded(tok, tmp_path):
     tok.save(tmp_path)
     grew = growth_mb(tmp_path, "bounded")
-    print("grew", grew, "unbounded", growth_mb(tmp_path, "unbounded"))
     assert grew < 400, f"RSS grew by {grew} MB over 16 long replies"
