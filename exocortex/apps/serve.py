@@ -471,7 +471,7 @@ class _Refused(Exception):
 
 def _hostname(netloc: str) -> str | None:
     """The lower-cased name in a Host header or an Origin's netloc ("[::1]:8000" -> "::1"); None if malformed."""
-    if not netloc or any(c in netloc for c in "@/?#\\\\ "):
+    if not netloc or any(c in netloc for c in "@/?#\\ "):
         return None
     try:
         parts = urlsplit("//" + netloc)
@@ -552,9 +552,8 @@ class _BodyReader:
         if self.deadline is None:
             self.deadline = loop.time() + self.limits.body_timeout
         try:
-            async with asyncio.timeout(max(0.0, self.deadline - loop.time())):
-                message = await self.receive()
-        except TimeoutError:
+            message = await asyncio.wait_for(self.receive(), max(0.0, self.deadline - loop.time()))
+        except asyncio.TimeoutError:  # (TimeoutError itself only from Python 3.11)
             raise _Refused(408, f"The request body did not arrive within {self.limits.body_timeout:g} s.",
                            "request_timeout") from None
         if message["type"] != "http.request":
