@@ -2,9 +2,13 @@
 Host names (DNS rebinding), cross-origin and non-JSON POSTs (CSRF from a web page), requests without the API key,
 and JSON nested too deeply. Each answer is a 4xx error object, and the server stays healthy.
 """
+import os
 import select
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +16,7 @@ httpx = pytest.importorskip("httpx")
 from test_serve import MODEL, Server, engine  # noqa: E402,F401  (engine: a fixture)
 
 from exocortex.apps.serve import API_KEY_ENV, Limits, create_app, serve_limits  # noqa: E402
+from exocortex.config import make_config, save_config  # noqa: E402
 from exocortex.errors import ExocortexError  # noqa: E402
 
 CHAT = "/v1/chat/completions"
@@ -204,3 +209,19 @@ def test_deeply_nested_json_is_a_400(engine):
             assert c.post(CHAT, json=HELLO).status_code == 200
     finally:
         server.stop()
+
+
+def test_the_cli_refuses_to_serve_beyond_loopback_without_a_key(tmp_path):
+    cfg = make_config("tiny", name="guarded")
+    cfg.runs_dir = str(tmp_path)
+    save_config(cfg)
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "exocortex", "serve", "--run", str(cfg.run_dir), "--host", "0.0.0.0",
+                          "--port", str(port)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: serving on 0.0.0.0") and out.stderr.count("\n") == 1, out.stderr
+    assert "--api-key" in out.stderr and "--insecure-no-api-key" in out.stderr
