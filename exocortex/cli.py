@@ -49,6 +49,14 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "compile": [(("--compile",), dict(dest="compile", action="store_true", help="compile the decode step (first requests wait for "
                  "the compiler; on CPU the one-row step is built ahead of time once per model shape and cached)"))],
     "max_prompt_tokens": [(("--max-prompt-tokens",), dict(dest="max_prompt_tokens", type=int, default=None))],
+    "api_key": [(("--api-key",), dict(dest="api_key", default=None, help="require 'Authorization: Bearer <key>' on /v1 "
+                                      "(or set EXOCORTEX_API_KEY, which other users of this machine cannot see)")),
+                (("--insecure-no-api-key",), dict(dest="insecure_no_api_key", action="store_true",
+                                                   help="serve beyond loopback without a key (anyone who can reach "
+                                                        "the server may use it)"))],
+    "allowed_hosts": [(("--allowed-hosts",), dict(dest="allowed_hosts", default=None, metavar="NAMES",
+                                                  help="Host header names served besides loopback and --host, "
+                                                       "comma-separated ('*': any)"))],
     "format": [(("--format",), dict(dest="format", default="hf", choices=["hf", "gguf"],
                                     help="hf: a transformers directory; gguf: one file for llama.cpp / Ollama"))],
     "out": [(("--out",), dict(dest="out", default=None, help="output directory (hf; default runs/<name>/hf) or .gguf file "

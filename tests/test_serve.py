@@ -21,7 +21,7 @@ from exocortex.config import ModelConfig  # noqa: E402
 from exocortex.infer.decode import Decoder  # noqa: E402
 from exocortex.infer.engine import Engine  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.apps.serve import create_app  # noqa: E402
+from exocortex.apps.serve import create_app, server_options  # noqa: E402
 from scripted import Paced, Scripted  # noqa: E402
 
 MODEL = "tiny-test"
@@ -35,7 +35,8 @@ class Server:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
+        cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
+                             **server_options(app.state.limits))  # as `exocortex serve` runs it
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=lambda: self.server.run(sockets=[self.sock]), daemon=True)
         self.thread.start()
@@ -222,7 +223,7 @@ def test_fastapi_validation_errors_use_the_openai_format(engine):
         return {"n": n}
 
     async def get(path):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             return await c.get(path)
 
     _error(asyncio.run(get("/extra?n=abc")), 400, param="n", code="invalid_value")

@@ -22,7 +22,7 @@ from test_serve import MODEL, Server  # noqa: E402
 from exocortex.config import ModelConfig  # noqa: E402
 from exocortex.infer.engine import Engine  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
-from exocortex.apps.serve import create_app  # noqa: E402
+from exocortex.apps.serve import Limits, create_app  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("EXOCORTEX_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
 
@@ -69,3 +69,28 @@ def test_chat_page_streams_reply_with_tool_call(tok):
     finally:
         server.stop()
     assert (ARTIFACTS / "ui_chat.png").stat().st_size > 5000
+
+
+def test_chat_page_asks_for_the_api_key(tok):
+    """With --api-key the page gets 401, asks for the key once, and sends it as Bearer from then on; its POSTs
+    pass the guard's Origin and Content-Type checks (same origin, JSON)."""
+    script = [*tok.encode("Hello there."), tok.special["<|assistant_end|>"]]
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=64, mlp_ratio=1.0)
+    engine = Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
+    server = Server(create_app(engine, MODEL, limits=Limits(api_key="page-key")))
+    asked = []
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                         "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            page.on("dialog", lambda d: (asked.append(d.message), d.accept("page-key")))
+            page.goto(server.url + "/")
+            page.locator("#model", has_text=MODEL).wait_for(timeout=10_000)
+            page.fill("#input", "hi")
+            page.click("#send")
+            page.locator(".msg.assistant .bubble", has_text="Hello there.").wait_for(timeout=10_000)
+            browser.close()
+    finally:
+        server.stop()
+    assert len(asked) == 1 and "API key" in asked[0]

@@ -11,9 +11,26 @@ let modelName = null;
 let controller = null;  // AbortController of the reply being generated
 let chatId = 0;          // bumped by "New chat", so a reply that ends afterwards is not added to the new chat
 
+// The server's API key, asked for when it answers 401 (started with --api-key); kept for this tab only.
+let apiKey = sessionStorage.getItem("exocortex-api-key") || "";
+
+function authHeaders() {
+  return apiKey ? { Authorization: "Bearer " + apiKey } : {};
+}
+
+function askForKey() {
+  const key = window.prompt("This server needs an API key (exocortex serve --api-key):");
+  if (key) {
+    apiKey = key.trim();
+    sessionStorage.setItem("exocortex-api-key", apiKey);
+  }
+  return Boolean(key);
+}
+
 async function loadModel() {
   try {
-    const res = await fetch("/v1/models");
+    let res = await fetch("/v1/models", { headers: authHeaders() });
+    while (res.status === 401 && askForKey()) res = await fetch("/v1/models", { headers: authHeaders() });
     const body = await res.json();
     modelName = body.data[0].id;
     $("model").textContent = modelName;
@@ -122,10 +139,11 @@ async function send(text) {
   try {
     const res = await fetch("/v1/chat/completions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: { "Content-Type": "application/json", ...authHeaders() },
       body: JSON.stringify(requestBody()),
       signal: controller.signal,
     });
+    if (res.status === 401) askForKey();  // the next Send uses it
     if (!res.ok) {
       let message = res.status + " " + res.statusText;
       try { message = (await res.json()).error.message; } catch (e) { /* not JSON */ }

@@ -1,0 +1,69 @@
+"""`exocortex serve` in a subprocess for the serving benchmarks: a run to serve, a free port, its RSS."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from _runs import synthetic_run  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@contextlib.contextmanager
+def serving(run: str | None, *args: str, preset: str = "tiny"):
+    """Yields (base URL, server pid, run) for `exocortex serve --run <run> <args>`; without a run, a random
+    `preset`-shaped one is built (bench/_runs.py). The server's output goes to a file, shown if it dies."""
+    import httpx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run or ("runs/tiny" if (Path("runs/tiny") / "config.json").exists() else None)
+        if run is None:
+            print(f"no --run and no runs/tiny: building a random {preset}-preset run ...", flush=True)
+            run = str(synthetic_run(Path(tmp), preset))
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        log = open(Path(tmp) / "server.log", "w+")  # a file, not a pipe: access logs must never block the server
+        cmd = [sys.executable, "-m", "exocortex", "serve", "--run", run, "--port", str(port), *args]
+        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 300
+            while True:
+                if server.poll() is not None:
+                    log.seek(0)
+                    sys.exit(f"error: the server exited:\n{log.read()[-3000:]}")
+                try:
+                    httpx.get(base + "/health", timeout=1)
+                    break
+                except httpx.HTTPError:
+                    if time.time() > deadline:
+                        sys.exit("error: the server did not start in 300 s")
+                    time.sleep(0.5)
+            yield base, server.pid, run
+            if server.poll() is not None:
+                log.seek(0)
+                sys.exit(f"error: the server died:\n{log.read()[-3000:]}")
+        finally:
+            server.terminate()
+            try:
+                server.wait(15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+            log.close()
