@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from exocortex.errors import ExocortexError
+from exocortex.fileio import fsync_path
 from exocortex.apps.export.hf import CHAT_TEMPLATE, check_export_target, load_for_export, ranks_to_bpe
 from exocortex.tokenizer import Tokenizer
 
@@ -137,12 +138,16 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
         else:  # numpy has no bfloat16: hand over the raw bytes
             raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
             w.add_tensor(gguf_tensor_name(name), raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
-    try:
+    try:  # into a temp file, renamed over the previous export only once it is whole
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        fsync_path(tmp)
         os.replace(tmp, out_path)
+        fsync_path(out_path.parent)
+    except OSError as e:  # a full disk, a file size limit
+        raise ExocortexError(f"could not write the export ({e.strerror or e}); {out_path} is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
     return out_path
