@@ -29,11 +29,32 @@ def fsync_tree(directory: str | os.PathLike) -> None:
         fsync_path(root)
 
 
+def temp_path(target: str | os.PathLike) -> Path:
+    """Where to write `target` before renaming it into place: `.<name>.tmp<pid>` next to it. Such temps left
+    by a killed process (kill -9, power loss) are removed here, the next time the target is written."""
+    target = Path(target)
+    for stale in target.parent.glob(f".{target.name}.tmp*"):
+        pid = stale.name[len(target.name) + 5:]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return target.with_name(f".{target.name}.tmp{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temp file + fsync + rename; on any failure (a full disk) the old file stays and the temp
     file is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -70,7 +91,7 @@ def staging_dir(target: str | os.PathLike) -> Path:
     """An empty hidden directory next to `target` (same filesystem, so its files can be renamed into place)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    staged = temp_path(target)
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir()
     return staged

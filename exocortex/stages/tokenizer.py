@@ -15,7 +15,7 @@ from exocortex.data.sources import corpus_tasks, read_task, val_every
 from exocortex.data.tokens import commit_token_data, write_token_data
 from exocortex.data.world import corpus_stats
 from exocortex.errors import ExocortexError
-from exocortex.fileio import remove_tree
+from exocortex.fileio import remove_tree, temp_path
 from exocortex.run import TokenizerSummary
 from exocortex.tokenizer import Tokenizer, iter_texts_for_training
 
@@ -62,12 +62,15 @@ def run_tokenizer(cfg: RunConfig, force: bool = False) -> TokenizerSummary:
     t2 = time.time()
     run_dir = cfg.run_dir.absolute()
     created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
-    staged = run_dir / f".tokenizer.tmp{os.getpid()}"
+    staged = temp_path(run_dir / "tokenizer")
     try:
         stats = write_token_data(tok, tasks, staged / "data", cfg.data.val_fraction, workers=cfg.data.workers)
         tok.save(staged / "tokenizer")
-    except BaseException:  # bad input found while encoding, a full disk: leave no trace of this run
+    except BaseException as e:  # bad input found while encoding, a full disk: leave no trace of this run
         shutil.rmtree(created or staged, ignore_errors=True)
+        if isinstance(e, OSError):  # numpy's short writes carry no errno: any write error is this
+            raise ExocortexError(f"tokenizer: could not write the token files ({e.strerror or e}; is the disk "
+                                 f"full?); {run_dir} is unchanged") from None
         raise
     t_encode = time.time() - t2
     _replace(cfg, staged, trained)

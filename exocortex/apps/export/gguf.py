@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from exocortex.errors import ExocortexError
-from exocortex.fileio import fsync_path
+from exocortex.fileio import fsync_path, temp_path
 from exocortex.apps.export.hf import CHAT_TEMPLATE, check_export_target, load_for_export, ranks_to_bpe
 from exocortex.tokenizer import Tokenizer
 
@@ -97,7 +97,7 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
     tokens, types, merges = gguf_vocab(tok, cfg.vocab_size)  # before writing anything: this is what can fail
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    tmp = temp_path(out_path)
     w = gguf.GGUFWriter(str(tmp), arch="qwen3")
     w.add_name(run_dir.resolve().name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

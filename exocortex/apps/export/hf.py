@@ -273,8 +273,9 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, stage: str
         _write_export(staged, tok, hf_tok, model, dtype)
     except BaseException as e:
         shutil.rmtree(staged, ignore_errors=True)
-        if isinstance(e, OSError):  # a full disk, a file size limit
-            raise ExocortexError(f"could not write the export ({e.strerror or e}); {out_dir} is unchanged") from None
+        if isinstance(e, Exception):  # a full disk, a file size limit (safetensors has its own error type)
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
+            raise ExocortexError(f"could not write the export ({why}); {out_dir} is unchanged") from None
         raise
     info = {"source_run": str(run_dir), "checkpoint": str(ckpt), "stage": stage, "step": meta.get("step"),
             "dtype": dtype, "params": model.num_params()}
