@@ -36,9 +36,9 @@ SETS = ["data.world_bytes=200000", "tokenizer.train_bytes=150000", "tokenizer.vo
 # ----------------------------------------------------------------------------- helpers
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file under root (hidden ones too) -> its sha256."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    """Every file under root (hidden ones too) -> its sha256; every directory -> 'dir' (an empty one counts)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(root).rglob("*"))}
 
 
 def _arm(n: int) -> None:
