@@ -252,13 +252,14 @@ class RunDir:
         remove_tree(self.previous_checkpoints(stage))
 
     def roll_back(self, stage: str, step: int) -> Path | None:
-        """Point a stage's `latest` at its newest checkpoint from at most `step`; with none, remove the stage's
-        checkpoints so later stages start from its parent."""
+        """Point a stage's `latest` at its newest checkpoint from at most `step`; with none, remove this run's
+        checkpoints of the stage: the ones it set aside count again (returned), else later stages start from
+        its parent (None)."""
         root = self.checkpoints(stage)
         good = [p for p in _step_dirs(root) if int(p.name.split("_")[1]) <= step]
         if not good:
-            self.clear_checkpoints(stage)
-            return None
+            remove_tree(root)
+            return self.latest_checkpoint(stage)
         atomic_write_text(root / "latest", good[-1].name)
         return good[-1]
 

@@ -424,3 +424,23 @@ def test_speedrun_starts_the_later_stages_over_on_purpose(run, monkeypatch):
     assert calls["sft"] == calls["rl"] == {"resume": False, "force": True}
     with pytest.raises(ExocortexError, match="--force to start it over"):
         run_speedrun(load_config(run))
+
+
+def test_a_fresh_run_stopped_before_its_first_checkpoint_by_a_hook_keeps_the_old_result(run, small_cfg):
+    """RL's guard trips before the new run's first checkpoint: the run has no result of its own (not the old
+    run's checkpoint), and rolling back leaves the old checkpoints counting."""
+    import numpy as np
+    from exocortex.config import TrainConfig
+    from exocortex.data.loader import TokenRows
+    from exocortex.model import GPT
+    from exocortex.train.loop import train
+
+    old = RunDir(run).latest_checkpoint("pretrain")
+    before = snapshot(old)
+    tokens = np.random.default_rng(0).integers(0, small_cfg.vocab_size, 5000).astype(np.uint16)
+    t = TrainConfig(batch_tokens=128, device_batch=4, checkpoint_every=0, dtype="float32")
+    res = train(GPT(small_cfg), t, "pretrain", run, TokenRows(tokens, small_cfg.seq_len, rows=4, seed=1), [],
+                torch.device("cpu"), torch.float32, total_steps=5, hooks=(lambda step, record: "degenerate",))
+    assert res.stop_reason == "degenerate" and res.checkpoint == "None"
+    kept = RunDir(run).roll_back("pretrain", 0)
+    assert kept is not None and snapshot(kept) == before
