@@ -181,9 +181,9 @@ class RunDir:
         for root in (self.checkpoints(stage), self.previous_checkpoints(stage)):
             steps = [c for c in reversed(_step_dirs(root)) if _complete(c)]
             if steps:
-                pointer = root / "latest"
-                named = root / pointer.read_text().strip() if pointer.is_file() else None
-                return sorted(steps, key=lambda c: c != named)  # stable: the named one first
+                pointer = root / "latest"  # damaged, it names none of them: the newest comes first
+                named = pointer.read_bytes().decode("ascii", "replace").strip() if pointer.is_file() else None
+                return sorted(steps, key=lambda c: c.name != named)  # stable: the named one first
         return []
 
     def latest_checkpoint(self, stage: str) -> Path | None:
