@@ -138,7 +138,13 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
         else:  # numpy has no bfloat16: hand over the raw bytes
             raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
             w.add_tensor(gguf_tensor_name(name), raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
-    try:  # into a temp file, renamed over the previous export only once it is whole
+    _write(w, tmp, out_path)
+    return out_path
+
+
+def _write(w, tmp: Path, out_path: Path) -> None:
+    """Into a temp file, renamed over the previous export only once it is whole and on the disk."""
+    try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -150,7 +156,6 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
         raise ExocortexError(f"could not write the export ({e.strerror or e}); {out_path} is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return out_path
 
 
 def load_llama(path: str | os.PathLike, n_ctx: int = 512, **kw):
