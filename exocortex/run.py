@@ -247,10 +247,6 @@ class RunDir:
     def drop_previous_checkpoints(self, stage: str) -> None:
         remove_tree(self.previous_checkpoints(stage))
 
-    def clear_checkpoints(self, stage: str) -> None:
-        remove_tree(self.checkpoints(stage))
-        remove_tree(self.previous_checkpoints(stage))
-
     def roll_back(self, stage: str, step: int) -> Path | None:
         """Point a stage's `latest` at its newest checkpoint from at most `step`; with none, remove this run's
         checkpoints of the stage: the ones it set aside count again (returned), else later stages start from
