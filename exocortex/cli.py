@@ -6,6 +6,7 @@ Bad input ends with a one-line `error: ...` and a non-zero exit, never a traceba
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -25,6 +26,8 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "data": [(("--data",), dict(dest="data", default=None, help="your own text: a file or directory of .txt/.md/.jsonl/.parquet, "
                                  "or hf:<owner/name> for a dataset fetched with `exocortex data download`"))],
     "resume": [(("--resume",), dict(dest="resume", action="store_true", help="continue from the latest checkpoint"))],
+    "force": [(("--force",), dict(dest="force", action="store_true", help="start over where this would replace trained "
+                                  "checkpoints (the old ones stay until the new run has written its first)"))],
     "stages": [(("--stages",), dict(dest="stages", default=None,
                                     type=lambda s: [x.strip() for x in s.split(",") if x.strip()] or None,
                                     help="comma-separated subset of " + ",".join(registry.MODEL_STAGES)))],
@@ -162,7 +165,7 @@ def stage_config(stage: registry.Stage, args) -> RunConfig:
         exists = (_run_path(args) / "config.json").exists()
         cfg = _with_data(existing_config(args, stage.name), args) if exists else new_config(args)
         tokenize = registry.BY_NAME["tokenizer"].load()
-        parallel.run_on_main(lambda: tokenize(cfg), "tokenization")
+        parallel.run_on_main(lambda: tokenize(cfg, force=getattr(args, "force", False)), "tokenization")
         return cfg
     return existing_config(args, stage.name)
 
@@ -204,4 +207,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except MemoryError:
         print("error: out of memory; use a smaller preset or --set pretrain.device_batch=<smaller>", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise
+        # what was written went to temp files: the run's previous files are in place
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror} (disk full?); nothing was replaced, "
+              f"free space and run it again", file=sys.stderr)
         sys.exit(1)

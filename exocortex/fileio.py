@@ -1,21 +1,114 @@
-"""Files that are never left half-written: a crash mid-write leaves the old file, not a broken one."""
+"""Files that are never left half-written: a crash mid-write leaves the old file, not a broken one.
+
+The pattern everywhere: write a temp file (or directory) next to the target, fsync it, rename it over the
+target, fsync the directory. A rename within one filesystem is atomic, and the fsyncs order the data before
+the rename, so after a crash or power loss a reader finds the old file or the new one, never a mix.
+"""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file + rename so a crash never leaves a half-written file."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file in a directory tree, then the directories themselves (deepest first)."""
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for f in files:
+            fsync_path(os.path.join(root, f))
+        fsync_path(root)
+
+
+def temp_path(target: str | os.PathLike) -> Path:
+    """Where to write `target` before renaming it into place: `.<name>.tmp<pid>` next to it. Such temps left
+    by a killed process (kill -9, power loss) are removed here, the next time the target is written."""
+    target = Path(target)
+    for stale in target.parent.glob(f".{target.name}.tmp*"):
+        pid = stale.name[len(target.name) + 5:]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+    return target.with_name(f".{target.name}.tmp{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write via a temp file + fsync + rename; on any failure (a full disk) the old file stays and the temp
+    file is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete a directory tree without ever leaving a half-deleted one under its name: it is renamed to a
+    hidden sibling first (atomic), then deleted; a crash leaves only that hidden `.trash_*` directory."""
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)  # an earlier, interrupted removal
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def staging_dir(target: str | os.PathLike) -> Path:
+    """An empty hidden directory next to `target` (same filesystem, so its files can be renamed into place)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staged = temp_path(target)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    return staged
+
+
+def commit_files(staged: Path, target: Path, last: str | None = None) -> None:
+    """Move every file of a fully written staging directory into `target` (fsynced first; renames only,
+    `last` last, so it marks a complete set), then remove the staging directory. Files of `target` that the
+    staging directory does not have are left alone."""
+    fsync_tree(staged)
+    target.mkdir(parents=True, exist_ok=True)
+    if last:  # the old set is no longer complete from here until the new one is
+        (target / last).unlink(missing_ok=True)
+    for f in sorted(staged.iterdir(), key=lambda p: p.name == last):
+        os.replace(f, target / f.name)
+    fsync_path(target)
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,9 @@ from typing import Any, get_args, get_type_hints
 
 from exocortex import registry
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_json, atomic_write_text
+from exocortex.fileio import atomic_write_json, atomic_write_text, remove_tree
+
+_STEP = re.compile(r"step_\d+")
 
 
 # ----------------------------------------------------------------------------- stage summaries
@@ -179,19 +180,29 @@ class RunDir:
     def checkpoints(self, stage: str) -> Path:
         return self.path / "checkpoints" / stage
 
+    def previous_checkpoints(self, stage: str) -> Path:
+        """Where a fresh run of a stage sets the old checkpoints aside until its own first one is complete."""
+        return self.path / "checkpoints" / f"{stage}.previous"
+
+    def checkpoint_dirs(self, stage: str) -> list[Path]:
+        """A stage's complete checkpoints, the one `latest` names first, then newest first. They come from
+        checkpoints/<stage>, or from the set-aside old ones while a fresh run has not written one yet."""
+        for root in (self.checkpoints(stage), self.previous_checkpoints(stage)):
+            steps = [c for c in reversed(_step_dirs(root)) if _complete(c)]
+            if steps:
+                named = _pointed_to(root)  # missing or damaged: the newest comes first
+                return sorted(steps, key=lambda c: c != named)  # stable: the named one first
+        return []
+
     def latest_checkpoint(self, stage: str) -> Path | None:
         """Newest complete checkpoint of a stage, skipping any that is missing files (with a warning)."""
-        root = self.checkpoints(stage)
-        if not root.exists():
+        dirs = self.checkpoint_dirs(stage)
+        if not dirs:
             return None
-        named = _pointed_to(root)
-        if named is not None and _complete(named):
-            return named
-        for c in sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True):
-            if _complete(c):
-                return c
-            print(f"warning: skipping incomplete checkpoint {c}")
-        return None
+        for c in _step_dirs(dirs[0].parent):
+            if c.name > dirs[0].name and not _complete(c):
+                print(f"warning: skipping incomplete checkpoint {c}")
+        return dirs[0]
 
     def require_checkpoint(self, stage: str) -> Path:
         ckpt = self.latest_checkpoint(stage)
@@ -218,19 +229,41 @@ class RunDir:
                 return ckpt
         return self.require_checkpoint(registry.CHAT_STAGES[-1])  # raises with a hint
 
-    def clear_checkpoints(self, stage: str) -> None:
-        root = self.checkpoints(stage)
-        if root.exists():
-            shutil.rmtree(root)
+    def trained_stages(self) -> dict[str, Path]:
+        """Every model stage that has a checkpoint -> its latest one."""
+        found = {s: self.latest_checkpoint(s) for s in registry.MODEL_STAGES}
+        return {s: c for s, c in found.items() if c is not None}
+
+    def refuse_to_replace(self, stage: str) -> None:
+        """A fresh run of a stage replaces its checkpoints: only with --force, and the message says which."""
+        ckpt = self.latest_checkpoint(stage)
+        if ckpt is not None:
+            raise ExocortexError(f"{self.path} has {stage} checkpoints ({ckpt.name}); --resume to continue or "
+                                 f"--force to start over")
+
+    def set_aside_checkpoints(self, stage: str) -> None:
+        """A fresh run begins: its stage's checkpoints move (one rename) to <stage>.previous, where they still
+        count until the new run's first checkpoint is complete (save_checkpoint then removes them). So a run
+        that fails before then leaves the old result, and --resume continues the old run."""
+        root, previous = self.checkpoints(stage), self.previous_checkpoints(stage)
+        if any(_complete(c) for c in _step_dirs(root)):
+            remove_tree(previous)  # older still: the current ones supersede them
+            root.rename(previous)
+        else:
+            remove_tree(root)  # at most a crashed fresh run's temp files; `previous` stays what counts
+
+    def drop_previous_checkpoints(self, stage: str) -> None:
+        remove_tree(self.previous_checkpoints(stage))
 
     def roll_back(self, stage: str, step: int) -> Path | None:
-        """Point a stage's `latest` at its newest checkpoint from at most `step`; with none, remove the stage's
-        checkpoints so later stages start from its parent."""
+        """Point a stage's `latest` at its newest checkpoint from at most `step`; with none, remove this run's
+        checkpoints of the stage: the ones it set aside count again (returned), else later stages start from
+        its parent (None)."""
         root = self.checkpoints(stage)
-        good = [p for p in sorted(root.glob("step_*")) if p.is_dir() and int(p.name.split("_")[1]) <= step]
+        good = [p for p in _step_dirs(root) if int(p.name.split("_")[1]) <= step]
         if not good:
-            self.clear_checkpoints(stage)
-            return None
+            remove_tree(root)
+            return self.latest_checkpoint(stage)
         atomic_write_text(root / "latest", good[-1].name)
         return good[-1]
 
@@ -258,6 +291,13 @@ def _pointed_to(root: Path) -> Path | None:
         print(f"warning: {pointer} is damaged; using the newest complete checkpoint")
         return None
     return root / name
+
+
+def _step_dirs(root: Path) -> list[Path]:
+    """step_XXXXXX directories, oldest first (temp and trash directories are hidden: they start with '.')."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _STEP.fullmatch(p.name) and p.is_dir())
 
 
 def _complete(ckpt: Path) -> bool:

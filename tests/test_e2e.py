@@ -83,7 +83,7 @@ def test_a_custom_identity_is_taught_and_graded_by_its_name(run_dir, monkeypatch
     monkeypatch.setattr(rl, "rl_train", capture)
     try:
         with pytest.raises(Captured):
-            rl.run_rl(load_config(d, ["rl.task=identity"]))
+            rl.run_rl(load_config(d, ["rl.task=identity"]), force=True)
     finally:
         (d / "config.json").write_text(saved)
     assert seen["answers"] == {"Ada"}
@@ -143,7 +143,7 @@ def test_sigterm_saves_and_resume_finishes(run_dir):
     args = ["pretrain", "--run", "mini", "--set", "pretrain.max_steps=400", "--set", "pretrain.checkpoint_every=0"]
     log = run_dir / "runs" / "mini" / "logs" / "pretrain.jsonl"
     log.unlink()  # so we wait for this run's own steps
-    p = subprocess.Popen([sys.executable, "-m", "exocortex", *args], cwd=run_dir, stdout=subprocess.PIPE,
+    p = subprocess.Popen([sys.executable, "-m", "exocortex", *args, "--force"], cwd=run_dir, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text
+from exocortex.fileio import atomic_write_text, fsync_path, fsync_tree
 from exocortex.data.sources import Task, read_task, task_file, val_every
 from exocortex.tokenizer import Tokenizer
 
@@ -233,11 +233,15 @@ def read_split(data_dir: Path, name: str, bos_id: int | None = None) -> TokenSpl
 
 
 def commit_token_data(tmp_dir: Path, data_dir: Path) -> None:
-    """Move freshly written token files into place (meta.json last) and drop an older run's files."""
+    """Move freshly written token files into place and drop an older run's files. Renames only, after the new
+    files are on the disk: meta.json (what says the data are complete) is removed first and comes back last,
+    so a crash in between leaves data that say they are incomplete, never a mix that looks whole."""
+    fsync_tree(tmp_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "meta.json").unlink(missing_ok=True)
     for old in ("train.npy", "val.npy"):
         (data_dir / old).unlink(missing_ok=True)
     for f in sorted(tmp_dir.iterdir(), key=lambda p: p.name == "meta.json"):
         os.replace(f, data_dir / f.name)
+    fsync_path(data_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)

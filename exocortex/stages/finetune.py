@@ -41,7 +41,9 @@ def mix_in_text(cfg: RunConfig, x: np.ndarray, y: np.ndarray, fraction: float, s
     return np.concatenate([x, chunk[:, :-1]]), np.concatenate([y, chunk[:, 1:]])
 
 
-def run_finetune(cfg: RunConfig, stage: str, resume: bool = False) -> FinetuneSummary | None:
+def run_finetune(cfg: RunConfig, stage: str, resume: bool = False, force: bool = False) -> FinetuneSummary | None:
+    if not resume and not force:
+        cfg.run.refuse_to_replace(stage)
     t, s = getattr(cfg, stage), getattr(cfg, f"{stage}_data")
     # the task files are read (and bad rows reported) before anything heavy is loaded
     tasks = task_set(cfg)
@@ -83,9 +85,9 @@ def run_finetune(cfg: RunConfig, stage: str, resume: bool = False) -> FinetuneSu
     return summary
 
 
-def run_midtrain(cfg: RunConfig, resume: bool = False) -> FinetuneSummary | None:
-    return run_finetune(cfg, "midtrain", resume)
+def run_midtrain(cfg: RunConfig, resume: bool = False, force: bool = False) -> FinetuneSummary | None:
+    return run_finetune(cfg, "midtrain", resume, force)
 
 
-def run_sft(cfg: RunConfig, resume: bool = False) -> FinetuneSummary | None:
-    return run_finetune(cfg, "sft", resume)
+def run_sft(cfg: RunConfig, resume: bool = False, force: bool = False) -> FinetuneSummary | None:
+    return run_finetune(cfg, "sft", resume, force)

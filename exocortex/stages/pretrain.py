@@ -16,7 +16,9 @@ from exocortex.train.loop import train
 from exocortex.train.metrics import MetricsSink
 
 
-def run_pretrain(cfg: RunConfig, resume: bool = False) -> PretrainSummary | None:
+def run_pretrain(cfg: RunConfig, resume: bool = False, force: bool = False) -> PretrainSummary | None:
+    if not resume and not force:
+        cfg.run.refuse_to_replace("pretrain")
     tok = Tokenizer.load(cfg.run.tokenizer_dir)
     cfg.model.vocab_size = tok.vocab_size
     device = resolve_device(cfg.device)

@@ -211,7 +211,9 @@ def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, 
     return res, {"step": res.steps, "reason": res.stop_reason, "kept": str(kept) if kept else None}
 
 
-def run_rl(cfg: RunConfig, resume: bool = False) -> RLSummary:
+def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSummary:
+    if not resume and not force:
+        cfg.run.refuse_to_replace("rl")
     r = cfg.rl
     if not r.steps and not r.time_minutes:
         raise ExocortexError("rl: no budget; set rl.steps or rl.time_minutes")

@@ -8,6 +8,7 @@ import time
 from exocortex import registry
 from exocortex.config import RunConfig
 from exocortex.data.tokens import has_token_data
+from exocortex.errors import ExocortexError
 from exocortex.run import SpeedrunSummary
 
 
@@ -15,12 +16,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_speedrun(cfg: RunConfig, resume: bool = False) -> SpeedrunSummary:
+def run_speedrun(cfg: RunConfig, resume: bool = False, force: bool = False) -> SpeedrunSummary:
     """With resume (the CLI then passes the run's saved config), a run that has its tokens keeps them and
     pretraining continues from its latest checkpoint; the stages after it start fresh from its result, since
-    their old checkpoints (if any) grew from another base model."""
-    if cfg.run_dir.exists() and any(cfg.run_dir.iterdir()) and not resume:
-        print(f"speedrun: {cfg.run_dir} exists; its stages will be overwritten (use --run to pick another name)")
+    their old checkpoints (if any) grew from another base model. A run with trained models is started over
+    only with `force`."""
+    trained = cfg.run.trained_stages()
+    if trained and not resume and not force:
+        listed = ", ".join(f"{stage} {ckpt.name}" for stage, ckpt in trained.items())
+        raise ExocortexError(f"{cfg.run_dir} has trained models ({listed}); --resume to continue it, --force to "
+                             f"start it over, or --run <new name> for a new run")
     t_start = time.time()
     summary = SpeedrunSummary()
     first_trained = next(s.name for s in registry.STAGES if s.speedrun and "resume" in s.options)
@@ -30,6 +35,8 @@ def run_speedrun(cfg: RunConfig, resume: bool = False) -> SpeedrunSummary:
         print(f"\n=== {stage.name} ===")
         t0 = time.time()
         options = {"resume": resume and stage.name == first_trained} if "resume" in stage.options else {}
+        if "force" in stage.options:  # the later stages are meant to start over; the tokenizer only when asked
+            options["force"] = force or stage.name != "tokenizer"
         stage.load()(cfg, **options)
         summary.stage_seconds[stage.name] = time.time() - t0
         # written as it goes, so the report (the last stage) shows every stage before it

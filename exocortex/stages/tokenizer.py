@@ -7,12 +7,15 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 from typing import Iterator
 
 from exocortex.config import RunConfig, save_config
 from exocortex.data.sources import corpus_tasks, read_task, val_every
 from exocortex.data.tokens import commit_token_data, write_token_data
 from exocortex.data.world import corpus_stats
+from exocortex.errors import ExocortexError
+from exocortex.fileio import remove_tree, temp_path
 from exocortex.run import TokenizerSummary
 from exocortex.tokenizer import Tokenizer, iter_texts_for_training
 
@@ -35,9 +38,15 @@ def _train_texts(tasks, k: int, val_fraction: float, sample: list[str], sample_b
         yield first[:max(1, int(len(first) * (1 - val_fraction)))]
 
 
-def run_tokenizer(cfg: RunConfig) -> TokenizerSummary:
+def run_tokenizer(cfg: RunConfig, force: bool = False) -> TokenizerSummary:
     """Train the BPE on the start of the corpus, then encode all of it in parallel into token files.
-    Nothing is written to the run directory until both have succeeded."""
+    Nothing is written to the run directory until both have succeeded. A run with trained models keeps its
+    tokenizer unless `force`: they only make sense with the tokenizer they were trained with."""
+    trained = cfg.run.trained_stages()
+    if trained and not force:
+        raise ExocortexError(f"{cfg.run_dir} has models trained with its tokenizer ({_listed(trained)}); a new "
+                             f"tokenizer makes them useless: --force to replace the tokenizer, the tokens and "
+                             f"those checkpoints, or --run <new name> for a new run")
     t0 = time.time()
     tasks, source, world_docs = corpus_tasks(cfg.data)  # cheap checks of every file first
     t_load = time.time() - t0
@@ -53,17 +62,19 @@ def run_tokenizer(cfg: RunConfig) -> TokenizerSummary:
     t2 = time.time()
     run_dir = cfg.run_dir.absolute()
     created = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
-    tmp = run_dir / f".data.tmp{os.getpid()}"
+    staged = temp_path(run_dir / "tokenizer")
     try:
-        stats = write_token_data(tok, tasks, tmp, cfg.data.val_fraction, workers=cfg.data.workers)
-    except BaseException:  # bad input found while encoding: leave no trace of this run
-        shutil.rmtree(created or tmp, ignore_errors=True)
+        stats = write_token_data(tok, tasks, staged / "data", cfg.data.val_fraction, workers=cfg.data.workers)
+        tok.save(staged / "tokenizer")
+    except BaseException as e:  # bad input found while encoding, a full disk: leave no trace of this run
+        shutil.rmtree(created or staged, ignore_errors=True)
+        if isinstance(e, OSError):  # numpy's short writes carry no errno: any write error is this
+            raise ExocortexError(f"tokenizer: could not write the token files ({e.strerror or e}; is the disk "
+                                 f"full?); {run_dir} is unchanged") from None
         raise
     t_encode = time.time() - t2
+    _replace(cfg, staged, trained)
     save_config(cfg)
-    tok.save(cfg.run.tokenizer_dir)
-    commit_token_data(tmp, cfg.run.data_dir)
-
     summary = TokenizerSummary(
         source=source, documents=stats.documents, train_tokens=stats.train_tokens, val_tokens=stats.val_tokens,
         vocab_size=tok.vocab_size, bytes_per_token=stats.train_bytes / max(1, stats.train_tokens),
@@ -75,3 +86,22 @@ def run_tokenizer(cfg: RunConfig) -> TokenizerSummary:
           f"{stats.train_tokens:,} train / {stats.val_tokens:,} val tokens ({summary.bytes_per_token:.2f} "
           f"bytes/token), encoded in {t_encode:.1f}s")
     return summary
+
+
+def _listed(trained: dict) -> str:
+    return ", ".join(f"{stage} {ckpt.name}" for stage, ckpt in trained.items())
+
+
+def _replace(cfg: RunConfig, staged: Path, trained: dict) -> None:
+    """Swap the staged tokenizer and tokens in, together, with renames only (nothing left to run out of disk).
+    data/meta.json goes first and comes back last: a crash in between leaves a run that asks for `exocortex
+    tokenizer` again, never new tokens with the old tokenizer or the reverse."""
+    (cfg.run.data_dir / "meta.json").unlink(missing_ok=True)
+    if trained:  # --force: models of the old tokenizer would answer garbage with the new one
+        remove_tree(cfg.run.path / "checkpoints")
+        print(f"tokenizer: removed the checkpoints trained with the old tokenizer ({_listed(trained)})")
+    cfg.run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    for f in (staged / "tokenizer").iterdir():
+        os.replace(f, cfg.run.tokenizer_dir / f.name)
+    commit_token_data(staged / "data", cfg.run.data_dir)
+    shutil.rmtree(staged, ignore_errors=True)

@@ -132,12 +132,13 @@ class _Trainer:
         self.peak = peak_flops(device, dtype)  # one rank's; None where unknown
         self.step, self.elapsed, self.history = 0, 0.0, []
         self.last_loss, self.last_val, self.stop_reason, self.ckpt_path = float("nan"), None, None, None
-        self.metrics, self.progress, self.budget = None, None, None  # set by begin()
+        self.metrics, self.progress, self.budget, self.resumed = None, None, None, False  # set by begin()
 
     def begin(self, total_steps: int | None, resume: bool, metrics: MetricsSink) -> None:
-        self.metrics = metrics
+        self.metrics, self.resumed = metrics, resume
         if not resume and dist.is_main():
-            self.run.clear_checkpoints(self.stage)  # a fresh run supersedes old ones: --resume must never find them
+            # a fresh run supersedes the old checkpoints, but they stay until its first one is complete
+            self.run.set_aside_checkpoints(self.stage)
         dist.barrier()
         if resume:
             ckpt, state = _load_resumable(self.run.path, self.stage, self.model, self.optimizers)
@@ -222,7 +223,10 @@ class _Trainer:
 
     def finish(self) -> None:
         if self.stop_reason:  # the newest checkpoint from before the problem is the stage's result
-            self.ckpt_path = self.run.latest_checkpoint(self.stage) if dist.is_main() else None
+            latest = self.run.latest_checkpoint(self.stage) if dist.is_main() else None
+            # ... this run's: not one of the old run's set aside when it began (those are not its result)
+            ours = latest is not None and (self.resumed or latest.parent == self.run.checkpoints(self.stage))
+            self.ckpt_path = latest if ours else None
         else:
             if self.last_val is None and self.val_batches:  # e.g. resuming a run that had already finished
                 self.last_val = self._val_loss()
@@ -281,10 +285,7 @@ def _load_resumable(run_dir: Path, stage: str, model, optimizers) -> tuple[Path,
     is skipped with a warning and the one before it is used."""
     from safetensors.torch import load_file
 
-    run = RunDir(run_dir)
-    candidates = [c for c in [run.latest_checkpoint(stage)] if c is not None]
-    root = run.checkpoints(stage)
-    candidates += [c for c in sorted(root.glob("step_*"), reverse=True) if c.is_dir() and c not in candidates]
+    candidates = RunDir(run_dir).checkpoint_dirs(stage)  # the set-aside old ones while there are no new ones
     for ckpt in candidates:
         try:
             weights = load_file(str(ckpt / "model.safetensors"))

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from exocortex.errors import ExocortexError
+from exocortex.fileio import fsync_path, temp_path
 from exocortex.apps.export.hf import CHAT_TEMPLATE, check_export_target, load_for_export, ranks_to_bpe
 from exocortex.tokenizer import Tokenizer
 
@@ -96,7 +97,7 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
     tokens, types, merges = gguf_vocab(tok, cfg.vocab_size)  # before writing anything: this is what can fail
     out_path.parent.mkdir(parents=True, exist_ok=True)
 
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    tmp = temp_path(out_path)
     w = gguf.GGUFWriter(str(tmp), arch="qwen3")
     w.add_name(run_dir.resolve().name)
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
@@ -137,15 +138,24 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
         else:  # numpy has no bfloat16: hand over the raw bytes
             raw = t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8)
             w.add_tensor(gguf_tensor_name(name), raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
+    _write(w, tmp, out_path)
+    return out_path
+
+
+def _write(w, tmp: Path, out_path: Path) -> None:
+    """Into a temp file, renamed over the previous export only once it is whole and on the disk."""
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        fsync_path(tmp)
         os.replace(tmp, out_path)
+        fsync_path(out_path.parent)
+    except OSError as e:  # a full disk, a file size limit
+        raise ExocortexError(f"could not write the export ({e.strerror or e}); {out_path} is unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
-    return out_path
 
 
 def load_llama(path: str | os.PathLike, n_ctx: int = 512, **kw):

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from exocortex.checkpoint import load_model
 from exocortex.config import ModelConfig
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text
+from exocortex.fileio import commit_files, staging_dir
 from exocortex.run import RunDir
 from exocortex.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
 
@@ -258,9 +259,6 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, stage: str
     """Write the latest `stage` checkpoint of a run as a transformers model directory; returns out_dir.
 
     dtype: float32 (default, bit-exact weights) or bfloat16 (half the size; weights rounded)."""
-    import torch
-    from safetensors.torch import save_file
-
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if dtype not in DTYPES:
         raise ExocortexError(f"export dtype must be float32 or bfloat16, got '{dtype}'")
@@ -269,31 +267,42 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, stage: str
     if out_dir.exists() and not out_dir.is_dir():
         raise ExocortexError(f"export target {out_dir} exists and is not a directory")
     check_export_target(run_dir, out_dir, f"a directory of its own (e.g. {run_dir / 'hf'})")
-    cfg = model.cfg
     hf_tok = build_hf_tokenizer(tok)  # before writing anything: this is what can fail
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
-    weights = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
-    tmp = out_dir / f".model.safetensors.tmp{os.getpid()}"
-    save_file(weights, str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates it owner-only; an export is meant to be shared
-    os.replace(tmp, out_dir / "model.safetensors")
-
-    atomic_write_text(out_dir / "config.json", json.dumps(qwen3_config(cfg, tok, dtype), indent=2) + "\n")
-    atomic_write_text(out_dir / "generation_config.json", json.dumps(generation_config(tok), indent=2) + "\n")
-    atomic_write_text(out_dir / "tokenizer.json", hf_tok.to_str(pretty=True))
-    atomic_write_text(out_dir / "tokenizer_config.json",
-                      json.dumps(tokenizer_config(tok, cfg.seq_len), indent=2, ensure_ascii=False) + "\n")
-    special_map = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|assistant_end|>",
-                   "additional_special_tokens": tokenizer_config(tok, cfg.seq_len)["additional_special_tokens"]}
-    atomic_write_text(out_dir / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    staged = staging_dir(out_dir)
+    try:  # every file is written before any replaces the previous export's
+        _write_export(staged, tok, hf_tok, model, dtype)
+    except BaseException as e:
+        shutil.rmtree(staged, ignore_errors=True)
+        if isinstance(e, Exception):  # a full disk, a file size limit (safetensors has its own error type)
+            why = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
+            raise ExocortexError(f"could not write the export ({why}); {out_dir} is unchanged") from None
+        raise
     info = {"source_run": str(run_dir), "checkpoint": str(ckpt), "stage": stage, "step": meta.get("step"),
             "dtype": dtype, "params": model.num_params()}
-    atomic_write_text(out_dir / "exocortex_export.json", json.dumps(info, indent=2) + "\n")
+    (staged / "exocortex_export.json").write_text(json.dumps(info, indent=2) + "\n")
+    commit_files(staged, out_dir, last="exocortex_export.json")
     return out_dir
+
+
+def _write_export(staged: Path, tok: Tokenizer, hf_tok, model, dtype: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    torch_dtype = torch.float32 if dtype == "float32" else torch.bfloat16
+    weights = {k: v.detach().to(torch_dtype).contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(staged / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged / "model.safetensors", 0o666 & ~umask)  # safetensors makes it owner-only; exports are shared
+    (staged / "config.json").write_text(json.dumps(qwen3_config(cfg, tok, dtype), indent=2) + "\n")
+    (staged / "generation_config.json").write_text(json.dumps(generation_config(tok), indent=2) + "\n")
+    (staged / "tokenizer.json").write_text(hf_tok.to_str(pretty=True))
+    special = tokenizer_config(tok, cfg.seq_len)
+    (staged / "tokenizer_config.json").write_text(json.dumps(special, indent=2, ensure_ascii=False) + "\n")
+    special_map = {"bos_token": "<|bos|>", "eos_token": "<|assistant_end|>", "pad_token": "<|assistant_end|>",
+                   "additional_special_tokens": special["additional_special_tokens"]}
+    (staged / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2) + "\n")
 
 
 def verify_hf(out_dir: str | os.PathLike, run_dir: str | os.PathLike, stage: str = "sft", seed: int = 0) -> dict:
