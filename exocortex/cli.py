@@ -17,6 +17,7 @@ from exocortex.config import RunConfig, check_flag, load_config, make_config
 from exocortex.data.hub import download, downloaded_dir
 from exocortex.data.tokens import has_token_data
 from exocortex.errors import ExocortexError
+from exocortex.infer.sandbox import OPT_IN_VALUE, OPT_IN_VAR
 from exocortex.run import RunDir, most_recent_run
 from exocortex.train import parallel
 
@@ -60,6 +61,9 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "allowed_hosts": [(("--allowed-hosts",), dict(dest="allowed_hosts", default=None, metavar="NAMES",
                                                   help="Host header names served besides loopback and --host, "
                                                        "comma-separated ('*': any)"))],
+    "sandbox": [(("--allow-degraded-sandbox",), dict(dest="degraded_sandbox", action="store_true",
+                                                     help=f"run the python tool even where this kernel lacks a sandbox "
+                                                          f"layer (same as {OPT_IN_VAR}={OPT_IN_VALUE}; docs/sandbox.md)"))],
     "format": [(("--format",), dict(dest="format", default="hf", choices=["hf", "gguf"],
                                     help="hf: a transformers directory; gguf: one file for llama.cpp / Ollama"))],
     "out": [(("--out",), dict(dest="out", default=None, help="output directory (hf; default runs/<name>/hf) or .gguf file "
@@ -175,8 +179,11 @@ def run_stage(stage: registry.Stage, args) -> None:
         for flags, kw in OPTIONS["sampling"]:
             if getattr(args, kw["dest"]) is not None:
                 check_flag(flags[0], f"sampling.{kw['dest']}", getattr(args, kw["dest"]))
+    if getattr(args, "degraded_sandbox", False):  # the opt-in lives in the environment: grading workers see it too
+        os.environ[OPT_IN_VAR] = OPT_IN_VALUE
     cfg = stage_config(stage, args)
-    kwargs = {kw["dest"]: getattr(args, kw["dest"]) for option in stage.options if option != "data"  # in cfg
+    kwargs = {kw["dest"]: getattr(args, kw["dest"]) for option in stage.options
+              if option not in ("data", "sandbox")  # data: in cfg; sandbox: in the environment
               for _, kw in OPTIONS[option]}
     stage.load()(cfg, **kwargs)
 

@@ -84,3 +84,20 @@ def test_malformed_task_file_names_file_and_line(files):
     assert_clean_error(r, "unknown task 'spelin'")
     r = run(["eval", "--run", "r2", "--stages", "sft,bogus"], files)
     assert_clean_error(r, "unknown stage 'bogus'")
+
+
+@pytest.mark.parametrize("name", ["chat", "serve", "eval", "speedrun"])
+def test_degraded_sandbox_flag_is_the_environment_opt_in(name, monkeypatch):
+    # the flag must reach the sandbox (through the environment, as grading workers read it), not the stage's kwargs
+    import os
+
+    from exocortex import cli, registry
+    from exocortex.infer.sandbox import OPT_IN_VALUE, OPT_IN_VAR
+    monkeypatch.setenv(OPT_IN_VAR, "")  # recorded, so the flag's setting is undone after the test
+    seen = {}
+    monkeypatch.setattr(cli, "stage_config", lambda stage, args: "cfg")
+    monkeypatch.setattr(registry.Stage, "load", lambda self: lambda cfg, **kw: seen.update(kw, env=os.environ.get(OPT_IN_VAR)))
+    cli.main([name])
+    assert seen["env"] == "" and "degraded_sandbox" not in seen
+    cli.main([name, "--allow-degraded-sandbox"])
+    assert seen["env"] == OPT_IN_VALUE and "degraded_sandbox" not in seen
