@@ -75,6 +75,9 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
 }
 
 
+NOT_PASSED = ("data", "sandbox")  # options the stage function doesn't take: data is in cfg, sandbox in the environment
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="exocortex", description="Own your LLM end to end.")
     sub = p.add_subparsers(dest="command", metavar="<stage>")
@@ -183,7 +186,7 @@ def run_stage(stage: registry.Stage, args) -> None:
         os.environ[OPT_IN_VAR] = OPT_IN_VALUE
     cfg = stage_config(stage, args)
     kwargs = {kw["dest"]: getattr(args, kw["dest"]) for option in stage.options
-              if option not in ("data", "sandbox")  # data: in cfg; sandbox: in the environment
+              if option not in NOT_PASSED
               for _, kw in OPTIONS[option]}
     stage.load()(cfg, **kwargs)
 

@@ -132,7 +132,7 @@ def test_every_module_has_a_layer():
 
 
 def test_registry_entries_resolve_and_take_their_options():
-    from exocortex.cli import OPTIONS
+    from exocortex.cli import NOT_PASSED, OPTIONS
 
     for stage in registry.STAGES:
         assert stage.run.split(":")[0].split(".")[1] in ("stages", "apps"), stage.name
@@ -140,7 +140,7 @@ def test_registry_entries_resolve_and_take_their_options():
         params = inspect.signature(fn).parameters
         for option in stage.options:
             for _, kw in OPTIONS[option]:
-                assert option == "data" or kw["dest"] in params, (stage.name, kw["dest"])
+                assert option in NOT_PASSED or kw["dest"] in params, (stage.name, kw["dest"])
         for parent in stage.parents:
             assert registry.BY_NAME[parent].label, (stage.name, parent)  # parents write checkpoints
 
