@@ -15,7 +15,8 @@ import pytest
 httpx = pytest.importorskip("httpx")
 from test_serve import MODEL, Server, engine  # noqa: E402,F401  (engine: a fixture)
 
-from exocortex.apps.serve import API_KEY_ENV, Limits, create_app, serve_limits  # noqa: E402
+from exocortex.apps.guard import API_KEY_ENV, Limits, serve_limits  # noqa: E402
+from exocortex.apps.serve import create_app  # noqa: E402
 from exocortex.config import make_config, save_config  # noqa: E402
 from exocortex.errors import ExocortexError  # noqa: E402
 
