@@ -15,7 +15,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 from test_serve import MODEL, Server, engine  # noqa: E402,F401  (engine: a fixture)
 
-from exocortex.apps.guard import API_KEY_ENV, Limits, serve_limits  # noqa: E402
+from exocortex.apps.guard import API_KEY_ENV, H11Protocol, Limits, check_protocol, serve_limits  # noqa: E402
 from exocortex.apps.serve import create_app  # noqa: E402
 from exocortex.config import make_config, save_config  # noqa: E402
 from exocortex.errors import ExocortexError  # noqa: E402
@@ -158,6 +158,7 @@ def test_cross_origin_and_non_json_posts_are_refused(engine):
             other_port = f"http://127.0.0.1:{server.port + 1}"
             assert c.post(CHAT, json=HELLO, headers={"Origin": other_port}).status_code == 403
             assert c.post(CHAT, json=HELLO, headers={"Origin": server.url}).status_code == 200  # the chat page
+            assert c.post(CHAT, json=HELLO, headers={"Origin": "http://[::1"}).status_code == 403
             raw = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}'
             for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
                 r = c.post(CHAT, content=raw, headers={"Content-Type": ctype} if ctype else {})
@@ -175,6 +176,7 @@ def test_the_api_key_guards_v1_only(engine):
             for auth in (None, "Bearer wrong", "Bearer sekrit-ke", "Basic sekrit-key", "sekrit-key", "Bearer x sekrit-key"):
                 r = c.get("/v1/models", headers={"Authorization": auth} if auth else {})
                 assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", auth
+                assert r.headers["WWW-Authenticate"] == "Bearer"  # RFC 6750: what the client should send
                 assert c.post(CHAT, json=HELLO, headers={"Authorization": auth} if auth else {}).status_code == 401
             assert c.get("/health").status_code == 200 and c.get("/").status_code == 200
             assert c.get("/v1/models", headers={"Authorization": "bearer sekrit-key"}).status_code == 200
@@ -182,6 +184,50 @@ def test_the_api_key_guards_v1_only(engine):
         assert client.chat.completions.create(model=MODEL, **HELLO).usage.completion_tokens >= 1
     finally:
         server.stop()
+
+
+def test_behind_a_proxy_that_rewrites_host(engine):
+    """The proxy sends Host: 127.0.0.1:<port>; the browser's Origin is the proxy's name, which --allowed-hosts
+    lists (with its port, as users write it)."""
+    server = guarded(engine, allowed_hosts=("127.0.0.1", "Chat.Example:443"))
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            assert c.post(CHAT, json=HELLO, headers={"Origin": "https://chat.example"}).status_code == 200
+            assert c.get("/health", headers={"Host": "chat.example:443"}).status_code == 200
+            assert c.get("/health", headers={"Host": "chat.example"}).status_code == 200
+            r = c.post(CHAT, json=HELLO, headers={"Origin": "https://chat.example.evil"})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin"
+    finally:
+        server.stop()
+
+
+def test_allowed_hosts_entries_are_host_names():
+    limits = serve_limits("127.0.0.1", allowed_hosts="Chat.lan:8000, [fe80::1]:80,::2,127.0.0.1")
+    assert limits.allowed_hosts == ("localhost", "127.0.0.1", "::1", "chat.lan", "fe80::1", "::2")
+    for bad in ("a@chat.lan", "chat.lan:http", "[::1", "http://chat.lan/", ":8000"):
+        with pytest.raises(ExocortexError, match="^--allowed-hosts: "):
+            serve_limits("127.0.0.1", allowed_hosts=bad)
+
+
+def test_a_key_on_a_wildcard_address_serves_any_host_name(monkeypatch, capsys):
+    """The machine's names and addresses are unknown here, and a rebound name gains nothing without the key."""
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    for host in ("0.0.0.0", "::"):
+        assert "*" in serve_limits(host, api_key="k").allowed_hosts
+        assert "any host name" in capsys.readouterr().out
+    assert "*" not in serve_limits("0.0.0.0", api_key="k", allowed_hosts="chat.lan").allowed_hosts
+    assert "*" not in serve_limits("0.0.0.0", insecure_no_api_key=True).allowed_hosts  # no key: rebinding matters
+    assert "*" not in serve_limits("192.168.1.5", api_key="k").allowed_hosts
+
+
+def test_the_key_stays_out_of_reprs_and_uvicorn_is_checked():
+    assert "sekrit" not in repr(Limits(api_key="sekrit"))
+    check_protocol(H11Protocol)
+
+    class Changed(H11Protocol):  # a uvicorn whose protocol no longer has the method the header deadline extends
+        handle_events = None
+    with pytest.raises(ExocortexError, match="^`exocortex serve` does not work with uvicorn .*handle_events"):
+        check_protocol(Changed)
 
 
 def test_serving_beyond_loopback_needs_a_key(monkeypatch, capsys):

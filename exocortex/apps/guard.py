@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from exocortex.errors import ExocortexError
@@ -24,12 +24,31 @@ def missing_extra(e: ImportError) -> ExocortexError:
 try:
     from fastapi.responses import JSONResponse
     import h11
+    import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:
     raise missing_extra(e) from e
 
+# What _HeaderDeadline uses of uvicorn's HTTP/1.1 protocol, which is not uvicorn's public API: each method and
+# the attributes it sets. pyproject.toml pins the uvicorn versions this was tested with; a different uvicorn
+# without them stops the server at start rather than breaking every connection.
+PROTOCOL_INTERNALS = {"__init__": {"conn", "scope", "loop"}, "connection_made": {"transport"},
+                      "handle_events": {"scope"}, "on_response_complete": set(), "connection_lost": set()}
+
+
+def check_protocol(protocol: type) -> None:
+    for method, attrs in PROTOCOL_INTERNALS.items():
+        code = getattr(getattr(protocol, method, None), "__code__", None)
+        if code is None or not attrs <= set(code.co_names):
+            raise ExocortexError(f"`exocortex serve` does not work with uvicorn {uvicorn.__version__} (its HTTP/1.1 "
+                                 f"protocol's {method} is not the one it extends): pip install 'exocortex[serve]'")
+
+
+check_protocol(H11Protocol)
+
 MAX_BODY_BYTES = 4 * 1024 * 1024
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 API_KEY_ENV = "EXOCORTEX_API_KEY"
 
 
@@ -53,26 +72,6 @@ class APIError(Exception):
 
 # ----------------------------------------------------------------------------- what a client may send
 
-@dataclass(frozen=True)
-class Limits:
-    """What the server accepts, checked before a request reaches an endpoint (or while its body arrives)."""
-    max_body_bytes: int = MAX_BODY_BYTES
-    body_timeout: float = 30.0       # seconds for a whole request body to arrive
-    header_timeout: float = 10.0     # seconds for a request's headers to arrive (uvicorn itself has no limit)
-    keep_alive: int = 5              # seconds an idle connection stays open between requests
-    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names served; "*" serves any
-    api_key: str | None = None       # when set, /v1 needs "Authorization: Bearer <key>"
-
-
-class _Refused(Exception):
-    """A request turned away by the guard, answered as an OpenAI-style error that closes the connection
-    (its unread body would otherwise be taken for the next request)."""
-
-    def __init__(self, status: int, message: str, code: str, type: str = "invalid_request_error"):
-        super().__init__(message)
-        self.error = APIError(status, message, type=type, code=code, headers={"Connection": "close"})
-
-
 def _hostname(netloc: str) -> str | None:
     """The lower-cased name in a Host header or an Origin's netloc ("[::1]:8000" -> "::1"); None if malformed."""
     if not netloc or any(c in netloc for c in "@/?#\\ "):
@@ -85,6 +84,44 @@ def _hostname(netloc: str) -> str | None:
     return parts.hostname
 
 
+def _allowed_name(entry: str) -> str:
+    """An allowed-hosts entry as the Host check compares it: the Host header's port and brackets are dropped
+    before the check, so "Chat.lan:8000" -> "chat.lan" and "[::1]" or "::1" -> "::1"; "*" stays."""
+    entry = entry.strip()
+    if entry == "*":
+        return entry
+    if entry.count(":") > 1 and not entry.startswith("["):  # a bare IPv6 address
+        entry = f"[{entry}]"
+    name = _hostname(entry)
+    if not name:
+        raise ExocortexError(f"--allowed-hosts: '{entry[:100]}' is not a host name (write name, name:port, "
+                             "an IP address, or *)")
+    return name
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server accepts, checked before a request reaches an endpoint (or while its body arrives)."""
+    max_body_bytes: int = MAX_BODY_BYTES
+    body_timeout: float = 30.0       # seconds for a whole request body to arrive
+    header_timeout: float = 10.0     # seconds for a request's headers to arrive (uvicorn itself has no limit)
+    keep_alive: int = 5              # seconds an idle connection stays open between requests
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS  # Host header names served (any port); "*" serves any
+    api_key: str | None = field(default=None, repr=False)  # when set, /v1 needs "Authorization: Bearer <key>"
+
+    def __post_init__(self):
+        object.__setattr__(self, "allowed_hosts", tuple(dict.fromkeys(map(_allowed_name, self.allowed_hosts))))
+
+
+class _Refused(Exception):
+    """A request turned away by the guard, answered as an OpenAI-style error that closes the connection
+    (its unread body would otherwise be taken for the next request)."""
+
+    def __init__(self, status: int, message: str, code: str, headers: dict | None = None):
+        super().__init__(message)
+        self.error = APIError(status, message, code=code, headers={"Connection": "close", **(headers or {})})
+
+
 class Guard:
     """ASGI middleware: Host and Origin checks (DNS rebinding, CSRF from web pages), the API key, JSON-only
     POSTs, and the body's size and time limits, enforced while it is read so no more than the cap is held."""
@@ -92,7 +129,9 @@ class Guard:
     def __init__(self, app, limits: Limits):
         self.app, self.limits = app, limits
         self.any_host = "*" in limits.allowed_hosts
-        self.hosts = {h.strip("[]").lower() for h in limits.allowed_hosts}
+        self.hosts = set(limits.allowed_hosts)
+        # pages on these names may POST from any port; not loopback's, where another port is another program
+        self.origin_hosts = self.hosts - set(LOOPBACK_HOSTS)
         self.key = limits.api_key.encode() if limits.api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -125,11 +164,11 @@ class Guard:
             token = given[7:].strip().encode("latin-1") if given[:7].lower() == "bearer " else b""
             if not hmac.compare_digest(token, self.key):
                 raise _Refused(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
-                               "invalid_api_key")
+                               "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})  # RFC 6750
         if scope["method"] in ("GET", "HEAD", "OPTIONS"):
             return
         origin = headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc.lower() != host.lower():
+        if origin is not None and not self.origin_ok(origin, host):
             raise _Refused(403, f"Cross-origin requests are not accepted (Origin '{origin[:100]}').",
                            "cross_origin")
         media = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -139,6 +178,17 @@ class Guard:
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.limits.max_body_bytes:
             raise _Refused(413, f"The request body is over {self.limits.max_body_bytes} bytes.", "request_too_large")
+
+
+    def origin_ok(self, origin: str, host: str) -> bool:
+        """The page's own origin (the request's Host), or a page on a name the server was told to answer to:
+        behind a reverse proxy that rewrites Host, the page's origin is the proxy's name, which --allowed-hosts
+        lists."""
+        try:
+            netloc = urlsplit(origin).netloc.lower()
+        except ValueError:  # "http://[::1"
+            return False
+        return netloc == host.lower() or _hostname(netloc) in self.origin_hosts
 
 
 class _BodyReader:
@@ -224,7 +274,9 @@ def serve_limits(host: str, api_key: str | None = None, allowed_hosts: str | Non
                  insecure_no_api_key: bool = False) -> Limits:
     """The Limits for serving on `host`. The key comes from --api-key or EXOCORTEX_API_KEY; beyond loopback it
     is required unless the user says, with --insecure-no-api-key, that anyone who can reach the server may use
-    it (its tools run code). Host names served: loopback, the bound host, and --allowed-hosts ("*": any)."""
+    it (its tools run code). Host names served: loopback, the bound host, and --allowed-hosts ("*": any); on a
+    wildcard address with a key, any name by default, since a rebound name gains a page nothing without the key
+    while the machine's own names and addresses are many and unknown here."""
     key = api_key or os.environ.get(API_KEY_ENV) or None
     loopback = host in LOOPBACK_HOSTS
     if not loopback and not key:
@@ -234,6 +286,11 @@ def serve_limits(host: str, api_key: str | None = None, allowed_hosts: str | Non
                                  "it use the model and its tools (sandboxed python included)")
         print(f"warning: serving on {host} without an API key (--insecure-no-api-key): anyone who can reach it can "
               "use the model and its tools (sandboxed python included)", flush=True)
-    names = [h.strip().lower() for h in (allowed_hosts or "").split(",") if h.strip()]
-    bound = [] if loopback or host in ("0.0.0.0", "::", "") else [host.lower()]
-    return Limits(allowed_hosts=tuple(dict.fromkeys([*LOOPBACK_HOSTS, *bound, *names])), api_key=key)
+    names = [h for h in (allowed_hosts or "").split(",") if h.strip()]
+    wildcard = host in WILDCARD_HOSTS
+    if wildcard and key and not names:
+        print(f"serving on {host} with an API key: requests for any host name are answered "
+              "(--allowed-hosts limits them)", flush=True)
+        names = ["*"]
+    bound = [] if loopback or wildcard else [host]
+    return Limits(allowed_hosts=(*LOOPBACK_HOSTS, *bound, *names), api_key=key)
