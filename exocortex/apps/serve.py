@@ -754,11 +754,11 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
 
 
 def bound_memory() -> None:
-    """Keep a long-running server's memory flat (it grew from 0.3 to 3.5 GB in 16 long replies and stayed
-    there; bench/serve_soak.py). Call before the first matrix product. Two causes:
+    """Keep a long-running server's memory flat: without this it grows with every long reply and never
+    shrinks (docs/serve.md, Measured). Call before the first matrix product. Two causes:
     - the decode step's attention product has a new shape at every step (the span grows by one), and oneDNN,
       like torch's own oneDNN cache, keeps a primitive with its scratch memory for each of the last 1024
-      shapes: a few MB each. A handful is enough to reuse the shapes that repeat (the weight products);
+      shapes. A handful is enough to reuse the shapes that repeat (the weight products);
     - glibc raises its mmap threshold as large blocks are freed, so the buffers of ever larger shapes then come
       from the heap and stay there after they are freed; a fixed threshold returns them to the OS.
     Settings the user made in the environment win. A no-op for glibc's part off glibc."""
