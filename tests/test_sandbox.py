@@ -317,7 +317,7 @@ def test_cleanup_failure_never_raises(monkeypatch):
     def broken(path):
         raise OSError(16, "Device or resource busy")
     before = set(glob.glob(f"{tempfile.gettempdir()}/exocortex-sandbox-*"))
-    monkeypatch.setattr(sandbox, "_remove_tree", broken)
+    monkeypatch.setattr(sandbox, "_remove_hostile_tree", broken)
     try:
         r = run_python("print('answer')")
         assert r.ok and r.stdout == "answer\n" and "could not remove" in r.cleanup_error

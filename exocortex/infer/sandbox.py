@@ -674,7 +674,7 @@ def _empty_dir(fd: int) -> list[str]:
     return subdirs
 
 
-def _remove_tree(path: str) -> None:
+def _remove_hostile_tree(path: str) -> None:
     """Remove a directory tree the sandboxed program may have booby-trapped: any depth (beyond PATH_MAX; no
     recursion), any number of entries, modes it removed, symlinks (never followed). At most two descriptors
     are open at a time: the walk goes down by name and back up through '..', checked against the inode it
@@ -716,7 +716,7 @@ def _cleanup(path: str) -> str | None:
         if not os.path.lexists(path):
             return None
         try:
-            _remove_tree(path)
+            _remove_hostile_tree(path)
         except (OSError, ValueError) as e:
             reason = f"could not remove the sandbox directory {path}: {e}"
     return None if not os.path.lexists(path) else reason
