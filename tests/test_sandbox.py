@@ -530,14 +530,15 @@ def test_only_the_interpreters_directories_are_bound_back():
     plan, _ = sandbox._reach_plan(min(sandbox.SANDBOX_UIDS), os.path.join(tempfile.gettempdir(), "w"))
     if not plan:
         pytest.skip("the interpreter needs no directory bound back here")
-    blocked, dirs = plan[0]
-    sibling = os.path.join(os.path.dirname(dirs[0]), f"exocortex-sibling-{uuid.uuid4().hex}")
+    blocked = plan[0][0]
+    needed = min(d for d in sandbox._interpreter_dirs() if d.startswith(blocked + "/"))
+    sibling = os.path.join(os.path.dirname(needed), f"exocortex-sibling-{uuid.uuid4().hex}")
     os.mkdir(sibling, 0o755)
     try:
         with open(os.path.join(sibling, "f"), "w") as f:
             f.write("visible")
         os.chmod(os.path.join(sibling, "f"), 0o644)
-        r = run_python(f"import os\nprint(os.path.exists({sibling!r}))\nprint(os.path.exists({dirs[0]!r}))")
+        r = run_python(f"import os\nprint(os.path.exists({sibling!r}))\nprint(os.path.exists({needed!r}))")
         assert r.ok and r.stdout.split() == ["False", "True"], r
     finally:
         os.remove(os.path.join(sibling, "f"))
