@@ -484,8 +484,8 @@ def test_concurrent_calls_cannot_read_each_other(disable):
         pytest.skip("tmpfs not available here")
     tag = uuid.uuid4().hex
     first = {}
-    holder = threading.Thread(target=lambda: first.update(r=run_python(SECRET_HOLDER.format(tag=tag), timeout_s=8.0,
-                                                                       disable_layers=disable)))
+    holder = threading.Thread(target=lambda: first.update(
+        r=run_python(SECRET_HOLDER.format(tag=tag), timeout_s=8.0, disable_layers=disable)))
     before = set(glob.glob(f"{tempfile.gettempdir()}/exocortex-sandbox-*"))
     holder.start()
     deadline = time.monotonic() + 5

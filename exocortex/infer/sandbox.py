@@ -10,10 +10,12 @@ was measured):
                    session whose whole process group is SIGKILLed on wall-clock timeout, on output flood
                    and after the program exits; output read incrementally and capped.
 - hard, Linux, where the kernel allows (each detected and reported in `SandboxResult.layers`):
-    netns          unshare(CLONE_NEWNET | CLONE_NEWNS), in a new user namespace for a non-root caller: no
-                   network interface but a downed loopback;
-    tmpfs          the working directory is a 64 MiB tmpfs in that mount namespace: the disk budget;
-    uid            a root caller runs the program as nobody, so root-only files stay unreadable;
+    netns          unshare(CLONE_NEWNET | CLONE_NEWNS), in a new user namespace for a non-root caller (and for
+                   root without CAP_SYS_ADMIN, after dropping its uid): no network interface but a downed loopback;
+    tmpfs          the working directory is a 64 MiB tmpfs in that mount namespace, main.py written into it
+                   by the child: the disk budget;
+    uid            a root caller runs each call as a uid of its own (SANDBOX_UIDS), so root-only files and
+                   other calls' files stay unreadable;
     landlock       file writes, creates, removes and renames only beneath the working directory (and
                    /dev/null); TCP bind/connect denied (ABI >= 4); signals and abstract unix sockets scoped to
                    the sandbox (ABI >= 6);
@@ -25,7 +27,8 @@ was measured):
                    it (ctypes, gc); it is a first line that explains, not a guarantee.
 
 Without one of REQUIRED_LAYERS it fails closed (SandboxUnavailable; the python tool answers with the reason)
-unless the user opts in with EXOCORTEX_SANDBOX=degraded: see `python_tool_status`.
+unless the user opts in with EXOCORTEX_SANDBOX=degraded: see `python_tool_status`. A layer the probe found
+that fails for one call stops that call in the child, before exec: the program does not run.
 
 Everything that must run in the child before the interpreter starts happens in `preexec_fn`, built from
 objects prepared in the parent (no imports, as little allocation as possible), and each layer's outcome is
@@ -465,6 +468,9 @@ class _ChildSetup:
             # user namespace, and through it the others; mapping only that uid keeps root's files its owner's.
             # Not where the interpreter must be bound back in: the sandbox uid cannot open its directories.
             self._become_uid()
+            # the uid change made the process undumpable, which leaves its /proc files root's: it could
+            # not write its own uid map (exec resets the flag anyway)
+            _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
             flags |= CLONE_NEWUSER
             failed = _libc.unshare(flags) != 0
         if failed:
@@ -558,9 +564,6 @@ class _ChildSetup:
         os.setresgid(self.gid, self.gid, self.gid)
         os.setresuid(self.uid, self.uid, self.uid)
         self.dropped = True
-        # a uid change makes the process undumpable, which leaves its /proc files root's: it could not write
-        # its own uid map (exec resets the flag in any case)
-        _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
 
     def _drop_uid(self) -> None:
         if not self.root:
@@ -570,7 +573,7 @@ class _ChildSetup:
         elif self.reach is None:
             self._set("uid", f"off: {self.unreachable}")
         elif self.dropped:
-            self._set("uid", f"on: root ran it as uid {self.uid} (dropped before the namespaces: no CAP_SYS_ADMIN)")
+            self._set("uid", f"on: root ran it as uid {self.uid} (dropped first: no CAP_SYS_ADMIN)")
         elif self.drop_uid:
             self._become_uid()
             self._set("uid", f"on: root ran it as uid {self.uid}")
@@ -863,7 +866,6 @@ def _run(code: str, timeout_s: float, memory_mb: int, max_output_bytes: int, std
          site_packages: bool, required: set[str]) -> SandboxResult:
     start = time.monotonic()
     uid = _UIDS.take() if os.geteuid() == 0 and "uid" not in disabled else None
-    layers: dict = {}
     try:
         # root-owned 0700: the child writes main.py into it (or into the tmpfs over it) and hands it to the
         # call's uid only where there is no tmpfs
