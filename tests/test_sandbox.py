@@ -1,10 +1,14 @@
 """The sandbox: normal runs, and escape attempts that must be stopped and reported (docs/sandbox.md)."""
+import ctypes
+import errno
 import glob
 import os
 import platform
 import resource
 import socket
+import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -317,7 +321,7 @@ def test_cleanup_failure_never_raises(monkeypatch):
     def broken(path):
         raise OSError(16, "Device or resource busy")
     before = set(glob.glob(f"{tempfile.gettempdir()}/exocortex-sandbox-*"))
-    monkeypatch.setattr(sandbox, "_remove_tree", broken)
+    monkeypatch.setattr(sandbox, "_remove_hostile_tree", broken)
     try:
         r = run_python("print('answer')")
         assert r.ok and r.stdout == "answer\n" and "could not remove" in r.cleanup_error
@@ -363,7 +367,7 @@ def test_root_only_files_unreadable(tmp_path):
         r = run_python(code)
         assert not r.ok and "PermissionError" in r.error and "s3cret" not in r.stdout, r
         if os.geteuid() == 0:
-            assert r.stdout.split() == [str(sandbox.SANDBOX_UID)]
+            assert int(r.stdout.split()[0]) in sandbox.SANDBOX_UIDS
             r = run_python(code, disable_layers=("uid",))  # the protection removed: root's file is read
             assert r.ok and "s3cret" in r.stdout
     finally:
@@ -413,6 +417,141 @@ def test_chat_says_at_start_that_the_python_tool_is_off(monkeypatch, capsys):
     chat.run_chat(RunConfig(), prompt="hi")
     err = capsys.readouterr().err.strip()
     assert err.startswith("the python tool is off: this kernel lacks sandbox layer(s) landlock") and "\n" not in err
+
+
+class FailingLibc:
+    """libc as the child sees it (it is forked from this process), with one call failing as the kernel would
+    under load: `fails(name, args)` says when."""
+
+    def __init__(self, fails, err):
+        self.real, self.fails, self.err = sandbox._libc, fails, err
+
+    def __getattr__(self, name):
+        real = getattr(self.real, name)
+
+        def call(*args):
+            if self.fails(name, args):
+                ctypes.set_errno(self.err)
+                return -1
+            return real(*args)
+        return call
+
+
+@needs("netns", "tmpfs")
+@pytest.mark.parametrize("layer, fails, err", [
+    ("netns", lambda name, args: name == "unshare", errno.EAGAIN),
+    ("tmpfs", lambda name, args: name == "mount" and args[2] == b"tmpfs" and b"exocortex-sandbox-" in args[1],
+     errno.ENOMEM),
+], ids=["unshare-EAGAIN", "tmpfs-ENOMEM"])
+def test_a_layer_failing_in_this_call_stops_the_program(monkeypatch, tmp_path, layer, fails, err):
+    """The probe found the layer; this one call cannot have it: the program must not run at all."""
+    isolation_layers()  # probed (and cached) before the failure is injected
+    marker = tmp_path / "ran"
+    monkeypatch.setattr(sandbox, "_libc", FailingLibc(fails, err))
+    r = run_python(f"open({str(marker)!r}, 'w').close()\nprint('ran')", disable_layers=("landlock",))
+    assert not r.ok and r.stdout == "" and r.killed_reason == "start_failed", r
+    assert r.error.startswith("sandbox: refused to run the program") and layer in r.error, r.error
+    assert errno.errorcode[err] in r.layers[layer] and not marker.exists()
+    assert python_tool("print('ran')").startswith("error: sandbox: refused to run")
+    monkeypatch.setenv("EXOCORTEX_SANDBOX", "degraded")  # a probe-found layer is still asked for per call
+    assert not run_python("print('ran')").ok
+
+
+SECRET_HOLDER = """import os, time
+SECRET = 'exo-secret-{tag}'
+open('notes.txt', 'w').write(SECRET)
+print(os.getcwd(), flush=True)
+time.sleep(4)
+"""
+SNOOPER = """import glob, os
+def snoop(d):
+    if os.path.realpath(d) == os.getcwd():  # its own
+        return
+    print(os.listdir(d))
+    for name in ('main.py', 'notes.txt'):
+        print(open(os.path.join(d, name)).read())
+for d in glob.glob({pattern!r}) + glob.glob('/proc/[0-9]*/cwd'):
+    try:
+        snoop(d)
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.parametrize("disable", [(), ("tmpfs",)], ids=["tmpfs", "no-tmpfs"])
+def test_concurrent_calls_cannot_read_each_other(disable):
+    if "tmpfs" not in disable and not layer_on("tmpfs"):
+        pytest.skip("tmpfs not available here")
+    tag = uuid.uuid4().hex
+    first = {}
+    holder = threading.Thread(target=lambda: first.update(
+        r=run_python(SECRET_HOLDER.format(tag=tag), timeout_s=8.0, disable_layers=disable)))
+    before = set(glob.glob(f"{tempfile.gettempdir()}/exocortex-sandbox-*"))
+    holder.start()
+    deadline = time.monotonic() + 5
+    while set(glob.glob(f"{tempfile.gettempdir()}/exocortex-sandbox-*")) == before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # the first program has started and written its file
+    r = run_python(SNOOPER.format(pattern=f"{tempfile.gettempdir()}/exocortex-sandbox-*"), disable_layers=disable)
+    holder.join()
+    assert r.ok, r
+    assert first["r"].ok and first["r"].stdout.strip(), first["r"]
+    assert tag not in r.stdout, r.stdout
+    assert "notes.txt" not in r.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
+                    reason="root, and an interpreter outside /root, needed")
+@needs("netns", "tmpfs", "uid")
+def test_root_without_cap_sys_admin_uses_a_user_namespace(monkeypatch, tmp_path):
+    """An unprivileged container: root's own unshare of the network and mount namespaces gets EPERM."""
+    isolation_layers()
+    for name in ("executable", "prefix", "base_prefix", "exec_prefix", "base_exec_prefix"):
+        monkeypatch.setattr(sys, name, "/usr/bin/python3" if name == "executable" else "/usr")
+    monkeypatch.setattr(sandbox, "_libc", FailingLibc(
+        lambda name, args: name == "unshare" and not args[0] & sandbox.CLONE_NEWUSER, errno.EPERM))
+    secret = tmp_path / "root-only"
+    secret.write_text("s3cret")
+    secret.chmod(0o600)
+    r = run_python(f"import os\nprint(os.getuid())\n"
+                   "print([ln.split(':')[0].strip() for ln in open('/proc/self/net/dev').readlines()[2:]])\n"
+                   f"print(open({str(secret)!r}).read())")
+    assert not r.ok and "PermissionError" in r.error and "s3cret" not in r.stdout, r
+    uid, interfaces = r.stdout.splitlines()
+    assert int(uid) in sandbox.SANDBOX_UIDS and interfaces == "['lo']"
+    assert r.layers["netns"] == "on: user+net namespace" and r.layers["tmpfs"].startswith("on")
+    assert "no CAP_SYS_ADMIN" in r.layers["uid"]
+
+
+@needs("uid")
+def test_only_the_interpreters_directories_are_bound_back():
+    """Under a directory the sandbox uid cannot search (/root), a world-readable sibling of the interpreter's
+    directories stays invisible; a TMPDIR under such a directory is a clear error."""
+    plan, _ = sandbox._reach_plan(min(sandbox.SANDBOX_UIDS), os.path.join(tempfile.gettempdir(), "w"))
+    if not plan:
+        pytest.skip("the interpreter needs no directory bound back here")
+    blocked = plan[0][0]
+    needed = min(d for d in sandbox._interpreter_dirs() if d.startswith(blocked + "/"))
+    sibling = os.path.join(os.path.dirname(needed), f"exocortex-sibling-{uuid.uuid4().hex}")
+    os.mkdir(sibling, 0o755)
+    try:
+        with open(os.path.join(sibling, "f"), "w") as f:
+            f.write("visible")
+        os.chmod(os.path.join(sibling, "f"), 0o644)
+        r = run_python(f"import os\nprint(os.path.exists({sibling!r}))\nprint(os.path.exists({needed!r}))")
+        assert r.ok and r.stdout.split() == ["False", "True"], r
+    finally:
+        os.remove(os.path.join(sibling, "f"))
+        os.rmdir(sibling)
+    hidden_tmp = os.path.join(blocked, f"exocortex-tmp-{uuid.uuid4().hex}")
+    os.mkdir(hidden_tmp)
+    try:
+        tempfile.tempdir = hidden_tmp
+        r = run_python("print('ran')")
+        assert not r.ok and r.stdout == "" and "set TMPDIR" in r.error and "\n" not in r.error, r
+    finally:
+        tempfile.tempdir = None
+        os.rmdir(hidden_tmp)
 
 
 def test_parent_unaffected():

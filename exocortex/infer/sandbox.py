@@ -10,10 +10,12 @@ was measured):
                    session whose whole process group is SIGKILLed on wall-clock timeout, on output flood
                    and after the program exits; output read incrementally and capped.
 - hard, Linux, where the kernel allows (each detected and reported in `SandboxResult.layers`):
-    netns          unshare(CLONE_NEWNET | CLONE_NEWNS), in a new user namespace for a non-root caller: no
-                   network interface but a downed loopback;
-    tmpfs          the working directory is a 64 MiB tmpfs in that mount namespace: the disk budget;
-    uid            a root caller runs the program as nobody, so root-only files stay unreadable;
+    netns          unshare(CLONE_NEWNET | CLONE_NEWNS), in a new user namespace for a non-root caller (and for
+                   root without CAP_SYS_ADMIN, after dropping its uid): no network interface but a downed loopback;
+    tmpfs          the working directory is a 64 MiB tmpfs in that mount namespace, main.py written into it
+                   by the child: the disk budget;
+    uid            a root caller runs each call as a uid of its own (SANDBOX_UIDS), so root-only files and
+                   other calls' files stay unreadable;
     landlock       file writes, creates, removes and renames only beneath the working directory (and
                    /dev/null); TCP bind/connect denied (ABI >= 4); signals and abstract unix sockets scoped to
                    the sandbox (ABI >= 6);
@@ -25,7 +27,8 @@ was measured):
                    it (ctypes, gc); it is a first line that explains, not a guarantee.
 
 Without one of REQUIRED_LAYERS it fails closed (SandboxUnavailable; the python tool answers with the reason)
-unless the user opts in with EXOCORTEX_SANDBOX=degraded: see `python_tool_status`.
+unless the user opts in with EXOCORTEX_SANDBOX=degraded: see `python_tool_status`. A layer the probe found
+that fails for one call stops that call in the child, before exec: the program does not run.
 
 Everything that must run in the child before the interpreter starts happens in `preexec_fn`, built from
 objects prepared in the parent (no imports, as little allocation as possible), and each layer's outcome is
@@ -38,6 +41,7 @@ import errno
 import math
 import os
 import platform
+import pwd
 import resource
 import selectors
 import signal
@@ -45,6 +49,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -61,7 +66,9 @@ MARKER = "# exocortex-sandbox"  # first line of the child's -c program: lets tes
 MAX_FILE_BYTES = 16 * 1024 * 1024
 DISK_BYTES = 64 * 1024 * 1024  # all files of one call together (the working directory is a tmpfs this size)
 MAX_INODES = 16384             # files + directories in it: bounds the kernel memory a flood of empty files takes
-SANDBOX_UID = 65534            # nobody: the uid a root caller runs the program as
+# A root caller runs each call as its own uid from this range (nobody's neighbours, unused by Debian and
+# systemd), so concurrent calls cannot read each other's files or signal each other's processes.
+SANDBOX_UIDS = range(65500, 65534)
 MAX_OPEN_FILES = 64
 TOOL_OUTPUT_CHARS = 2000
 TOOL_TIMEOUT_S = 5.0
@@ -235,7 +242,7 @@ _MACHINE = platform.machine().lower()
 
 CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWNS, CLONE_THREAD = 0x10000000, 0x40000000, 0x00020000, 0x00010000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
-PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 38, 22, 2
+PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER, PR_SET_DUMPABLE = 38, 22, 2, 4
 
 # Landlock (uapi/linux/landlock.h)
 _SYS_LANDLOCK_CREATE, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT = 444, 445, 446  # same on every arch
@@ -338,14 +345,17 @@ class _ChildSetup:
     and records each layer's outcome, which it writes to `report_fd` for the parent."""
 
     def __init__(self, workdir: str, code: bytes, report_fd: int, timeout_s: float, memory_mb: int,
-                 disabled: set[str]):
+                 disabled: set[str], required: set[str], uid: int | None):
         self.workdir, self.code, self.report_fd, self.disabled = workdir, code, report_fd, disabled
+        self.required = sorted(required)  # a layer of these that fails in the child stops it before exec
         self.root = os.geteuid() == 0
-        # a root caller runs the program as nobody, so file permissions apply to it (root-only files)
-        self.reach = _reach_plan(SANDBOX_UID) if self.root and "uid" not in disabled else None
+        # a root caller runs the program as the call's own uid, so file permissions apply to it
+        self.reach, self.unreachable = _reach_plan(uid, workdir) if uid is not None else (None, None)
         self.drop_uid = self.reach is not None
-        self.uid = SANDBOX_UID if self.drop_uid else os.geteuid()
-        self.gid = SANDBOX_UID if self.drop_uid else os.getegid()
+        self.dropped = False
+        self.uid = uid if self.drop_uid else os.geteuid()
+        self.gid = uid if self.drop_uid else os.getegid()
+        self.on_tmpfs = "tmpfs" not in disabled  # until the mount says otherwise
         cpu = int(math.ceil(timeout_s)) + 1
         self.limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)),
                        (resource.RLIMIT_FSIZE, (MAX_FILE_BYTES, MAX_FILE_BYTES)),
@@ -360,6 +370,7 @@ class _ChildSetup:
         self.landlock_abi = _LANDLOCK_ABI
         self.devnull = os.devnull
         # the user namespace is how a non-root caller gets network and mount namespaces; root needs none
+        # (unless it lacks CAP_SYS_ADMIN: see _namespaces)
         self.userns = not self.drop_uid
         self.uid_map = f"{self.uid} {self.uid} 1\n".encode()
         self.gid_map = f"{self.gid} {self.gid} 1\n".encode()
@@ -378,15 +389,24 @@ class _ChildSetup:
         e = ctypes.get_errno()
         return errno.errorcode.get(e, str(e))
 
+    def _failed_required(self) -> bool:
+        for layer in self.required:
+            last = [item for item in self.status if item.startswith(layer + "=")][-1:]
+            if not last or not last[0].startswith(layer + "=on"):
+                return True
+        return False
+
     def __call__(self) -> None:  # runs in the child, between fork and exec
         try:
             self._run()
-        except BaseException as e:  # never let preexec_fn fail: report instead
-            self._set("setup", f"off: {type(e).__name__}")
+        except BaseException as e:  # reported, and below it fails the call if a required layer was not reached
+            self._set("setup", f"off: {type(e).__name__}: {e}")
         try:
             os.write(self.report_fd, ";".join(self.status).encode()[:4000])
         except OSError:
             pass
+        if self._failed_required():  # Popen raises in the parent: the program never runs
+            raise RuntimeError("a required sandbox layer failed")
         try:  # last: the forked parent image may already be larger than the limit
             resource.setrlimit(resource.RLIMIT_AS, self.memory)
         except (ValueError, OSError):
@@ -410,13 +430,16 @@ class _ChildSetup:
         if _libc is None or not _IS_LINUX:
             for layer in ("netns", "tmpfs", "uid", "landlock", "seccomp"):
                 self._set(layer, "off: not Linux")
+            self.on_tmpfs = False
+            self._place_code()
             return
-        mounts = self._namespaces()                 # 1. network and mount namespaces
-        if mounts:                                  # 2. the disk budget, and the interpreter reachable as nobody
-            self._mounts()
+        if self._namespaces():                      # 1. network and mount namespaces
+            self._mounts()                          # 2. the disk budget, and the interpreter reachable
         else:
+            self.on_tmpfs = False
             self._set("tmpfs", "off: disabled" if "tmpfs" in self.disabled else "off: no mount namespace")
-        self._drop_uid()                            # 3. root -> nobody
+        self._place_code()
+        self._drop_uid()                            # 3. root -> the call's uid
         # 4. no privilege gain through exec (needed by landlock and seccomp without CAP_SYS_ADMIN)
         if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             self._set("no_new_privs", f"off: {self._errno()}")
@@ -432,17 +455,28 @@ class _ChildSetup:
             self._seccomp()
 
     def _namespaces(self) -> bool:
-        """unshare the network and mount namespaces (inside a new user namespace unless root drops to nobody:
-        that drops every capability in the machine's namespace, and lets an unprivileged caller own the
-        others). Returns whether there is a private mount namespace."""
+        """unshare the network and mount namespaces (inside a new user namespace unless root drops to its
+        sandbox uid: that drops every capability in the machine's namespace, and lets an unprivileged caller
+        own the others). Returns whether there is a private mount namespace."""
         flags = (0 if "netns" in self.disabled else CLONE_NEWNET)
         flags |= CLONE_NEWNS if ("tmpfs" not in self.disabled or self.reach) else 0
         if flags and self.userns:
             flags |= CLONE_NEWUSER
-        if flags and _libc.unshare(flags) != 0:
+        failed = flags and _libc.unshare(flags) != 0
+        if failed and ctypes.get_errno() == errno.EPERM and self.drop_uid and not self.reach:
+            # root without CAP_SYS_ADMIN (an unprivileged container): as the sandbox uid it may still own a
+            # user namespace, and through it the others; mapping only that uid keeps root's files its owner's.
+            # Not where the interpreter must be bound back in: the sandbox uid cannot open its directories.
+            self._become_uid()
+            # the uid change made the process undumpable, which leaves its /proc files root's: it could
+            # not write its own uid map (exec resets the flag anyway)
+            _libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+            flags |= CLONE_NEWUSER
+            failed = _libc.unshare(flags) != 0
+        if failed:
             why = f"off: unshare {self._errno()}"
             self._set("netns", why if flags & CLONE_NEWNET else "off: disabled")
-            if self.reach:  # the interpreter cannot be made reachable: stay root, say so
+            if self.reach and not self.dropped:  # the interpreter cannot be made reachable: stay root, say so
                 self.drop_uid = False
                 self._set("uid", why)
             return False
@@ -465,48 +499,71 @@ class _ChildSetup:
 
     def _mounts(self) -> None:
         """The working directory becomes a fresh tmpfs of DISK_BYTES (the disk budget: the program's files
-        never reach the real disk and vanish with its last process), holding main.py. For a root caller
-        dropping to nobody, each directory nobody cannot search on the way to the interpreter (/root) is
-        covered by an empty tmpfs with just the needed entries bound back in."""
+        never reach the real disk and vanish with its last process). For a root caller dropping its uid,
+        each directory the sandbox uid cannot search on the way to the interpreter (/root) is covered first
+        by an empty tmpfs with just the interpreter's directories bound back in."""
         try:
             self._mount(None, b"/", None, MS_REC | MS_PRIVATE, None)  # nothing propagates back out
         except OSError as e:  # then no mount at all: it could show outside
+            self.on_tmpfs = False
             self._set("tmpfs", f"off: private mounts {errno.errorcode.get(e.errno, e.errno)}")
-            if self.reach:
+            if self.reach and not self.dropped:
                 self.drop_uid = False
                 self._set("uid", "off: interpreter not reachable (no private mounts)")
             return
-        try:
-            if "tmpfs" in self.disabled:
-                self._set("tmpfs", "off: disabled")
-            else:
-                self._mount(b"tmpfs", self.workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                            self.tmpfs_opts)
-                os.chdir(self.workdir)  # the cwd Popen set is the directory underneath
-                fd = os.open("main.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.write(fd, self.code)
-                    os.fchown(fd, self.uid, self.gid)
-                finally:
-                    os.close(fd)
-                self._set("tmpfs", f"on: {DISK_BYTES >> 20} MiB, {MAX_INODES} inodes")
-        except OSError as e:
-            self._set("tmpfs", f"off: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})")
         if self.reach:
             try:
                 self._reach_interpreter()
             except OSError as e:
-                self.drop_uid = False
                 self._set("uid", f"off: interpreter not reachable ({errno.errorcode.get(e.errno, e.errno)})")
+                if self.dropped:  # already the sandbox uid: the interpreter cannot start, say why
+                    raise
+                self.drop_uid = False
+        if "tmpfs" in self.disabled:
+            self._set("tmpfs", "off: disabled")
+            return
+        try:
+            self._mount(b"tmpfs", self.workdir.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                        self.tmpfs_opts)
+            self._set("tmpfs", f"on: {DISK_BYTES >> 20} MiB, {MAX_INODES} inodes")
+        except OSError as e:
+            self.on_tmpfs = False
+            self._set("tmpfs", f"off: {errno.errorcode.get(e.errno, e.errno)} ({e.strerror})")
 
     def _reach_interpreter(self) -> None:
-        for blocked, entries in self.reach:
-            fds = [os.open(e, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for e in entries]
-            self._mount(b"tmpfs", blocked.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755")
-            for entry, fd in zip(entries, fds):
-                os.mkdir(entry)
-                self._mount(f"/proc/self/fd/{fd}".encode(), entry.encode(), None, MS_BIND | MS_REC, None)
-                os.close(fd)
+        old_umask = os.umask(0o022)  # the directories leading to the bound ones must be searchable
+        try:
+            for blocked, dirs in self.reach:
+                # opened in this mount namespace (a bind from another one is refused) before covering them
+                fds = [os.open(d, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for d in dirs]
+                self._mount(b"tmpfs", blocked.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"size=64k,mode=0755")
+                for d, fd in zip(dirs, fds):
+                    os.makedirs(d)
+                    self._mount(f"/proc/self/fd/{fd}".encode(), d.encode(), None, MS_BIND | MS_REC, None)
+                    os.close(fd)
+        finally:
+            os.umask(old_umask)
+
+    def _place_code(self) -> None:
+        """main.py goes where the program runs: into the tmpfs (so the directory beneath stays the caller's,
+        0700, and holds nothing another call could read), else into the directory, handed to the call's uid."""
+        os.chdir(self.workdir)  # the cwd Popen set may now lie beneath a mount
+        fd = os.open("main.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, self.code)
+            os.fchown(fd, self.uid, self.gid)
+        finally:
+            os.close(fd)
+        if not self.on_tmpfs and self.drop_uid and not self.dropped:
+            os.chown(".", self.uid, self.gid)
+
+    def _become_uid(self) -> None:
+        if not self.on_tmpfs:  # no tmpfs will cover it: the program works in the directory itself
+            os.chown(self.workdir, self.uid, self.gid)
+        os.setgroups([])
+        os.setresgid(self.gid, self.gid, self.gid)
+        os.setresuid(self.uid, self.uid, self.uid)
+        self.dropped = True
 
     def _drop_uid(self) -> None:
         if not self.root:
@@ -514,12 +571,12 @@ class _ChildSetup:
         elif "uid" in self.disabled:
             self._set("uid", "off: disabled")
         elif self.reach is None:
-            self._set("uid", f"off: the interpreter ({sys.executable}) is not reachable as uid {SANDBOX_UID}")
+            self._set("uid", f"off: {self.unreachable}")
+        elif self.dropped:
+            self._set("uid", f"on: root ran it as uid {self.uid} (dropped first: no CAP_SYS_ADMIN)")
         elif self.drop_uid:
-            os.setgroups([])
-            os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
-            os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
-            self._set("uid", f"on: root ran it as uid {SANDBOX_UID}")
+            self._become_uid()
+            self._set("uid", f"on: root ran it as uid {self.uid}")
 
     def _landlock(self) -> None:
         abi = self.landlock_abi
@@ -599,23 +656,42 @@ def _searchable(path: str, uid: int, need: int = 1) -> bool:
     return (st.st_mode >> shift) & need == need
 
 
-def _reach_plan(uid: int) -> list[tuple[str, list[str]]] | None:
+def _interpreter_dirs() -> set[str]:
+    """The directories the interpreter needs: its prefixes and those holding each link on the way to it."""
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    path = sys.executable
+    for _ in range(40):  # the kernel's own limit on a chain of links
+        dirs.add(os.path.dirname(path))
+        if not os.path.islink(path):
+            break
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return {os.path.realpath(d) for d in dirs}
+
+
+def _blocked_under(path: str, uid: int) -> list[str]:
+    """The directories above `path` that `uid` cannot search."""
+    parts = path.split("/")
+    return ["/".join(parts[:i]) for i in range(2, len(parts)) if not _searchable("/".join(parts[:i]), uid)]
+
+
+def _reach_plan(uid: int, workdir: str) -> tuple[list[tuple[str, list[str]]] | None, str | None]:
     """What running the interpreter as `uid` needs: for each directory on the way to it that `uid` cannot
-    search (e.g. /root, mode 0700, holding ~/.pyenv), the entries beneath it to bind back in. None when one
-    blocked directory is not enough (two on one path, or the interpreter's own directory)."""
-    dirs = {os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable)),
-            sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
+    search (e.g. /root, mode 0700, holding ~/.pyenv), just the interpreter's directories beneath it, to bind
+    back in (nothing else of it becomes visible). (None, why) when that cannot work."""
     plan: dict[str, set[str]] = {}
-    for d in sorted({os.path.realpath(d) for d in dirs}):
-        parts = d.split("/")
-        if not _searchable(d, uid, 5):
-            return None
-        blocked = [i for i in range(2, len(parts)) if not _searchable("/".join(parts[:i]), uid)]
-        if len(blocked) > 1:
-            return None
+    for d in sorted(_interpreter_dirs()):
+        blocked = _blocked_under(d, uid)
+        if not _searchable(d, uid, 5) or len(blocked) > 1:
+            return None, f"the interpreter's directory {d} is not reachable as uid {uid}"
         if blocked:
-            plan.setdefault("/".join(parts[:blocked[0]]), set()).add("/".join(parts[:blocked[0] + 1]))
-    return [(blocked, sorted(entries)) for blocked, entries in sorted(plan.items())]
+            plan.setdefault(blocked[0], set()).add(d)
+    hidden = _blocked_under(workdir, uid)
+    if hidden:  # a tmpfs over it would hide the working directory, and without one uid cannot reach it
+        return None, (f"the working directory {workdir} lies under {hidden[0]}, which uid {uid} cannot search: "
+                      "set TMPDIR to a directory such as /tmp")
+    # a directory inside another one that is bound comes with it
+    return [(top, [d for d in sorted(ds) if not any(d.startswith(o + "/") for o in ds)])
+            for top, ds in sorted(plan.items())], None
 
 
 def _parse_layers(report: str) -> dict:
@@ -674,7 +750,7 @@ def _empty_dir(fd: int) -> list[str]:
     return subdirs
 
 
-def _remove_tree(path: str) -> None:
+def _remove_hostile_tree(path: str) -> None:
     """Remove a directory tree the sandboxed program may have booby-trapped: any depth (beyond PATH_MAX; no
     recursion), any number of entries, modes it removed, symlinks (never followed). At most two descriptors
     are open at a time: the walk goes down by name and back up through '..', checked against the inode it
@@ -716,7 +792,7 @@ def _cleanup(path: str) -> str | None:
         if not os.path.lexists(path):
             return None
         try:
-            _remove_tree(path)
+            _remove_hostile_tree(path)
         except (OSError, ValueError) as e:
             reason = f"could not remove the sandbox directory {path}: {e}"
     return None if not os.path.lexists(path) else reason
@@ -743,47 +819,92 @@ def run_python(code: str, timeout_s: float = 5.0, memory_mb: int = 256, max_outp
     enabled, reason = python_tool_status(allow_degraded, ignore=disable_layers)
     if not enabled:
         raise SandboxUnavailable(reason)
-    return _run(code, timeout_s, memory_mb, max_output_bytes, stdin, set(disable_layers), site_packages)
+    # checked again in the child for this very call: a layer the probe found may still fail here (namespace
+    # limits under many concurrent calls, a mount out of memory), and then the program must not run
+    layers = isolation_layers()
+    required = {name for name in REQUIRED_LAYERS
+                if name not in disable_layers and layers.get(name, "off").startswith("on")}
+    return _run(code, timeout_s, memory_mb, max_output_bytes, stdin, set(disable_layers), site_packages, required)
+
+
+class _UidPool:
+    """The uids of SANDBOX_UIDS not taken by a running call of this process; a call waits for a free one.
+    Calls in other processes may share a uid: there the tmpfs (a mount only the call sees) keeps files apart."""
+
+    def __init__(self, uids: range):
+        self.uids, self.free, self.cond = uids, None, threading.Condition()
+
+    def take(self) -> int:
+        with self.cond:
+            if self.free is None:  # an account's uid would give the program that account's files
+                self.free = [u for u in self.uids if not _uid_exists(u)]
+                if not self.free:
+                    raise SandboxUnavailable(f"every uid in {self.uids.start}-{self.uids.stop - 1} belongs to an "
+                                             "account: the sandbox has no uid of its own to run code as")
+            while not self.free:
+                self.cond.wait()
+            return self.free.pop()
+
+    def give(self, uid: int) -> None:
+        with self.cond:
+            self.free.append(uid)
+            self.cond.notify()
+
+
+def _uid_exists(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+        return True
+    except KeyError:
+        return False
+
+
+_UIDS = _UidPool(SANDBOX_UIDS)
 
 
 def _run(code: str, timeout_s: float, memory_mb: int, max_output_bytes: int, stdin: str, disabled: set[str],
-         site_packages: bool) -> SandboxResult:
+         site_packages: bool, required: set[str]) -> SandboxResult:
     start = time.monotonic()
-    workdir = os.path.realpath(tempfile.mkdtemp(prefix="exocortex-sandbox-"))
+    uid = _UIDS.take() if os.geteuid() == 0 and "uid" not in disabled else None
     try:
-        main = os.path.join(workdir, "main.py")  # read from here only where the tmpfs layer is off
-        with open(main, "w", encoding="utf-8") as f:
-            f.write(code)
-        if os.geteuid() == 0 and "uid" not in disabled:  # nobody must be able to use it then
-            for path in (workdir, main):
-                os.chown(path, SANDBOX_UID, SANDBOX_UID)
-        started = _start(workdir, code, timeout_s, memory_mb, disabled, site_packages)
-        if isinstance(started, str):
-            return SandboxResult(False, "", f"sandbox: could not start python: {started}", None, False,
-                                 "start_failed", time.monotonic() - start)
-        proc, layers = started
-        out = _communicate(proc, stdin.encode(), start + timeout_s, max_output_bytes)
+        # root-owned 0700: the child writes main.py into it (or into the tmpfs over it) and hands it to the
+        # call's uid only where there is no tmpfs
+        workdir = os.path.realpath(tempfile.mkdtemp(prefix="exocortex-sandbox-"))
+        try:
+            started = _start(workdir, code, timeout_s, memory_mb, disabled, site_packages, required, uid)
+            if isinstance(started[0], str):
+                why, layers = started
+                return SandboxResult(False, "", f"sandbox: {why}", None, False, "start_failed",
+                                     time.monotonic() - start, layers=layers)
+            proc, layers = started
+            out = _communicate(proc, stdin.encode(), start + timeout_s, max_output_bytes)
+        finally:
+            # after _communicate killed the process group: nothing of the program writes here any more
+            cleanup_error = _cleanup(workdir)
     finally:
-        # after _communicate killed the process group: nothing of the program writes here any more
-        cleanup_error = _cleanup(workdir)
+        if uid is not None:  # only now: no process of this call is left to share it with the next
+            _UIDS.give(uid)
     return _result(out, time.monotonic() - start, layers, max_output_bytes, cleanup_error)
 
 
-def _start(workdir: str, code: str, timeout_s: float, memory_mb: int, disabled: set[str], site_packages: bool):
-    """Start the interpreter under the layers; returns (process, layers report) or why it could not start."""
+def _start(workdir: str, code: str, timeout_s: float, memory_mb: int, disabled: set[str], site_packages: bool,
+           required: set[str], uid: int | None):
+    """Start the interpreter under the layers; returns (process, layers report), or (why it did not start,
+    layers report)."""
     env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
     argv = [sys.executable, "-I", "-B", "-X", "utf8"] + ([] if site_packages else ["-S"])
     argv += ["-c", BARE_RUNNER if "prelude" in disabled else PRELUDE]
     report_r, report_w = os.pipe()
+    proc, error = None, None
     try:
         setup = _ChildSetup(workdir, code.encode("utf-8", "surrogatepass"), report_w, timeout_s, memory_mb,
-                            disabled)
+                            disabled, required, uid)
         try:
             proc = subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, start_new_session=True, preexec_fn=setup,
                                     close_fds=True)
         except (OSError, subprocess.SubprocessError) as e:
-            return str(e)
+            error = f"could not start python: {e}"
         os.close(report_w)
         report_w = -1
         report = b""
@@ -796,7 +917,11 @@ def _start(workdir: str, code: str, timeout_s: float, memory_mb: int, disabled: 
     layers = {"workdir": "on", "session": "on", "isolated_python": "on"}
     layers.update(_parse_layers(report.decode(errors="replace")))
     layers["prelude"] = "off: disabled" if "prelude" in disabled else "on"
-    return proc, layers
+    failed = [f"{name} ({layers.get(name, 'off: not reached')})" for name in sorted(required)
+              if not layers.get(name, "off").startswith("on")]
+    if failed:  # the child refused to exec: say which layer, not just that preexec_fn raised
+        error = f"refused to run the program: sandbox layer(s) failed for this call: {'; '.join(failed)}"
+    return (error, layers) if proc is None else (proc, layers)
 
 
 def _result(out, seconds: float, layers: dict, cap: int, cleanup_error: str | None) -> SandboxResult:
@@ -934,7 +1059,7 @@ def python_tool(code: str) -> str:
 def isolation_layers() -> dict:
     """Which layers apply on this machine (runs one trivial program once and caches the report)."""
     try:
-        return dict(_run("pass", 10.0, 256, 16384, "", set(), False).layers)
+        return dict(_run("pass", 10.0, 256, 16384, "", set(), False, set()).layers)
     except Exception as e:  # noqa: BLE001 - a probe that cannot run finds nothing on
         return {"probe": f"off: {type(e).__name__}: {e}"}
 
