@@ -101,8 +101,8 @@ def _replace(cfg: RunConfig, staged: Path, trained: dict) -> None:
         run.set_aside_set()
         print(f"tokenizer: the old tokenizer, tokens and checkpoints ({listed(trained)}) are kept in "
               f"{run.previous_set} until the new pretraining writes its first checkpoint; they do not count "
-              f"meanwhile. To go back to them: rm -r {run.path}/{{tokenizer,data,checkpoints}} && "
-              f"mv {run.previous_set}/* {run.path}/")
+              f"meanwhile. To go back to them: rm -rf {run.path}/{{tokenizer,data,checkpoints}} && "
+              f"mv {run.previous_set}/* {run.path}/ && rmdir {run.previous_set}")
     try:
         remove_tree(run.data_dir)
         if not same:
