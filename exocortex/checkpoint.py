@@ -32,11 +32,12 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
 
     Order, so that a crash at any point leaves a complete checkpoint to load and resume from: the new one is
     written and fsynced under a temp name, renamed into place, named in `latest`; only then are the old
-    ones this one supersedes removed (the pruned beyond `keep`, the set-aside ones of a previous run)."""
+    ones this one supersedes removed (the set-aside ones of a previous run, any newer ones from a branch that was
+    rolled back or resumed before, the oldest beyond `keep`)."""
     run = RunDir(run_dir)
     root = run.checkpoints(stage)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in [*root.glob(".tmp_step_*"), *root.glob(".trash_*")]:  # left by a run killed mid-write
+    for stale in root.glob(".tmp_step_*"):  # left by a run killed mid-write (remove_tree sweeps its trash)
         shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:06d}"
     tmp = root / f".tmp_step_{step:06d}_{os.getpid()}"
@@ -56,10 +57,8 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
     os.replace(tmp, final)
     fsync_path(root)
     atomic_write_text(root / "latest", final.name)
-    run.drop_previous_checkpoints(stage)
-    if keep > 0:
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
-            remove_tree(old)
+    run.drop_superseded(stage)
+    run.prune_checkpoints(stage, final, keep)
     return final
 
 

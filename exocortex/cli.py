@@ -219,9 +219,17 @@ def main(argv: list[str] | None = None) -> None:
         print("error: out of memory; use a smaller preset or --set pretrain.device_batch=<smaller>", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if os.environ.get("EXOCORTEX_DEBUG") == "1":
             raise
-        # what was written went to temp files: the run's previous files are in place
-        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror} (disk full?); nothing was replaced, "
-              f"free space and run it again", file=sys.stderr)
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+def _os_error_line(e: OSError) -> str:
+    """A file the command could not read, write or rename, on one line: which, and why. Writes go to temp files
+    first, so what a failed command leaves is for the stage that failed to say, not for this line."""
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None) or "a file"
+    full = e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    why = e.strerror or " ".join(str(e).split()) or type(e).__name__
+    return (f"{where}: {why}" + (" (is the disk full?)" if full else "")
+            + "; fix that and run the command again (EXOCORTEX_DEBUG=1 shows where it happened)")

@@ -6,10 +6,13 @@ the rename, so after a crash or power loss a reader finds the old file or the ne
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 from pathlib import Path
+
+_trash_names = itertools.count()
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -34,10 +37,14 @@ def temp_path(target: str | os.PathLike) -> Path:
     by a killed process (kill -9, power loss) are removed here, the next time the target is written."""
     target = Path(target)
     for stale in target.parent.glob(f".{target.name}.tmp*"):
-        pid = stale.name[len(target.name) + 5:]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
+        _remove_if_orphaned(stale, stale.name[len(target.name) + 5:])
     return target.with_name(f".{target.name}.tmp{os.getpid()}")
+
+
+def _remove_if_orphaned(path: Path, pid: str) -> None:
+    """Remove a temp or trash entry whose process is gone (kill -9, power loss); a live one is still in use."""
+    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -77,12 +84,15 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
 
 def remove_tree(path: str | os.PathLike) -> None:
     """Delete a directory tree without ever leaving a half-deleted one under its name: it is renamed to a
-    hidden sibling first (atomic), then deleted; a crash leaves only that hidden `.trash_*` directory."""
+    hidden sibling `.trash_<pid>_<n>_<name>` first (atomic), then deleted. Trash that a killed process left
+    next to it is swept here; a name of its own per call, so trash that would not delete never blocks."""
     path = Path(path)
+    if path.parent.is_dir():
+        for stale in path.parent.glob(".trash_*"):
+            _remove_if_orphaned(stale, stale.name.split("_")[1])
     if not path.exists():
         return
-    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)  # an earlier, interrupted removal
+    trash = path.with_name(f".trash_{os.getpid()}_{next(_trash_names)}_{path.name}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -100,7 +110,7 @@ def staging_dir(target: str | os.PathLike) -> Path:
 def commit_files(staged: Path, target: Path, last: str | None = None) -> None:
     """Move every file of a fully written staging directory into `target` (fsynced first; renames only,
     `last` last, so it marks a complete set), then remove the staging directory. Files of `target` that the
-    staging directory does not have are left alone."""
+    staging directory does not have are left alone. The one commit routine: exports, tokenizers, token files."""
     fsync_tree(staged)
     target.mkdir(parents=True, exist_ok=True)
     if last:  # the old set is no longer complete from here until the new one is

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any, get_args, get_type_hints
 
 from exocortex import registry
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_json, atomic_write_text, remove_tree
+from exocortex.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_tree
 
 _STEP = re.compile(r"step_\d+")
 
@@ -234,12 +235,13 @@ class RunDir:
         found = {s: self.latest_checkpoint(s) for s in registry.MODEL_STAGES}
         return {s: c for s, c in found.items() if c is not None}
 
-    def refuse_to_replace(self, stage: str) -> None:
-        """A fresh run of a stage replaces its checkpoints: only with --force, and the message says which."""
-        ckpt = self.latest_checkpoint(stage)
-        if ckpt is not None:
-            raise ExocortexError(f"{self.path} has {stage} checkpoints ({ckpt.name}); --resume to continue or "
-                                 f"--force to start over")
+    def refuse_to_replace(self, *stages: str, why: str = "",
+                          instead: str = "--resume to continue or --force to start over") -> None:
+        """A command that would replace trained checkpoints (of `stages`; default: every model stage) runs only
+        with --force: the one-line refusal names them, says why they matter, and what to do instead."""
+        found = {s: c for s in stages or registry.MODEL_STAGES if (c := self.latest_checkpoint(s)) is not None}
+        if found:
+            raise ExocortexError(f"{self.path} has trained checkpoints ({listed(found)}){why}; {instead}")
 
     def set_aside_checkpoints(self, stage: str) -> None:
         """A fresh run begins: its stage's checkpoints move (one rename) to <stage>.previous, where they still
@@ -252,20 +254,76 @@ class RunDir:
         else:
             remove_tree(root)  # at most a crashed fresh run's temp files; `previous` stays what counts
 
-    def drop_previous_checkpoints(self, stage: str) -> None:
+    def drop_superseded(self, stage: str) -> None:
+        """A new checkpoint of `stage` is complete: what it supersedes goes (its stage's set-aside checkpoints,
+        and the set a new tokenizer set aside, which no stage can use once the new models exist)."""
         remove_tree(self.previous_checkpoints(stage))
+        remove_tree(self.previous_set)
+
+    def prune_checkpoints(self, stage: str, kept: Path, keep: int = 0) -> None:
+        """Remove a stage's checkpoints newer than `kept` (rolled back, or a branch a resume left behind: were
+        `latest` lost, the newest would count) and, with keep > 0, all but the `keep` newest up to `kept`."""
+        dirs = _step_dirs(self.checkpoints(stage))
+        newer = [p for p in dirs if _step(p) > _step(kept)]
+        older = [p for p in dirs if _step(p) < _step(kept)]
+        for p in reversed(newer):
+            remove_tree(p)
+        for p in older[:max(0, len(older) - keep + 1)] if keep > 0 else []:
+            remove_tree(p)
 
     def roll_back(self, stage: str, step: int) -> Path | None:
-        """Point a stage's `latest` at its newest checkpoint from at most `step`; with none, remove this run's
-        checkpoints of the stage: the ones it set aside count again (returned), else later stages start from
-        its parent (None)."""
+        """Point a stage's `latest` at its newest checkpoint from at most `step` and remove the later ones; with
+        none, remove this run's checkpoints of the stage: the ones it set aside count again (returned), else
+        later stages start from its parent (None)."""
         root = self.checkpoints(stage)
-        good = [p for p in _step_dirs(root) if int(p.name.split("_")[1]) <= step]
+        good = [p for p in _step_dirs(root) if _step(p) <= step]
         if not good:
             remove_tree(root)
             return self.latest_checkpoint(stage)
         atomic_write_text(root / "latest", good[-1].name)
+        self.prune_checkpoints(stage, good[-1])
         return good[-1]
+
+    # ------------------------------------------------------------------ a replaced tokenizer's set
+    @property
+    def previous_set(self) -> Path:
+        """Where a new tokenizer sets aside the old one with its tokens, checkpoints and config.json: they do not
+        count there (no model runs with another tokenizer), and go once the new pretraining has a checkpoint."""
+        return self.path / "previous"
+
+    def set_aside_set(self) -> None:
+        """Move the checkpoints, tokens and tokenizer (in that order: no checkpoint ever counts beside another
+        tokenizer, no token files beside another tokenizer) and a copy of config.json into `previous_set`."""
+        remove_tree(self.previous_set)  # older still: the models these checkpoints came from replaced it
+        self.previous_set.mkdir()
+        atomic_write_bytes(self.previous_set / "config.json", (self.path / "config.json").read_bytes())
+        for part in _SET:
+            if (self.path / part).exists():
+                os.replace(self.path / part, self.previous_set / part)
+
+    def restore_set(self) -> None:
+        """Undo `set_aside_set`: what stands in the old set's place now goes first, then the old parts come back
+        in reverse order (the checkpoints last), so no step in between pairs parts of two sets."""
+        for part in _SET:
+            remove_tree(self.path / part)
+        for part in reversed(_SET):
+            if (self.previous_set / part).exists():
+                os.replace(self.previous_set / part, self.path / part)
+        if (self.previous_set / "config.json").exists():
+            os.replace(self.previous_set / "config.json", self.path / "config.json")
+        remove_tree(self.previous_set)
+
+
+def listed(checkpoints: dict[str, Path]) -> str:
+    """'pretrain step_000006, sft step_000040': a stage -> checkpoint map for a message."""
+    return ", ".join(f"{stage} {ckpt.name}" for stage, ckpt in checkpoints.items())
+
+
+_SET = ("checkpoints", "data", "tokenizer")  # what a new tokenizer sets aside, in the order it does
+
+
+def _step(ckpt: Path) -> int:
+    return int(ckpt.name.split("_")[1])
 
 
 def _is_a(value: Any, hint: Any) -> bool:
@@ -287,7 +345,7 @@ def _pointed_to(root: Path) -> Path | None:
         name = pointer.read_bytes().decode("ascii").strip()
     except (OSError, UnicodeDecodeError):
         name = ""
-    if not re.fullmatch(r"step_\d+", name):
+    if not _STEP.fullmatch(name):
         print(f"warning: {pointer} is damaged; using the newest complete checkpoint")
         return None
     return root / name

@@ -131,6 +131,20 @@ def _restore(trained: Path, d: Path):
     return setup
 
 
+def _fail_at_step(monkeypatch, n: int) -> None:
+    from exocortex.train import loop
+
+    real_step, calls = loop._Trainer.train_step, []
+
+    def failing_step(self):
+        calls.append(1)
+        if len(calls) == n:
+            raise ExocortexError(f"pretrain: loss became nan at step {n}")
+        return real_step(self)
+
+    monkeypatch.setattr(loop._Trainer, "train_step", failing_step)
+
+
 def _model_and_state(run_dir: Path):
     ckpt = RunDir(run_dir).latest_checkpoint("pretrain")
     model, meta = load_model(ckpt)
@@ -143,20 +157,11 @@ def test_a_fresh_run_failing_before_its_first_checkpoint_leaves_the_old_one(run,
     """NaN, OOM or a crash at step 2 of a fresh run: the old checkpoint still counts, byte for byte, and
     --resume continues the old run."""
     from exocortex.stages.pretrain import run_pretrain
-    from exocortex.train import loop
 
     old = RunDir(run).latest_checkpoint("pretrain")
     before = snapshot(old)
     cfg = load_config(run, ["pretrain.checkpoint_every=0", "pretrain.max_steps=20"])
-    real_step, calls = loop._Trainer.train_step, []
-
-    def failing_step(self):
-        calls.append(1)
-        if len(calls) == 2:
-            raise ExocortexError("pretrain: loss became nan at step 2")
-        return real_step(self)
-
-    monkeypatch.setattr(loop._Trainer, "train_step", failing_step)
+    _fail_at_step(monkeypatch, 2)
     with pytest.raises(ExocortexError, match="nan"):
         run_pretrain(cfg, force=True)
     monkeypatch.undo()
@@ -323,6 +328,7 @@ def test_kill9_at_every_step_of_swapping_in_a_new_tokenizer(trained, tmp_path, t
 
     every_kill_point(setup, lambda: _replace(cfg, staged, trained_stages), check)
     assert Tokenizer.load(d / "tokenizer").vocab_size == tok.vocab_size and has_token_data(d / "data")
+    assert snapshot(d / "previous" / "tokenizer") == old_tok and not RunDir(d).trained_stages()
 
 
 # ----------------------------------------------------------------------------- exports
@@ -400,16 +406,67 @@ def test_destructive_reruns_refuse_without_force(run, capsys, argv):
     assert snapshot(run) == before
 
 
-def test_tokenizer_with_force_replaces_the_tokenizer_and_the_checkpoints_it_made_useless(run, capsys):
+def test_tokenizer_with_force_sets_aside_the_checkpoints_it_made_useless(run, capsys):
+    """They stop counting (chat would answer garbage) but stay restorable, with their tokenizer and tokens."""
     from exocortex.stages.tokenizer import run_tokenizer
 
+    old = {part: snapshot(run / part) for part in ("tokenizer", "data", "checkpoints")}
     cfg = make_config("tiny", [*SETS, "tokenizer.vocab_size=320"], name="r")
     cfg.runs_dir = str(run.parent)
     run_tokenizer(cfg, force=True)
-    assert "removed the checkpoints" in capsys.readouterr().out
+    assert f"kept in {run / 'previous'}" in capsys.readouterr().out
     assert RunDir(run).trained_stages() == {} and not (run / "checkpoints").exists()
     assert Tokenizer.load(run / "tokenizer").vocab_size == 320 and has_token_data(run / "data")
+    assert {part: snapshot(run / "previous" / part) for part in old} == old
     assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_tokenizer_trained_again_byte_for_byte_keeps_the_models(run, capsys):
+    """speedrun --force on an unchanged corpus and config re-trains the same tokenizer: the models stay valid."""
+    from exocortex.stages.tokenizer import run_tokenizer
+
+    before = RunDir(run).trained_stages()
+    run_tokenizer(load_config(run), force=True)
+    assert "kept in" not in capsys.readouterr().out and not (run / "previous").exists()
+    assert RunDir(run).trained_stages() == before
+
+
+@pytest.mark.parametrize("argv", [["speedrun", "--set", "data.world_bytes=150000"], ["pretrain", "--data", "DATA"]])
+def test_a_forced_new_tokenizer_whose_pretraining_fails_leaves_the_old_set(run, capsys, monkeypatch, argv):
+    """speedrun --force (another corpus) and pretrain --data X --force fail at pretraining step 1: the old
+    tokenizer, tokens and checkpoints are all kept, uncounted, and moving them back gives the old run again."""
+    (run.parent / "more.txt").write_text("".join(f"note {i}: {i * 7919 % 1000} apples and {i % 97} pears\n"
+                                                 for i in range(6000)))
+    argv = [a.replace("DATA", str(run.parent / "more.txt")) for a in argv]
+    old = {part: snapshot(run / part) for part in ("tokenizer", "data", "checkpoints")}
+    _fail_at_step(monkeypatch, 1)
+    code, err = _main([*argv, "--run", str(run), "--force", *[a for s in SETS[1:] for a in ("--set", s)]], capsys)
+    assert code == 1 and "nan at step 1" in err, err
+    assert RunDir(run).trained_stages() == {}  # not counted beside the new tokenizer
+    assert {part: snapshot(run / "previous" / part) for part in old} == old
+    RunDir(run).restore_set()
+    assert {part: snapshot(run / part) for part in old} == old and not (run / "previous").exists()
+    load_model(RunDir(run).latest_checkpoint("pretrain"))  # its vocabulary matches the tokenizer again
+
+
+def test_a_failed_tokenizer_swap_puts_the_old_set_back_and_says_so_on_one_line(run, capsys, monkeypatch):
+    """A rename refused while the new tokens go in (a read-only or broken runs directory): the old set is
+    back in place, and the CLI prints one line naming the file, no traceback."""
+    before = snapshot(run)
+    real_replace = os.replace
+
+    def refused(src, dst, *a, **kw):
+        if ".tokenizer.tmp" in str(src) and str(src).endswith("meta.json"):
+            raise PermissionError(13, "Permission denied", str(src), None, str(dst))
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", refused)
+    code, err = _main(["tokenizer", "--run", str(run), "--force", *[a for s in SETS for a in ("--set", s)],
+                       "--set", "tokenizer.vocab_size=320"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("error: ") and "meta.json" in err and "Permission denied" in err
+    monkeypatch.undo()
+    assert {k: v for k, v in snapshot(run).items() if not k.startswith(".tokenizer.tmp")} == before
 
 
 def test_speedrun_starts_the_later_stages_over_on_purpose(run, monkeypatch):

@@ -42,6 +42,52 @@ def test_roll_back_points_latest_at_an_earlier_checkpoint_or_clears(tmp_path):
     assert run.roll_back("rl", 5) is None and run.latest_checkpoint("rl") is None
 
 
+def test_roll_back_removes_the_later_checkpoints(tmp_path):
+    """The guard's rollback leaves no degenerate checkpoint behind: with `latest` lost afterwards, the newest
+    remaining one is the kept one, not a post-guard one."""
+    run = RunDir(tmp_path / "r")
+    for step in (10, 20, 30, 40):
+        _checkpoint(run, "rl", step)
+    run.roll_back("rl", 25)
+    (run.checkpoints("rl") / "latest").unlink()
+    assert [c.name for c in run.checkpoint_dirs("rl")] == ["step_000020", "step_000010"]
+
+
+def test_pruning_never_drops_the_checkpoint_just_saved(tmp_path):
+    """Resumed from step 20 with a different checkpoint_every: the new step 25 is kept, the abandoned step 30
+    goes, and `keep` counts back from the new one."""
+    run = RunDir(tmp_path / "r")
+    for step in (10, 20, 30):
+        _checkpoint(run, "rl", step)
+    new = _checkpoint(run, "rl", 25)
+    run.prune_checkpoints("rl", new, keep=2)
+    assert [c.name for c in run.checkpoint_dirs("rl")] == ["step_000025", "step_000020"]
+
+
+def test_remove_tree_sweeps_trash_a_killed_process_left_and_never_collides(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from exocortex import fileio
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    root = tmp_path / "checkpoints"
+    stale = root / f".trash_{dead.pid}_0_pretrain.previous"
+    (stale / "step_000002").mkdir(parents=True)
+    (stale / "step_000002" / "model.safetensors").write_bytes(b"w" * 1000)
+    live = root / ".trash_1_0_sft"  # pid 1 is alive: another process's removal still in progress
+    live.mkdir()
+    fileio.remove_tree(root / "pretrain.previous")  # nothing to remove, but the leftovers beside it are swept
+    assert not stale.exists() and live.exists()
+
+    monkeypatch.setattr(fileio.shutil, "rmtree", lambda *a, **kw: None)  # trash that will not delete
+    for _ in range(2):
+        (root / "pretrain" / "step_000002").mkdir(parents=True)  # renaming onto a non-empty trash: ENOTEMPTY
+        fileio.remove_tree(root / "pretrain")
+    assert not (root / "pretrain").exists() and len(list(root.glob(".trash_*_pretrain"))) == 2
+
+
 def test_latest_skips_an_incomplete_checkpoint(tmp_path):
     run = RunDir(tmp_path / "r")
     good = _checkpoint(run, "sft", 1, latest=False)

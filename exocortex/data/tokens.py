@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import sys
 import time
@@ -29,7 +28,7 @@ from typing import Iterator
 import numpy as np
 
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text, fsync_path, fsync_tree
+from exocortex.fileio import atomic_write_text
 from exocortex.data.sources import Task, read_task, task_file, val_every
 from exocortex.tokenizer import Tokenizer
 
@@ -231,17 +230,3 @@ def read_split(data_dir: Path, name: str, bos_id: int | None = None) -> TokenSpl
     starts = np.flatnonzero(np.asarray(tokens) == bos_id) if bos_id is not None else np.zeros(1, np.int64)
     return TokenSplit(tokens, starts.astype(np.int64))
 
-
-def commit_token_data(tmp_dir: Path, data_dir: Path) -> None:
-    """Move freshly written token files into place and drop an older run's files. Renames only, after the new
-    files are on the disk: meta.json (what says the data are complete) is removed first and comes back last,
-    so a crash in between leaves data that say they are incomplete, never a mix that looks whole."""
-    fsync_tree(tmp_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "meta.json").unlink(missing_ok=True)
-    for old in ("train.npy", "val.npy"):
-        (data_dir / old).unlink(missing_ok=True)
-    for f in sorted(tmp_dir.iterdir(), key=lambda p: p.name == "meta.json"):
-        os.replace(f, data_dir / f.name)
-    fsync_path(data_dir)
-    shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -8,7 +8,6 @@ import time
 from exocortex import registry
 from exocortex.config import RunConfig
 from exocortex.data.tokens import has_token_data
-from exocortex.errors import ExocortexError
 from exocortex.run import SpeedrunSummary
 
 
@@ -20,12 +19,11 @@ def run_speedrun(cfg: RunConfig, resume: bool = False, force: bool = False) -> S
     """With resume (the CLI then passes the run's saved config), a run that has its tokens keeps them and
     pretraining continues from its latest checkpoint; the stages after it start fresh from its result, since
     their old checkpoints (if any) grew from another base model. A run with trained models is started over
-    only with `force`."""
-    trained = cfg.run.trained_stages()
-    if trained and not resume and not force:
-        listed = ", ".join(f"{stage} {ckpt.name}" for stage, ckpt in trained.items())
-        raise ExocortexError(f"{cfg.run_dir} has trained models ({listed}); --resume to continue it, --force to "
-                             f"start it over, or --run <new name> for a new run")
+    only with `force`, which re-trains the tokenizer too: the corpus files may have changed under the same path,
+    and the tokenizer stage keeps the old models whenever the new tokenizer comes out byte for byte the same."""
+    if not resume and not force:
+        cfg.run.refuse_to_replace(instead="--resume to continue it, --force to start it over, or --run <new name> "
+                                  "for a new run")
     t_start = time.time()
     summary = SpeedrunSummary()
     first_trained = next(s.name for s in registry.STAGES if s.speedrun and "resume" in s.options)

@@ -4,7 +4,6 @@ k-th document for val; measure the corpus's variety for the report.
 """
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -12,11 +11,11 @@ from typing import Iterator
 
 from exocortex.config import RunConfig, save_config
 from exocortex.data.sources import corpus_tasks, read_task, val_every
-from exocortex.data.tokens import commit_token_data, write_token_data
+from exocortex.data.tokens import write_token_data
 from exocortex.data.world import corpus_stats
 from exocortex.errors import ExocortexError
-from exocortex.fileio import remove_tree, temp_path
-from exocortex.run import TokenizerSummary
+from exocortex.fileio import commit_files, remove_tree, temp_path
+from exocortex.run import TokenizerSummary, listed
 from exocortex.tokenizer import Tokenizer, iter_texts_for_training
 
 
@@ -41,12 +40,12 @@ def _train_texts(tasks, k: int, val_fraction: float, sample: list[str], sample_b
 def run_tokenizer(cfg: RunConfig, force: bool = False) -> TokenizerSummary:
     """Train the BPE on the start of the corpus, then encode all of it in parallel into token files.
     Nothing is written to the run directory until both have succeeded. A run with trained models keeps its
-    tokenizer unless `force`: they only make sense with the tokenizer they were trained with."""
+    tokenizer unless `force`: they only make sense with the tokenizer they were trained with (_replace)."""
+    if not force:
+        cfg.run.refuse_to_replace(why=" made with its tokenizer, which a new one makes useless",
+                                  instead="--force to replace the tokenizer and the tokens (those checkpoints are "
+                                  "set aside until the new pretraining has one), or --run <new name> for a new run")
     trained = cfg.run.trained_stages()
-    if trained and not force:
-        raise ExocortexError(f"{cfg.run_dir} has models trained with its tokenizer ({_listed(trained)}); a new "
-                             f"tokenizer makes them useless: --force to replace the tokenizer, the tokens and "
-                             f"those checkpoints, or --run <new name> for a new run")
     t0 = time.time()
     tasks, source, world_docs = corpus_tasks(cfg.data)  # cheap checks of every file first
     t_load = time.time() - t0
@@ -88,20 +87,37 @@ def run_tokenizer(cfg: RunConfig, force: bool = False) -> TokenizerSummary:
     return summary
 
 
-def _listed(trained: dict) -> str:
-    return ", ".join(f"{stage} {ckpt.name}" for stage, ckpt in trained.items())
-
-
 def _replace(cfg: RunConfig, staged: Path, trained: dict) -> None:
-    """Swap the staged tokenizer and tokens in, together, with renames only (nothing left to run out of disk).
-    data/meta.json goes first and comes back last: a crash in between leaves a run that asks for `exocortex
-    tokenizer` again, never new tokens with the old tokenizer or the reverse."""
-    (cfg.run.data_dir / "meta.json").unlink(missing_ok=True)
-    if trained:  # --force: models of the old tokenizer would answer garbage with the new one
-        remove_tree(cfg.run.path / "checkpoints")
-        print(f"tokenizer: removed the checkpoints trained with the old tokenizer ({_listed(trained)})")
-    cfg.run.tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    for f in (staged / "tokenizer").iterdir():
-        os.replace(f, cfg.run.tokenizer_dir / f.name)
-    commit_token_data(staged / "data", cfg.run.data_dir)
+    """Swap the staged tokenizer and tokens in with renames only (nothing left to run out of disk). The old
+    tokens go first and the new meta.json comes last: a crash in between leaves a run that asks for `exocortex
+    tokenizer` again, never tokens beside another tokenizer. Models trained with another tokenizer would answer
+    garbage with this one: their set is set aside, not counted, and put back if the swap fails. A tokenizer
+    trained again byte for byte (speedrun --force on the same corpus and config) keeps its models: they are
+    still right, and the stages after this one set them aside as any fresh run does."""
+    run = cfg.run
+    same = _same_files(staged / "tokenizer", run.tokenizer_dir)
+    set_aside = bool(trained) and not same
+    if set_aside:
+        run.set_aside_set()
+        print(f"tokenizer: the old tokenizer, tokens and checkpoints ({listed(trained)}) are kept in "
+              f"{run.previous_set} until the new pretraining writes its first checkpoint; they do not count "
+              f"meanwhile. To go back to them: rm -rf {run.path}/{{tokenizer,data,checkpoints}} && "
+              f"mv {run.previous_set}/* {run.path}/ && rmdir {run.previous_set}")
+    try:
+        remove_tree(run.data_dir)
+        if not same:
+            commit_files(staged / "tokenizer", run.tokenizer_dir, last="tokenizer.json")
+        commit_files(staged / "data", run.data_dir, last="meta.json")
+    except BaseException:
+        if set_aside:
+            run.restore_set()
+            print(f"tokenizer: the swap failed; the old tokenizer, tokens and checkpoints are back in {run.path}")
+        raise
     shutil.rmtree(staged, ignore_errors=True)
+
+
+def _same_files(new: Path, old: Path) -> bool:
+    """Do two directories hold the same files, byte for byte?"""
+    names = sorted(p.name for p in new.iterdir())
+    return old.is_dir() and names == sorted(p.name for p in old.iterdir()) and \
+        all((new / n).read_bytes() == (old / n).read_bytes() for n in names)
