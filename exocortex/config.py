@@ -142,6 +142,7 @@ class RLConfig:
     time_minutes: float = 3.0
     prompts_per_step: int = 8
     samples_per_prompt: int = 8  # the group
+    device_batch: int = 16       # rollout rows per forward/backward of the update (memory grows with it; docs/tiny.md)
     max_new_tokens: int = 128
     temperature: float = 1.0
     top_k: int = 0               # 0 = full distribution
