@@ -119,7 +119,7 @@ class RolloutSource:
         # the last micro-batch's buffers go back to the OS: the next one's length differs (see the function)
         release_freed_memory()
         if number != self._rollout_number:
-            self._rollout_number, self._rollout = number, None
+            self._rollout_number, self._rollout = number, None  # the old rows go before the new are sampled
             self._rollout = self._rollout_rows(number)
         rows, n_tokens = self._rollout
         chunk = rows[micro * self.rows:(micro + 1) * self.rows]
