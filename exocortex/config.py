@@ -184,6 +184,7 @@ class RLConfig:
     time_minutes: MINUTES = 3.0
     prompts_per_step: Annotated[int, Range(1, 2**16)] = 8
     samples_per_prompt: Annotated[int, Range(1, 2**16)] = 8  # the group
+    device_batch: Annotated[int, Range(1, 2**16)] = 16  # rollout rows per forward/backward of the update (memory grows with it; docs/tiny.md)
     max_new_tokens: NEW_TOKENS = 128
     temperature: Annotated[float, Range(0.01, 100)] = 1.0
     top_k: Annotated[int, Range(0, 2**24)] = 0               # 0 = full distribution

@@ -20,6 +20,7 @@ from typing import Any, get_args, get_type_hints
 from exocortex import registry
 from exocortex.errors import ExocortexError
 from exocortex.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_tree
+from exocortex.memory import peak_rss_mb
 
 _STEP = re.compile(r"step_\d+")
 
@@ -39,6 +40,7 @@ class TokenizerSummary:
     seconds_encode: float
     corpus_stats: dict
     corpus_stats_sample_documents: int | None = None  # user corpora: the statistics read this many documents
+    peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 
 
 @dataclass
@@ -63,6 +65,7 @@ class PretrainSummary:
     world_size: int | None = None
     parallel: str | None = None
     time_budget_minutes: float | None = None
+    peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 
     def spent_line(self) -> str:
         """'spent X min, Y PFLOPs, Z tokens' (+ MFU where the peak is known) for logs and the report."""
@@ -88,6 +91,7 @@ class FinetuneSummary:
     final_train_loss: float
     final_val_loss: float | None
     checkpoint: str
+    peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 
 
 @dataclass
@@ -101,6 +105,7 @@ class RLSummary:
     reward_first: float | None
     reward_last: float | None
     heldout: list = field(default_factory=list)  # [step, held-out accuracy] pairs
+    peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 
 
 @dataclass
@@ -108,13 +113,15 @@ class EvalSummary:
     stages: dict = field(default_factory=dict)   # stage -> {metric: value}
     samples: list = field(default_factory=list)  # a few graded replies per task and stage
     seconds: float = 0.0
+    peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 
 
 @dataclass
 class SpeedrunSummary:
     stage_seconds: dict = field(default_factory=dict)
     total_seconds: float = 0.0
-    peak_rss_mb: float = 0.0
+    stage_peak_rss_mb: dict = field(default_factory=dict)  # each stage's own peak (memory.py)
+    peak_rss_mb: float = 0.0  # the whole process's: the largest stage's
 
 
 SUMMARIES: dict[str, type] = {"tokenizer": TokenizerSummary, "pretrain": PretrainSummary,
@@ -152,6 +159,8 @@ class RunDir:
         expected = SUMMARIES[stage]
         if not isinstance(summary, expected):
             raise TypeError(f"the {stage} summary must be a {expected.__name__}")
+        if getattr(summary, "peak_rss_mb", 0) is None:  # a stage's summary: its peak so far is the stage's peak
+            summary.peak_rss_mb = round(peak_rss_mb(), 1)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.logs_dir / f"{stage}_summary.json", dataclasses.asdict(summary))
 

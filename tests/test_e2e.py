@@ -44,7 +44,7 @@ def test_speedrun_outputs(run_dir):
     assert (d / "plots" / "loss.png").stat().st_size > 1000
     assert "![plots/loss.png](plots/loss.png)" in report and (d / "plots" / "rl.png").exists()
     for needle in ["val bits per byte", "| metric | BASE | MID | SFT | RL |", "arithmetic (n=4)", "identity (n=2)",
-                   "lookup — same questions, tool off", "word problems pass@4", "CORE-style", "Peak memory",
+                   "lookup — same questions, tool off", "word problems pass@4", "CORE-style", "| stage | seconds | peak RSS (MB) |",
                    "distinct_4", "## RL", "Held-out word problems: SFT", "one binomial standard error"]:
         assert needle in report, needle
     ev = json.loads((d / "logs" / "eval_summary.json").read_text())["stages"]
@@ -171,7 +171,7 @@ def test_speedrun_resume_keeps_the_tokens_and_pretraining_and_redoes_the_rest(ru
     assert "=== tokenizer ===" not in r.stdout and "pretrain: already finished" in r.stdout
     assert json.loads((d / "logs" / "rl_summary.json").read_text())["steps"] == 2  # --set applies on resume
     assert json.loads((d / "logs" / "sft_summary.json").read_text())["steps"] == 6  # trained anew
-    assert "## Timings" in (d / "report.md").read_text()
+    assert "## Time and memory" in (d / "report.md").read_text()
 
 
 def test_serve_on_a_busy_port_is_a_clean_error(run_dir):

@@ -137,10 +137,20 @@ FINETUNE_ROWS = ("parent", "conversations", "rows", "steps", "epochs", "tokens",
                  "final_train_loss", "final_val_loss")
 
 
-def _timings(sr) -> list[str]:
-    L = ["## Timings", "", "| stage | seconds |", "|---|---|"]
-    L += [f"| {k} | {v:.1f} |" for k, v in sr.stage_seconds.items()]
-    return L + [f"| **total** | **{sr.total_seconds:.1f}** |", "", f"Peak memory (max RSS): {sr.peak_rss_mb:,.0f} MB.", ""]
+def _timings(sr, summaries: dict) -> list[str]:
+    """Time and peak memory (RSS) per stage: the speedrun's numbers, or a stage's own summary where it ran alone."""
+    L = ["## Time and memory", "", "| stage | seconds | peak RSS (MB) |", "|---|---|---|"]
+    stages = list(sr.stage_seconds) if sr else [s for s in summaries if summaries[s] is not None]
+    for stage in stages:
+        own = summaries.get(stage)
+        seconds = sr.stage_seconds.get(stage) if sr else getattr(own, "seconds", None)
+        peak = (sr.stage_peak_rss_mb.get(stage) if sr else None) or getattr(own, "peak_rss_mb", None)
+        L.append(f"| {stage} | {'—' if seconds is None else f'{seconds:.1f}'} | "
+                 f"{'—' if peak is None else f'{peak:,.0f}'} |")
+    if sr:
+        L.append(f"| **total** | **{sr.total_seconds:.1f}** | **{sr.peak_rss_mb:,.0f}** |")
+    return L + ["", "Peak RSS is each stage's own (Linux: VmHWM, reset between stages; elsewhere the process's "
+                "peak so far). docs/tiny.md has the tiny preset's before/after.", ""]
 
 
 def _rl(rl, ev) -> list[str]:
@@ -196,8 +206,8 @@ def run_report(cfg: RunConfig) -> Path:
          f"Preset `{cfg.preset}`; model: {cfg.model.depth} layers, width {cfg.model.n_embd}, {cfg.model.n_heads} heads "
          f"({cfg.model.kv_heads} KV) x {cfg.model.head_dim}, vocab {cfg.model.vocab_size}, context {cfg.model.seq_len} "
          "— architecture Qwen3ForCausalLM.", ""]
-    if summaries["speedrun"]:
-        L += _timings(summaries["speedrun"])
+    if summaries["speedrun"] or any(getattr(v, "peak_rss_mb", None) for v in summaries.values()):
+        L += _timings(summaries["speedrun"], {k: v for k, v in summaries.items() if k != "speedrun"})
     if ev and ev.stages:
         L += ["## Evaluation: every stage", ""] + stage_table(ev) + ["", EVAL_NOTE, ""]
     if summaries["rl"]:

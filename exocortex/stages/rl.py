@@ -22,7 +22,7 @@ import torch
 
 from exocortex.checkpoint import load_model
 from exocortex.config import RLConfig, RunConfig, TrainConfig, save_config
-from exocortex.device import resolve_device, resolve_dtype
+from exocortex.device import release_freed_memory, resolve_device, resolve_dtype
 from exocortex.errors import ExocortexError
 from exocortex.evals import task_accuracy
 from exocortex.infer.engine import Engine
@@ -30,6 +30,7 @@ from exocortex.infer.lookup import tools_for_run
 from exocortex.run import RLSummary, RunDir
 from exocortex.tasks import task_set
 from exocortex.tokenizer import Tokenizer
+from exocortex.train import parallel as dist
 from exocortex.train.loop import train
 from exocortex.train.metrics import MetricsSink
 
@@ -43,15 +44,24 @@ def repeated_ngram_rate(tokens: list[int], n: int = 3) -> float:
 
 
 class RolloutSource:
-    """A BatchSource whose micro-batch i is sampled on the fly by the current policy. Deterministic in (weights, i):
-    prompts and sampling seeds derive from i, so an interrupted run resumes exactly."""
+    """A BatchSource whose micro-batches are sampled on the fly by the current policy. Deterministic in (weights,
+    index): prompts and sampling seeds derive from the step's rollout number, so an interrupted run resumes exactly.
 
-    def __init__(self, engine: Engine, task, r: RLConfig, ref_model=None):
+    A step's rollout (prompts x samples rows) is trained on in `chunks` micro-batches of `rows` rows: the
+    training forward/backward over all of them at once held every row's logits and activations together
+    (1.7 GB of the tiny RL's 5 GB; docs/tiny.md). A rollout is sampled once, at its first chunk, and kept
+    until the next one."""
+
+    def __init__(self, engine: Engine, task, r: RLConfig, ref_model=None, chunks: int = 1):
         self.engine, self.task, self.r, self.ref = engine, task, r, ref_model
-        self.rows = r.prompts_per_step * r.samples_per_prompt
+        per_step = r.prompts_per_step * r.samples_per_prompt
+        if chunks < 1 or per_step % chunks:
+            raise ValueError(f"{per_step} rollout rows do not split into {chunks} micro-batches")
+        self.chunks, self.rows = chunks, per_step // chunks
         self.last_stats: dict = {}
+        self._rollout_number, self._rollout = None, None
 
-    def _rollout(self, prompts: list[list[int]], seed: int, stats: dict):
+    def _sample(self, prompts: list[list[int]], seed: int, stats: dict):
         """G samples of every prompt in one batch (rows prompt-major): token ids and whether each token was
         forced (tool output)."""
         n = len(prompts) * self.r.samples_per_prompt
@@ -68,52 +78,68 @@ class RolloutSource:
                 done[g] = t in self.engine.stop_ids and not f
         return toks, forced
 
-    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rollout_rows(self, number: int) -> tuple[list, int]:
+        """Rollout `number`: rows of (tokens, trained-on mask, advantage) and the count of sampled tokens;
+        sets last_stats."""
         r, tok, eng = self.r, self.engine.tok, self.engine
         G = r.samples_per_prompt
-        rng = random.Random(f"rl-{r.seed}-{index}")
+        rng = random.Random(f"rl-{r.seed}-{number}")
         examples = [self.task.example(rng, "train") for _ in range(r.prompts_per_step)]
         prompts = [tok.render_for_completion(ex["messages"][:-1]) for ex in examples]
         stats: dict = {}
-        all_toks, all_forced = self._rollout(prompts, seed=r.seed * 1_000_003 + index, stats=stats)
-        seqs, targets_mask, advantages = [], [], []
-        rewards_all, lengths, reps = [], [], []
+        all_toks, all_forced = self._sample(prompts, seed=r.seed * 1_000_003 + number, stats=stats)
+        rows, rewards_all, lengths, reps = [], [], [], []
         for p, (ex, prompt) in enumerate(zip(examples, prompts)):
             toks, forced = all_toks[p * G:(p + 1) * G], all_forced[p * G:(p + 1) * G]
             rewards = [self.task.reward(eng.answer_text([t for t in s if t not in eng.stop_ids]), ex) for s in toks]
             mean = sum(rewards) / len(rewards)
             std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
             for s, f, rew in zip(toks, forced, rewards):
-                seqs.append(prompt + s)
-                targets_mask.append([0] * (len(prompt) - 1) + [0 if ff else 1 for ff in f])
-                advantages.append((rew - mean) / (std + 1e-4))
+                mask = [0] * (len(prompt) - 1) + [0 if ff else 1 for ff in f]
+                rows.append((prompt + s, mask, (rew - mean) / (std + 1e-4)))
                 own = [t for t, ff in zip(s, f) if not ff]
                 lengths.append(len(own))
                 reps.append(repeated_ngram_rate(own))
             rewards_all += rewards
-        T = min(max(len(s) for s in seqs) - 1, eng.model.cfg.seq_len)
-        x = torch.zeros(len(seqs), T, dtype=torch.long)
-        y = torch.full((len(seqs), T), -1, dtype=torch.long)
-        w = torch.zeros(len(seqs), T)
-        for i, (s, m, a) in enumerate(zip(seqs, targets_mask, advantages)):
-            s, m = s[:T + 1], m[:T]
-            x[i, :len(s) - 1] = torch.tensor(s[:-1])
-            mt = torch.tensor(m, dtype=torch.bool)
-            y[i, :len(s) - 1] = torch.where(mt, torch.tensor(s[1:]), torch.tensor(-1))
-            w[i, :len(m)] = mt.float() * a
-        n_tokens = max(1, int((y >= 0).sum()))
-        w = w / n_tokens  # token-level normalisation: every sampled token in the batch counts the same
-        kl = None
-        if r.kl_coef > 0 and self.ref is not None:
-            kl = self._kl_penalty(x, y)
-            w = w - r.kl_coef * kl / n_tokens
+        seq_len = eng.model.cfg.seq_len
+        n_tokens = max(1, sum(sum(m[:seq_len]) for _, m, _ in rows))
         self.last_stats = {
             "reward": sum(rewards_all) / len(rewards_all),
             "entropy": stats.get("entropy_sum", 0.0) / max(1, stats.get("sampled", 0)),
             "length": sum(lengths) / len(lengths),
             "repeat_3gram": sum(reps) / len(reps),
-            **({"kl": float((kl * (y >= 0)).sum()) / n_tokens} if kl is not None else {}),
         }
+        return rows, n_tokens
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # the loop numbers micro-batches (step * chunks + micro) * world + rank; one rollout per step and rank
+        world = dist.world_size()
+        number = (index // world) // self.chunks * world + index % world
+        micro = (index // world) % self.chunks
+        # the last micro-batch's buffers go back to the OS: the next one's length differs (see the function)
+        release_freed_memory()
+        if number != self._rollout_number:
+            self._rollout_number, self._rollout = number, None  # the old rows go before the new are sampled
+            self._rollout = self._rollout_rows(number)
+        rows, n_tokens = self._rollout
+        chunk = rows[micro * self.rows:(micro + 1) * self.rows]
+        T = min(max(len(s) for s, _, _ in chunk) - 1, self.engine.model.cfg.seq_len)
+        x = torch.zeros(len(chunk), T, dtype=torch.long)
+        y = torch.full((len(chunk), T), -1, dtype=torch.long)
+        w = torch.zeros(len(chunk), T)
+        for i, (s, m, a) in enumerate(chunk):
+            s, m = s[:T + 1], m[:T]
+            x[i, :len(s) - 1] = torch.tensor(s[:-1])
+            mt = torch.tensor(m, dtype=torch.bool)
+            y[i, :len(s) - 1] = torch.where(mt, torch.tensor(s[1:]), torch.tensor(-1))
+            w[i, :len(m)] = mt.float() * a
+        # token-level normalisation over the whole rollout: every sampled token in it counts the same. The
+        # loop divides each micro-batch's loss by the number of chunks; multiplying by it undoes that.
+        w = w * (self.chunks / n_tokens)
+        if self.r.kl_coef > 0 and self.ref is not None:
+            kl = self._kl_penalty(x, y)
+            w = w - self.r.kl_coef * kl * (self.chunks / n_tokens)
+            self.last_stats["kl"] = self.last_stats.get("kl", 0.0) + float((kl * (y >= 0)).sum()) / n_tokens
         return x, y, w
 
     @torch.no_grad()
@@ -166,10 +192,12 @@ class DegenerationGuard:
 
 def rl_train_config(base: TrainConfig, r: RLConfig, rows: int, seq_len: int) -> TrainConfig:
     """The RL stage's loop settings, from the sft stage's (its learning rates, scaled by r.lr_scale in train()):
-    one micro-batch of rollouts per step, constant LR, no compile (sequence lengths vary), and replicated
-    weights, because rollouts run the model on each rank alone (it must not be FSDP-sharded)."""
+    one rollout of `rows` rows per step, updated on in micro-batches of at most r.device_batch rows (the
+    largest such divisor of rows); constant LR, no compile (sequence lengths vary), and replicated weights,
+    because rollouts run the model on each rank alone (it must not be FSDP-sharded)."""
+    micro = max(d for d in range(1, min(rows, r.device_batch) + 1) if rows % d == 0)
     return dataclasses.replace(
-        base, batch_tokens=rows * seq_len, device_batch=rows, max_steps=r.steps, time_minutes=r.time_minutes,
+        base, batch_tokens=rows * seq_len, device_batch=micro, max_steps=r.steps, time_minutes=r.time_minutes,
         tokens_per_param=0.0, warmup_frac=0.0, warmdown_frac=0.0, checkpoint_every=r.checkpoint_every,
         keep_checkpoints=6, compile=False, parallel="ddp")
 
@@ -201,7 +229,7 @@ def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, 
     accuracy). Returns (train result, guard report or None); when the guard trips, the stage is rolled back to
     its newest checkpoint from before the degenerate window."""
     engine = Engine(model, tok, device, dtype, tools=tools)
-    source = RolloutSource(engine, task, r, ref_model)
+    source = RolloutSource(engine, task, r, ref_model, chunks=t.batch_tokens // (t.device_batch * model.cfg.seq_len))
     hook = GuardHook(source, r, eval_fn)
     res = train(model, t, "rl", run_dir, source, [], device, dtype, total_steps=t.max_steps or None, resume=resume,
                 meta=meta, hooks=(hook,), metrics=metrics, lr_scale=r.lr_scale)

@@ -1,18 +1,15 @@
 """`exocortex speedrun`: every stage the registry marks for it, in order (tokenizer → pretrain → midtrain → sft →
-rl → eval → report), in one process; the time of each goes to the report."""
+rl → eval → report), in one process; the time and peak memory of each go to the report."""
 from __future__ import annotations
 
-import resource
 import time
 
 from exocortex import registry
 from exocortex.config import RunConfig
 from exocortex.data.tokens import has_token_data
+from exocortex.device import release_freed_memory
+from exocortex.memory import peak_rss_mb, reset_peak_rss
 from exocortex.run import SpeedrunSummary
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_speedrun(cfg: RunConfig, resume: bool = False, force: bool = False) -> SpeedrunSummary:
@@ -31,14 +28,19 @@ def run_speedrun(cfg: RunConfig, resume: bool = False, force: bool = False) -> S
         if resume and stage.name == "tokenizer" and has_token_data(cfg.run.data_dir):
             continue
         print(f"\n=== {stage.name} ===")
+        # what the last stage freed goes back to the OS, so each stage's peak is its own (device.py, memory.py)
+        release_freed_memory()
+        reset_peak_rss()
         t0 = time.time()
         options = {"resume": resume and stage.name == first_trained} if "resume" in stage.options else {}
         if "force" in stage.options:  # the later stages are meant to start over; the tokenizer only when asked
             options["force"] = force or stage.name != "tokenizer"
         stage.load()(cfg, **options)
         summary.stage_seconds[stage.name] = time.time() - t0
+        summary.stage_peak_rss_mb[stage.name] = round(peak_rss_mb(), 1)
         # written as it goes, so the report (the last stage) shows every stage before it
-        summary.total_seconds, summary.peak_rss_mb = time.time() - t_start, peak_rss_mb()
+        summary.total_seconds = time.time() - t_start
+        summary.peak_rss_mb = max(summary.peak_rss_mb, summary.stage_peak_rss_mb[stage.name])
         cfg.run.write_summary("speedrun", summary)
     print(f"\nspeedrun done in {(time.time() - t_start) / 60:.1f} min. Report: {cfg.run_dir / 'report.md'}\n"
           f"Chat with your model: exocortex chat --run {cfg.run_dir}")
