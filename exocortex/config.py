@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 from exocortex.device import why_unavailable
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text
+from exocortex.fileio import atomic_write_text, read_json_object
 from exocortex.run import RunDir
 
 
@@ -528,14 +528,10 @@ def load_config(run_dir: str | os.PathLike, overrides: list[str] | None = None) 
     if not path.exists():
         raise ExocortexError(f"{run_dir} is not a run directory (no config.json); run `exocortex tokenizer` or "
                              "`exocortex speedrun` first")
+    raw = read_json_object(path, f"restore it, or start the run over with `exocortex speedrun --run "
+                                 f"{Path(run_dir).name} --force`")
     try:
-        raw = json.loads(path.read_bytes().decode("utf-8"))
-    except OSError as e:  # a directory, no permission
-        raise ExocortexError(f"cannot read {path}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExocortexError(f"{path} is not valid JSON ({e})") from None
-    try:
-        cfg = _from_dict(RunConfig, _migrate(raw) if isinstance(raw, dict) else raw)
+        cfg = _from_dict(RunConfig, _migrate(raw))
     except ExocortexError as e:
         raise ExocortexError(f"{path}: {e}") from None
     cfg.runs_dir = str(Path(run_dir).parent)

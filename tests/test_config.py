@@ -45,14 +45,17 @@ def test_config_json_unknown_keys_and_wrong_types_are_errors(tmp_path):
              ({**good, "model": {**good["model"], "depth": 4.5}}, "model.depth"),
              ({**good, "sft": {**good["sft"], "compile": "yes"}}, "sft.compile"),
              ({**good, "model": [1, 2]}, "model must be a JSON object"),
-             ([good], "must be a JSON object")]
+             ([good], "an array where a JSON object belongs")]
     for raw, needle in cases:
         path.write_text(json.dumps(raw))
         with pytest.raises(ExocortexError, match=needle):
             load_config(tmp_path / "r")
-    path.write_bytes(b"\xff\xfe not utf-8")
-    with pytest.raises(ExocortexError, match="not valid JSON"):
-        load_config(tmp_path / "r")
+    # nested deeper than the parser's stack: a RecursionError inside json, not a JSONDecodeError
+    for text, needle in [(b"\xff\xfe not utf-8", "not UTF-8"), (b'{"model": ', "not valid JSON"),
+                         (b"[" * 100_000, "nested too deeply"), (b'{"a":' * 100_000, "nested too deeply")]:
+        path.write_bytes(text)
+        with pytest.raises(ExocortexError, match=f"cannot read .*config.json \\({needle}.*; restore it"):
+            load_config(tmp_path / "r")
 
 
 def test_values_out_of_range_are_errors_not_tracebacks():

@@ -1,4 +1,4 @@
-"""Fuzz: every `--set` key with bad values, and every file of a small trained run damaged five ways.
+"""Fuzz: every `--set` key with bad values, and every file of a small trained run damaged six ways.
 
 Whatever goes wrong, the CLI must end with exit != 0, exactly one line on stderr (no traceback), and leave the
 run directory byte for byte as it was. Commands run in-process (cli.main) for speed; a few run as real
@@ -129,6 +129,7 @@ def damaged(data: bytes):
     yield "empty", b""
     yield "garbage", bytes(range(256)) * 4
     yield "bad utf-8", b"\xff\xfe\xfa" + data[3:]  # same length: only a check of the content finds it
+    yield "nested", b"[" * 100_000  # deeper than the JSON parser's stack: a RecursionError, not a JSONDecodeError
     yield "a directory", None
 
 
@@ -189,7 +190,7 @@ def test_the_real_cli_says_the_same(trained, tmp_path):
     shutil.copytree(trained / "fz", run)
     (run / "checkpoints" / "sft" / "step_000001" / "meta.json").write_text('{"step": 1, "model_config": {"dep')
     cases = [(["pretrain", "--set", "pretrain.matrix_lr=nan"], "pretrain.matrix_lr=nan: must be between 0 and 10"),
-             (["chat", "-p", "hi"], "sft/step_000001/meta.json is unreadable")]
+             (["chat", "-p", "hi"], "sft/step_000001/meta.json (not valid JSON")]
     before = snapshot(run)
     for args, needle in cases:
         r = subprocess.run([sys.executable, "-m", "exocortex", *args, "--runs-dir", str(tmp_path), "--run", "fz"],
@@ -242,7 +243,7 @@ def test_config_json_that_is_a_directory_or_unreadable(run_copy):
     cfg.mkdir()
     code, err = invoke(["chat", "-p", "hi", "--runs-dir", str(run_copy), "--run", "fz"])
     assert_one_line_failure(code, err, "config.json directory")
-    assert "cannot read" in err and "config.json" in err
+    assert "cannot read" in err and "config.json (Is a directory)" in err
 
 
 def test_tokenizer_ranks_must_be_whole_and_cover_every_byte(tmp_path, tok):

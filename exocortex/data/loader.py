@@ -12,7 +12,6 @@ Pretraining rows come in two packings (config data.packing):
 """
 from __future__ import annotations
 
-import json
 from bisect import bisect_left, bisect_right, insort
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch
 
 from exocortex.config import RunConfig
 from exocortex.data.tokens import TokenSplit, has_token_data, read_split
-from exocortex.errors import ExocortexError
+from exocortex.errors import ExocortexError, first_line
+from exocortex.fileio import read_json_object
 from exocortex.tokenizer import Tokenizer
 
 
@@ -269,8 +269,8 @@ def load_splits(cfg: RunConfig) -> tuple[TokenSplit, TokenSplit]:
     try:
         splits = read_split(d, "train", bos), read_split(d, "val", bos)
     except Exception as e:  # numpy and the OS raise many kinds on a damaged file; say where and what to do
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ExocortexError(f"the token files in {d} are damaged ({why}); {_REDO.format(cfg.name)}") from None
+        raise ExocortexError(f"the token files in {d} are damaged ({first_line(e, 200)}); "
+                             f"{_REDO.format(cfg.name)}") from None
     if meta is not None:
         for name, split in zip(("train", "val"), splits):
             _check_split(d, name, split, meta, cfg.name)
@@ -282,12 +282,9 @@ _REDO = "re-run `exocortex tokenizer --run {}`"
 
 def _token_meta(d, run_name: str) -> dict:
     path = d / "meta.json"
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExocortexError(f"{path} is unreadable ({type(e).__name__}); {_REDO.format(run_name)}") from None
+    meta = read_json_object(path, _REDO.format(run_name))
     counts = ("vocab_size", "train_tokens", "val_tokens")
-    if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+    if not (meta.get("dtype") in ("uint16", "uint32")
             and all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in counts)):
         raise ExocortexError(f"{path} is damaged (it needs dtype uint16/uint32 and the counts {', '.join(counts)}); "
                              + _REDO.format(run_name))

@@ -29,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text, fsync_path, fsync_tree
+from exocortex.fileio import atomic_write_text, fsync_path, fsync_tree, read_json_object
 from exocortex.data.sources import Task, read_task, task_file, val_every
 from exocortex.tokenizer import Tokenizer
 
@@ -219,7 +219,7 @@ def has_token_data(data_dir: Path) -> bool:
 def read_split(data_dir: Path, name: str, bos_id: int | None = None) -> TokenSplit:
     d = Path(data_dir)
     if (d / "meta.json").exists():
-        meta = json.loads((d / "meta.json").read_text())
+        meta = read_json_object(d / "meta.json", "re-run `exocortex tokenizer`")
         path = d / f"{name}.bin"
         if path.stat().st_size == 0:
             tokens = np.zeros(0, dtype=meta["dtype"])
