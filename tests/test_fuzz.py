@@ -20,7 +20,7 @@ from typing import Annotated, Literal, get_args, get_origin
 import pytest
 
 from exocortex import cli
-from exocortex.config import RunConfig, _field_hints, apply_override, load_config, validate
+from exocortex.config import BUDGETS, RunConfig, _field_hints, apply_override, check_budget, load_config, validate
 from exocortex.errors import ExocortexError
 
 TINY = {"data.world_bytes": 150000, "tokenizer.train_bytes": 100000, "tokenizer.vocab_size": 300,
@@ -91,6 +91,24 @@ def config_keys():
             yield (f"{f.name}.{name}" if owner is not cfg else name), kind
 
 
+def oracle(base: RunConfig, key: str, bad: str) -> str | None:
+    """The run's config with this one value, checked in memory (not the CLI's path): None when valid, "any"
+    when every command must refuse it, or the training stage it leaves without a budget (that stage refuses
+    it when it starts; the others need no budget of it)."""
+    cfg = copy.deepcopy(base)
+    try:
+        apply_override(cfg, key, bad.strip())  # as the CLI reads key=value
+        validate(cfg)
+    except ExocortexError:
+        return "any"
+    for stage in BUDGETS:
+        try:
+            check_budget(cfg, stage)
+        except ExocortexError:
+            return stage
+    return None
+
+
 def test_fuzz_set_values(trained, capsys):
     """Each invalid value through a different command (the tokenizer, which would replace the whole run, is
     one of them): one line, exit 1, the run untouched. Values the config accepts are valid settings, skipped."""
@@ -100,17 +118,12 @@ def test_fuzz_set_values(trained, capsys):
     invalid = valid = 0
     for key, kind in config_keys():
         for bad in BAD_NUMBERS if kind in (int, float) else BAD_VALUES[kind]:
-            try:  # the oracle: the run's config with this one value, checked in memory (not the CLI's path)
-                cfg = copy.deepcopy(base)
-                apply_override(cfg, key, bad.strip())  # as the CLI reads key=value
-                validate(cfg)
-            except ExocortexError:
-                pass
-            else:  # a valid setting; but no number field may take these
+            refused_by = oracle(base, key, bad)
+            if refused_by is None:  # a valid setting; but no number field may take these
                 assert kind not in (int, float) or bad not in NEVER_A_NUMBER, f"{key}={bad} accepted"
                 valid += 1
                 continue
-            cmd = commands[invalid % len(commands)]
+            cmd = [refused_by] if refused_by in BUDGETS else commands[invalid % len(commands)]
             code, err = invoke([*cmd, "--runs-dir", str(trained), "--run", "fz", "--set", f"{key}={bad}"])
             assert_one_line_failure(code, err, f"{cmd[0]} --set {key}={bad!r}")
             assert code == 1 and (key in err or key.split(".")[-1] in err or "no budget" in err), err
@@ -244,6 +257,32 @@ def test_config_json_that_is_a_directory_or_unreadable(run_copy):
     code, err = invoke(["chat", "-p", "hi", "--runs-dir", str(run_copy), "--run", "fz"])
     assert_one_line_failure(code, err, "config.json directory")
     assert "cannot read" in err and "config.json (Is a directory)" in err
+
+
+def test_a_run_from_a_gpu_machine_with_an_unbudgeted_stage_still_loads(run_copy):
+    """Reading a run checks neither its device nor its budgets: export and report need neither, chat needs no
+    budget. The stages that would use them refuse in one line when they start, the run untouched."""
+    import json
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    run, base = run_copy / "fz", ["--runs-dir", str(run_copy), "--run", "fz"]
+    raw = json.loads((run / "config.json").read_text())
+    raw.update(device="cuda", rl={**raw["rl"], "steps": 0, "time_minutes": 0})
+    (run / "config.json").write_text(json.dumps(raw))
+    for cmd in (["export"], ["report"], ["chat", "-p", "hi", "--max-tokens", "2", "--set", "device=cpu"]):
+        code, err = invoke([*cmd, *base])
+        assert code == 0, f"{cmd[0]}: {err[-2000:]}"
+    before = snapshot(run)
+    for cmd, needle in ((["chat", "-p", "hi"], "device='cuda': this machine"),
+                        (["pretrain", "--resume"], "device='cuda': this machine"),
+                        (["rl"], "rl has no budget: set one of rl.steps, rl.time_minutes")):
+        code, err = invoke([*cmd, *base])
+        assert_one_line_failure(code, err, cmd[0])
+        assert needle in err, err
+    assert snapshot(run) == before
 
 
 def test_tokenizer_ranks_must_be_whole_and_cover_every_byte(tmp_path, tok):

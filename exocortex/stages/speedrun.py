@@ -6,8 +6,9 @@ import resource
 import time
 
 from exocortex import registry
-from exocortex.config import RunConfig
+from exocortex.config import RunConfig, check_budget
 from exocortex.data.tokens import has_token_data
+from exocortex.device import resolve_device
 from exocortex.errors import ExocortexError
 from exocortex.run import SpeedrunSummary
 
@@ -26,10 +27,14 @@ def run_speedrun(cfg: RunConfig, resume: bool = False, force: bool = False) -> S
         listed = ", ".join(f"{stage} {ckpt.name}" for stage, ckpt in trained.items())
         raise ExocortexError(f"{cfg.run_dir} has trained models ({listed}); --resume to continue it, --force to "
                              f"start it over, or --run <new name> for a new run")
+    stages = [s for s in registry.STAGES if s.speedrun]
+    for stage in stages:  # what each stage would refuse when it starts, found before the first one runs
+        check_budget(cfg, stage.name)
+    resolve_device(cfg.device)
     t_start = time.time()
     summary = SpeedrunSummary()
     first_trained = next(s.name for s in registry.STAGES if s.speedrun and "resume" in s.options)
-    for stage in (s for s in registry.STAGES if s.speedrun):
+    for stage in stages:
         if resume and stage.name == "tokenizer" and has_token_data(cfg.run.data_dir):
             continue
         print(f"\n=== {stage.name} ===")
