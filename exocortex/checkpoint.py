@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from exocortex.config import ModelConfig, section_from_dict
-from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text, fsync_path, fsync_tree, remove_tree
+from exocortex.errors import ExocortexError, first_line
+from exocortex.fileio import atomic_write_text, fsync_path, fsync_tree, read_json_object, remove_tree
 from exocortex.model import GPT
 from exocortex.run import RunDir
 from exocortex.tokenizer import Tokenizer
@@ -48,8 +48,8 @@ def save_checkpoint(run_dir: Path, stage: str, step: int, model: torch.nn.Module
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, Exception):  # a full disk, a file size limit: the last good checkpoint is untouched
             raise ExocortexError(f"{stage}: could not write checkpoint {final} ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:160] if str(e) else ''}); the previous one is intact, "
-                                 f"continue with --resume once there is room") from None
+                                 f"{first_line(e, 160)}); the previous one is intact, continue with --resume once "
+                                 f"there is room") from None
         raise
     # the same step written again (resuming a finished run): for a moment `latest` names nothing, and the
     # checkpoint before it counts
@@ -87,18 +87,16 @@ def load_model(ckpt_dir: Path, device: torch.device | str = "cpu"):
     try:
         model.load_state_dict(load_file(str(path)))
     except Exception as e:  # truncated, garbage or another shape: which file, and the first line of why
-        raise ExocortexError(f"cannot load weights from {path}: {_first_line(e)}") from None
+        raise ExocortexError(f"cannot load weights from {path}: {first_line(e)}") from None
     return model.to(device), meta
 
 
 def read_meta(ckpt_dir: Path) -> tuple[dict, ModelConfig]:
     """meta.json, and its model_config checked like config.json's (types, ranges, shape)."""
     path = Path(ckpt_dir) / "meta.json"
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExocortexError(f"{path} is unreadable ({_first_line(e)}); the checkpoint is damaged") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("step"), int) or "model_config" not in meta:
+    meta = read_json_object(path, "the checkpoint is damaged: remove it to use the one before, or train the "
+                                  "stage again")
+    if not isinstance(meta.get("step"), int) or "model_config" not in meta:
         raise ExocortexError(f"{path} is damaged: it needs an object with 'step' and 'model_config'")
     try:
         cfg = section_from_dict(ModelConfig, meta["model_config"], "model_config")
@@ -124,11 +122,7 @@ def load_state(ckpt_dir: Path) -> dict:
     try:
         state = torch.load(path, weights_only=False)
     except Exception as e:  # truncated or garbage: torch raises many kinds
-        raise ExocortexError(f"cannot load the training state {path}: {_first_line(e)}") from None
+        raise ExocortexError(f"cannot load the training state {path}: {first_line(e)}") from None
     if not isinstance(state, dict):
         raise ExocortexError(f"{path} is damaged: not a training state")
     return state
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -7,8 +7,15 @@ import sys
 
 import torch
 
+from exocortex.errors import ExocortexError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """The device to compute on. Checked here, where a stage is about to use it, not when a run's config is
+    read: a run copied from a GPU machine still exports and reports on a CPU one."""
+    reason = why_unavailable(name)
+    if reason:  # one line, not a torch assertion deep inside the first tensor moved there
+        raise ExocortexError(f"device={name!r}: {reason}; use --set device=auto (or cpu)")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())  # torchrun: set per rank

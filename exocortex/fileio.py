@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+from exocortex.errors import ExocortexError, first_line
+
 _trash_names = itertools.count()
 
 
@@ -121,6 +123,33 @@ def commit_files(staged: Path, target: Path, last: str | None = None) -> None:
     shutil.rmtree(staged, ignore_errors=True)
 
 
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
+
+
+def read_json_object(path: str | os.PathLike, redo: str) -> dict:
+    """A JSON object file of a run (config, metadata, summaries), or one ExocortexError naming the file and
+    saying how to make it again (`redo`). Every way such a file goes bad lands here: unreadable (a directory,
+    no permission), not UTF-8, not JSON, nested deeper than the parser's stack (RecursionError), or not an
+    object at its top."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        why = e.strerror or first_line(e)
+    except UnicodeDecodeError:
+        why = "not UTF-8"
+    except json.JSONDecodeError as e:
+        why = f"not valid JSON: {first_line(e, 120)}"
+    except RecursionError:
+        why = "nested too deeply"
+    else:
+        if isinstance(value, dict):
+            return value
+        why = f"{_JSON_KINDS.get(type(value), 'a value')} where a JSON object belongs"
+    raise ExocortexError(f"cannot read {path} ({why}); {redo}")
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Every complete record of a jsonl log; a line cut short by a crash is skipped."""
     path = Path(path)
@@ -135,7 +164,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     for line in text.splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # a torn line, or one nested past the parser's stack
             continue
         if isinstance(record, dict):
             out.append(record)

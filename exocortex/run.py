@@ -9,7 +9,6 @@ complete one, the one a stage starts from (its parents in the registry), and rol
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import types
@@ -18,8 +17,8 @@ from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
 from exocortex import registry
-from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, remove_tree
+from exocortex.errors import ExocortexError, first_line
+from exocortex.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json_object, remove_tree
 from exocortex.memory import peak_rss_mb
 
 _STEP = re.compile(r"step_\d+")
@@ -170,21 +169,17 @@ class RunDir:
         p = self.logs_dir / f"{stage}_summary.json"
         if not p.exists():
             return None
-        cls = SUMMARIES[stage]
+        cls, redo = SUMMARIES[stage], f"re-run `exocortex {stage} --run {self.name}`"
+        raw = read_json_object(p, redo)
         try:
-            raw = json.loads(p.read_bytes().decode("utf-8"))
-            if not isinstance(raw, dict):
-                raise TypeError("not a JSON object")
             hints = get_type_hints(cls)
             known = {k: v for k, v in raw.items() if k in hints}
             for k, v in known.items():
                 if not _is_a(v, hints[k]):
                     raise TypeError(f"{k}={v!r} is not {hints[k]}")
             return cls(**known)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ExocortexError(f"{p} is unreadable or from another version ({why}); re-run "
-                                 f"`exocortex {stage} --run {self.name}`") from None
+        except TypeError as e:  # a wrong type, or a required field missing
+            raise ExocortexError(f"{p} is unreadable or from another version ({first_line(e)}); {redo}") from None
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoints(self, stage: str) -> Path:

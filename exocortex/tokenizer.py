@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text
+from exocortex.fileio import atomic_write_text, read_json_object
 
 SPLIT_PATTERN = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -82,7 +82,7 @@ class Tokenizer:
         tok = cls(_read_ranks(f))
         meta = d / "tokenizer.json"
         if meta.exists():  # written beside the ranks: both must describe the same vocabulary
-            saved = _read_json_object(meta)
+            saved = read_json_object(meta, "re-run `exocortex tokenizer`")
             if saved.get("vocab_size") != tok.vocab_size or saved.get("special_tokens") != tok.special:
                 raise ExocortexError(f"{meta} says vocab_size {saved.get('vocab_size')!r} but {f} has "
                                      f"{tok.vocab_size} tokens: the tokenizer is damaged; re-run `exocortex tokenizer`")
@@ -209,16 +209,6 @@ def _read_ranks(path: Path) -> dict[bytes, int]:
     if any(bytes([b]) not in ranks for b in range(256)):
         raise bad("a single byte has no rank")
     return ranks
-
-
-def _read_json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExocortexError(f"{path} is unreadable ({type(e).__name__}); re-run `exocortex tokenizer`") from None
-    if not isinstance(value, dict):
-        raise ExocortexError(f"{path} must hold a JSON object; re-run `exocortex tokenizer`")
-    return value
 
 
 def _text(content) -> str:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from exocortex.config import load_config, make_config, save_config
+from exocortex.config import BUDGETS, check_budget, load_config, make_config, save_config
 from exocortex.errors import ExocortexError
 
 
@@ -45,14 +45,17 @@ def test_config_json_unknown_keys_and_wrong_types_are_errors(tmp_path):
              ({**good, "model": {**good["model"], "depth": 4.5}}, "model.depth"),
              ({**good, "sft": {**good["sft"], "compile": "yes"}}, "sft.compile"),
              ({**good, "model": [1, 2]}, "model must be a JSON object"),
-             ([good], "must be a JSON object")]
+             ([good], "an array where a JSON object belongs")]
     for raw, needle in cases:
         path.write_text(json.dumps(raw))
         with pytest.raises(ExocortexError, match=needle):
             load_config(tmp_path / "r")
-    path.write_bytes(b"\xff\xfe not utf-8")
-    with pytest.raises(ExocortexError, match="not valid JSON"):
-        load_config(tmp_path / "r")
+    # nested deeper than the parser's stack: a RecursionError inside json, not a JSONDecodeError
+    for text, needle in [(b"\xff\xfe not utf-8", "not UTF-8"), (b'{"model": ', "not valid JSON"),
+                         (b"[" * 100_000, "nested too deeply"), (b'{"a":' * 100_000, "nested too deeply")]:
+        path.write_bytes(text)
+        with pytest.raises(ExocortexError, match=f"cannot read .*config.json \\({needle}.*; restore it"):
+            load_config(tmp_path / "r")
 
 
 def test_values_out_of_range_are_errors_not_tracebacks():
@@ -143,11 +146,20 @@ def test_range_errors_name_key_value_and_range():
         assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_a_training_stage_without_a_budget_is_refused_before_anything_runs():
-    for bad in (["pretrain.time_minutes=0"], ["rl.time_minutes=0"],
-                ["sft.time_minutes=0", "sft.epochs=0"]):
-        with pytest.raises(ExocortexError, match="has no budget"):
-            make_config("tiny", bad)
+def test_a_stage_without_a_budget_is_refused_by_that_stage_alone(tmp_path):
+    """The stage checks its budget when it starts (tests/test_fuzz.py: before it writes anything); loading the
+    run does not, so chat, serve and export still read a run whose rl, say, has none."""
+    for stage, bad in (("pretrain", ["pretrain.time_minutes=0"]), ("rl", ["rl.time_minutes=0"]),
+                       ("sft", ["sft.time_minutes=0", "sft.epochs=0"])):
+        cfg = make_config("tiny", bad, name="r")
+        with pytest.raises(ExocortexError, match=f"^{stage} has no budget: set one of {stage}\\."):
+            check_budget(cfg, stage)
+        for other in BUDGETS.keys() - {stage}:
+            check_budget(cfg, other)
+        cfg.runs_dir = str(tmp_path)
+        save_config(cfg)
+        assert load_config(tmp_path / "r").to_dict() == cfg.to_dict()
+    check_budget(cfg, "eval")  # nothing to check
     assert make_config("tiny", ["pretrain.time_minutes=0", "pretrain.max_steps=5"]).pretrain.max_steps == 5
 
 
@@ -191,10 +203,19 @@ def test_paths_set_on_the_command_line_must_exist(tmp_path):
     assert load_config(tmp_path / "r").data.path == "/moved/away"
 
 
-def test_a_device_this_machine_lacks_is_one_line():
+def test_a_device_this_machine_lacks_is_one_line_where_a_stage_resolves_it(tmp_path):
+    """Reading a run never checks its device (a run from a GPU machine exports on a CPU one); resolving it
+    does, in one line (tests/test_fuzz.py runs the stages)."""
     import torch
+
+    from exocortex.device import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("needs a machine without CUDA")
-    with pytest.raises(ExocortexError, match="device='cuda:1': .*no CUDA GPU; use --set device=auto"):
-        make_config("tiny", ["device=cuda:1"])
+    cfg = make_config("tiny", ["device=cuda:1"], name="r")
+    cfg.runs_dir = str(tmp_path)
+    save_config(cfg)
+    assert load_config(tmp_path / "r").device == "cuda:1"
+    with pytest.raises(ExocortexError, match="^device='cuda:1': .*no CUDA GPU; use --set device=auto"):
+        resolve_device("cuda:1")
+    assert resolve_device("auto").type == "cpu"

@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent / "exocortex"
 
 # lowest first; a module may import its own layer and the ones below, never one above
 LAYERS = [
-    {"__init__", "errors", "fileio", "memory", "device"},
+    {"__init__", "errors"},  # fileio and device raise its one-line errors
+    {"fileio", "memory", "device"},
     {"registry"},
     {"run"},
     {"config"},

@@ -12,7 +12,6 @@ Pretraining rows come in two packings (config data.packing):
 """
 from __future__ import annotations
 
-import json
 from bisect import bisect_left, bisect_right, insort
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch
 
 from exocortex.config import RunConfig
 from exocortex.data.tokens import TokenSplit, has_token_data, read_split
-from exocortex.errors import ExocortexError
+from exocortex.errors import ExocortexError, first_line
+from exocortex.fileio import read_json_object
 from exocortex.tokenizer import Tokenizer
 
 
@@ -260,20 +260,22 @@ class PackedRows:
 # ----------------------------------------------------------------------------- a run's token files
 
 def load_splits(cfg: RunConfig) -> tuple[TokenSplit, TokenSplit]:
-    """The run's tokenized (train, val) splits, memory-mapped, checked against data/meta.json."""
+    """The run's tokenized (train, val) splits, memory-mapped, checked against data/meta.json and the
+    tokenizer's vocabulary."""
     d = cfg.run.data_dir
     if not has_token_data(d):
         raise ExocortexError(f"{cfg.run_dir} has no tokenized data; run `exocortex tokenizer --run {cfg.name}` first")
     meta = _token_meta(d, cfg.name) if (d / "meta.json").exists() else None
-    bos = Tokenizer.load(cfg.run.tokenizer_dir).bos_id if meta is None else None
+    tok = Tokenizer.load(cfg.run.tokenizer_dir)
     try:
-        splits = read_split(d, "train", bos), read_split(d, "val", bos)
+        splits = read_split(d, "train", tok.bos_id), read_split(d, "val", tok.bos_id)
     except Exception as e:  # numpy and the OS raise many kinds on a damaged file; say where and what to do
-        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-        raise ExocortexError(f"the token files in {d} are damaged ({why}); {_REDO.format(cfg.name)}") from None
+        raise ExocortexError(f"the token files in {d} are damaged ({first_line(e, 200)}); "
+                             f"{_REDO.format(cfg.name)}") from None
     if meta is not None:
         for name, split in zip(("train", "val"), splits):
             _check_split(d, name, split, meta, cfg.name)
+    _check_ids(cfg, splits, meta and meta.get("max_token_id"), tok.vocab_size)
     return splits
 
 
@@ -282,12 +284,10 @@ _REDO = "re-run `exocortex tokenizer --run {}`"
 
 def _token_meta(d, run_name: str) -> dict:
     path = d / "meta.json"
-    try:
-        meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ExocortexError(f"{path} is unreadable ({type(e).__name__}); {_REDO.format(run_name)}") from None
+    meta = read_json_object(path, _REDO.format(run_name))
     counts = ("vocab_size", "train_tokens", "val_tokens")
-    if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+    recorded = meta.get("max_token_id", 0)  # absent in runs tokenized before it was recorded
+    if not (meta.get("dtype") in ("uint16", "uint32") and isinstance(recorded, int) and recorded >= 0
             and all(isinstance(meta.get(k), int) and meta[k] >= 0 for k in counts)):
         raise ExocortexError(f"{path} is damaged (it needs dtype uint16/uint32 and the counts {', '.join(counts)}); "
                              + _REDO.format(run_name))
@@ -296,7 +296,7 @@ def _token_meta(d, run_name: str) -> dict:
 
 def _check_split(d, name: str, split: TokenSplit, meta: dict, run_name: str) -> None:
     """Cheap checks that catch a cut or overwritten file: the length meta.json recorded, document starts
-    inside the tokens in order. (Token ids are checked where rows are made: train_source, val_batches.)"""
+    inside the tokens in order. (Token ids: _check_ids.)"""
     n, s = meta[f"{name}_tokens"], split.starts
     if len(split.tokens) != n:
         raise ExocortexError(f"{d / (name + '.bin')} holds {len(split.tokens):,} tokens but {d / 'meta.json'} "
@@ -306,15 +306,43 @@ def _check_split(d, name: str, split: TokenSplit, meta: dict, run_name: str) -> 
                              f"tokens); {_REDO.format(run_name)}")
 
 
-def _check_ids(cfg: RunConfig, name: str, tokens: np.ndarray) -> None:
-    """Every token id inside the tokenizer's vocabulary (the model would index past its embedding); one pass
-    over a memory-mapped file, chunked so it never needs the whole split in memory."""
-    vocab = Tokenizer.load(cfg.run.tokenizer_dir).vocab_size
+def _check_ids(cfg: RunConfig, splits: tuple[TokenSplit, TokenSplit], recorded: int | None, vocab: int) -> None:
+    """Every token id inside the tokenizer's vocabulary (the model would index past its embedding). For the
+    train split, which can be tens of GB read on every rank at every start, the largest id meta.json recorded
+    at tokenization stands in; runs tokenized before it was recorded have their train split read through. The
+    val split is small: always read. A train file overwritten in place with its size kept passes here; its
+    batches are checked as they are made (_InVocab)."""
+    (train, val), d = splits, cfg.run.data_dir
+    found = {d / "meta.json": recorded} if recorded is not None else {d / "train.*": _largest(train.tokens)}
+    found[d / "val.*"] = _largest(val.tokens)
+    for where, top in found.items():
+        if top >= vocab:
+            raise ExocortexError(f"{where} holds token id {top}, outside the vocabulary of {vocab}: it was "
+                                 f"overwritten or belongs to another tokenizer; {_REDO.format(cfg.name)}")
+
+
+def _largest(tokens: np.ndarray) -> int:
+    """The largest id, chunked: a memory-mapped split never has to fit in memory."""
     chunk = 1 << 24
-    top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
-    if top >= vocab:
-        raise ExocortexError(f"{cfg.run.data_dir / (name + '.bin')} holds token id {top}, outside the vocabulary of "
-                             f"{vocab}: it was overwritten or belongs to another tokenizer; {_REDO.format(cfg.name)}")
+    return max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+
+
+class _InVocab:
+    """A batch source whose batches are checked against the vocabulary as they are made: the train split is
+    not read through at start (_check_ids), so a file damaged in place is found here, a one-line error before
+    the model indexes past its embedding (on a GPU, an assertion that kills the process)."""
+
+    def __init__(self, source, vocab: int, cfg: RunConfig):
+        self.source, self.rows, self.vocab, self.cfg = source, source.rows, vocab, cfg
+
+    def get(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.source.get(index)
+        top = int(max(t.max() for t in batch))
+        if top >= self.vocab:
+            raise ExocortexError(f"{self.cfg.run.data_dir / 'train.bin'} holds token id {top} (micro-batch {index}), "
+                                 f"outside the vocabulary of {self.vocab}: it was overwritten; "
+                                 f"{_REDO.format(self.cfg.name)}")
+        return batch
 
 
 def _too_small(cfg: RunConfig, split: str, have: int, seq_len: int, rows: int) -> ExocortexError:
@@ -332,10 +360,11 @@ def train_source(cfg: RunConfig, seq_len: int, rows: int):
     train, _ = load_splits(cfg)
     if len(train.tokens) < rows * (seq_len + 1):
         raise _too_small(cfg, "train", len(train.tokens), seq_len, rows)
-    _check_ids(cfg, "train", train.tokens)
     if cfg.data.packing == "bestfit":
-        return BestFitRows(train.tokens, train.starts, seq_len, rows, seed=cfg.seed)
-    return TokenRows(train.tokens, seq_len, rows, seed=cfg.seed)
+        source = BestFitRows(train.tokens, train.starts, seq_len, rows, seed=cfg.seed)
+    else:
+        source = TokenRows(train.tokens, seq_len, rows, seed=cfg.seed)
+    return _InVocab(source, Tokenizer.load(cfg.run.tokenizer_dir).vocab_size, cfg)
 
 
 def val_batches(cfg: RunConfig, seq_len: int, rows: int, max_tokens: int) -> list:
@@ -343,7 +372,6 @@ def val_batches(cfg: RunConfig, seq_len: int, rows: int, max_tokens: int) -> lis
     _, val = load_splits(cfg)
     if len(val.tokens) < seq_len + 1:
         raise _too_small(cfg, "val", len(val.tokens), seq_len, 1)
-    _check_ids(cfg, "val", val.tokens)
     if cfg.data.packing == "bestfit":
         return packed_eval_batches(val.tokens, val.starts, seq_len, rows, max_tokens)
     return eval_batches(val.tokens, seq_len, rows, max_tokens)

@@ -8,7 +8,8 @@ Layout of runs/<name>/data/:
     train.bin, val.bin              every document as <|bos|> + its tokens, concatenated (uint16, or
                                     uint32 for vocabularies over 65,536), read back with np.memmap
     train.docs.npy, val.docs.npy    int64 offset of each document's <|bos|> (what best-fit packing needs)
-    meta.json                       dtype and counts; written last, so its presence means complete
+    meta.json                       dtype, counts and the largest token id; written last, so its presence
+                                    means complete
 
 Document i (counting non-blank documents in corpus order) is held out for validation when
 i % val_every == 0 (sources.split_train_val's rule, so small corpora split exactly as before).
@@ -28,7 +29,7 @@ from typing import Iterator
 import numpy as np
 
 from exocortex.errors import ExocortexError
-from exocortex.fileio import atomic_write_text
+from exocortex.fileio import atomic_write_text, read_json_object
 from exocortex.data.sources import Task, read_task, task_file, val_every
 from exocortex.tokenizer import Tokenizer
 
@@ -108,11 +109,14 @@ class _SplitWriter:
         self.bin = directory / f"{name}.bin"
         self.f = open(self.bin, "wb")
         self.n_tokens = 0
+        self.max_id = 0
         self.starts: list[np.ndarray] = []
 
     def write(self, tokens: np.ndarray, lens: np.ndarray) -> None:
         if len(lens):
             self.starts.append(self.n_tokens + np.concatenate([[0], np.cumsum(lens[:-1])]))
+        if len(tokens):
+            self.max_id = max(self.max_id, int(tokens.max()))
         tokens.tofile(self.f)
         self.n_tokens += len(tokens)
 
@@ -182,7 +186,9 @@ def write_token_data(tok: Tokenizer, tasks: list[Task], out_dir: Path, val_fract
         "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "bos_id": tok.bos_id, "vocab_size": tok.vocab_size,
         "documents": stats.documents, "train_tokens": stats.train_tokens, "val_tokens": stats.val_tokens,
         "train_documents": len(starts["train"]) if stats.documents > 1 else 1,
-        "val_documents": len(starts["val"]), "val_every": k}, indent=2))
+        "val_documents": len(starts["val"]), "val_every": k,
+        # loading compares this with the vocabulary instead of reading every token of a split (tens of GB)
+        "max_token_id": max(w.max_id for w in writers.values())}, indent=2))
     return stats
 
 
@@ -218,7 +224,7 @@ def has_token_data(data_dir: Path) -> bool:
 def read_split(data_dir: Path, name: str, bos_id: int | None = None) -> TokenSplit:
     d = Path(data_dir)
     if (d / "meta.json").exists():
-        meta = json.loads((d / "meta.json").read_text())
+        meta = read_json_object(d / "meta.json", "re-run `exocortex tokenizer`")
         path = d / f"{name}.bin"
         if path.stat().st_size == 0:
             tokens = np.zeros(0, dtype=meta["dtype"])

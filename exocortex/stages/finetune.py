@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from exocortex.checkpoint import load_model
-from exocortex.config import RunConfig, save_config
+from exocortex.config import RunConfig, check_budget, save_config
 from exocortex.data.loader import PackedRows, load_splits, pack_conversations
 from exocortex.device import resolve_device, resolve_dtype
 from exocortex.run import FinetuneSummary
@@ -42,6 +42,7 @@ def mix_in_text(cfg: RunConfig, x: np.ndarray, y: np.ndarray, fraction: float, s
 
 
 def run_finetune(cfg: RunConfig, stage: str, resume: bool = False, force: bool = False) -> FinetuneSummary | None:
+    check_budget(cfg, stage)
     if not resume and not force:
         cfg.run.refuse_to_replace(stage)
     t, s = getattr(cfg, stage), getattr(cfg, f"{stage}_data")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from exocortex.config import RunConfig, budget_steps, save_config
+from exocortex.config import RunConfig, budget_steps, check_budget, save_config
 from exocortex.data.loader import train_source, val_batches
 from exocortex.device import resolve_device, resolve_dtype
 from exocortex.evals import bits_per_byte
@@ -17,6 +17,7 @@ from exocortex.train.metrics import MetricsSink
 
 
 def run_pretrain(cfg: RunConfig, resume: bool = False, force: bool = False) -> PretrainSummary | None:
+    check_budget(cfg, "pretrain")
     if not resume and not force:
         cfg.run.refuse_to_replace("pretrain")
     tok = Tokenizer.load(cfg.run.tokenizer_dir)

@@ -21,9 +21,8 @@ from collections import deque
 import torch
 
 from exocortex.checkpoint import load_model
-from exocortex.config import RLConfig, RunConfig, TrainConfig, save_config
+from exocortex.config import RLConfig, RunConfig, TrainConfig, check_budget, save_config
 from exocortex.device import release_freed_memory, resolve_device, resolve_dtype
-from exocortex.errors import ExocortexError
 from exocortex.evals import task_accuracy
 from exocortex.infer.engine import Engine
 from exocortex.infer.lookup import tools_for_run
@@ -240,11 +239,10 @@ def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, 
 
 
 def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSummary:
+    check_budget(cfg, "rl")
     if not resume and not force:
         cfg.run.refuse_to_replace("rl")
     r = cfg.rl
-    if not r.steps and not r.time_minutes:
-        raise ExocortexError("rl: no budget; set rl.steps or rl.time_minutes")
     tok = Tokenizer.load(cfg.run.tokenizer_dir)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)

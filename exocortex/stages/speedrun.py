@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from exocortex import registry
-from exocortex.config import RunConfig
+from exocortex.config import RunConfig, check_budget
 from exocortex.data.tokens import has_token_data
-from exocortex.device import release_freed_memory
+from exocortex.device import release_freed_memory, resolve_device
 from exocortex.memory import peak_rss_mb, reset_peak_rss
 from exocortex.run import SpeedrunSummary
 
@@ -21,10 +21,14 @@ def run_speedrun(cfg: RunConfig, resume: bool = False, force: bool = False) -> S
     if not resume and not force:
         cfg.run.refuse_to_replace(instead="--resume to continue it, --force to start it over, or --run <new name> "
                                   "for a new run")
+    stages = [s for s in registry.STAGES if s.speedrun]
+    for stage in stages:  # what each stage would refuse when it starts, found before the first one runs
+        check_budget(cfg, stage.name)
+    resolve_device(cfg.device)
     t_start = time.time()
     summary = SpeedrunSummary()
     first_trained = next(s.name for s in registry.STAGES if s.speedrun and "resume" in s.options)
-    for stage in (s for s in registry.STAGES if s.speedrun):
+    for stage in stages:
         if resume and stage.name == "tokenizer" and has_token_data(cfg.run.data_dir):
             continue
         print(f"\n=== {stage.name} ===")

@@ -24,7 +24,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from exocortex.errors import ExocortexError
+from exocortex.errors import ExocortexError, first_line
 from exocortex.data.sources import iter_json_lines
 from exocortex.tasks.base import split_of
 
@@ -65,7 +65,7 @@ def _read_yaml(f: Path) -> list[dict]:
     try:
         config = yaml.safe_load(f.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ExocortexError(f"{f}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ExocortexError(f"{f}: not valid YAML ({first_line(e)})") from None
     tasks = config.get("icl_tasks") if isinstance(config, dict) else None
     if not isinstance(tasks, list) or not tasks:
         raise ExocortexError(f"{f}: expected a non-empty 'icl_tasks' list")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from exocortex.checkpoint import load_model
 from exocortex.config import ModelConfig
-from exocortex.errors import ExocortexError
+from exocortex.errors import ExocortexError, first_line
 from exocortex.fileio import commit_files, staging_dir
 from exocortex.run import RunDir
 from exocortex.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
@@ -274,7 +274,7 @@ def export_hf(run_dir: str | os.PathLike, out_dir: str | os.PathLike, stage: str
     except BaseException as e:
         shutil.rmtree(staged, ignore_errors=True)
         if isinstance(e, Exception):  # a full disk, a file size limit (safetensors has its own error type)
-            why = getattr(e, "strerror", None) or str(e).splitlines()[0][:160]
+            why = getattr(e, "strerror", None) or first_line(e, 160)
             raise ExocortexError(f"could not write the export ({why}); {out_dir} is unchanged") from None
         raise
     info = {"source_run": str(run_dir), "checkpoint": str(ckpt), "stage": stage, "step": meta.get("step"),
