@@ -16,6 +16,7 @@ from exocortex import registry
 from exocortex.config import RunConfig, check_flag, load_config, make_config
 from exocortex.data.hub import download, downloaded_dir
 from exocortex.data.tokens import has_token_data
+from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
 from exocortex.infer.sandbox import OPT_IN_VALUE, OPT_IN_VAR
 from exocortex.run import RunDir, most_recent_run
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.print_help()
         sys.exit(2)
     signal.signal(signal.SIGTERM, _sigterm)
+    bound_memory()  # before the first matrix product of any command
     try:
         parallel.init_from_env()
         if args.command == "data":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import sys
 
 import torch
@@ -90,3 +91,24 @@ def release_freed_memory() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+KERNEL_CACHE_SIZE = 32  # a training step's matrix shapes fit (forward and backward); decoding's ever-new ones don't pile up
+
+
+def bound_memory() -> None:
+    """Keep memory flat where shapes keep changing (generation: the attention span grows by one every step;
+    RL rollouts; eval). Call before the first matrix product (the CLI does, for every command):
+    - oneDNN, and torch's own oneDNN cache, keep a primitive with its scratch memory for each of the last 1024
+      shapes; every decode step brings a new one, so the process grew by gigabytes that it never gave back
+      (docs/serve.md, docs/tiny.md: the measurements). A few dozen keep the shapes that repeat;
+    - glibc raises its mmap threshold as large blocks are freed, so the buffers of ever larger shapes then come
+      from the heap and stay there; a fixed threshold returns them to the OS (training's keep_freed_memory
+      turns mmap off altogether, on purpose, for its fixed shapes).
+    Settings the user made in the environment win. glibc's part is a no-op off glibc."""
+    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # read at their first use
+        os.environ.setdefault(name, str(KERNEL_CACHE_SIZE))
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc
+            M_MMAP_THRESHOLD = -3  # from <malloc.h>
+            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 SCRIPT = textwrap.dedent("""
     import sys, threading
     import torch
-    from exocortex.apps.serve import bound_memory
+    from exocortex.device import bound_memory
     if sys.argv[2] == "bounded":
         bound_memory()
     from exocortex.config import make_config

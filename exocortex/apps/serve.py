@@ -19,10 +19,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import ctypes
 import json
-import os
-import sys
 import threading
 import time
 import uuid
@@ -31,6 +28,7 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_limits, server_options
 from exocortex.config import RunConfig, SamplingConfig, load_config
+from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
 from exocortex.infer.engine import Batcher, load_engine
 from exocortex.infer.engine import Request as GenRequest
@@ -734,7 +732,7 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     cfg = run if isinstance(run, RunConfig) else load_config(run)
     _check_port_free(host, port)
     limits = serve_limits(host, api_key, allowed_hosts, insecure_no_api_key)
-    bound_memory()
+    bound_memory()  # the CLI did it already; serve() may also be called from Python
     engine = load_engine(cfg, stage, docs)
     engine.compile = compile
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
@@ -751,23 +749,6 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
           f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
     # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **server_options(limits))
-
-
-def bound_memory() -> None:
-    """Keep a long-running server's memory flat: without this it grows with every long reply and never
-    shrinks (docs/serve.md, Measured). Call before the first matrix product. Two causes:
-    - the decode step's attention product has a new shape at every step (the span grows by one), and oneDNN,
-      like torch's own oneDNN cache, keeps a primitive with its scratch memory for each of the last 1024
-      shapes. A handful is enough to reuse the shapes that repeat (the weight products);
-    - glibc raises its mmap threshold as large blocks are freed, so the buffers of ever larger shapes then come
-      from the heap and stay there after they are freed; a fixed threshold returns them to the OS.
-    Settings the user made in the environment win. A no-op for glibc's part off glibc."""
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):  # read at their first use
-        os.environ.setdefault(name, "8")
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        with contextlib.suppress(OSError, AttributeError):  # not glibc
-            M_MMAP_THRESHOLD = -3  # from <malloc.h>
-            ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 128 * 1024)
 
 
 def _check_port_free(host: str, port: int) -> None:
