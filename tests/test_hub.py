@@ -238,3 +238,11 @@ def test_cli_download_then_tokenize_from_the_cache(hub, tmp_path):
         assert r.returncode == 1 and "Traceback" not in r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("damage", [b"[" * 100_000, b"\xff\xfe", b"[1, 2]", b'{"files": [1], "listings": 3}', b"{"])
+def test_a_damaged_manifest_only_costs_re_verification(tmp_path, damage):
+    from exocortex.data.hub import MANIFEST, _Manifest
+    (tmp_path / MANIFEST).write_bytes(damage)
+    m = _Manifest(tmp_path)
+    assert m.files == {} and m.listings == {}

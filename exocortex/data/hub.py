@@ -361,13 +361,14 @@ class _Manifest:
         self.path = directory / MANIFEST
         self.lock = threading.Lock()
         data = {}
-        if self.path.exists():
+        if self.path.exists():  # a damaged manifest only costs re-verification: start it afresh
             try:
-                data = json.loads(self.path.read_text())
-            except json.JSONDecodeError:
+                data = json.loads(self.path.read_bytes())
+            except (OSError, ValueError, RecursionError):  # ValueError: bad JSON or bad UTF-8
                 data = {}
-        self.files: dict = data.get("files", {})
-        self.listings: dict = data.get("listings", {})
+        data = data if isinstance(data, dict) else {}
+        self.files: dict = data.get("files", {}) if isinstance(data.get("files"), dict) else {}
+        self.listings: dict = data.get("listings", {}) if isinstance(data.get("listings"), dict) else {}
         self.header = header or {k: data[k] for k in ("repo", "revision", "endpoint") if k in data}
 
     def is_verified(self, dest: Path, f: RemoteFile) -> bool:
