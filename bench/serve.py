@@ -18,28 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from _runs import synthetic_run  # noqa: E402  (bench/ is on the path when run as a script)
+from _server import serving  # noqa: E402  (bench/ is on the path when run as a script)
 
 QUESTIONS = ["Tell me about the town of Hiswick.", "What is 347 * 29?", "Who are you?",
              "Describe the market in Tarsk.", "What grows near the river?", "Write a short story about a fox.",
              "What is 12 + 30 * 2?", "Name three animals of the forest.", "How far is the coast?",
              "What do the people of the hills trade?", "Explain how a mill works.", "What is 1000 - 357?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def one_request(client, url: str, question: str, max_tokens: int) -> tuple[int, float, float]:
@@ -101,33 +91,9 @@ def main():
     import httpx
 
     counts = [int(c) for c in args.clients.split(",")]
-    tmp = tempfile.TemporaryDirectory()
-    run = args.run or ("runs/tiny" if (Path("runs/tiny") / "config.json").exists() else None)
-    if run is None:
-        print(f"no --run and no runs/tiny: building a random {args.preset}-preset run ...", flush=True)
-        run = str(synthetic_run(Path(tmp.name), args.preset))
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "exocortex", "serve", "--run", run, "--port", str(port),
-           "--max-concurrent", str(max(counts)), "--max-queue", str(max(64, max(counts)))]
-    if args.compile:
-        cmd.append("--compile")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    log = open(Path(tmp.name) / "server.log", "w+")  # a file, not a pipe: access logs must never block it
-    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 300
-        while True:
-            if server.poll() is not None:
-                log.seek(0)
-                sys.exit(f"error: the server exited:\n{log.read()[-3000:]}")
-            try:
-                health = httpx.get(base + "/health", timeout=1).json()
-                break
-            except httpx.HTTPError:
-                if time.time() > deadline:
-                    sys.exit("error: the server did not start in 300 s")
-                time.sleep(0.5)
+    flags = ["--max-concurrent", str(max(counts)), "--max-queue", str(max(64, max(counts)))]
+    with serving(args.run, *flags, *(["--compile"] if args.compile else []), preset=args.preset) as (base, _, run):
+        health = httpx.get(base + "/health", timeout=5).json()
         questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.requests)]
         t = time.perf_counter()  # warm-up: allocations, and with --compile the compiled steps
         asyncio.run(workload(base, max(counts), questions[:max(counts)], args.max_tokens))
@@ -141,14 +107,6 @@ def main():
                 if c not in best or r["tok_s"] > best[c]["tok_s"]:
                     best[c] = r
         rows = [best[c] for c in counts]
-    finally:
-        server.terminate()
-        try:
-            server.wait(15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-        tmp.cleanup()
     print(f"\n{'clients':>7} {'requests':>8} {'tokens':>7} {'seconds':>8} {'tok/s':>8} {'TTFT p50':>9} {'vs 1':>6}")
     one = next((r["tok_s"] for r in rows if r["clients"] == 1), rows[0]["tok_s"])
     for r in rows:
