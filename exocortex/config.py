@@ -398,6 +398,20 @@ def _field_hints(obj_or_class) -> dict[str, Any]:
     return get_type_hints(cls, include_extras=True)
 
 
+def config_fields(cfg: "RunConfig | None" = None):
+    """(dotted key, type hint with its Range or Match) for every field: the top-level ones and each section's."""
+    cfg = cfg or RunConfig()
+    top = _field_hints(RunConfig)
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(obj):
+            yield section.name, top[section.name]
+            continue
+        hints = _field_hints(obj)
+        for f in dataclasses.fields(obj):
+            yield f"{section.name}.{f.name}", hints[f.name]
+
+
 def apply_override(cfg: RunConfig, key: str, value: str) -> None:
     """--set section.field=value (or field=value for a top-level field)."""
     if key in DERIVED:

@@ -93,20 +93,13 @@ def test_every_preset_passes_its_own_checks():
 
 def _number_fields():
     """(dotted key, hint) for every number field of every section."""
-    import dataclasses
     from typing import Annotated, get_args, get_origin
 
-    from exocortex.config import RunConfig, _field_hints
+    from exocortex.config import config_fields
 
-    cfg = RunConfig()
-    for f in dataclasses.fields(cfg):
-        obj = getattr(cfg, f.name)
-        owner, names = (obj, [g.name for g in dataclasses.fields(obj)]) if dataclasses.is_dataclass(obj) else (cfg, [f.name])
-        for name in names:
-            hint = _field_hints(owner)[name]
-            base = get_args(hint)[0] if get_origin(hint) is Annotated else hint
-            if base in (int, float):
-                yield (f"{f.name}.{name}" if owner is not cfg else name), hint
+    for key, hint in config_fields():
+        if (get_args(hint)[0] if get_origin(hint) is Annotated else hint) in (int, float):
+            yield key, hint
 
 
 def test_every_number_has_a_range_with_both_ends():

@@ -6,7 +6,6 @@ subprocesses to prove the `python -m exocortex` path says the same.
 """
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import io
 import shutil
@@ -20,7 +19,7 @@ from typing import Annotated, Literal, get_args, get_origin
 import pytest
 
 from exocortex import cli
-from exocortex.config import BUDGETS, RunConfig, _field_hints, apply_override, check_budget, load_config, validate
+from exocortex.config import BUDGETS, RunConfig, apply_override, check_budget, config_fields, load_config, validate
 from exocortex.errors import ExocortexError
 
 TINY = {"data.world_bytes": 150000, "tokenizer.train_bytes": 100000, "tokenizer.vocab_size": 300,
@@ -80,15 +79,9 @@ BAD_VALUES = {bool: ["", "maybe", "2", "-1"], Literal: ["", "abc", "0"], dict: [
 
 def config_keys():
     """(dotted key, base type) for every field of every section, from the dataclasses themselves."""
-    cfg = RunConfig()
-    for f in dataclasses.fields(cfg):
-        obj = getattr(cfg, f.name)
-        owner, names = (obj, [g.name for g in dataclasses.fields(obj)]) if dataclasses.is_dataclass(obj) else (cfg, [f.name])
-        for name in names:
-            hint = _field_hints(owner)[name]
-            base = get_args(hint)[0] if get_origin(hint) is Annotated else hint
-            kind = base if base in (int, float, bool, str) else get_origin(base)
-            yield (f"{f.name}.{name}" if owner is not cfg else name), kind
+    for key, hint in config_fields():
+        base = get_args(hint)[0] if get_origin(hint) is Annotated else hint
+        yield key, base if base in (int, float, bool, str) else get_origin(base)
 
 
 def oracle(base: RunConfig, key: str, bad: str) -> str | None:
