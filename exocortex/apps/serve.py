@@ -30,6 +30,7 @@ from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_l
 from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
+from exocortex.infer.decode import compile_caches, compile_status
 from exocortex.infer.engine import Batcher, load_engine
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
@@ -723,7 +724,7 @@ def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 16, max_queue: int = 64,
           max_prompt_tokens: int | None = None, stage: str | None = None, log_level: str = "info",
-          docs: list[str] | None = None, compile: bool = False, api_key: str | None = None,
+          docs: list[str] | None = None, compile: bool = True, api_key: str | None = None,
           allowed_hosts: str | None = None, insecure_no_api_key: bool = False) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
@@ -733,22 +734,40 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     _check_port_free(host, port)
     limits = serve_limits(host, api_key, allowed_hosts, insecure_no_api_key)
     bound_memory()  # the CLI did it already; serve() may also be called from Python
-    engine = load_engine(cfg, stage, docs)
-    engine.compile = compile
+    checkpoint = cfg.run.chat_checkpoint(stage)
+    engine = load_engine(cfg, stage, docs, compile=compile)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
     if note:
         print(note, flush=True)
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling, limits=limits)
-    if compile:
-        print("compiling the decode step (torch.compile; a minute on a small CPU) ...", flush=True)
-        app.state.exocortex.batcher.warm_up()
+    warm_up_decoder(app.state.exocortex.batcher, compile)  # before listening: no request waits for the compiler
     shown = f"[{host}]" if ":" in host else host
-    print(f"exocortex serve — model {cfg.name} ({stage or 'newest chat stage'}) from {cfg.run_dir}\n"
+    print(f"exocortex serve — model '{cfg.name}' ({checkpoint.parent.name}, {checkpoint.name}) from {cfg.run_dir}\n"
           f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "
           f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
     # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **server_options(limits))
+
+
+def warm_up_decoder(batcher: Batcher, compile: bool) -> None:
+    """Allocate the cache and, with the compiled step, compile it now, saying so in one line (and how long it
+    took, or why it decodes eagerly instead)."""
+    engine = batcher.engine
+    if compile and not engine.compile:  # no toolchain here (decode.compile_status)
+        print(f"decoding eagerly: {compile_status(engine.device)[1]}", flush=True)
+    if not engine.compile:
+        return
+    print(f"compiling the decode step (the first time for a model shape takes a minute or more; then cached in "
+          f"{compile_caches()}; --no-compile skips it) ...", flush=True)
+    t = time.perf_counter()
+    batcher.warm_up()
+    if batcher.compile_error is not None:
+        e = batcher.compile_error
+        print(f"decoding eagerly: compiling the decode step failed ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:300]})", flush=True)
+    else:
+        print(f"decode step compiled in {time.perf_counter() - t:.1f} s", flush=True)
 
 
 def _check_port_free(host: str, port: int) -> None:

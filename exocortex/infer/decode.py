@@ -244,8 +244,7 @@ class AheadOfTimeStep:
     default ~/.cache/exocortex)."""
 
     def __init__(self, key: str, w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float, limit: int):
-        root = os.environ.get("EXOCORTEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "exocortex"))
-        path = os.path.join(root, "decode", hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt2")
+        path = os.path.join(aot_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt2")
         if not os.path.exists(path):
             self._build(w, k_cache, (n_heads, n_kv, eps), limit, path)
         try:
@@ -308,6 +307,51 @@ def _ahead_of_time_step(w: dict, k_cache: list, n_heads: int, n_kv: int, eps: fl
                           "using torch.compile", stacklevel=2)
             _ahead_of_time[key] = None
     return _ahead_of_time[key]
+
+
+def aot_cache_dir() -> str:
+    """Where AheadOfTimeStep keeps its packages ($EXOCORTEX_CACHE/decode)."""
+    root = os.environ.get("EXOCORTEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "exocortex"))
+    return os.path.join(root, "decode")
+
+
+def compile_caches() -> str:
+    """Where compiled decode steps are kept between processes, for the warm-up message: the ahead-of-time
+    one-row step in our cache, the other compiled steps in torch inductor's cache ($TORCHINDUCTOR_CACHE_DIR,
+    by default under the system's temp directory, so a reboot may clear it)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return f"{aot_cache_dir()} and {cache_dir()}"
+
+
+_compile_status: dict = {}
+
+
+def compile_status(device: torch.device) -> tuple[bool, str | None]:
+    """Whether the compiled decode step can run on `device` here, and if not one line saying why (callers then
+    decode eagerly). It needs dynamo (a supported Python), and a toolchain for inductor's kernels: a C++
+    compiler on CPU, Triton on CUDA; other devices (MPS, ...) are not tuned for and stay eager. Where it runs
+    it pays (docs/benchmarks.md: faster one-row and batched steps on CPU; CUDA graphs on GPU)."""
+    if device.type not in _compile_status:
+        _compile_status[device.type] = _check_compile(device.type)
+    why = _compile_status[device.type]
+    return why is None, why
+
+
+def _check_compile(device_type: str) -> str | None:
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version_info[0]}.{sys.version_info[1]} in torch {torch.__version__}"
+    if device_type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - inductor raises its own types (InvalidCxxCompiler, ...)
+            return (f"no C++ compiler for torch.compile's CPU kernels ({type(e).__name__}); install g++ or set "
+                    "CXX")
+        return None
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "Triton is not installed (torch.compile's CUDA kernels need it)"
+    return f"the compiled decode step is only built for CPU and CUDA, not {device_type}"
 
 
 class DecoderLike(Protocol):

@@ -19,7 +19,7 @@ import torch
 from exocortex.checkpoint import load_model
 from exocortex.config import RunConfig
 from exocortex.device import resolve_device, resolve_dtype
-from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
+from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights, compile_status
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
 from exocortex.infer.tools import TOOLS, run_tool_call
@@ -285,6 +285,7 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.tool_pool: ThreadPoolExecutor | None = None
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
+        self.compile_error: BaseException | None = None  # why the step could not be compiled (then: eager)
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -301,7 +302,9 @@ class Batcher:
 
     def warm_up(self, timeout: float | None = None) -> bool:
         """Start the thread now and wait until the cache is allocated and (with engine.compile) the decode
-        step is compiled for one row and for several, so the first requests do not wait for the compiler."""
+        step is compiled for one row and for several, so the first requests do not wait for the compiler.
+        If compiling fails, the batcher decodes eagerly (engine.compile turns False) and `compile_error` says
+        why."""
         with self.cv:
             self._start()
         return self.ready.wait(timeout)
@@ -326,12 +329,12 @@ class Batcher:
         broken = None
         try:
             self.decoder = self.engine.decoder(self.max_rows, self.limit)  # the cache: max_rows x context
-            if self.engine.compile:  # compile (dynamic shapes) for one row and for several
-                self.decoder.prefill([0, 0])
-                for rows in (1, min(2, self.max_rows)):
-                    self.decoder.step([0] * self.max_rows, [r < rows for r in range(self.max_rows)])
-                for slot in range(self.max_rows):
-                    self.decoder.release(slot)
+            if self.engine.compile:
+                try:
+                    self._compile_steps()
+                except Exception as e:  # noqa: BLE001 - a broken toolchain must not take serving down: eager
+                    self.compile_error, self.engine.compile, self.decoder = e, False, None
+                    self.decoder = self.engine.decoder(self.max_rows, self.limit)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: every request hears why
             broken = e
         self.ready.set()
@@ -362,6 +365,14 @@ class Batcher:
         for req in self.pending:
             self._call(req.on_end, None, 0, None)
         self.tool_pool.shutdown(wait=False)
+
+    def _compile_steps(self) -> None:
+        """Compile (dynamic shapes) the step for one row and for several, then free the rows again."""
+        self.decoder.prefill([0, 0])
+        for rows in (1, min(2, self.max_rows)):
+            self.decoder.step([0] * self.max_rows, [r < rows for r in range(self.max_rows)])
+        for slot in range(self.max_rows):
+            self.decoder.release(slot)
 
     def _runnable(self) -> bool:
         """Some row has work now: a token to feed, a decision to make, or a cancellation to process."""
@@ -495,10 +506,13 @@ class StreamDecoder:
         return self.dec.decode(self.tok.decode_bytes([token]))
 
 
-def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None) -> Engine:
+def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None,
+                compile: bool = False) -> Engine:
     """A run's chat model (its `stage` checkpoint, default the newest chat stage) with its tools: calculator,
-    python, and lookup (over `docs`, or the generated world)."""
+    python, and lookup (over `docs`, or the generated world). `compile`: the compiled decode step where it can
+    run here (decode.compile_status says why not; the caller tells the user)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)
     model, _ = load_model(cfg.run.chat_checkpoint(stage), device)
-    return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools_for_run(cfg, docs))
+    return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools_for_run(cfg, docs),
+                  compile=compile and compile_status(device)[0])
