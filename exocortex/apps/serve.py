@@ -23,6 +23,7 @@ import json
 import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
@@ -360,7 +361,11 @@ class _Generation:
 
     def _join_batch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Submit this request to the shared batch; its callbacks render and send on the batcher's thread."""
-        send = _sender(loop, queue)
+        outbox = _outbox(loop)
+
+        def send(item) -> None:
+            outbox.call(queue.put_nowait, item)
+
         renderer, stopper = _Renderer(self.engine), _StopFilter(self.stops)
 
         def on_token(token: int, forced: bool) -> bool:
@@ -378,9 +383,9 @@ class _Generation:
                         send(("deltas", deltas))
             except Exception as e:  # noqa: BLE001 - reported to the client as a server error
                 final = ("error", e)
-            # the slot is free before the client hears the end, so its next request finds it free
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.ticket.release)
+            # the slot is free before the client hears the end, so its next request finds it free (the outbox
+            # keeps the order)
+            outbox.call(self.ticket.release)
             send(final)
 
         self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
@@ -388,12 +393,40 @@ class _Generation:
         self.batcher.submit(self.request)
 
 
-def _sender(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-    """Puts items on an event loop's queue from another thread."""
-    def send(item):
+class _Outbox:
+    """Calls from the batcher's thread to run on one event loop, in order and in batches: the loop is woken
+    (call_soon_threadsafe: a write to its self-pipe, and a turn of the loop) once for everything sent while it
+    was still busy with the previous batch, not once per call. With 16 rows that is one wake-up per decode
+    step instead of 16."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.lock = loop, threading.Lock()
+        self.calls: list[tuple] = []
+
+    def call(self, fn, *args) -> None:
+        with self.lock:
+            self.calls.append((fn, args))
+            if len(self.calls) > 1:
+                return  # a delivery is already scheduled and will make this call too
         with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-    return send
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for fn, args in calls:
+            fn(*args)
+
+
+_outboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox]" = weakref.WeakKeyDictionary()
+
+
+def _outbox(loop: asyncio.AbstractEventLoop) -> _Outbox:
+    """The loop's outbox (made on the loop's own thread, the only one that looks it up)."""
+    box = _outboxes.get(loop)
+    if box is None:
+        box = _outboxes[loop] = _Outbox(loop)
+    return box
 
 
 class _EventStream(StreamingResponse):
