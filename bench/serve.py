@@ -44,6 +44,10 @@ QUESTIONS = ["Tell me about the town of Hiswick.", "What is 347 * 29?", "Who are
              "What do the people of the hills trade?", "Explain how a mill works.", "What is 1000 - 357?"]
 
 
+# over kept-alive connections, requests to llama-server intermittently failed with "Server disconnected without
+# sending a response" (a connection it had closed after a streamed reply, reused): every request gets its own
+# connection, on both servers alike (a loopback connect is ~0.1 ms against a reply of 64 tokens)
+HEADERS = {"Connection": "close"}
 FIRST_CONTENT = re.compile(rb'"(?:content|text)":\s*"[^"]')  # a delta with text in it (not the empty role chunk)
 
 
@@ -55,7 +59,7 @@ async def one_request(client, url: str, question: str, max_tokens: int) -> tuple
             "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     first, tail = None, b""
-    async with client.stream("POST", url, json=body) as r:
+    async with client.stream("POST", url, json=body, headers=HEADERS) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
         async for data in r.aiter_raw():
@@ -133,7 +137,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds; each client count keeps its best")
     ap.add_argument("--no-compile", action="store_true", help="serve with --no-compile (eager decode step)")
-    ap.add_argument("--threads", type=int, default=2, help="llama-server's threads (default 2)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="threads of both servers: llama-server -t, ours OMP_NUM_THREADS (default: all cores)")
     ap.add_argument("--no-llama-server", action="store_true", help="only exocortex serve")
     ap.add_argument("--build-llama-server", action="store_true",
                     help="build llama-server into the cache if it is not found (needs cmake and a C++ compiler)")
@@ -143,6 +148,7 @@ def main():
     counts = [int(c) for c in args.clients.split(",")]
     binary = None if args.no_llama_server else llama_server_binary(args.build_llama_server)
     flags = ["--max-concurrent", str(max(counts)), "--max-queue", str(max(64, max(counts)))]
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the serve subprocess's intra-op threads (torch reads it)
     with contextlib.ExitStack() as stack:
         base, _, run = stack.enter_context(serving(args.run, *flags, *(["--no-compile"] if args.no_compile else []),
                                                    preset=args.preset))
@@ -159,7 +165,7 @@ def main():
             t = time.perf_counter()
             asyncio.run(workload(url, max(counts), questions[:max(counts)], args.max_tokens))
             print(f"{name} warm-up {time.perf_counter() - t:.1f} s", flush=True)
-        print(f"model {health['model']} from {run}; context {health['context_length']}; "
+        print(f"model {health['model']} from {run}; context {health['context_length']}; {args.threads} threads; "
               f"{args.requests} chat requests, max_tokens {args.max_tokens}, greedy, streaming; "
               f"load average {os.getloadavg()[0]:.2f} before", flush=True)
         best: dict[tuple[str, int], dict] = {}

@@ -23,7 +23,6 @@ import json
 import threading
 import time
 import uuid
-import weakref
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
@@ -322,9 +321,9 @@ class _Generation:
     ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception)."""
 
     def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
-                 batcher: Batcher):
+                 batcher: Batcher, outbox: _Outbox):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
-        self.batcher, self.request = batcher, None
+        self.batcher, self.outbox, self.request = batcher, outbox, None
         self.cancelled = threading.Event()
         self.started = False
 
@@ -361,10 +360,10 @@ class _Generation:
 
     def _join_batch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Submit this request to the shared batch; its callbacks render and send on the batcher's thread."""
-        outbox = _outbox(loop)
+        outbox = self.outbox
 
         def send(item) -> None:
-            outbox.call(queue.put_nowait, item)
+            outbox.call(loop, queue.put_nowait, item)
 
         renderer, stopper = _Renderer(self.engine), _StopFilter(self.stops)
 
@@ -385,7 +384,7 @@ class _Generation:
                 final = ("error", e)
             # the slot is free before the client hears the end, so its next request finds it free (the outbox
             # keeps the order)
-            outbox.call(self.ticket.release)
+            outbox.call(loop, self.ticket.release)
             send(final)
 
         self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
@@ -394,39 +393,34 @@ class _Generation:
 
 
 class _Outbox:
-    """Calls from the batcher's thread to run on one event loop, in order and in batches: the loop is woken
-    (call_soon_threadsafe: a write to its self-pipe, and a turn of the loop) once for everything sent while it
-    was still busy with the previous batch, not once per call. With 16 rows that is one wake-up per decode
-    step instead of 16."""
+    """Calls from the batcher's thread to run on the event loop, in order, delivered together: the batcher
+    flushes it once per step (Batcher.after_callbacks), so the loop is woken (call_soon_threadsafe: a write to
+    its self-pipe, and a turn of the loop) once for all the rows' tokens of a step instead of once per token.
+    Waking it per token also handed it the GIL per token (the self-pipe write releases it), interleaving the
+    two threads 16 times a step."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.lock = loop, threading.Lock()
-        self.calls: list[tuple] = []
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.calls: list[tuple] = []  # (loop, fn, args)
 
-    def call(self, fn, *args) -> None:
+    def call(self, loop: asyncio.AbstractEventLoop, fn, *args) -> None:
         with self.lock:
-            self.calls.append((fn, args))
-            if len(self.calls) > 1:
-                return  # a delivery is already scheduled and will make this call too
-        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
-            self.loop.call_soon_threadsafe(self._deliver)
+            self.calls.append((loop, fn, args))
 
-    def _deliver(self) -> None:
+    def flush(self) -> None:
         with self.lock:
             calls, self.calls = self.calls, []
-        for fn, args in calls:
-            fn(*args)
+        by_loop: dict = {}
+        for loop, fn, args in calls:
+            by_loop.setdefault(loop, []).append((fn, args))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+                loop.call_soon_threadsafe(_run_calls, batch)
 
 
-_outboxes: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Outbox]" = weakref.WeakKeyDictionary()
-
-
-def _outbox(loop: asyncio.AbstractEventLoop) -> _Outbox:
-    """The loop's outbox (made on the loop's own thread, the only one that looks it up)."""
-    box = _outboxes.get(loop)
-    if box is None:
-        box = _outboxes[loop] = _Outbox(loop)
-    return box
+def _run_calls(batch: list[tuple]) -> None:
+    for fn, args in batch:
+        fn(*args)
 
 
 class _EventStream(StreamingResponse):
@@ -465,6 +459,8 @@ class _Service:
         self.limiter = _Limiter(max_concurrent, max_queue)
         # one batch of up to max_concurrent rows shares every decode step (see exocortex/infer/engine.py: Batcher)
         self.batcher = Batcher(engine, max_concurrent)
+        self.outbox = _Outbox()  # the batcher's callbacks reach the event loop through it, once per step
+        self.batcher.after_callbacks = self.outbox.flush
         self.context = self.batcher.limit  # the rotary table
         cap = self.context - 1  # the prompt must leave room for at least one token
         self.max_prompt_tokens = min(cap, max_prompt_tokens) if max_prompt_tokens else cap
@@ -561,7 +557,7 @@ class _Service:
                            f"(limits {lim.max_concurrent} and {lim.max_queue}). Try again shortly.",
                            type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher)
+        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, self.outbox)
 
     # ---------------------------------------------------------------- responses
     async def collect(self, request: Request, gen: _Generation) -> tuple[list[dict], str | None, int]:

@@ -286,6 +286,9 @@ class Batcher:
         self.tool_pool: ThreadPoolExecutor | None = None
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
         self.compile_error: BaseException | None = None  # why the step could not be compiled (then: eager)
+        # called on the batcher's thread after each round of on_token/on_end callbacks (the tokens of one step),
+        # so a consumer can be woken once for all of them rather than once per token
+        self.after_callbacks: Callable[[], None] | None = None
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -349,6 +352,7 @@ class Batcher:
             if broken is not None:
                 for req in joining:
                     self._call(req.on_end, None, 0, broken)
+                self._after_callbacks()
                 continue
             free = [i for i, row in enumerate(self.rows) if row is None]
             for slot, req in zip(free, joining):
@@ -357,13 +361,16 @@ class Batcher:
                 if row is not None and row.req.cancelled.is_set():
                     self._end(slot, None)
             self._decide()
+            self._after_callbacks()  # before the step: the consumer takes this step's tokens while it runs
             if any(row is not None and row.feed is not None for row in self.rows):
                 self._step()
+                self._after_callbacks()  # a failed step ended its rows
         for slot, row in enumerate(self.rows):
             if row is not None:
                 self._end(slot, None)
         for req in self.pending:
             self._call(req.on_end, None, 0, None)
+        self._after_callbacks()
         self.tool_pool.shutdown(wait=False)
 
     def _compile_steps(self) -> None:
@@ -487,6 +494,10 @@ class Batcher:
         if row.tool is not None:
             row.tool.cancel()
         self._call(row.req.on_end, finish, row.steps, error)
+
+    def _after_callbacks(self) -> None:
+        if self.after_callbacks is not None:
+            self._call(self.after_callbacks)
 
     @staticmethod
     def _call(fn, *args) -> None:
