@@ -11,7 +11,7 @@ import torch
 
 from exocortex.config import RunConfig
 from exocortex.errors import ExocortexError
-from exocortex.infer.decode import compile_caches, compile_status
+from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.engine import Engine, StreamDecoder, load_engine
 from exocortex.infer.sandbox import python_tool_status
 
@@ -52,8 +52,7 @@ def warm_up_decoder(engine: Engine, compile: bool, out=None) -> None:
         print(f"decoding eagerly: {compile_status(engine.device)[1]}", file=out, flush=True)
     if not engine.compile:
         return
-    print(f"compiling the decode step (the first time for a model shape takes a minute or more; then cached in "
-          f"{compile_caches()}; --no-compile skips it) ...", file=out, flush=True)
+    print(warm_up_note(engine.device), file=out, flush=True)
     t = time.perf_counter()
     try:
         with torch.inference_mode():

@@ -30,7 +30,7 @@ from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_l
 from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
-from exocortex.infer.decode import compile_caches, compile_status
+from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.engine import Batcher, load_engine
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
@@ -787,8 +787,7 @@ def warm_up_decoder(batcher: Batcher, compile: bool) -> None:
         print(f"decoding eagerly: {compile_status(engine.device)[1]}", flush=True)
     if not engine.compile:
         return
-    print(f"compiling the decode step (the first time for a model shape takes a minute or more; then cached in "
-          f"{compile_caches()}; --no-compile skips it) ...", flush=True)
+    print(warm_up_note(engine.device), flush=True)
     t = time.perf_counter()
     batcher.warm_up()
     if batcher.compile_error is not None:

@@ -17,8 +17,9 @@ not the FLOPs, is the cost:
   length) and, on CUDA, replays as CUDA graphs. On CPU a single row's matmuls are then written as
   multiply-and-sum over (out, in) weights, which inductor fuses into its kernels and runs on all threads
   (PyTorch's CPU BLAS runs a one-row matmul on one thread); the weights' shapes are marked static so the
-  kernels are specialized to them. That one-row step is moreover compiled ahead of time (AheadOfTimeStep:
-  AOTInductor), which drops torch.compile's per-call guards and Python wrapper.
+  kernels are specialized to them. On CPU the steps (one row, and several rows) are moreover compiled ahead
+  of time (AheadOfTimeStep: AOTInductor), which drops torch.compile's per-call guards and Python wrapper and
+  lets a new process load the compiled step instead of tracing it again.
 
 Prefill (a whole prompt at once) is the same computation with T tokens in one row and causal attention.
 """
@@ -260,40 +261,49 @@ def _unflatten(like: dict, flat: list) -> dict:
 
 
 class AheadOfTimeStep:
-    """The one-row CPU decode step compiled ahead of time with AOTInductor (torch.export + a C++ .so).
+    """A CPU decode step compiled ahead of time with AOTInductor (torch.export + a C++ .so): the one-row step
+    (multiply-and-sum matmuls, see _mm), or the step of several rows (BLAS matmuls; the number of rows is
+    dynamic, from 2 up).
 
     Under torch.compile every call also runs dynamo's guard checks and inductor's Python wrapper (~0.3 ms
-    per step on a 2-core CPU, as much as a third of a small model's step); the ahead-of-time .so is called
-    from C++ with the weights, caches, token and position as inputs: no guards, no Python around the kernel.
-    The cache length and the attended span are dynamic and the weights are inputs (not baked in), so one
-    package serves every checkpoint of a shape: it is built once (~30 s on 2 cores) and kept on disk under
-    a key of the shapes, dtypes, thread count, CPU instruction set and torch version ($EXOCORTEX_CACHE,
-    default ~/.cache/exocortex)."""
+    per step on a 2-core CPU, as much as a third of a small model's step; with several rows the wrapper also
+    calls each matmul from Python), and every new process traces the step again before inductor's cache
+    answers (~10 s for the tiny model under load). The ahead-of-time .so is called from C++ with the weights,
+    caches, tokens and positions as inputs: no guards, no Python around the kernels, and a new process only
+    loads it (~1 s). The cache length and the attended span are dynamic and the weights are inputs (not baked
+    in), so one package serves every checkpoint of a shape: it is built once (~30 s on 2 cores) and kept on
+    disk under a key of the shapes, dtypes, thread count, CPU instruction set and torch version
+    ($EXOCORTEX_CACHE, default ~/.cache/exocortex)."""
 
-    def __init__(self, key: str, w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float, limit: int):
+    def __init__(self, key: str, w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float, limit: int,
+                 one_row: bool = True):
         path = os.path.join(aot_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt2")
+        args = (w, k_cache, (n_heads, n_kv, eps), limit, path, one_row)
         if not os.path.exists(path):
-            self._build(w, k_cache, (n_heads, n_kv, eps), limit, path)
+            self._build(*args)
         try:
             self.runner = torch._inductor.aoti_load_package(path)
         except Exception:  # noqa: BLE001 - a damaged cache file: build it again, once
-            self._build(w, k_cache, (n_heads, n_kv, eps), limit, path)
+            self._build(*args)
             self.runner = torch._inductor.aoti_load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
         self._w, self._flat = None, None
 
     @staticmethod
-    def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str) -> None:
+    def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str, one_row: bool) -> None:
         class Step(torch.nn.Module):
             def forward(self, tokens, pos, keys, weights, ks, vs):
-                return decode_step(_unflatten(like, weights), ks, vs, tokens, pos, keys.shape[0], *args, True)
+                return decode_step(_unflatten(like, weights), ks, vs, tokens, pos, keys.shape[0], *args, one_row)
 
         flat, (_, kv, _, hd) = _flatten(like), k_cache[0].shape
         span, length = torch.export.Dim("span", min=2, max=limit), torch.export.Dim("length", min=3, max=limit)
-        shapes = {"tokens": None, "pos": None, "keys": {0: span}, "weights": [None] * len(flat),
-                  "ks": [{2: length}] * len(k_cache), "vs": [{2: length}] * len(k_cache)}
-        ks = [torch.zeros(1, kv, 8, hd, dtype=k_cache[0].dtype) for _ in k_cache]
-        example = (torch.zeros(1, dtype=torch.long), torch.tensor([3]), torch.arange(4), flat, ks,
+        n = 1 if one_row else 2  # several rows: 2 stands for any number (0 and 1 would be specialized)
+        rows = None if one_row else torch.export.Dim("rows", min=2, max=max(limit, 2))
+        shapes = {"tokens": {0: rows} if rows else None, "pos": {0: rows} if rows else None, "keys": {0: span},
+                  "weights": [None] * len(flat), "ks": [{0: rows, 2: length} if rows else {2: length}] * len(k_cache)}
+        shapes["vs"] = shapes["ks"]
+        ks = [torch.zeros(n, kv, 8, hd, dtype=k_cache[0].dtype) for _ in k_cache]
+        example = (torch.zeros(n, dtype=torch.long), torch.full((n,), 3), torch.arange(4), flat, ks,
                    [torch.zeros_like(t) for t in ks])
         program = torch.export.export(Step(), example, dynamic_shapes=shapes)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -317,18 +327,19 @@ _ahead_of_time: dict = {}
 
 
 def _ahead_of_time_step(w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float,
-                        limit: int) -> AheadOfTimeStep | None:
-    """The shared AheadOfTimeStep for these shapes, built on first use; None where AOTInductor cannot build
-    one here (no C++ compiler, an unsupported torch): the caller then uses the torch.compile'd step."""
+                        limit: int, one_row: bool = True) -> AheadOfTimeStep | None:
+    """The shared AheadOfTimeStep for these shapes (one row, or several), built on first use; None where
+    AOTInductor cannot build one here (no C++ compiler, an unsupported torch): the caller then uses the
+    torch.compile'd step."""
     # everything the .so was specialized to; the CPU's instruction set too (a shared home directory on a
     # cluster of mixed machines must not hand an AVX-512 build to an AVX2 machine)
     key = repr(([(tuple(t.shape), t.stride(), str(t.dtype)) for t in _flatten(w)], k_cache[0].shape[1],
                 k_cache[0].shape[3], str(k_cache[0].dtype), len(k_cache), n_heads, n_kv, eps, limit,
                 torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
-                sys.version_info[:2]))
+                sys.version_info[:2]) + (() if one_row else ("rows",)))
     if key not in _ahead_of_time:
         try:
-            _ahead_of_time[key] = AheadOfTimeStep(key, w, k_cache, n_heads, n_kv, eps, limit)
+            _ahead_of_time[key] = AheadOfTimeStep(key, w, k_cache, n_heads, n_kv, eps, limit, one_row)
         except Exception as e:  # noqa: BLE001 - any failure to build leaves the (slower) compiled step
             warnings.warn(f"ahead-of-time decode step unavailable ({type(e).__name__}: {str(e)[:200]}); "
                           "using torch.compile", stacklevel=2)
@@ -342,12 +353,19 @@ def aot_cache_dir() -> str:
     return os.path.join(root, "decode")
 
 
-def compile_caches() -> str:
-    """Where compiled decode steps are kept between processes, for the warm-up message: the ahead-of-time
-    one-row step in our cache, the other compiled steps in torch inductor's cache ($TORCHINDUCTOR_CACHE_DIR,
-    by default under the system's temp directory, so a reboot may clear it)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-    return f"{aot_cache_dir()} and {cache_dir()}"
+def warm_up_note(device: torch.device) -> str:
+    """The line shown before a process compiles its decode step: what it costs and where the result is kept.
+    On CPU the steps are compiled ahead of time into our cache (aot_cache_dir), so a later process only loads
+    them (~3 s for the tiny model); elsewhere torch.compile traces again in every process and inductor's
+    cache ($TORCHINDUCTOR_CACHE_DIR, by default under the system's temp directory) spares the code
+    generation."""
+    if device.type == "cpu":
+        where = aot_cache_dir()
+    else:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        where = f"torch inductor's cache, {cache_dir()}"
+    return (f"compiling the decode step (the first time for a model shape takes a minute or more: ~70 s on 2 "
+            f"CPU cores for the tiny model; then it is cached in {where}; --no-compile skips it) ...")
 
 
 _compile_status: dict = {}
@@ -423,6 +441,7 @@ class Decoder:
         self.cuda_graphs = compile and self.device.type == "cuda"
         self.gemv = compile and self.device.type == "cpu"  # one-row steps as multiply-and-sum (see _mm) ...
         self._one_row = None  # ... run by an AheadOfTimeStep where one can be built (first one-row step)
+        self._several_rows = None  # steps of several rows too (their own AheadOfTimeStep)
         self._views: dict = {}
 
     @torch.inference_mode()
@@ -471,8 +490,9 @@ class Decoder:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         w = self.weights.get(check=False, rows=self.gemv)
-        if self.gemv and n == 1 and span >= 2 and self.T >= 3 and self._ahead_of_time(w, k) is not None:
-            logits = self._one_row(w, k, v, ids, pos, span)
+        aot = self._ahead_of_time(w, k, n == 1) if self.gemv and span >= 2 and self.T >= 3 else None
+        if aot is not None:
+            logits = aot(w, k, v, ids, pos, span)
         else:
             logits = self._step(w, k, v, ids, pos, span, c.n_heads, c.kv_heads, c.norm_eps, self.gemv and n == 1)
         if self.cuda_graphs:
@@ -485,12 +505,13 @@ class Decoder:
             self.lengths[r] += 1
         return logits
 
-    def _ahead_of_time(self, w: dict, k: list) -> AheadOfTimeStep | None:
-        if self._one_row is None:
+    def _ahead_of_time(self, w: dict, k: list, one_row: bool) -> AheadOfTimeStep | None:
+        attr = "_one_row" if one_row else "_several_rows"
+        if getattr(self, attr) is None:
             c = self.model.cfg
-            self._one_row = _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
-                                                self.model.rope_cos.shape[0]) or False
-        return self._one_row or None
+            setattr(self, attr, _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
+                                                    self.model.rope_cos.shape[0], one_row) or False)
+        return getattr(self, attr) or None
 
     def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:
         """Views of the caches and positions of rows 0..n-1, made once per n (CUDA graphs need their inputs at
