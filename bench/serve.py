@@ -139,6 +139,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true", help="serve with --no-compile (eager decode step)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                     help="threads of both servers: llama-server -t, ours OMP_NUM_THREADS (default: all cores)")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for `exocortex serve` (repeatable), e.g. --serve-arg=--stage=sft")
     ap.add_argument("--no-llama-server", action="store_true", help="only exocortex serve")
     ap.add_argument("--build-llama-server", action="store_true",
                     help="build llama-server into the cache if it is not found (needs cmake and a C++ compiler)")
@@ -151,7 +153,7 @@ def main():
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the serve subprocess's intra-op threads (torch reads it)
     with contextlib.ExitStack() as stack:
         base, _, run = stack.enter_context(serving(args.run, *flags, *(["--no-compile"] if args.no_compile else []),
-                                                   preset=args.preset))
+                                                   *args.serve_arg, preset=args.preset))
         health = httpx.get(base + "/health", timeout=5).json()
         servers = {"exocortex": base}
         if binary:
