@@ -246,24 +246,3 @@ def test_compiled_one_row_step_falls_back_when_ahead_of_time_build_fails(monkeyp
     assert (first - eager.step([9])).abs().max() < 1e-4
     for token in [10, 11, 12]:
         assert (compiled.step([token]) - eager.step([token])).abs().max() < 1e-4
-
-
-@pytest.mark.slow  # builds the ahead-of-time step if it is not cached yet (~30 s on a small CPU)
-def test_ahead_of_time_step_without_ctypes_uses_torchs_runner(monkeypatch):
-    """Where the package's C entry point cannot be called through ctypes, torch's runner runs the same .so."""
-    import exocortex.infer.decode as decode
-
-    m = random_gpt(300)
-    prompt = [5, 6, 7, 8]
-    direct = Decoder(m, 1, 40, compile=True)
-    direct.prefill(prompt)
-    first = direct.step([9])
-    assert direct._one_row.direct is not None and direct._one_row.runner is None
-    monkeypatch.setattr(decode, "_ahead_of_time", {})
-    monkeypatch.setattr(decode._DirectRun, "open", classmethod(lambda cls, package: None))
-    runner = Decoder(m, 1, 40, compile=True)
-    runner.prefill(prompt)
-    assert torch.equal(runner.step([9]), first)
-    assert runner._one_row.direct is None and runner._one_row.runner is not None
-    for token in [10, 11, 12]:
-        assert torch.equal(runner.step([token]), direct.step([token]))
