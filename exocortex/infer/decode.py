@@ -283,15 +283,14 @@ class AheadOfTimeStep:
         args = (w, k_cache, (n_heads, n_kv, eps), limit, path, one_row)
         if not os.path.exists(path):
             self._build(*args)
-        self.direct, self.runner = _DirectRun.open(path), None  # the .so called without holding the GIL ...
-        if self.direct is None:  # ... or else by torch's runner
-            try:
-                self.runner = torch._inductor.aoti_load_package(path)
-            except Exception:  # noqa: BLE001 - a damaged cache file: build it again, once
-                self._build(*args)
-                self.runner = torch._inductor.aoti_load_package(path)
+        try:
+            self.runner = torch._inductor.aoti_load_package(path)
+        except Exception:  # noqa: BLE001 - a damaged cache file: build it again, once
+            self._build(*args)
+            self.runner = torch._inductor.aoti_load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
         self._w, self._flat = None, None
+        self.direct = _DirectRun.open(path)  # the same .so called without holding the GIL, where possible
 
     @staticmethod
     def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str, one_row: bool) -> None:
