@@ -25,14 +25,12 @@ Prefill (a whole prompt at once) is the same computation with T tokens in one ro
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import math
 import os
 import sys
 import tempfile
 import warnings
-import zipfile
 from typing import Protocol
 
 import torch
@@ -290,7 +288,6 @@ class AheadOfTimeStep:
             self.runner = torch._inductor.aoti_load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
         self._w, self._flat = None, None
-        self.direct = _DirectRun.open(path)  # the same .so called without holding the GIL, where possible
 
     @staticmethod
     def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str, one_row: bool) -> None:
@@ -323,83 +320,7 @@ class AheadOfTimeStep:
                  span: int) -> torch.Tensor:
         if w is not self._w:  # flattened once per weights build, not every step
             self._w, self._flat = w, _flatten(w)
-        if self.direct is not None:
-            return self.direct([tokens, pos, self.keys[:span], *self._flat, *k_cache, *v_cache])
         return self.runner(tokens, pos, self.keys[:span], self._flat, k_cache, v_cache)
-
-
-class _DirectRun:
-    """An AOTInductor package's model called through ctypes, which releases the GIL for the length of the call.
-
-    torch's own runner (aoti_load_package) holds the GIL while the step runs, so a server's event loop (the
-    streaming of the previous token) cannot run meanwhile: the step and the loop's work then add up instead
-    of overlapping (py-spy of `exocortex serve` at 1 client: the batcher's thread spent as long handing the
-    GIL to the loop as computing the step). This calls the package's C entry point
-    (AOTInductorModelContainerRun, AOTInductor's C interface) the way torch's runner does: fresh tensor
-    handles for the inputs (the model takes them over), the output's handle taken back as a tensor. It also
-    skips the runner's pytree flattening of ~40 inputs every step. `open` returns None (the caller keeps
-    torch's runner) where any of it is missing: no .so in the package, a package with constants to load, or
-    a torch without these helpers."""
-
-    def __init__(self, lib, handle, n_inputs: int):
-        self.lib, self.handle, self.n_inputs = lib, handle, n_inputs
-        self.inputs = ctypes.c_void_p * n_inputs
-        self.to_handles = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors
-        self.from_handles = torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs
-
-    @classmethod
-    def open(cls, package: str) -> "_DirectRun | None":
-        try:
-            lib = ctypes.CDLL(_extract_so(package))
-            handle, n = ctypes.c_void_p(), ctypes.c_size_t()
-            lib.AOTInductorModelContainerCreateWithDevice.argtypes = [ctypes.c_void_p, ctypes.c_size_t,
-                                                                       ctypes.c_char_p, ctypes.c_char_p]
-            if lib.AOTInductorModelContainerCreateWithDevice(ctypes.byref(handle), 1, b"cpu", None) != 0:
-                return None
-            if lib.AOTInductorModelContainerGetNumConstants(handle, ctypes.byref(n)) != 0 or n.value:
-                return None  # constants would have to be loaded as torch's runner does
-            if lib.AOTInductorModelContainerGetNumInputs(handle, ctypes.byref(n)) != 0:
-                return None
-            lib.AOTInductorModelContainerRun.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                                                         ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p,
-                                                         ctypes.c_void_p]
-            return cls(lib, handle, n.value)
-        except (OSError, AttributeError, StopIteration, zipfile.BadZipFile):
-            return None
-
-    def __call__(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        if len(inputs) != self.n_inputs:
-            raise ValueError(f"the compiled step takes {self.n_inputs} inputs, got {len(inputs)}")
-        handles = self.inputs(*[_capsule_pointer(h, None) for h in self.to_handles(inputs)])
-        out = (ctypes.c_void_p * 1)()
-        rc = self.lib.AOTInductorModelContainerRun(self.handle, handles, self.n_inputs, out, 1, None, None)
-        if rc != 0:
-            raise RuntimeError("the ahead-of-time compiled decode step failed (AOTInductorModelContainerRun)")
-        return self.from_handles([_capsule(out[0], None, None)])[0]
-
-
-_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-_capsule_pointer.restype, _capsule_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-_capsule = ctypes.pythonapi.PyCapsule_New
-_capsule.restype, _capsule.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
-
-
-def _extract_so(package: str) -> str:
-    """The model's shared library from an AOTInductor package, next to it (extracted once, atomically)."""
-    so = package[:-len(".pt2")] + ".so"
-    if os.path.exists(so) and os.path.getmtime(so) >= os.path.getmtime(package):
-        return so
-    with zipfile.ZipFile(package) as z:
-        data = z.read(next(n for n in z.namelist() if n.endswith(".so")))
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(package))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, so)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return so
 
 
 _ahead_of_time: dict = {}
