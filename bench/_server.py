@@ -27,9 +27,10 @@ def rss_mb(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def serving(run: str | None, *args: str, preset: str = "tiny"):
-    """Yields (base URL, server pid, run) for `exocortex serve --run <run> <args>`; without a run, a random
-    `preset`-shaped one is built (bench/_runs.py). The server's output goes to a file, shown if it dies."""
+def serving(run: str | None, *args: str, preset: str = "tiny", root: Path = ROOT):
+    """Yields (base URL, server pid, run) for `exocortex serve --run <run> <args>` from the checkout at `root`
+    (default: this one); without a run, a random `preset`-shaped one is built (bench/_runs.py). The server's
+    output goes to a file, shown if it dies."""
     import httpx
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -39,7 +40,7 @@ def serving(run: str | None, *args: str, preset: str = "tiny"):
             run = str(synthetic_run(Path(tmp), preset))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
         log = open(Path(tmp) / "server.log", "w+")  # a file, not a pipe: access logs must never block the server
         cmd = [sys.executable, "-m", "exocortex", "serve", "--run", run, "--port", str(port), *args]
         server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)

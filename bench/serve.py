@@ -141,6 +141,11 @@ def main():
                     help="threads of both servers: llama-server -t, ours OMP_NUM_THREADS (default: all cores)")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="one more argument for `exocortex serve` (repeatable), e.g. --serve-arg=--stage=sft")
+    ap.add_argument("--baseline", default=None, metavar="CHECKOUT",
+                    help="also serve from another checkout of exocortex (e.g. a worktree of main), interleaved "
+                         "with the others: an A/B of two versions under the same load")
+    ap.add_argument("--baseline-arg", action="append", default=[], metavar="ARG",
+                    help="one more argument for the baseline's `exocortex serve` (repeatable)")
     ap.add_argument("--no-llama-server", action="store_true", help="only exocortex serve")
     ap.add_argument("--build-llama-server", action="store_true",
                     help="build llama-server into the cache if it is not found (needs cmake and a C++ compiler)")
@@ -156,6 +161,9 @@ def main():
                                                    *args.serve_arg, preset=args.preset))
         health = httpx.get(base + "/health", timeout=5).json()
         servers = {"exocortex": base}
+        if args.baseline:
+            servers["baseline"] = stack.enter_context(serving(run, *flags, *args.baseline_arg,
+                                                              root=Path(args.baseline).resolve()))[0]
         if binary:
             gguf, dtype = export_for_llama(run, stack.enter_context(tempfile.TemporaryDirectory()))
             servers["llama-server"] = stack.enter_context(_llama_server.running(
@@ -189,10 +197,12 @@ def main():
             ratio = f"{r['tok_s'] / theirs['tok_s']:9.2f}x" if name == "exocortex" and theirs else ""
             print(f"{name:>12} {c:7d} {r['requests']:8d} {r['prompt_tokens']:7d} {r['tokens']:7d} {r['seconds']:8.2f} "
                   f"{r['tok_s']:8.0f} {r['ttft_median_s'] * 1e3:7.0f}ms {r['tok_s'] / one:5.2f}x {ratio}")
-            key = "ours" if name == "exocortex" else "llama"
+            key = {"exocortex": "ours", "llama-server": "llama", "baseline": "baseline"}[name]
             out[f"{key}_clients{c}_tok_s"] = round(r["tok_s"], 1)
             if c != counts[0]:
                 out[f"{key}_clients{c}_vs_{counts[0]}"] = round(r["tok_s"] / one, 2)
+            if name == "exocortex" and ("baseline", c) in best:
+                out[f"vs_baseline_clients{c}"] = round(r["tok_s"] / best[("baseline", c)]["tok_s"], 2)
             if name == "exocortex" and theirs:
                 out[f"vs_llama_clients{c}"] = round(r["tok_s"] / theirs["tok_s"], 2)
                 if (r["tokens"], r["prompt_tokens"]) != (theirs["tokens"], theirs["prompt_tokens"]):
