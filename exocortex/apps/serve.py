@@ -11,7 +11,7 @@ for a place; past that a request gets 429. A client that disconnects (streaming 
 whose row leaves the batch at the next step.
 
 Tool calls are run by the engine. They appear in the text as the engine renders them
-(`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
+(`[tool call: {"name": "calculator", "arguments": {"expression": "347 * 29"}}] [tool output: 10063] `) and, structured, in a non-standard `parts` list
 (`part` per streamed delta) that assistant messages may send back as their `content`.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_l
 from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
-from exocortex.infer.engine import Batcher, load_engine
+from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
 
@@ -157,7 +157,8 @@ class _Renderer:
 
     `content` is the text as `Engine.render` shows it (tool calls and outputs in brackets, no final strip, so it
     streams); `part` is the structured view: parts are numbered in order and have type text / tool_call /
-    tool_output, like `Engine.to_parts`. Each part gets its own UTF-8 decoder, flushed at its end."""
+    tool_output, like `Engine.to_parts`. Each text part gets its own UTF-8 decoder, flushed at its end; a tool
+    call's or output's text comes whole at its end marker, without the newlines that frame it in the format."""
 
     def __init__(self, engine):
         self.tok = engine.tok
@@ -166,6 +167,7 @@ class _Renderer:
         self.markers = {engine.call_start: "[tool call: ", engine.call_end: "]",
                         engine.out_start: " [tool output: ", engine.out_end: "] "}
         self.index, self.kind, self.open = -1, "text", False
+        self.held = b""  # the bytes of the tool call or output being written
         self.dec = self._decoder()
 
     @staticmethod
@@ -180,6 +182,9 @@ class _Renderer:
         return [{"content": s, "part": {"index": self.index, "type": self.kind, "text": s}}]
 
     def _flush(self) -> list[dict]:
+        if self.kind != "text":
+            held, self.held = self.held, b""
+            return self._text(unwrap(held.decode("utf-8", errors="replace")))
         out = self._text(self.dec.decode(b"", final=True))
         self.dec = self._decoder()
         return out
@@ -196,6 +201,9 @@ class _Renderer:
             return out + [{"content": self.markers[token], "part": None}]
         if self.tok.is_special(token):
             return []  # other special tokens are not shown (as in Engine.render)
+        if self.kind != "text":
+            self.held += self.tok.decode_bytes([token])
+            return []
         return self._text(self.dec.decode(self.tok.decode_bytes([token])))
 
     def finish(self) -> list[dict]:

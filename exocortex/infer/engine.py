@@ -1,8 +1,13 @@
 """Generation: KV cache, batched sampling (temperature / top-k / top-p), streaming, and tool use.
 
-When a row emits <|tool_call_end|>, the engine parses the call, runs the tool, and *forces* the tokens
-<|tool_output_start|> result <|tool_output_end|> into that row; sampling resumes after them. Forced tokens
-are marked so callers can show (or skip) them, and they never count as the model's own words.
+Tool calls are in the Hermes/Qwen format (exocortex/infer/tools.py), inside the assistant's turn:
+
+    <tool_call>\n{"name": "calculator", "arguments": {"expression": "347 * 29"}}\n</tool_call>
+
+When a row emits </tool_call>, the engine parses the JSON, runs the tool, and *forces* the tokens
+<tool_response>\n10063\n</tool_response> into that row; sampling resumes after them, in the same turn, until
+<|assistant_end|>. Forced tokens are marked so callers can show (or skip) them, and they never count as the
+model's own words.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
 from exocortex.infer.tools import TOOLS, run_tool_call
-from exocortex.tokenizer import Tokenizer
+from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -50,7 +55,7 @@ class RowState:
     in_tool_call: bool = False
     call_tokens: list = field(default_factory=list)
     done: bool = False
-    context: str = ""  # the user's last message: what `lookup()` without a query searches for
+    context: str = ""  # the user's last message: what `lookup` without a query searches for
 
 
 class Engine:
@@ -58,7 +63,7 @@ class Engine:
     static-cache Decoder over `model`); tests pass scripted or paced ones."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[str], str]] | None = None,
+                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[dict], str]] | None = None,
                  compile: bool = False, decoder: Callable[[int, int], DecoderLike] | None = None):
         self.model = model.eval()
         self.compile = compile  # torch.compile the decode step (worth it for long runs: the first one compiles)
@@ -70,8 +75,8 @@ class Engine:
         self.tools = TOOLS if tools is None else tools
         sp = tokenizer.special
         self.stop_ids = {sp["<|assistant_end|>"], sp["<|bos|>"]}
-        self.call_start, self.call_end = sp["<|tool_call_start|>"], sp["<|tool_call_end|>"]
-        self.out_start, self.out_end = sp["<|tool_output_start|>"], sp["<|tool_output_end|>"]
+        self.call_start, self.call_end = sp[CALL_START], sp[CALL_END]
+        self.out_start, self.out_end = sp[RESPONSE_START], sp[RESPONSE_END]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int] | list[list[int]], num_samples: int = 1, max_tokens: int = 256,
@@ -129,7 +134,7 @@ class Engine:
                 elif token == self.call_end and row.in_tool_call:
                     row.in_tool_call = False
                     result = run_tool_call(self.tok.decode(row.call_tokens), self.tools, row.context)
-                    row.forced.extend([self.out_start] + self.tok.encode(result) + [self.out_end])
+                    row.forced.extend(self.response_tokens(result))
                 elif row.in_tool_call:
                     row.call_tokens.append(token)
             yield column, forced_mask
@@ -184,28 +189,24 @@ class Engine:
                 outs[i] = out
         return outs
 
-    def render(self, tokens: list[int]) -> str:
-        """Readable text of a completion: tool calls and outputs shown inline in brackets."""
-        out, buf = [], []
-        names = {self.call_start: "[tool call: ", self.call_end: "]", self.out_start: " [tool output: ",
-                 self.out_end: "] "}
-        for t in tokens:
-            if t in names:
-                out.append(self.tok.decode(buf)); buf = []
-                out.append(names[t])
-            elif not self.tok.is_special(t):
-                buf.append(t)
-        out.append(self.tok.decode(buf))
-        return "".join(out).strip()
+    def response_tokens(self, result: str) -> list[int]:
+        """What the engine forces after a call: <tool_response>\nRESULT\n</tool_response>, encoded as the chat
+        format renders a tool_output part (Tokenizer.render_conversation), so training and inference agree."""
+        return [self.out_start] + self.tok.encode("\n" + result + "\n") + [self.out_end]
 
-    def to_parts(self, tokens: list[int]) -> list[dict]:
-        """A completion as assistant message parts (text / tool_call / tool_output), for the chat history."""
-        parts: list[dict] = []
+    def segments(self, tokens: list[int]) -> list[tuple[str, str]]:
+        """A completion as (kind, text) in order: kind text / tool_call / tool_output. A call's or response's
+        text is without the newlines the format puts around it (the JSON, the result); an unclosed one (a
+        reply cut short) is kept as far as it got. Special tokens other than the markers are dropped."""
+        out: list[tuple[str, str]] = []
         kind, buf = "text", []
 
         def flush():
+            text = self.tok.decode(buf)
+            if kind != "text":
+                text = unwrap(text)
             if buf or kind != "text":
-                parts.append({"type": kind, "text": self.tok.decode(buf)})
+                out.append((kind, text))
 
         for t in tokens:
             if t in (self.call_start, self.out_start):
@@ -217,20 +218,28 @@ class Engine:
             elif not self.tok.is_special(t):
                 buf.append(t)
         if buf:
-            parts.append({"type": kind, "text": self.tok.decode(buf)})
-        return parts
+            flush()
+        return out
+
+    def render(self, tokens: list[int]) -> str:
+        """Readable text of a completion: tool calls and outputs shown inline in brackets."""
+        shown = {"text": "{}", "tool_call": "[tool call: {}]", "tool_output": " [tool output: {}] "}
+        return "".join(shown[kind].format(text) for kind, text in self.segments(tokens)).strip()
+
+    def to_parts(self, tokens: list[int]) -> list[dict]:
+        """A completion as assistant message parts (text / tool_call / tool_output), for the chat history:
+        rendered again by Tokenizer.render_conversation, they give back the same tokens."""
+        return [{"type": kind, "text": text} for kind, text in self.segments(tokens)]
 
     def answer_text(self, tokens: list[int]) -> str:
         """Only the assistant's own text (no tool calls or outputs): what a grader reads."""
-        out, inside = [], False
-        for t in tokens:
-            if t in (self.call_start, self.out_start):
-                inside = True
-            elif t in (self.call_end, self.out_end):
-                inside = False
-            elif not inside and not self.tok.is_special(t):
-                out.append(t)
-        return self.tok.decode(out).strip()
+        return "".join(text for kind, text in self.segments(tokens) if kind == "text").strip()
+
+
+def unwrap(text: str) -> str:
+    """A call's or response's text without the one newline on each side that the format puts there."""
+    text = text[1:] if text.startswith("\n") else text
+    return text[:-1] if text.endswith("\n") else text
 
 
 # ----------------------------------------------------------------------------- continuous batching
@@ -409,7 +418,7 @@ class Batcher:
                 if not row.tool.done():
                     continue  # sits out this step
                 result, row.tool = row.tool.result(), None
-                row.state.forced.extend([self.engine.out_start] + self.engine.tok.encode(result) + [self.engine.out_end])
+                row.state.forced.extend(self.engine.response_tokens(result))
             forced = bool(row.state.forced)
             if forced:
                 token = row.state.forced.popleft()
