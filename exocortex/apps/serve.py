@@ -13,6 +13,10 @@ whose row leaves the batch at the next step.
 Tool calls are run by the engine. They appear in the text as the engine renders them
 (`[tool call: {"name": "calculator", "arguments": {"expression": "347 * 29"}}] [tool output: 10063] `) and, structured, in a non-standard `parts` list
 (`part` per streamed delta) that assistant messages may send back as their `content`.
+
+`response_format` json_object / json_schema (both endpoints) is honoured by constrained decoding
+(exocortex/infer/constrain.py): each token of the reply is masked to what the schema allows, so such a reply is
+JSON only (no tool calls); a format this server cannot honour is a 400, never ignored.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import asyncio
 import codecs
 import contextlib
 import json
+import re
 import threading
 import time
 import uuid
@@ -30,6 +35,8 @@ from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_l
 from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
+from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable, json_object_constraint,
+                                       json_schema_constraint)
 from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
@@ -124,6 +131,7 @@ class _Sampling(_Strict):
     stream_options: Optional[StreamOptions] = None
     logprobs: Optional[Any] = None
     user: Optional[str] = None
+    response_format: Optional[Any] = None  # checked by _response_constraint, which words its own 400s
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -148,6 +156,49 @@ class CompletionRequest(_Sampling):
     echo: Optional[bool] = False
     best_of: Optional[int] = None
     suffix: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- structured output
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _response_constraint(tok, rf: Any) -> Constraint | None:
+    """response_format -> the constraint every token of the reply must satisfy (None for plain text).
+    Anything this server cannot honour is a 400 naming response_format: never a reply that ignores it."""
+    def bad(msg: str, code: str = "invalid_value") -> APIError:
+        return APIError(400, msg, param="response_format", code=code)
+
+    if rf is None:
+        return None
+    if not isinstance(rf, dict):
+        raise bad("response_format must be an object such as {\"type\": \"json_object\"}.")
+    kind = rf.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad(f"Unsupported response_format type {kind!r}: this server supports "
+                  f"{', '.join(repr(k) for k in RESPONSE_FORMATS)}.", "unsupported_value")
+    if kind == "text":
+        return None
+    try:
+        if kind == "json_object":
+            return json_object_constraint(tok)
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad("response_format json_schema needs a 'json_schema' object with 'name' and 'schema'.")
+        name = spec.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise bad("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'.")
+        if spec.get("strict") not in (None, True, False):
+            raise bad("response_format.json_schema.strict must be a boolean.")
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise bad("response_format.json_schema.schema must be a JSON schema object.")
+        # strict or not, the schema is enforced: constrained decoding costs nothing extra
+        return json_schema_constraint(tok, schema, f"JSON schema '{name}'")
+    except ConstraintUnavailable as e:
+        raise bad(str(e), "unsupported_value") from None
+    except ConstraintError as e:
+        raise bad(f"{e}.") from None
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -328,9 +379,9 @@ class _Generation:
     ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception)."""
 
     def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
-                 batcher: Batcher):
+                 batcher: Batcher, constraint: Constraint | None = None):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
-        self.batcher, self.request = batcher, None
+        self.batcher, self.request, self.constraint = batcher, None, constraint
         self.cancelled = threading.Event()
         self.started = False
 
@@ -391,7 +442,7 @@ class _Generation:
             send(final)
 
         self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
-                               **self.sampling)
+                                  constraint=self.constraint, **self.sampling)
         self.batcher.submit(self.request)
 
 
@@ -527,7 +578,14 @@ class _Service:
                     top_k=(d.top_k if req.top_k is None else req.top_k) or None,
                     seed=req.seed)
 
-    def start(self, prompt: list[int], sampling: dict, stop) -> _Generation:
+    async def constraint(self, req: _Sampling) -> Constraint | None:
+        """The request's response_format as a constraint; compiled off the event loop (a large schema can
+        take a while, and other requests' streams must not wait for it)."""
+        if req.response_format is None:
+            return None
+        return await asyncio.to_thread(_response_constraint, self.engine.tok, req.response_format)
+
+    def start(self, prompt: list[int], sampling: dict, stop, constraint: Constraint | None = None) -> _Generation:
         ticket = self.limiter.reserve()
         if ticket is None:
             lim = self.limiter
@@ -535,7 +593,7 @@ class _Service:
                            f"(limits {lim.max_concurrent} and {lim.max_queue}). Try again shortly.",
                            type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher)
+        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, constraint)
 
     # ---------------------------------------------------------------- responses
     async def collect(self, request: Request, gen: _Generation) -> tuple[list[dict], str | None, int]:
@@ -600,7 +658,7 @@ class _Service:
         prompt = self.chat_prompt(req)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         sampling = self.check_common(req, prompt, max_tokens, "messages")
-        gen = self.start(prompt, sampling, req.stop)
+        gen = self.start(prompt, sampling, req.stop, await self.constraint(req))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": self.model_name, "system_fingerprint": None}
         if not req.stream:
@@ -637,7 +695,7 @@ class _Service:
             raise APIError(400, "suffix is not supported.", param="suffix", code="invalid_value")
         prompt = self.completion_prompt(req)
         sampling = self.check_common(req, prompt, req.max_tokens, "prompt")
-        gen = self.start(prompt, sampling, req.stop)
+        gen = self.start(prompt, sampling, req.stop, await self.constraint(req))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "system_fingerprint": None}

@@ -8,6 +8,11 @@ When a row emits </tool_call>, the engine parses the JSON, runs the tool, and *f
 <tool_response>\n10063\n</tool_response> into that row; sampling resumes after them, in the same turn, until
 <|assistant_end|>. Forced tokens are marked so callers can show (or skip) them, and they never count as the
 model's own words.
+
+A row may carry a Constraint (exocortex/infer/constrain.py: a JSON schema, a tool call): its logits are masked
+to the tokens the grammar allows before sampling (greedy or not), and every sampled token advances it. Forced
+tokens are engine text, not the model's, so they never reach it: the first forced token (a tool's output)
+drops the row's constraint, which thus covers the reply up to the first call the engine runs.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import torch
 from exocortex.checkpoint import load_model
 from exocortex.config import RunConfig
 from exocortex.device import resolve_device, resolve_dtype
+from exocortex.infer.constrain import Constraint, ConstraintError, mask_logits
 from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
@@ -47,6 +53,31 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_p = sorted_p.masked_fill(cum - sorted_p > top_p, 0.0)  # keep the smallest set reaching top_p
         probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _row_constraints(constraint, n_rows: int) -> list | None:
+    """Each row's own copy of its constraint (the caller's stay as given, to be used again), or None when no
+    row has one: then the decode loop never looks at constraints again."""
+    if constraint is None:
+        return None
+    if isinstance(constraint, Constraint):
+        constraint = [constraint] * n_rows
+    if len(constraint) != n_rows:
+        raise ValueError(f"{len(constraint)} constraints for {n_rows} rows")
+    if all(c is None for c in constraint):
+        return None
+    return [c.fork() if c is not None else None for c in constraint]
+
+
+def _masked(logits: torch.Tensor, cons: list) -> torch.Tensor:
+    """logits (B, V) with each constrained row masked (rows past the computed ones are idle)."""
+    if all(c is None for c in cons[:logits.shape[0]]):
+        return logits
+    logits = logits.clone()
+    for r, c in enumerate(cons[:logits.shape[0]]):
+        if c is not None:
+            logits[r] = mask_logits(logits[r], c)
+    return logits
 
 
 @dataclass
@@ -81,13 +112,16 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompt: list[int] | list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stats: dict | None = None) -> Iterator[tuple[list[int], list[bool]]]:
+                 seed: int | None = None, stats: dict | None = None,
+                 constraint: Constraint | list[Constraint | None] | None = None) -> Iterator[tuple[list[int], list[bool]]]:
         """Yield, each step, one token per row and whether it was forced (tool output) rather than sampled.
         Rows that finished keep yielding their stop token; iteration ends when all rows are done.
 
         `prompt` is one prompt, or a list of prompts (any lengths: each row has its own position in the static
         cache); rows = prompts x num_samples, prompt-major. `stats`, if given, accumulates the entropy of the
-        sampling distribution over sampled tokens ("entropy_sum", "sampled"): RL's guard watches it."""
+        sampling distribution over sampled tokens ("entropy_sum", "sampled"): RL's guard watches it.
+        `constraint` is one Constraint for every row or one per row (None: that row is free); each row
+        advances its own copy. A row whose constraint allows no token raises ConstraintError."""
         prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
@@ -106,6 +140,7 @@ class Engine:
                                 for i, p in enumerate(prompts)])
         contexts = [self.last_user_text(p) for p in prompts]
         rows = [RowState(context=contexts[r // num_samples]) for r in range(n_rows)]
+        cons = _row_constraints(constraint, n_rows)
         n_steps = max_len - longest
         for i in range(n_steps):
             if stats is not None and temperature > 0:
@@ -114,6 +149,8 @@ class Engine:
                 live = torch.tensor([not (r.done or r.forced) for r in rows[:len(ent)]], device=ent.device)
                 stats["entropy_sum"] = stats.get("entropy_sum", 0.0) + float(ent[live].sum())
                 stats["sampled"] = stats.get("sampled", 0) + int(live.sum())
+            if cons is not None:
+                logits = _masked(logits, [None if r.done or r.forced else c for r, c in zip(rows, cons)])
             sampled = sample_next(logits, temperature, top_k, top_p, gen).tolist()
             column, forced_mask = [], []
             for r, row in enumerate(rows):
@@ -125,6 +162,11 @@ class Engine:
                 token = row.forced.popleft() if forced else sampled[r]
                 column.append(token)
                 forced_mask.append(forced)
+                if cons is not None and cons[r] is not None:
+                    if forced:
+                        cons[r] = None  # a tool's output: the constraint covered the call, the row goes on free
+                    elif token not in self.stop_ids:
+                        cons[r].advance(token)
                 if forced:
                     continue
                 if token in self.stop_ids:
@@ -250,13 +292,16 @@ class Request:
     batcher's thread (keep them short). on_token(token, forced) sees every token but the stop token and
     returns False to end the reply there (a stop string matched: finish "stop"). on_end(finish, steps, error)
     comes once: finish is "stop", "length" or None (cancelled); steps counts every token produced, stop
-    token and tool output included (as iterating Engine.generate would)."""
+    token and tool output included (as iterating Engine.generate would). `constraint`, if any, is copied
+    when the request joins (the request's own stays as given, so one may serve several requests) and masks
+    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError)."""
     prompt: list[int]
     max_tokens: int = 256
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    constraint: Constraint | None = None
     on_token: Callable[[int, bool], bool] = lambda token, forced: True
     on_end: Callable[[str | None, int, BaseException | None], None] = lambda finish, steps, error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -272,6 +317,7 @@ class _Row:
     logits: torch.Tensor | None = None  # next-token logits, waiting for a decision
     feed: int | None = None  # the token this row feeds at the next step
     tool: Future | None = None  # a running tool call; the row pauses until its output is forced in
+    constraint: Constraint | None = None  # a copy of the request's, until the row's first forced token
 
 
 class Batcher:
@@ -395,7 +441,8 @@ class Batcher:
             gen = None
             if req.seed is not None:
                 gen = torch.Generator(device=self.engine.device).manual_seed(req.seed)
-            row = _Row(req, max_len - n, gen)
+            row = _Row(req, max_len - n, gen,
+                       constraint=req.constraint.fork() if req.constraint is not None else None)
             row.logits = self.decoder.prefill(req.prompt, [slot])[0]
         except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
             self.decoder.release(slot)
@@ -407,6 +454,13 @@ class Batcher:
         """Pick the next token of every row that has fresh logits: forced tool output, else sampled."""
         waiting = [(slot, row) for slot, row in enumerate(self.rows)
                    if row is not None and row.logits is not None and row.feed is None]
+        for slot, row in waiting:
+            if row.constraint is not None and row.tool is None and not row.state.forced:
+                try:
+                    row.logits = mask_logits(row.logits, row.constraint)
+                except ConstraintError as e:  # nothing can follow: this request ends, never loops
+                    self._end(slot, None, e)
+        waiting = [(slot, row) for slot, row in waiting if self.rows[slot] is row]
         greedy = [(slot, row) for slot, row in waiting if row.req.temperature <= 0 and not row.state.forced
                   and row.tool is None]
         picks = {}
@@ -436,6 +490,15 @@ class Batcher:
         if not forced and token in eng.stop_ids:
             self._end(slot, "stop")
             return
+        if row.constraint is not None:
+            if forced:
+                row.constraint = None  # a tool's output: the constraint covered the call, the row goes on free
+            else:
+                try:
+                    row.constraint.advance(token)
+                except ConstraintError as e:
+                    self._end(slot, None, e)
+                    return
         try:
             go_on = row.req.on_token(token, forced)
         except Exception as e:  # noqa: BLE001 - the caller's bug ends its own request only
