@@ -34,6 +34,23 @@ SPECIAL_TOKENS = [
 ]
 
 
+# Text that could be read as one of our special tokens gets a zero-width space (U+200B) after its "<". Our own
+# encoder never makes special tokens out of text, but every other runtime that renders the exported chat
+# templates does (transformers matches added tokens anywhere in the rendered text; llama-server tokenizes the
+# prompt with special tokens parsed). So the templates escape message text this way, and so do we: both give the
+# same ids, and typed "<|assistant_end|>" stays text everywhere. U+200B because it is invisible, survives every
+# tokenizer and JSON, is no whitespace to the split regex, and can be removed to get the text back.
+ZWSP = "\u200b"
+_ESCAPES = (("<|", "<" + ZWSP + "|"), ("<tool_", "<" + ZWSP + "tool_"), ("</tool_", "</" + ZWSP + "tool_"))
+
+
+def plain_text(text: str) -> str:
+    """`text` with every special-token look-alike broken by U+200B (the exports' templates do exactly this)."""
+    for old, new in _ESCAPES:
+        text = text.replace(old, new)
+    return text
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> list[tuple[bytes, int]]:
     """Learn BPE merges; returns mergeable ranks (token bytes, rank) for vocab_size - len(SPECIAL_TOKENS) tokens."""
     import rustbpe
@@ -194,15 +211,16 @@ class Tokenizer:
                 if i != 0:
                     raise ValueError("a system message may only come first")
                 text = render_tools_block(tools, _text(turn["content"])) if tools else _text(turn["content"])
-                add([sp["<|system_start|>"]] + self.encode(text) + [sp["<|system_end|>"]], 0)
+                add([sp["<|system_start|>"]] + self.encode(plain_text(text)) + [sp["<|system_end|>"]], 0)
             elif role == "user":
-                add([sp["<|user_start|>"]] + self.encode(_text(turn["content"])) + [sp["<|user_end|>"]], 0)
+                add([sp["<|user_start|>"]] + self.encode(plain_text(_text(turn["content"]))) + [sp["<|user_end|>"]], 0)
             else:  # assistant (chat_turns checked the roles)
                 add([sp["<|assistant_start|>"]], 0)
                 for part in turn["parts"]:
                     kind, text = part.get("type"), part.get("text", "")
                     if not isinstance(text, str):
                         raise ValueError(f"a {kind} part's text must be a string")
+                    text = plain_text(text)  # what the model reads back is what an export's template gives it
                     if kind == "text":
                         add(self.encode(text), 1)
                     elif kind == "tool_call":
@@ -226,8 +244,8 @@ def tool_call_json(name: str, arguments: dict) -> str:
 
 def render_tools_block(tools: list[dict], system: str = "") -> str:
     """The system turn's text offering `tools` (OpenAI function specs, one JSON line each, as given), after the
-    `system` text if there is one. The exports' chat templates write exactly this; <tool_call> in it is plain
-    text (our encoder never makes special tokens out of text)."""
+    `system` text if there is one. The exports' chat templates write exactly this; <tool_call> in it is text,
+    which rendering passes through plain_text like all message text."""
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise ValueError("tools must be a list of function specs (objects)")
     block = ("# Tools\n\nYou can call these functions:\n<tools>\n"
