@@ -34,7 +34,7 @@ from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
 from exocortex.infer.tools import TOOLS, run_tool_call
-from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer
+from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer, plain_text
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -234,7 +234,7 @@ class Engine:
     def response_tokens(self, result: str) -> list[int]:
         """What the engine forces after a call: <tool_response>\nRESULT\n</tool_response>, encoded as the chat
         format renders a tool_output part (Tokenizer.render_conversation), so training and inference agree."""
-        return [self.out_start] + self.tok.encode("\n" + result + "\n") + [self.out_end]
+        return [self.out_start] + self.tok.encode("\n" + plain_text(result) + "\n") + [self.out_end]
 
     def segments(self, tokens: list[int]) -> list[tuple[str, str]]:
         """A completion as (kind, text) in order: kind text / tool_call / tool_output. A call's or response's
