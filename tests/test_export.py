@@ -89,6 +89,9 @@ def test_files_and_config(exported, etok):
     assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"], c["num_key_value_heads"],
             c["head_dim"], c["vocab_size"]) == (64, 2, 4, 2, 16, etok.vocab_size)
     assert c["eos_token_id"] == etok.special["<|assistant_end|>"] and c["bos_token_id"] == etok.bos_id
+    # generate() stops at a turn's end and after a tool call (the caller runs it)
+    g = json.loads((out / "generation_config.json").read_text())
+    assert g["eos_token_id"] == [etok.special["<|assistant_end|>"], etok.bos_id, etok.special["</tool_call>"]]
     hc = exported["hf_model"].config
     assert hc.rms_norm_eps == 1e-5 and hc.tie_word_embeddings is False
     theta = (getattr(hc, "rope_parameters", None) or {}).get("rope_theta", getattr(hc, "rope_theta", None))

@@ -97,6 +97,7 @@ def test_metadata(run, etok):
     assert f["tokenizer.ggml.token_type"][etok.special["<|user_start|>"]] == gguf.TokenType.CONTROL
     assert f["tokenizer.ggml.bos_token_id"] == etok.bos_id
     assert f["tokenizer.ggml.eos_token_id"] == etok.special["<|assistant_end|>"]
+    assert f["tokenizer.ggml.eom_token_id"] == etok.special["</tool_call>"]  # generation stops after a call
     names = {t.name: t for t in r.tensors}
     assert len(names) == 3 + 2 * 11 and "blk.1.attn_q_norm.weight" in names
     # GGUF shapes are reversed from torch's: (in, out)

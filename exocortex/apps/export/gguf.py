@@ -21,7 +21,7 @@ from exocortex.errors import ExocortexError
 from exocortex.fileio import fsync_path, temp_path
 from exocortex.apps.export.chat_template import GGUF_CHAT_TEMPLATE, sample_conversations
 from exocortex.apps.export.hf import TOOL_MARKERS, check_export_target, load_for_export, ranks_to_bpe
-from exocortex.tokenizer import CALL_START, Tokenizer
+from exocortex.tokenizer import CALL_END, CALL_START, Tokenizer
 
 GGUF_DTYPES = {"float32": "f32", "fp32": "f32", "f32": "f32", "float16": "f16", "fp16": "f16", "f16": "f16",
                "bfloat16": "bf16", "bf16": "bf16"}
@@ -121,6 +121,10 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
     w.add_token_merges(merges)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(sp["<|assistant_end|>"])  # end of an assistant turn: where chat generation stops
+    # "end of message" (llama.cpp's name for Llama 3.1's tool-call stop): generation also stops after a call, so
+    # the caller runs the tool and renders its response into the same turn (llama-server then parses the call;
+    # the token is USER_DEFINED, so it is printed and the parser sees the call closed)
+    w.add_eom_token_id(sp[CALL_END])
     w.add_pad_token_id(sp["<|assistant_end|>"])
     w.add_add_bos_token(True)  # documents start with <|bos|> (llama.cpp drops the template's own, no doubling)
     w.add_add_eos_token(False)

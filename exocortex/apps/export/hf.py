@@ -201,8 +201,10 @@ def generation_config(tok: Tokenizer) -> dict:
     eos = tok.special["<|assistant_end|>"]
     return {
         "bos_token_id": tok.bos_id,
-        # our Engine stops at either: the end of an assistant turn, or (base model) the start of a new document
-        "eos_token_id": [eos, tok.bos_id],
+        # our Engine stops at the end of an assistant turn, or (base model) at the start of a new document; and
+        # at the end of a tool call, where the caller runs the tool and renders its response into the same turn
+        # (generate() cannot run it: without this stop the model would go on to guess the result)
+        "eos_token_id": [eos, tok.bos_id, tok.special[CALL_END]],
         "pad_token_id": eos,
         "do_sample": True,
         "temperature": 0.6,
