@@ -162,7 +162,8 @@ class Tokenizer:
     def render_conversation(self, conversation: dict | list, max_tokens: int | None = None,
                             tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """Conversation -> (ids, mask). mask=1 on the tokens the model must learn to produce: assistant text,
-        its tool calls and <|assistant_end|>. System/user text and tool responses (inserted by the engine) get 0.
+        its tool calls, the <tool_response> marker right after a call, and <|assistant_end|>. System/user text and
+        tool responses (inserted by the engine) get 0.
 
         A conversation is {"messages": [...], "tools": optional} or a list of messages; each message has a role
         (system | user | assistant | tool) and content: a string, or for the assistant a list of parts
@@ -216,6 +217,7 @@ class Tokenizer:
                 add([sp["<|user_start|>"]] + self.encode(plain_text(_text(turn["content"]))) + [sp["<|user_end|>"]], 0)
             else:  # assistant (chat_turns checked the roles)
                 add([sp["<|assistant_start|>"]], 0)
+                previous = None
                 for part in turn["parts"]:
                     kind, text = part.get("type"), part.get("text", "")
                     if not isinstance(text, str):
@@ -228,10 +230,14 @@ class Tokenizer:
                         # renders it: "\n" JSON "\n" (the Hermes/Qwen layout)
                         add([sp[CALL_START]] + self.encode("\n" + text + "\n") + [sp[CALL_END]], 1)
                     elif kind == "tool_output":
-                        # the engine inserts these; the model never learns to write them itself
-                        add([sp[RESPONSE_START]] + self.encode("\n" + text + "\n") + [sp[RESPONSE_END]], 0)
+                        # the engine inserts these; the model never learns to write them itself. Except the opening
+                        # marker right after its own call: predicting "now the response" there gives runtimes that
+                        # cannot run the tool a place to stop (the GGUF export makes it llama.cpp's end of message)
+                        add([sp[RESPONSE_START]], int(previous == "tool_call"))
+                        add(self.encode("\n" + text + "\n") + [sp[RESPONSE_END]], 0)
                     else:
                         raise ValueError(f"unknown assistant part type {kind!r}")
+                    previous = kind
                 if not (leave_open and i == len(turns) - 1):
                     add([sp["<|assistant_end|>"]], 1)
         return ids, mask

@@ -35,7 +35,8 @@ def test_tool_call_is_run_and_injected(tok, small_cfg):
     ids, mask = tok.render_conversation([{"role": "user", "content": "347*29?"},
                                          {"role": "assistant", "content": parts}])
     assert ids == prompt + tokens
-    assert [m for m, f in zip(mask[len(prompt):], forced) if f] == [0] * sum(forced)  # forced: never trained on
+    # forced: never trained on, but for the response's opening marker (other runtimes stop there to run the tool)
+    assert [m for m, f in zip(mask[len(prompt):], forced) if f] == [1] + [0] * (sum(forced) - 1)
 
 
 def test_batched_sampling_is_seeded(small_cfg):

@@ -58,7 +58,10 @@ def test_chat_mask(tok):
     assert tok.decode([t for t in trained if not tok.is_special(t)]) == f"\n{CALL}\nIt is 5."
     out_start = ids.index(sp["<tool_response>"])
     out_end = ids.index(sp["</tool_response>"])
-    assert not any(mask[out_start:out_end + 1])
+    # of the response, only its opening marker right after the call: where other runtimes stop to run the tool
+    assert mask[out_start] == 1 and not any(mask[out_start + 1:out_end + 1])
+    retrieved = tok.render_conversation([{"role": "assistant", "content": [{"type": "tool_output", "text": "5"}]}])
+    assert not any(retrieved[1][:-1])  # a response the model did not ask for: nothing of it
     assert not any(mask[:ids.index(sp["<|assistant_start|>"]) + 1])
     # Hermes/Qwen layout: each marker's content framed by newlines, encoded as one piece
     start = ids.index(sp["<|assistant_start|>"])

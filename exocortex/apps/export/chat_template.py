@@ -30,8 +30,9 @@ from exocortex.tokenizer import ZWSP
 
 # Written with {%- -%} on every tag and text only inside {{ }}, so no whitespace leaks in whatever the
 # environment's trim settings (transformers and llama-cpp-python trim blocks; llama.cpp does not).
-# {% generation %} marks the tokens our loss mask trains on (assistant text, tool calls, <|assistant_end|>), for
-# transformers' return_assistant_tokens_mask; the GGUF copy drops the tags (plain Jinja does not know them).
+# {% generation %} marks the tokens our loss mask trains on (assistant text, tool calls, <tool_response> after a
+# call, <|assistant_end|>), for transformers' return_assistant_tokens_mask; the GGUF copy drops the tags (plain
+# Jinja does not know them).
 CHAT_TEMPLATE = """\
 {%- macro plain(s) -%}
   {{- s | replace('<|', '<ZW|') | replace('<tool_', '<ZWtool_') | replace('</tool_', '</ZWtool_') -}}
@@ -88,7 +89,13 @@ CHAT_TEMPLATE = """\
     {%- if not ns.asst or ns.last not in ['tool_call', 'tool_output'] -%}
       {{- raise_exception("a tool message must answer an assistant message's tool call") -}}
     {%- endif -%}
-    {{- '<tool_response>\\n' + plain(text(message['content'])) + '\\n</tool_response>' -}}
+    {#- the model is trained on this marker only right after its own call (where other runtimes stop) -#}
+    {%- if ns.last == 'tool_call' -%}
+      {%- generation -%}{{- '<tool_response>' -}}{%- endgeneration -%}
+    {%- else -%}
+      {{- '<tool_response>' -}}
+    {%- endif -%}
+    {{- '\\n' + plain(text(message['content'])) + '\\n</tool_response>' -}}
     {%- set ns.open = true -%}
     {%- set ns.last = 'tool_output' -%}
   {%- elif message['role'] == 'assistant' -%}
@@ -117,7 +124,12 @@ CHAT_TEMPLATE = """\
             {{- '<tool_call>\\n' + plain(part['text'] | default('')) + '\\n</tool_call>' -}}
           {%- endgeneration -%}
         {%- elif part['type'] == 'tool_output' -%}
-          {{- '<tool_response>\\n' + plain(part['text'] | default('')) + '\\n</tool_response>' -}}
+          {%- if ns.last == 'tool_call' -%}
+            {%- generation -%}{{- '<tool_response>' -}}{%- endgeneration -%}
+          {%- else -%}
+            {{- '<tool_response>' -}}
+          {%- endif -%}
+          {{- '\\n' + plain(part['text'] | default('')) + '\\n</tool_response>' -}}
         {%- else -%}
           {{- raise_exception('unknown assistant part type ' + part['type'] | string) -}}
         {%- endif -%}
