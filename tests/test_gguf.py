@@ -97,7 +97,7 @@ def test_metadata(run, etok):
     assert f["tokenizer.ggml.token_type"][etok.special["<|user_start|>"]] == gguf.TokenType.CONTROL
     assert f["tokenizer.ggml.bos_token_id"] == etok.bos_id
     assert f["tokenizer.ggml.eos_token_id"] == etok.special["<|assistant_end|>"]
-    assert f["tokenizer.ggml.eom_token_id"] == etok.special["</tool_call>"]  # generation stops after a call
+    assert f["tokenizer.ggml.eom_token_id"] == etok.special["<tool_response>"]  # generation stops after a call
     names = {t.name: t for t in r.tensors}
     assert len(names) == 3 + 2 * 11 and "blk.1.attn_q_norm.weight" in names
     # GGUF shapes are reversed from torch's: (in, out)
@@ -197,13 +197,13 @@ def test_special_token_text_stays_plain_through_the_template(llm, etok, evil):
 
 def test_tool_markers_are_printed(run, llm, etok):
     # USER_DEFINED: llama.cpp prints them in a reply (CONTROL tokens it hides), so a client or llama-server's
-    # parser sees the call; the turn tokens stay hidden
+    # parser sees the call; the turn tokens and the response markers (where generation stops) stay hidden
     types = gguf.GGUFReader(run["path"]).fields["tokenizer.ggml.token_type"].contents()
     for name in SPECIAL_TOKENS:
-        user_defined = name in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+        user_defined = name in ("<tool_call>", "</tool_call>")
         assert types[etok.special[name]] == (gguf.TokenType.USER_DEFINED if user_defined else gguf.TokenType.CONTROL)
     reply = ([etok.special["<tool_call>"]] + etok.encode('\n{"name": "f", "arguments": {}}\n')
-             + [etok.special["</tool_call>"], etok.special["<|assistant_end|>"]])
+             + [etok.special["</tool_call>"], etok.special["<tool_response>"], etok.special["<|assistant_end|>"]])
     assert llm.detokenize(reply) == b'<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 from exocortex.errors import ExocortexError
 from exocortex.fileio import fsync_path, temp_path
 from exocortex.apps.export.chat_template import GGUF_CHAT_TEMPLATE, sample_conversations
-from exocortex.apps.export.hf import TOOL_MARKERS, check_export_target, load_for_export, ranks_to_bpe
-from exocortex.tokenizer import CALL_END, CALL_START, Tokenizer
+from exocortex.apps.export.hf import check_export_target, load_for_export, ranks_to_bpe
+from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_START, Tokenizer
 
 GGUF_DTYPES = {"float32": "f32", "fp32": "f32", "f32": "f32", "float16": "f16", "fp16": "f16", "f16": "f16",
                "bfloat16": "bf16", "bf16": "bf16"}
@@ -52,9 +52,10 @@ def gguf_tensor_name(name: str) -> str:
 
 def gguf_vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) for `tokenizer.ggml.*`: the HF export's byte-level BPE, by id. Special
-    tokens are CONTROL, except the tool-call markers: USER_DEFINED, which llama.cpp prints in its output (it hides
-    CONTROL tokens), so a client or llama-server's own parser sees where a call starts and ends. Rows past the
-    tokenizer (a padded embedding) are UNUSED placeholders."""
+    tokens are CONTROL, except the tool-call markers <tool_call> and </tool_call>: USER_DEFINED, which llama.cpp
+    prints in its output (it hides CONTROL tokens), so a client or llama-server's own parser sees where a call
+    starts and ends. (The response markers stay CONTROL: generation stops at <tool_response>, and printed it would
+    trail the call.) Rows past the tokenizer (a padded embedding) are UNUSED placeholders."""
     from gguf import TokenType
 
     vocab, merges = ranks_to_bpe(tok.mergeable_ranks)
@@ -63,7 +64,7 @@ def gguf_vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], l
     for text, i in vocab.items():
         tokens[i] = text
     for name, i in tok.special.items():
-        tokens[i], types[i] = name, int(TokenType.USER_DEFINED if name in TOOL_MARKERS else TokenType.CONTROL)
+        tokens[i], types[i] = name, int(TokenType.USER_DEFINED if name in (CALL_START, CALL_END) else TokenType.CONTROL)
     for i in range(tok.vocab_size, vocab_size):
         tokens[i], types[i] = f"[PAD{i}]", int(TokenType.UNUSED)
     if None in tokens or len(set(tokens)) != vocab_size:
@@ -121,10 +122,11 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
     w.add_token_merges(merges)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(sp["<|assistant_end|>"])  # end of an assistant turn: where chat generation stops
-    # "end of message" (llama.cpp's name for Llama 3.1's tool-call stop): generation also stops after a call, so
-    # the caller runs the tool and renders its response into the same turn (llama-server then parses the call;
-    # the token is USER_DEFINED, so it is printed and the parser sees the call closed)
-    w.add_eom_token_id(sp[CALL_END])
+    # "end of message" (llama.cpp's name for Llama 3.1's tool-call stop), an end of generation: after a call the
+    # model predicts <tool_response> (the loss mask trains that one marker), so llama.cpp stops right there; the
+    # caller runs the tool and renders its response into the same turn. Not </tool_call> itself: llama-server's
+    # tool grammar wants that text written out and never lets an end-of-generation token write it.
+    w.add_eom_token_id(sp[RESPONSE_START])
     w.add_pad_token_id(sp["<|assistant_end|>"])
     w.add_add_bos_token(True)  # documents start with <|bos|> (llama.cpp drops the template's own, no doubling)
     w.add_add_eos_token(False)
