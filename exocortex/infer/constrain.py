@@ -106,8 +106,11 @@ class Constraint:
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise ConstraintError(f"the {self.what} refuses token {token} "
-                                  f"({self.tok.decode([token])!r}): {_short(self._matcher.get_error())}")
+            raise ConstraintError(f"the {self.what} refuses token {token} ({self.tok.decode([token])!r}): {self.error()}")
+
+    def error(self) -> str:
+        """Why the grammar cannot go on ('' while it can)."""
+        return _short(self._matcher.get_error())
 
     @property
     def done(self) -> bool:
@@ -121,7 +124,7 @@ def mask_logits(logits: torch.Tensor, constraint: Constraint) -> torch.Tensor:
     allowed = constraint.allowed()
     if not bool(allowed.any()):
         raise ConstraintError(f"no token can continue the {constraint.what}: "
-                              f"{_short(constraint._matcher.get_error()) or 'the grammar is at a dead end'}")
+                              f"{constraint.error() or 'the grammar is at a dead end'}")
     keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
     n = min(len(allowed), len(keep))  # a model vocabulary padded past the tokenizer's: the padding is never allowed
     keep[:n] = allowed[:n]
