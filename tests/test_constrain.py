@@ -11,11 +11,15 @@ import torch
 pytest.importorskip("llguidance")
 
 from exocortex.config import ModelConfig  # noqa: E402
-from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable,  # noqa: E402
-                                       json_object_constraint, json_schema_constraint, tool_call_constraint)
+from exocortex.infer.constrain import (BannedTokens, Constraint, ConstraintError,  # noqa: E402
+                                       ConstraintUnavailable, json_object_constraint, json_schema_constraint,
+                                       tool_call_constraint)
 from exocortex.infer.decode import Decoder  # noqa: E402
 from exocortex.infer.engine import Batcher, Engine, Request  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
+from scripted import Scripted  # noqa: E402
+
+from exocortex.infer.constrain import CALL_START as CALL_MARKER  # noqa: E402
 
 try:
     import jsonschema
@@ -183,6 +187,19 @@ def test_generate_frees_the_row_once_the_engine_answers_the_call(engine, tok):
     assert steps[first][0][0] == eng.out_start
     after = [col[0] for col, f in steps[first:] if not f[0]]
     assert after and after[0] not in eng.stop_ids
+
+
+def test_banned_tokens_never_come_out(tok):
+    """tool_choice "none": a model that wants to open a call (a scripted one) cannot; with no constraint it does."""
+    call_start = tok.special[CALL_MARKER]
+    eng = Engine(GPT(ModelConfig(depth=1, width=32, head_dim=16, vocab_size=tok.vocab_size, seq_len=16)), tok,
+                 torch.device("cpu"), tools={}, decoder=Scripted([call_start] * 5, tok.vocab_size))
+    free = eng.complete(prompt_of(tok), max_tokens=5, temperature=0)[0]
+    assert free[0] == call_start
+    for temperature in (0, 1.0):
+        out = eng.complete(prompt_of(tok), max_tokens=5, temperature=temperature, seed=0,
+                           constraint=BannedTokens(tok, [call_start], "tool_choice none"))[0]
+        assert call_start not in out
 
 
 def test_tool_call_constraint_refuses_unknown_names_and_bad_specs(tok):

@@ -7,7 +7,8 @@ on. It is built from
   - "any JSON object" (`json_object_constraint`: response_format json_object),
   - a tool call (`tool_call_constraint`: tool_choice "required" or a named function), i.e. the whole
         <tool_call> "\\n" {"name": NAME, "arguments": <that tool's parameters>} "\\n" </tool_call>
-    with the markers as the special tokens they are, then more calls (if parallel) or the end of the reply.
+    with the markers as the special tokens they are, then more calls (if parallel) or the end of the reply,
+  - a set of banned tokens (`BannedTokens`: tool_choice "none" bans <tool_call>; no grammar needed).
 When the grammar is complete, only <|assistant_end|> is allowed, so a constrained reply ends by itself.
 
 JSON is written with json.dumps's separators (", " and ": ") and no other whitespace: the shape every JSON
@@ -118,6 +119,33 @@ class Constraint:
     def done(self) -> bool:
         """The grammar is complete: nothing but the end of the reply may follow."""
         return self._matcher.is_stopped()
+
+
+class BannedTokens(Constraint):
+    """Any reply without some tokens (e.g. tool_choice "none": never open <tool_call>). A fixed mask, no
+    grammar: it needs no llguidance and costs one masked copy of the logits per token."""
+
+    def __init__(self, tok: Tokenizer, banned: list[int], what: str = "banned tokens"):
+        self.tok, self.what, self.vocab_size = tok, what, tok.vocab_size
+        self._allowed = torch.ones(tok.vocab_size, dtype=torch.bool)
+        self._allowed[list(banned)] = False
+
+    def fork(self) -> "BannedTokens":
+        return self  # it has no state
+
+    def allowed(self) -> torch.Tensor:
+        return self._allowed
+
+    def advance(self, token: int) -> None:
+        if not self._allowed[token]:
+            raise ConstraintError(f"the {self.what} refuses token {token} ({self.tok.decode([token])!r})")
+
+    def error(self) -> str:
+        return ""
+
+    @property
+    def done(self) -> bool:
+        return False
 
 
 def mask_logits(logits: torch.Tensor, constraint: Constraint) -> torch.Tensor:
