@@ -23,6 +23,7 @@ ConstraintUnavailable, which the server answers with a 400 naming the package.
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 
 import numpy as np
@@ -64,18 +65,20 @@ def _llguidance():
 
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, object]" = weakref.WeakKeyDictionary()
+_LL_LOCK = threading.Lock()  # the server compiles constraints in worker threads
 
 
 def _ll_tokenizer(tok: Tokenizer):
     """llguidance's view of our tokenizer (the token trie it walks), made once per Tokenizer."""
-    ll = _LL_TOKENIZERS.get(tok)
-    if ll is None:
-        from llguidance.tiktoken import lltokenizer_from_encoding
+    with _LL_LOCK:
+        ll = _LL_TOKENIZERS.get(tok)
+        if ll is None:
+            from llguidance.tiktoken import lltokenizer_from_encoding
 
-        # <|assistant_end|> is the grammar's end of sequence: allowed exactly when the grammar is complete
-        ll = _LL_TOKENIZERS[tok] = lltokenizer_from_encoding(tok.enc, n_vocab=tok.vocab_size,
-                                                              eos_token=tok.special[END])
-    return ll
+            # <|assistant_end|> is the grammar's end of sequence: allowed exactly when the grammar is complete
+            ll = _LL_TOKENIZERS[tok] = lltokenizer_from_encoding(tok.enc, n_vocab=tok.vocab_size,
+                                                                  eos_token=tok.special[END])
+        return ll
 
 
 class Constraint:
@@ -85,7 +88,10 @@ class Constraint:
         lib = _llguidance()
         self.tok, self.grammar, self.what = tok, grammar, what
         self.vocab_size = tok.vocab_size
-        self._matcher = lib.LLMatcher(_ll_tokenizer(tok), grammar, log_level=0)
+        try:
+            self._matcher = lib.LLMatcher(_ll_tokenizer(tok), grammar, log_level=0)
+        except (ValueError, RuntimeError) as e:  # most errors are a state (below); some versions raise
+            raise ConstraintError(f"cannot compile the {what}: {_short(str(e))}") from None
         if self._matcher.is_error():
             raise ConstraintError(f"cannot compile the {what}: {_short(self._matcher.get_error())}")
         self._bits = lib.numpy.allocate_token_bitmask(1, self.vocab_size)
@@ -93,7 +99,7 @@ class Constraint:
 
     def fork(self) -> "Constraint":
         """A fresh copy in the same state (one per row when several rows share a constraint)."""
-        other = object.__new__(Constraint)
+        other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._matcher = self._matcher.deep_copy()
         other._bits = self._bits.copy()
@@ -102,14 +108,15 @@ class Constraint:
     def allowed(self) -> torch.Tensor:
         """The tokens the grammar accepts next: a bool tensor of vocab_size (on the CPU)."""
         self._fill(self._matcher, self._bits, 0)
-        # one bit per token -> one byte per token, viewed as bool without a copy (bench/constrain.py: the
-        # mask costs about as much as the grammar step itself at 32k tokens, so no pass is wasted)
+        # one bit per token -> one byte per token, viewed as bool without a copy: at 32k tokens each extra pass
+        # over the vocabulary costs about as much as the grammar's own step (bench/constrain.py)
         bits = np.unpackbits(self._bits[0].view(np.uint8), count=self.vocab_size, bitorder="little")
         return torch.from_numpy(bits).view(torch.bool)
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise ConstraintError(f"the {self.what} refuses token {token} ({self.tok.decode([token])!r}): {self.error()}")
+            raise ConstraintError(f"the {self.what} refuses token {token} ({self.tok.decode([token])!r}): "
+                                  f"{self.error()}")
 
     def error(self) -> str:
         """Why the grammar cannot go on ('' while it can)."""
@@ -193,7 +200,8 @@ def tool_call_constraint(tok: Tokenizer, tools: list[dict], name: str | None = N
     for i, spec in enumerate(tools):
         fn = spec.get("function") if isinstance(spec, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ConstraintError(f"tools[{i}] is not a function spec {{'type': 'function', 'function': {{'name', ...}}}}")
+            raise ConstraintError(f"tools[{i}] is not a function spec "
+                                  "{'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
         params = fn.get("parameters")
         specs[fn["name"]] = params if params is not None else {"type": "object", "properties": {}}
     if name is not None:

@@ -108,7 +108,8 @@ class Engine:
     def generate(self, prompt: list[int] | list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stats: dict | None = None,
-                 constraint: Constraint | list[Constraint | None] | None = None) -> Iterator[tuple[list[int], list[bool]]]:
+                 constraint: Constraint | list[Constraint | None] | None = None,
+                 ) -> Iterator[tuple[list[int], list[bool]]]:
         """Yield, each step, one token per row and whether it was forced (tool output) rather than sampled.
         Rows that finished keep yielding their stop token; iteration ends when all rows are done.
 
