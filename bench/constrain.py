@@ -10,9 +10,10 @@ generated world plus Python stdlib source, with our special tokens) and the same
   tool     <tool_call> "\\n" {"name": one of 3 tools, "arguments": that tool's schema} "\\n" </tool_call>,
            the markers being special token ids (what tool_choice needs)
 All use json.dumps's default separators (", " and ": ") and no other whitespace, the shape our model writes.
-Measured: the import, the tokenizer adapter, each grammar's compile time, and the per-token cost of one
-mask + one advance over random walks through the grammar (a walk picks uniformly among allowed tokens, but
-prefers tokens that close strings/containers so walks end). Correctness, per grammar: every finished walk
+Measured: the import, the tokenizer adapter, each grammar's compile time (best of 3), and the per-token cost
+of one mask + one advance over random walks through the grammar (a walk picks uniformly among allowed tokens,
+but prefers tokens that close strings/containers so walks end; the best walk's mean is kept, as load on a
+shared machine only adds time). Correctness, per grammar: every finished walk
 parses and validates; json.dumps of valid instances, encoded by our tokenizer, is accepted token by token
 and then allows <|assistant_end|>; a wrong token (e.g. a letter where an integer must come) is refused;
 special tokens other than the allowed markers never appear in a mask. Install sizes come from the installed
@@ -373,18 +374,24 @@ def measure(ad: Adapter, tok: Tokenizer, kinds: list[str], walks: int, steps: in
     for kind in kinds:
         row: dict = {}
         try:
-            t = time.perf_counter()
-            compiled = ad.compile(kind)
-            row["compile_ms"] = (time.perf_counter() - t) * 1e3
+            best = float("inf")
+            for _ in range(3):  # the best of 3: the shared machine's load only ever adds time
+                t = time.perf_counter()
+                compiled = ad.compile(kind)
+                best = min(best, time.perf_counter() - t)
+            row["compile_ms"] = best * 1e3
         except Exception as e:  # noqa: BLE001 - a grammar the library cannot express is a result too
             out[kind] = {"error": f"{type(e).__name__}: {str(e)[:120]}"}
             continue
         rng = random.Random(0)
         spent = n = finished = 0
+        per_walk = []
         problems = []
         for _ in range(walks):
             ids, how, s, k = walk(ad, ad.start(compiled), tok, rng, steps, closing)
             spent, n = spent + s, n + k
+            if k >= 10:
+                per_walk.append(s / k)
             if how == "done":
                 finished += 1
                 try:
@@ -397,7 +404,9 @@ def measure(ad: Adapter, tok: Tokenizer, kinds: list[str], walks: int, steps: in
             elif how != "length":
                 problems.append(how)
         problems += check(ad, tok, kind, compiled)
-        row.update(us_per_token=spent / max(n, 1) * 1e6, tokens=n, finished=f"{finished}/{walks}",
+        # the best walk's mean (as other benches keep their best round): load on the shared machine only adds
+        row.update(us_per_token=min(per_walk, default=spent / max(n, 1)) * 1e6, tokens=n,
+                   finished=f"{finished}/{walks}",
                    problems=problems)
         out[kind] = row
     return out
@@ -415,15 +424,15 @@ def ours_us_per_token(tok: Tokenizer, rounds: int = 20) -> float | None:
         return None
     logits = torch.randn(tok.vocab_size)
     ids = tok.encode(json.dumps(GOOD["nested"][0]))
-    spent = 0.0
+    best = float("inf")
     for _ in range(rounds):
         c = base.fork()
         t = time.perf_counter()
         for i in ids:
             mask_logits(logits, c)
             c.advance(i)
-        spent += time.perf_counter() - t
-    return spent / (rounds * len(ids)) * 1e6
+        best = min(best, time.perf_counter() - t)
+    return best / len(ids) * 1e6
 
 
 def installed_mb(dist_name: str, base: set[str], seen: set[str] | None = None) -> float:
