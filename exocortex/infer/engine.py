@@ -33,7 +33,7 @@ from exocortex.infer.constrain import Constraint, ConstraintError, mask_logits
 from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
-from exocortex.infer.tools import TOOLS, run_tool_call
+from exocortex.infer.tools import TOOLS, ToolError, parse_tool_call, run_tool_call
 from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer
 
 
@@ -87,6 +87,8 @@ class RowState:
     call_tokens: list = field(default_factory=list)
     done: bool = False
     context: str = ""  # the user's last message: what `lookup` without a query searches for
+    client_calls: int = 0  # calls this reply made to the client's tools (Request.client_tools)
+    between_calls: bool = False  # a client's call just closed: the next token is another call or the end
 
 
 class Engine:
@@ -278,6 +280,16 @@ class Engine:
         return "".join(text for kind, text in self.segments(tokens) if kind == "text").strip()
 
 
+def client_call(text: str, names: frozenset[str] | set[str]) -> tuple[str, dict] | None:
+    """(name, arguments) if `text` (between the call markers) is a well-formed call to one of `names`, else None:
+    a call that does not parse goes to the engine's tools, which answer the model with the reason."""
+    try:
+        name, arguments = parse_tool_call(unwrap(text))
+    except ToolError:
+        return None
+    return (name, arguments) if name in names else None
+
+
 def unwrap(text: str) -> str:
     """A call's or response's text without the one newline on each side that the format puts there."""
     text = text[1:] if text.startswith("\n") else text
@@ -294,7 +306,14 @@ class Request:
     comes once: finish is "stop", "length" or None (cancelled); steps counts every token produced, stop
     token and tool output included (as iterating Engine.generate would). `constraint`, if any, is copied
     when the request joins (the request's own stays as given, so one may serve several requests) and masks
-    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError)."""
+    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError).
+
+    Function calling (the server's `tools`): `tools` are the tools the engine runs for this request (None: the
+    engine's own). A call to a name in `client_tools` is not run: it is the client's to run, so the reply ends
+    after it with finish "tool_calls" — at once, or with `parallel_calls` once the model has written every call
+    it wants (after each, the only tokens allowed are <tool_call> and <|assistant_end|>). A call the engine
+    would run that comes after a client's call ends the reply there, unrun (the client's calls answer first).
+    Only the Batcher knows client tools; Engine.generate runs every call."""
     prompt: list[int]
     max_tokens: int = 256
     temperature: float = 1.0
@@ -302,6 +321,9 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     constraint: Constraint | None = None
+    tools: dict[str, Callable[[dict], str]] | None = None
+    client_tools: frozenset[str] = frozenset()
+    parallel_calls: bool = True
     on_token: Callable[[int, bool], bool] = lambda token, forced: True
     on_end: Callable[[str | None, int, BaseException | None], None] = lambda finish, steps, error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -340,6 +362,8 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.tool_pool: ThreadPoolExecutor | None = None
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
+        sp = engine.tok.special  # what may follow a client's call: another call, or the end of the reply
+        self.after_call = torch.tensor([engine.call_start, sp["<|assistant_end|>"]])
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -460,6 +484,11 @@ class Batcher:
                     row.logits = mask_logits(row.logits, row.constraint)
                 except ConstraintError as e:  # nothing can follow: this request ends, never loops
                     self._end(slot, None, e)
+                    continue
+            if row.state.between_calls:
+                keep = row.logits.new_full(row.logits.shape, float("-inf"))
+                ids = self.after_call.to(row.logits.device)
+                row.logits = keep.index_copy_(0, ids, row.logits.index_select(0, ids))
         waiting = [(slot, row) for slot, row in waiting if self.rows[slot] is row]
         greedy = [(slot, row) for slot, row in waiting if row.req.temperature <= 0 and not row.state.forced
                   and row.tool is None]
@@ -487,8 +516,10 @@ class Batcher:
     def _take(self, slot: int, row: _Row, token: int, forced: bool) -> None:
         eng, st = self.engine, row.state
         row.steps += 1
+        if not forced:
+            st.between_calls = False
         if not forced and token in eng.stop_ids:
-            self._end(slot, "stop")
+            self._end(slot, "tool_calls" if st.client_calls else "stop")
             return
         if row.constraint is not None:
             if forced:
@@ -507,22 +538,36 @@ class Batcher:
         if not go_on:
             self._end(slot, "stop")
             return
+        run = None  # the call the engine runs now, if this token closed one
+        if not forced:
+            if token == eng.call_start:
+                st.in_tool_call, st.call_tokens = True, []
+            elif token == eng.call_end and st.in_tool_call:
+                st.in_tool_call = False
+                text = eng.tok.decode(st.call_tokens)
+                if row.req.client_tools and client_call(text, row.req.client_tools) is not None:
+                    st.client_calls += 1  # the client runs it: no output is forced, the reply ends after the calls
+                    if not row.req.parallel_calls:
+                        self._end(slot, "tool_calls")
+                        return
+                    st.between_calls = True
+                elif st.client_calls:  # the client's calls come back first; this one stays unrun
+                    self._end(slot, "tool_calls")
+                    return
+                else:
+                    run = text
+            elif st.in_tool_call:
+                st.call_tokens.append(token)
         if row.steps >= row.max_steps:
-            self._end(slot, "length")
+            self._end(slot, "tool_calls" if st.between_calls else "length")
             return
         row.feed = token
-        if forced:
-            return
-        if token == eng.call_start:
-            st.in_tool_call, st.call_tokens = True, []
-        elif token == eng.call_end and st.in_tool_call:
-            st.in_tool_call = False
+        if run is not None:
             if not st.context:
                 st.context = eng.last_user_text(row.req.prompt)
-            row.tool = self.tool_pool.submit(run_tool_call, eng.tok.decode(st.call_tokens), eng.tools, st.context)
+            tools = eng.tools if row.req.tools is None else row.req.tools
+            row.tool = self.tool_pool.submit(run_tool_call, run, tools, st.context)
             row.tool.add_done_callback(lambda _: self._wake())
-        elif st.in_tool_call:
-            st.call_tokens.append(token)
 
     def _wake(self) -> None:
         with self.cv:
