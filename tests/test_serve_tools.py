@@ -140,6 +140,7 @@ def test_langchain_bind_tools_loop(chat, tok):
     messages = [HumanMessage("What is 3 times 4?")]
     ai = bound.invoke(messages)
     assert [(c["name"], c["args"]) for c in ai.tool_calls] == [("multiply", {"a": 3, "b": 4})]
+    assert ai.response_metadata["finish_reason"] == "tool_calls"
     messages.append(ai)
     for call in ai.tool_calls:  # the loop an agent runs: each call through the tool, its result back
         messages.append(ToolMessage(str(multiply.invoke(call["args"])), tool_call_id=call["id"]))
@@ -157,7 +158,8 @@ def test_langchain_bind_tools_loop(chat, tok):
 
 def test_parallel_calls_and_parallel_tool_calls_false(tok):
     two = calls(tok, call_json("multiply", {"a": 3, "b": 4}), call_json("multiply", {"a": 5, "b": 6}))
-    eng = engine_for(tok, two + [tok.special["<|assistant_end|>"]])
+    prompts = []
+    eng = engine_for(tok, lambda prompt: prompts.append(prompt) or two + [tok.special["<|assistant_end|>"]])
     server = Server(create_app(eng, MODEL))
     try:
         c = server.client()
@@ -179,11 +181,24 @@ def test_parallel_calls_and_parallel_tool_calls_false(tok):
         history = USER + [msg.model_dump(exclude_none=True, exclude={"parts"})]
         history += [{"role": "tool", "tool_call_id": msg.tool_calls[1].id, "content": "30"},
                     {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "12"}]
-        again = c.chat.completions.create(model=MODEL, messages=history, tools=[MULTIPLY], temperature=0,
-                                          max_tokens=1)
-        text = tok.decode(tok.render_for_completion(history[:2] + [history[3], history[2]], tools=[MULTIPLY]))
-        assert text.endswith("<tool_response>\n12\n</tool_response><tool_response>\n30\n</tool_response>")
-        assert again.usage.prompt_tokens == len(tok.render_for_completion(history, tools=[MULTIPLY]))
+        c.chat.completions.create(model=MODEL, messages=history, tools=[MULTIPLY], temperature=0, max_tokens=1)
+        assert prompts[-1] == tok.render_for_completion(history[:2] + [history[3], history[2]], tools=[MULTIPLY])
+        assert tok.decode(prompts[-1]).endswith("<tool_response>\n12\n</tool_response><tool_response>\n30\n"
+                                                "</tool_response>")
+    finally:
+        server.stop()
+
+
+def test_after_a_client_call_only_another_call_or_the_end_may_follow(tok):
+    sp = tok.special
+    one = calls(tok, call_json("multiply", {"a": 3, "b": 4}))
+    # a model that would go on talking after its call (as a random one may): the reply ends at the call
+    server = Server(create_app(engine_for(tok, one + tok.encode("and more") + [sp["<|assistant_end|>"]]), MODEL))
+    try:
+        out = server.client().chat.completions.create(model=MODEL, messages=USER, tools=[MULTIPLY], temperature=0)
+        assert out.choices[0].finish_reason == "tool_calls"
+        assert out.choices[0].message.content is None and out.choices[0].message.model_extra["parts"] == []
+        assert out.usage.completion_tokens == len(one) + 1  # the call, then <|assistant_end|> (the only way on)
     finally:
         server.stop()
 

@@ -476,7 +476,7 @@ class _Generation:
             send(final)
 
         self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
-                                  constraint=self.constraint, tools=plan.engine_tools(self.engine.tools),
+                                  constraint=self.constraint, tools=plan.engine_tools,
                                   client_tools=plan.names, parallel_calls=plan.parallel, **self.sampling)
         self.batcher.submit(self.request)
 

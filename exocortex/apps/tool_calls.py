@@ -54,12 +54,11 @@ class ToolPlan:
     def names(self) -> frozenset[str]:
         return frozenset(spec["function"]["name"] for spec in self.specs)
 
-    def engine_tools(self, builtins: dict) -> dict | None:
-        """The tools the engine runs for this request; None when that is all of its own (the common case)."""
-        if not self.builtin:
-            return {}
-        names = self.names
-        return {k: v for k, v in builtins.items() if k not in names} if names & set(builtins) else None
+    @property
+    def engine_tools(self) -> dict | None:
+        """The tools the engine runs for this request: none, or (None) all of its own. A client's tool of a
+        built-in's name needs nothing here: the engine hands every call to a client's name back unrun."""
+        return None if self.builtin else {}
 
     def constraint(self, tok) -> "Constraint | NoToolCalls | None":
         """The token mask tool_choice asks for. Compiles a grammar for required/named (can take a while: run it
