@@ -90,7 +90,8 @@ def test_auto_call_round_trip_with_the_openai_client(chat, tok):
     assert final.choices[0].message.tool_calls is None
     # the tool's answer is read inside the assistant turn that asked for it (no new <|assistant_start|>)
     sent = USER + [{"role": "assistant", "content": "Let me check.",
-                    "tool_calls": [{"type": "function", "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}]},
+                    "tool_calls": [{"type": "function",
+                                    "function": {"name": "multiply", "arguments": {"a": 3, "b": 4}}}]},
                    {"role": "tool", "content": "12"}]
     prompt = tok.render_for_completion(sent, tools=[MULTIPLY])
     assert script.prompts[-1] == prompt and final.usage.prompt_tokens == len(prompt)
@@ -120,7 +121,8 @@ def test_streamed_tool_call_deltas_assemble_in_the_openai_stream_helper(chat):
     tc = d.tool_calls[0]
     assert (tc.index, tc.type, tc.function.name) == (0, "function", "multiply") and tc.id.startswith("call_")
     assert d.content is None
-    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["tool_calls"]
+    finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert finishes == ["tool_calls"]
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == "Let me check."
 
 
@@ -307,7 +309,8 @@ def test_forced_calls_from_a_random_model_and_the_round_trip(random_server, tok)
     small = {"type": "function", "function": {"name": "get_weather", "parameters": TOOLS[1]["function"]["parameters"]}}
     for seed in range(3):
         named = c.chat.completions.create(model=MODEL, messages=USER, tools=TOOLS, temperature=1.0, seed=seed,
-                                          max_tokens=150, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+                                          max_tokens=150,
+                                          tool_choice={"type": "function", "function": {"name": "get_weather"}})
         [call] = named.choices[0].message.tool_calls
         assert named.choices[0].finish_reason == "tool_calls"
         args = json.loads(call.function.arguments)
@@ -355,7 +358,8 @@ def test_bad_tools_tool_choice_and_tool_history_are_400s(chat):
         ({"tools": [MULTIPLY, MULTIPLY]}, "tools[1].function.name"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
          "tools[0].function.parameters"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]}, "tools[0].function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": [1]}}]},
+         "tools[0].function.parameters"),
         ({"tools": [MULTIPLY], "tool_choice": "always"}, "tool_choice"),
         ({"tools": [MULTIPLY], "tool_choice": {"type": "function", "function": {"name": "divide"}}}, "tool_choice"),
         ({"tools": [MULTIPLY], "tool_choice": {"type": "function"}}, "tool_choice"),

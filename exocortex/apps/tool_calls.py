@@ -1,4 +1,4 @@
-"""Function calling for the server: a client's `tools`, `tool_choice` and `role: "tool"` messages, as OpenAI's API has them.
+"""Function calling in the server: a client's `tools`, `tool_choice` and `role: "tool"` messages, as in OpenAI's API.
 
 The model writes every call the same way (<tool_call>\\n{"name", "arguments"}\\n</tool_call>, infer/tools.py).
 What happens next depends on whose tool it names:
