@@ -37,10 +37,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from exocortex.tokenizer import Tokenizer  # noqa: E402
+from exocortex.tokenizer import CALL_END, CALL_START, Tokenizer  # noqa: E402
 
 END = "<|assistant_end|>"
-CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "town"],
           "properties": {"name": {"type": "string", "maxLength": 20},

@@ -11,8 +11,12 @@ for a place; past that a request gets 429. A client that disconnects (streaming 
 whose row leaves the batch at the next step.
 
 Tool calls are run by the engine. They appear in the text as the engine renders them
-(`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
+(`[tool call: {"name": "calculator", "arguments": {"expression": "347 * 29"}}] [tool output: 10063] `) and, structured, in a non-standard `parts` list
 (`part` per streamed delta) that assistant messages may send back as their `content`.
+
+Function calling (exocortex/apps/tool_calls.py): a client's `tools` are offered to the model; its calls to them
+come back as OpenAI `tool_calls` (finish_reason "tool_calls") instead of being run, `role: "tool"` messages
+answer them, and `tool_choice` is honoured by masking tokens. The built-ins above keep running here.
 
 `response_format` json_object / json_schema (both endpoints) is honoured by constrained decoding
 (exocortex/infer/constrain.py): each token of the reply is masked to what the schema allows, so such a reply is
@@ -31,13 +35,14 @@ import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
+from exocortex.apps import tool_calls
 from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_limits, server_options
 from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
 from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable, json_object_constraint,
                                        json_schema_constraint)
-from exocortex.infer.engine import Batcher, load_engine
+from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
 
@@ -102,9 +107,23 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON, in a string (as OpenAI's API carries it)
+
+
+class ToolCall(_Strict):
+    """A call an assistant message made (function calling: exocortex/apps/tool_calls.py)."""
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant messages
+    tool_call_id: Optional[str] = None  # tool messages: the call they answer
 
     @field_validator("content", mode="before")
     @classmethod
@@ -149,6 +168,17 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    # function calling: checked by tool_calls.plan, which words its own 400s
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+    builtin_tools: Optional[bool] = None  # exocortex's: false turns the server-side tools off for this request
+    functions: Optional[Any] = None  # OpenAI's deprecated names for tools / tool_choice: refused, not ignored
+    function_call: Optional[Any] = None
+
+    def tool_plan(self) -> tool_calls.ToolPlan:
+        return tool_calls.plan(self.tools, self.tool_choice, self.parallel_tool_calls, self.builtin_tools,
+                               {"functions": self.functions, "function_call": self.function_call})
 
 
 class CompletionRequest(_Sampling):
@@ -208,7 +238,8 @@ class _Renderer:
 
     `content` is the text as `Engine.render` shows it (tool calls and outputs in brackets, no final strip, so it
     streams); `part` is the structured view: parts are numbered in order and have type text / tool_call /
-    tool_output, like `Engine.to_parts`. Each part gets its own UTF-8 decoder, flushed at its end."""
+    tool_output, like `Engine.to_parts`. Each text part gets its own UTF-8 decoder, flushed at its end; a tool
+    call's or output's text comes whole at its end marker, without the newlines that frame it in the format."""
 
     def __init__(self, engine):
         self.tok = engine.tok
@@ -217,6 +248,7 @@ class _Renderer:
         self.markers = {engine.call_start: "[tool call: ", engine.call_end: "]",
                         engine.out_start: " [tool output: ", engine.out_end: "] "}
         self.index, self.kind, self.open = -1, "text", False
+        self.held = b""  # the bytes of the tool call or output being written
         self.dec = self._decoder()
 
     @staticmethod
@@ -231,6 +263,9 @@ class _Renderer:
         return [{"content": s, "part": {"index": self.index, "type": self.kind, "text": s}}]
 
     def _flush(self) -> list[dict]:
+        if self.kind != "text":
+            held, self.held = self.held, b""
+            return self._text(unwrap(held.decode("utf-8", errors="replace")))
         out = self._text(self.dec.decode(b"", final=True))
         self.dec = self._decoder()
         return out
@@ -247,6 +282,9 @@ class _Renderer:
             return out + [{"content": self.markers[token], "part": None}]
         if self.tok.is_special(token):
             return []  # other special tokens are not shown (as in Engine.render)
+        if self.kind != "text":
+            self.held += self.tok.decode_bytes([token])
+            return []
         return self._text(self.dec.decode(self.tok.decode_bytes([token])))
 
     def finish(self) -> list[dict]:
@@ -371,9 +409,10 @@ class _Generation:
     ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception)."""
 
     def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
-                 batcher: Batcher, constraint: Constraint | None = None):
+                 batcher: Batcher, constraint: Constraint | None = None, tools: tool_calls.ToolPlan | None = None):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
         self.batcher, self.request, self.constraint = batcher, None, constraint
+        self.tools = tools
         self.cancelled = threading.Event()
         self.started = False
 
@@ -412,6 +451,9 @@ class _Generation:
         """Submit this request to the shared batch; its callbacks render and send on the batcher's thread."""
         send = _sender(loop, queue)
         renderer, stopper = _Renderer(self.engine), _StopFilter(self.stops)
+        plan = self.tools or tool_calls.ToolPlan()
+        if plan.names:  # calls to the client's tools come out as tool_calls deltas
+            renderer = tool_calls.ClientCalls(renderer, self.engine, plan.names)
 
         def on_token(token: int, forced: bool) -> bool:
             deltas = stopper.feed(renderer.push(token))
@@ -434,7 +476,8 @@ class _Generation:
             send(final)
 
         self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
-                                  constraint=self.constraint, **self.sampling)
+                                  constraint=self.constraint, tools=plan.engine_tools,
+                                  client_tools=plan.names, parallel_calls=plan.parallel, **self.sampling)
         self.batcher.submit(self.request)
 
 
@@ -508,7 +551,8 @@ class _Service:
         except ValidationError as e:
             raise _validation_error(e.errors(include_url=False))
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, req: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
+        """The prompt for a chat request; `tools` (the client's function specs) go into the system turn."""
         msgs = []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
@@ -528,11 +572,22 @@ class _Service:
                 content = ("".join(p.text for p in content) if role != "assistant"
                            else [{"type": p.type, "text": p.text} for p in content])
             msgs.append({"role": role, "content": content})
+            if m.tool_calls is not None and role != "assistant":
+                raise APIError(400, "Only assistant messages may have tool_calls.", param=f"messages[{i}].tool_calls",
+                               code="invalid_value")
+            if m.tool_calls:
+                msgs[-1]["tool_calls"] = tool_calls.assistant_calls(i, m.tool_calls)
+            if role == "tool":
+                if m.tool_call_id is None:
+                    raise APIError(400, f"messages[{i}].tool_call_id is required for a tool message.",
+                                   param=f"messages[{i}].tool_call_id", code="missing_required_parameter")
+                msgs[-1]["tool_call_id"] = m.tool_call_id
+        msgs = tool_calls.order_tool_messages(msgs)
         if msgs[-1]["role"] == "assistant":
             raise APIError(400, "The last message must not be the assistant's: there is nothing to reply to "
                            "(continuing a reply is not supported).", param="messages", code="invalid_value")
         try:
-            return self.engine.tok.render_for_completion(msgs)
+            return self.engine.tok.render_for_completion(msgs, tools=tools or None)
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value")
 
@@ -570,14 +625,19 @@ class _Service:
                     top_k=(d.top_k if req.top_k is None else req.top_k) or None,
                     seed=req.seed)
 
-    async def constraint(self, req: _Sampling) -> Constraint | None:
-        """The request's response_format as a constraint; compiled off the event loop (a large schema can
-        take a while, and other requests' streams must not wait for it)."""
-        if req.response_format is None:
+    async def constraint(self, req: _Sampling, tools: tool_calls.ToolPlan | None = None) -> Constraint | None:
+        """The request's response_format (and tool_choice) as a constraint; compiled off the event loop (a large
+        schema can take a while, and other requests' streams must not wait for it)."""
+        if req.response_format is None and (tools is None or tools.choice == "auto"):
             return None
-        return await asyncio.to_thread(_response_constraint, self.engine.tok, req.response_format)
 
-    def start(self, prompt: list[int], sampling: dict, stop, constraint: Constraint | None = None) -> _Generation:
+        def build():
+            fmt = _response_constraint(self.engine.tok, req.response_format)
+            return fmt if tools is None else tool_calls.with_format(self.engine.tok, fmt, tools)
+        return await asyncio.to_thread(build)
+
+    def start(self, prompt: list[int], sampling: dict, stop, constraint: Constraint | None = None,
+              tools: tool_calls.ToolPlan | None = None) -> _Generation:
         ticket = self.limiter.reserve()
         if ticket is None:
             lim = self.limiter
@@ -585,7 +645,7 @@ class _Service:
                            f"(limits {lim.max_concurrent} and {lim.max_queue}). Try again shortly.",
                            type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, constraint)
+        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, constraint, tools)
 
     # ---------------------------------------------------------------- responses
     async def collect(self, request: Request, gen: _Generation) -> tuple[list[dict], str | None, int]:
@@ -647,16 +707,20 @@ class _Service:
 
     async def chat(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
-        prompt = self.chat_prompt(req)
+        tools = req.tool_plan()
+        prompt = self.chat_prompt(req, tools.specs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         sampling = self.check_common(req, prompt, max_tokens, "messages")
-        gen = self.start(prompt, sampling, req.stop, await self.constraint(req))
+        gen = self.start(prompt, sampling, req.stop, await self.constraint(req, tools), tools)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": self.model_name, "system_fingerprint": None}
         if not req.stream:
             deltas, finish, steps = await self.collect(request, gen)
             content, parts = _assemble(deltas)
             message = {"role": "assistant", "content": content, "refusal": None, "parts": parts}
+            calls = tool_calls.tool_calls_of(deltas)
+            if calls:  # OpenAI's shape: the text before the calls, or null
+                message.update(content=content or None, tool_calls=calls)
             return JSONResponse({**base, "object": "chat.completion",
                                  "choices": [{"index": 0, "message": message, "logprobs": None,
                                               "finish_reason": finish}],
@@ -671,6 +735,8 @@ class _Service:
                 delta = {"content": value["content"]}
                 if value["part"] is not None:
                     delta["part"] = value["part"]
+                if "tool_call" in value:
+                    delta = {"tool_calls": [value["tool_call"]]}
             return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                          "finish_reason": value if kind == "finish" else None}]}
 

@@ -29,12 +29,7 @@ import weakref
 import numpy as np
 import torch
 
-from exocortex.tokenizer import Tokenizer
-
-try:  # the Hermes-format marker names (tokenizer.py); before that rename the same ids had the old names
-    from exocortex.tokenizer import CALL_END, CALL_START
-except ImportError:  # pragma: no cover - transitional, drop once the rename is on main
-    CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
+from exocortex.tokenizer import CALL_END, CALL_START, Tokenizer
 
 END = "<|assistant_end|>"
 PACKAGE = "llguidance"

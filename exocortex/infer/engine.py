@@ -1,8 +1,13 @@
 """Generation: KV cache, batched sampling (temperature / top-k / top-p), streaming, and tool use.
 
-When a row emits <|tool_call_end|>, the engine parses the call, runs the tool, and *forces* the tokens
-<|tool_output_start|> result <|tool_output_end|> into that row; sampling resumes after them. Forced tokens
-are marked so callers can show (or skip) them, and they never count as the model's own words.
+Tool calls are in the Hermes/Qwen format (exocortex/infer/tools.py), inside the assistant's turn:
+
+    <tool_call>\n{"name": "calculator", "arguments": {"expression": "347 * 29"}}\n</tool_call>
+
+When a row emits </tool_call>, the engine parses the JSON, runs the tool, and *forces* the tokens
+<tool_response>\n10063\n</tool_response> into that row; sampling resumes after them, in the same turn, until
+<|assistant_end|>. Forced tokens are marked so callers can show (or skip) them, and they never count as the
+model's own words.
 
 A row may carry a Constraint (exocortex/infer/constrain.py: a JSON schema, a tool call): its logits are masked
 to the tokens the grammar allows before sampling (greedy or not), and every sampled token advances it. Forced
@@ -28,8 +33,8 @@ from exocortex.infer.constrain import Constraint, ConstraintError, mask_logits
 from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
-from exocortex.infer.tools import TOOLS, run_tool_call
-from exocortex.tokenizer import Tokenizer
+from exocortex.infer.tools import TOOLS, ToolError, parse_tool_call, run_tool_call
+from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -55,7 +60,7 @@ def _row_constraints(constraint, n_rows: int) -> list | None:
     row has one: then the decode loop never looks at constraints again."""
     if constraint is None:
         return None
-    if isinstance(constraint, Constraint):
+    if not isinstance(constraint, (list, tuple)):  # one for every row (any object with Constraint's methods)
         constraint = [constraint] * n_rows
     if len(constraint) != n_rows:
         raise ValueError(f"{len(constraint)} constraints for {n_rows} rows")
@@ -81,7 +86,9 @@ class RowState:
     in_tool_call: bool = False
     call_tokens: list = field(default_factory=list)
     done: bool = False
-    context: str = ""  # the user's last message: what `lookup()` without a query searches for
+    context: str = ""  # the user's last message: what `lookup` without a query searches for
+    client_calls: int = 0  # calls this reply made to the client's tools (Request.client_tools)
+    between_calls: bool = False  # a client's call just closed: the next token is another call or the end
 
 
 class Engine:
@@ -89,7 +96,7 @@ class Engine:
     static-cache Decoder over `model`); tests pass scripted or paced ones."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[str], str]] | None = None,
+                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[dict], str]] | None = None,
                  compile: bool = False, decoder: Callable[[int, int], DecoderLike] | None = None):
         self.model = model.eval()
         self.compile = compile  # torch.compile the decode step (worth it for long runs: the first one compiles)
@@ -101,8 +108,8 @@ class Engine:
         self.tools = TOOLS if tools is None else tools
         sp = tokenizer.special
         self.stop_ids = {sp["<|assistant_end|>"], sp["<|bos|>"]}
-        self.call_start, self.call_end = sp["<|tool_call_start|>"], sp["<|tool_call_end|>"]
-        self.out_start, self.out_end = sp["<|tool_output_start|>"], sp["<|tool_output_end|>"]
+        self.call_start, self.call_end = sp[CALL_START], sp[CALL_END]
+        self.out_start, self.out_end = sp[RESPONSE_START], sp[RESPONSE_END]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int] | list[list[int]], num_samples: int = 1, max_tokens: int = 256,
@@ -172,7 +179,7 @@ class Engine:
                 elif token == self.call_end and row.in_tool_call:
                     row.in_tool_call = False
                     result = run_tool_call(self.tok.decode(row.call_tokens), self.tools, row.context)
-                    row.forced.extend([self.out_start] + self.tok.encode(result) + [self.out_end])
+                    row.forced.extend(self.response_tokens(result))
                 elif row.in_tool_call:
                     row.call_tokens.append(token)
             yield column, forced_mask
@@ -227,28 +234,24 @@ class Engine:
                 outs[i] = out
         return outs
 
-    def render(self, tokens: list[int]) -> str:
-        """Readable text of a completion: tool calls and outputs shown inline in brackets."""
-        out, buf = [], []
-        names = {self.call_start: "[tool call: ", self.call_end: "]", self.out_start: " [tool output: ",
-                 self.out_end: "] "}
-        for t in tokens:
-            if t in names:
-                out.append(self.tok.decode(buf)); buf = []
-                out.append(names[t])
-            elif not self.tok.is_special(t):
-                buf.append(t)
-        out.append(self.tok.decode(buf))
-        return "".join(out).strip()
+    def response_tokens(self, result: str) -> list[int]:
+        """What the engine forces after a call: <tool_response>\nRESULT\n</tool_response>, encoded as the chat
+        format renders a tool_output part (Tokenizer.render_conversation), so training and inference agree."""
+        return [self.out_start] + self.tok.encode("\n" + result + "\n") + [self.out_end]
 
-    def to_parts(self, tokens: list[int]) -> list[dict]:
-        """A completion as assistant message parts (text / tool_call / tool_output), for the chat history."""
-        parts: list[dict] = []
+    def segments(self, tokens: list[int]) -> list[tuple[str, str]]:
+        """A completion as (kind, text) in order: kind text / tool_call / tool_output. A call's or response's
+        text is without the newlines the format puts around it (the JSON, the result); an unclosed one (a
+        reply cut short) is kept as far as it got. Special tokens other than the markers are dropped."""
+        out: list[tuple[str, str]] = []
         kind, buf = "text", []
 
         def flush():
+            text = self.tok.decode(buf)
+            if kind != "text":
+                text = unwrap(text)
             if buf or kind != "text":
-                parts.append({"type": kind, "text": self.tok.decode(buf)})
+                out.append((kind, text))
 
         for t in tokens:
             if t in (self.call_start, self.out_start):
@@ -260,20 +263,38 @@ class Engine:
             elif not self.tok.is_special(t):
                 buf.append(t)
         if buf:
-            parts.append({"type": kind, "text": self.tok.decode(buf)})
-        return parts
+            flush()
+        return out
+
+    def render(self, tokens: list[int]) -> str:
+        """Readable text of a completion: tool calls and outputs shown inline in brackets."""
+        shown = {"text": "{}", "tool_call": "[tool call: {}]", "tool_output": " [tool output: {}] "}
+        return "".join(shown[kind].format(text) for kind, text in self.segments(tokens)).strip()
+
+    def to_parts(self, tokens: list[int]) -> list[dict]:
+        """A completion as assistant message parts (text / tool_call / tool_output), for the chat history:
+        rendered again by Tokenizer.render_conversation, they give back the same tokens."""
+        return [{"type": kind, "text": text} for kind, text in self.segments(tokens)]
 
     def answer_text(self, tokens: list[int]) -> str:
         """Only the assistant's own text (no tool calls or outputs): what a grader reads."""
-        out, inside = [], False
-        for t in tokens:
-            if t in (self.call_start, self.out_start):
-                inside = True
-            elif t in (self.call_end, self.out_end):
-                inside = False
-            elif not inside and not self.tok.is_special(t):
-                out.append(t)
-        return self.tok.decode(out).strip()
+        return "".join(text for kind, text in self.segments(tokens) if kind == "text").strip()
+
+
+def client_call(text: str, names: frozenset[str] | set[str]) -> tuple[str, dict] | None:
+    """(name, arguments) if `text` (between the call markers) is a well-formed call to one of `names`, else None:
+    a call that does not parse goes to the engine's tools, which answer the model with the reason."""
+    try:
+        name, arguments = parse_tool_call(unwrap(text))
+    except ToolError:
+        return None
+    return (name, arguments) if name in names else None
+
+
+def unwrap(text: str) -> str:
+    """A call's or response's text without the one newline on each side that the format puts there."""
+    text = text[1:] if text.startswith("\n") else text
+    return text[:-1] if text.endswith("\n") else text
 
 
 # ----------------------------------------------------------------------------- continuous batching
@@ -286,7 +307,14 @@ class Request:
     comes once: finish is "stop", "length" or None (cancelled); steps counts every token produced, stop
     token and tool output included (as iterating Engine.generate would). `constraint`, if any, is copied
     when the request joins (the request's own stays as given, so one may serve several requests) and masks
-    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError)."""
+    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError).
+
+    Function calling (the server's `tools`): `tools` are the tools the engine runs for this request (None: the
+    engine's own). A call to a name in `client_tools` is not run: it is the client's to run, so the reply ends
+    after it with finish "tool_calls" — at once, or with `parallel_calls` once the model has written every call
+    it wants (after each, the only tokens allowed are <tool_call> and <|assistant_end|>). A call the engine
+    would run that comes after a client's call ends the reply there, unrun (the client's calls answer first).
+    Only the Batcher knows client tools; Engine.generate runs every call."""
     prompt: list[int]
     max_tokens: int = 256
     temperature: float = 1.0
@@ -294,6 +322,9 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     constraint: Constraint | None = None
+    tools: dict[str, Callable[[dict], str]] | None = None
+    client_tools: frozenset[str] = frozenset()
+    parallel_calls: bool = True
     on_token: Callable[[int, bool], bool] = lambda token, forced: True
     on_end: Callable[[str | None, int, BaseException | None], None] = lambda finish, steps, error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -332,6 +363,8 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.tool_pool: ThreadPoolExecutor | None = None
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
+        sp = engine.tok.special  # what may follow a client's call: another call, or the end of the reply
+        self.after_call = torch.tensor([engine.call_start, sp["<|assistant_end|>"]])
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -452,6 +485,11 @@ class Batcher:
                     row.logits = mask_logits(row.logits, row.constraint)
                 except ConstraintError as e:  # nothing can follow: this request ends, never loops
                     self._end(slot, None, e)
+                    continue
+            if row.state.between_calls:
+                keep = row.logits.new_full(row.logits.shape, float("-inf"))
+                ids = self.after_call.to(row.logits.device)
+                row.logits = keep.index_copy_(0, ids, row.logits.index_select(0, ids))
         waiting = [(slot, row) for slot, row in waiting if self.rows[slot] is row]
         greedy = [(slot, row) for slot, row in waiting if row.req.temperature <= 0 and not row.state.forced
                   and row.tool is None]
@@ -464,7 +502,7 @@ class Batcher:
                 if not row.tool.done():
                     continue  # sits out this step
                 result, row.tool = row.tool.result(), None
-                row.state.forced.extend([self.engine.out_start] + self.engine.tok.encode(result) + [self.engine.out_end])
+                row.state.forced.extend(self.engine.response_tokens(result))
             forced = bool(row.state.forced)
             if forced:
                 token = row.state.forced.popleft()
@@ -479,8 +517,10 @@ class Batcher:
     def _take(self, slot: int, row: _Row, token: int, forced: bool) -> None:
         eng, st = self.engine, row.state
         row.steps += 1
+        if not forced:
+            st.between_calls = False
         if not forced and token in eng.stop_ids:
-            self._end(slot, "stop")
+            self._end(slot, "tool_calls" if st.client_calls else "stop")
             return
         if row.constraint is not None:
             if forced:
@@ -499,22 +539,36 @@ class Batcher:
         if not go_on:
             self._end(slot, "stop")
             return
+        run = None  # the call the engine runs now, if this token closed one
+        if not forced:
+            if token == eng.call_start:
+                st.in_tool_call, st.call_tokens = True, []
+            elif token == eng.call_end and st.in_tool_call:
+                st.in_tool_call = False
+                text = eng.tok.decode(st.call_tokens)
+                if row.req.client_tools and client_call(text, row.req.client_tools) is not None:
+                    st.client_calls += 1  # the client runs it: no output is forced, the reply ends after the calls
+                    if not row.req.parallel_calls:
+                        self._end(slot, "tool_calls")
+                        return
+                    st.between_calls = True
+                elif st.client_calls:  # the client's calls come back first; this one stays unrun
+                    self._end(slot, "tool_calls")
+                    return
+                else:
+                    run = text
+            elif st.in_tool_call:
+                st.call_tokens.append(token)
         if row.steps >= row.max_steps:
-            self._end(slot, "length")
+            self._end(slot, "tool_calls" if st.between_calls else "length")
             return
         row.feed = token
-        if forced:
-            return
-        if token == eng.call_start:
-            st.in_tool_call, st.call_tokens = True, []
-        elif token == eng.call_end and st.in_tool_call:
-            st.in_tool_call = False
+        if run is not None:
             if not st.context:
                 st.context = eng.last_user_text(row.req.prompt)
-            row.tool = self.tool_pool.submit(run_tool_call, eng.tok.decode(st.call_tokens), eng.tools, st.context)
+            tools = eng.tools if row.req.tools is None else row.req.tools
+            row.tool = self.tool_pool.submit(run_tool_call, run, tools, st.context)
             row.tool.add_done_callback(lambda _: self._wake())
-        elif st.in_tool_call:
-            st.call_tokens.append(token)
 
     def _wake(self) -> None:
         with self.cv:
