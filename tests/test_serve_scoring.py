@@ -346,3 +346,22 @@ def test_sse_chunks_are_openai_shaped(server):
     assert shapes[0] is None and shapes[-1] is None  # the role chunk and the finish chunk
     assert sum(len(s["content"]) for s in shapes if s) == 3
     assert all(set(s) == {"content", "refusal"} for s in shapes if s)
+
+
+def test_prompts_are_scored_on_the_batchers_thread(server, monkeypatch):
+    """The batcher's thread owns the model: echo's forward pass runs there, between decode steps, never
+    alongside them from a request's thread."""
+    import threading
+
+    import exocortex.apps.scoring as scoring_module
+
+    threads = []
+    real = scoring_module.score_prompt
+
+    def recording(*a, **k):
+        threads.append(threading.current_thread().name)
+        return real(*a, **k)
+    monkeypatch.setattr(scoring_module, "score_prompt", recording)
+    out = server.client().completions.create(model=MODEL, prompt=["the river", "Mira"], echo=True, logprobs=0,
+                                             max_tokens=0)
+    assert len(out.choices) == 2 and threads == ["exocortex-batcher"] * 2
