@@ -438,6 +438,34 @@ class _Nothing:
         pass
 
 
+async def _merged(gens: list) -> AsyncIterator[tuple[int, tuple]]:
+    """(choice index, event) from several generations as their events come; one is read directly (no extra hop
+    for the common single-choice stream)."""
+    if len(gens) == 1:
+        async for item in gens[0].events():
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, gen):
+        async for item in gen.events():
+            await queue.put((i, item))
+        await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        live = len(gens)
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
 def _close_all(gens: list) -> None:
     for gen in gens:
         gen.close()
@@ -627,21 +655,10 @@ class _Service:
         "usage" (the usage object; index None). Choices' chunks interleave as their tokens come."""
         for i in range(len(gens)):
             yield _sse(chunk("start", None, i))
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i, gen):
-            async for item in gen.events():
-                await queue.put((i, item))
-            await queue.put((i, None))
-
-        tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
-        steps, live = 0, len(gens)
+        steps, events = 0, _merged(gens)
         try:
-            while live:
-                i, item = await queue.get()
-                if item is None:
-                    live -= 1
-                elif item[0] == "deltas":
+            async for i, item in events:
+                if item[0] == "deltas":
                     yield "".join(_sse(chunk("delta", d, i)) for d in item[1])
                 elif item[0] == "error":
                     yield _sse(_server_error(item[1]).body())
@@ -657,10 +674,8 @@ class _Service:
                     yield _sse(chunk("usage", self.usage(prompt_tokens, steps), None))
             yield _sse("[DONE]")
         finally:
-            for t in tasks:
-                t.cancel()
-            for gen in gens:
-                gen.close()
+            await events.aclose()
+            _close_all(gens)
 
     async def chat(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
