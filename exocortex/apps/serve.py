@@ -10,6 +10,10 @@ the loop never runs the model. At most `max_concurrent` requests are in the batc
 for a place; past that a request gets 429. A client that disconnects (streaming or not) cancels its request,
 whose row leaves the batch at the next step.
 
+Scoring (logprobs, echo with the prompt's logprobs, n, best_of, lists of prompts; what lm-evaluation-harness's
+loglikelihood tasks use) is in exocortex/apps/scoring.py: a choice is one row of the batch, and a prompt is scored
+by a forward pass on the batcher's thread.
+
 Tool calls are run by the engine. They appear in the text as the engine renders them
 (`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
 (`part` per streamed delta) that assistant messages may send back as their `content`.
