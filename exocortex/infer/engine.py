@@ -523,7 +523,8 @@ class Batcher:
             fn(*args)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> tuple[list[list[tuple[int, float]]], list[float]]:
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   k: int) -> tuple[list[list[tuple[int, float]]], list[float]]:
     """logits (T, V) and the token taken after each position -> the k most likely tokens at each position
     [(id, logprob)] best first, and each taken token's logprob. float32 log-softmax of the raw logits: the model's
     own distribution, whatever sampling then did with it."""
