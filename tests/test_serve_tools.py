@@ -409,3 +409,113 @@ def test_tool_choice_needs_llguidance_or_says_so(chat, monkeypatch):
     ok = httpx.post(server.url + "/v1/chat/completions",
                     json={"messages": USER, "tools": [MULTIPLY], "tool_choice": "none", "max_tokens": 2})
     assert ok.status_code == 200, ok.text
+
+
+# ----------------------------------------------------------------------------- with scoring: n, logprobs
+
+def test_n_choices_each_make_their_required_call(random_server, tok):
+    """tool_choice's constraint reaches every choice (each row advances its own copy of it)."""
+    server, _ = random_server
+    c = server.client()
+    kw = dict(model=MODEL, messages=USER, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, n=2,
+              temperature=1.0, seed=7, max_tokens=150)
+    out = c.chat.completions.create(**kw)
+    assert [ch.index for ch in out.choices] == [0, 1]
+    for ch in out.choices:
+        assert ch.finish_reason == "tool_calls" and ch.message.content is None
+        [call] = ch.message.tool_calls
+        assert call.function.name in ("multiply", "get_weather")
+        assert isinstance(json.loads(call.function.arguments), dict)
+    assert out.choices[0].message.tool_calls[0].id != out.choices[1].message.tool_calls[0].id
+
+    # streamed: each choice's call comes as its own tool_calls delta, then its finish_reason
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    calls_by, finish_by = {0: [], 1: []}, {}
+    for ch in chunks:
+        for choice in ch.choices:
+            calls_by[choice.index] += [t.function.name for t in choice.delta.tool_calls or []]
+            if choice.finish_reason:
+                finish_by[choice.index] = choice.finish_reason
+    assert finish_by == {0: "tool_calls", 1: "tool_calls"}
+    assert calls_by == {i: [ch.message.tool_calls[0].function.name] for i, ch in enumerate(out.choices)}
+
+
+def test_logprobs_of_a_client_call_are_the_raw_models(random_server, tok):
+    """A client call is listed token by token with the model's own logprobs, not the constrained
+    distribution's (the grammar forces <tool_call> here, yet its logprob is what the model gives it); streamed,
+    the call's entries ride on its tool_calls delta."""
+    from test_serve_scoring import ATOL, forward_logprobs, ids_of
+    server, eng = random_server
+    c = server.client()
+    kw = dict(model=MODEL, messages=USER, tools=TOOLS, temperature=0, max_tokens=150, logprobs=True, top_logprobs=2,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    out = c.chat.completions.create(**kw)
+    choice = out.choices[0]
+    [call] = choice.message.tool_calls
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    content = choice.logprobs.content
+    ids = ids_of(tok, [e.bytes for e in content])
+    sp = tok.special
+    assert ids[0] == sp["<tool_call>"] and ids[-1] == sp["</tool_call>"] and len(ids) == out.usage.completion_tokens
+    assert json.loads(tok.decode(ids[1:-1])) == {"name": "get_weather",
+                                                  "arguments": json.loads(call.function.arguments)}
+    prompt = tok.render_for_completion(USER, tools=TOOLS)
+    ref = forward_logprobs(eng, prompt + ids)[0][len(prompt) - 1:]
+    assert max(abs(e.logprob - r) for e, r in zip(content, ref)) < ATOL
+    assert content[0].logprob < -1  # the mask made <tool_call> certain; the model itself did not
+    assert all(len(e.top_logprobs) == 2 for e in content)
+
+    chunks = list(c.chat.completions.create(stream=True, **kw))
+    [with_call] = [ch for ch in chunks if ch.choices and ch.choices[0].delta.tool_calls]
+    assert [e.logprob for e in with_call.choices[0].logprobs.content] == [e.logprob for e in content]
+    assert with_call.choices[0].delta.tool_calls[0].function.arguments == call.function.arguments
+
+
+# ----------------------------------------------------------------------------- with response_format: n
+
+@pytest.fixture(scope="module")
+def closing_server(tok):
+    """A random model that likes closing quotes and brackets, so JSON objects end within a small budget (the
+    constraint alone decides what is valid; the bias only shortens the walk)."""
+    pytest.importorskip("llguidance")
+    torch.manual_seed(1234)
+    cfg = ModelConfig(depth=2, width=64, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=2.0)
+    eng = Engine(GPT(cfg).eval(), tok, torch.device("cpu"))
+    bias = torch.zeros(tok.vocab_size)
+    for t, r in tok.mergeable_ranks.items():
+        if any(ch in t for ch in b'"}]'):
+            bias[r] = 4.0
+    make = eng.make_decoder
+
+    def biased(batch_size, max_len):
+        dec = make(batch_size, max_len)
+        prefill, step = dec.prefill, dec.step
+        dec.prefill = lambda prompt, slots=None: prefill(prompt, slots) + bias
+        dec.step = lambda tokens, advance=None: step(tokens, advance) + bias
+        return dec
+    eng.make_decoder = biased
+    server = Server(create_app(eng, MODEL))
+    yield server
+    server.stop()
+
+
+def test_json_object_reaches_every_choice(closing_server):
+    c = closing_server.client()
+    kw = dict(model=MODEL, messages=USER, n=2, temperature=1.0, seed=3, max_tokens=200,
+              response_format={"type": "json_object"})
+    out = c.chat.completions.create(**kw)
+    texts = [ch.message.content for ch in out.choices]
+    assert [ch.finish_reason for ch in out.choices] == ["stop", "stop"]
+    assert all(isinstance(json.loads(t), dict) for t in texts) and texts[0] != texts[1]
+
+    streamed = {0: "", 1: ""}
+    for ch in c.chat.completions.create(stream=True, **kw):
+        for choice in ch.choices:
+            streamed[choice.index] += choice.delta.content or ""
+    assert [streamed[0], streamed[1]] == texts  # the same seeds, the same choices
+
+    comp = c.completions.create(model=MODEL, prompt=["Mira lives in", "Tarsk is"], n=2, temperature=1.0, seed=3,
+                                max_tokens=200, extra_body={"response_format": {"type": "json_object"}})
+    assert len(comp.choices) == 4
+    for ch in comp.choices:
+        assert ch.finish_reason == "stop" and isinstance(json.loads(ch.text), dict)

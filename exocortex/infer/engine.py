@@ -328,6 +328,12 @@ class Request:
     on_token: Callable[[int, bool], bool] = lambda token, forced: True
     on_end: Callable[[str | None, int, BaseException | None], None] = lambda finish, steps, error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Scoring (off by default, and then free): with logprobs=k, on_logprobs(token, logprob, top) comes just before
+    # each token's on_token (and for the stop token too, which on_token never sees) with the token's log-probability
+    # under the model and the k most likely tokens [(id, logprob)], best first. These are the raw model's
+    # (before temperature, top-k/top-p or any mask), as OpenAI and vLLM report them.
+    logprobs: int | None = None
+    on_logprobs: Callable[[int, float, list[tuple[int, float]]], None] = lambda token, logprob, top: None
 
 
 @dataclass(eq=False)
@@ -365,6 +371,7 @@ class Batcher:
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
         sp = engine.tok.special  # what may follow a client's call: another call, or the end of the reply
         self.after_call = torch.tensor([engine.call_start, sp["<|assistant_end|>"]])
+        self.jobs: deque[tuple[Callable, Future]] = deque()  # see call()
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -385,6 +392,19 @@ class Batcher:
         with self.cv:
             self._start()
         return self.ready.wait(timeout)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the batcher's thread between two steps and return a future of its result. That thread owns
+        the model, so anything else that runs it (a full forward to score a prompt) goes through here rather than
+        racing the decode steps from another thread."""
+        fut: Future = Future()
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            self.jobs.append((fn, fut))
+            self._start()
+            self.cv.notify()
+        return fut
 
     def cancel(self, req: Request) -> None:
         """End a request at the next step boundary (on_end(None, ...)); a no-op once it ended."""
@@ -417,12 +437,14 @@ class Batcher:
         self.ready.set()
         while True:
             with self.cv:
-                self.cv.wait_for(lambda: self.closed or self.pending or self._runnable())
+                self.cv.wait_for(lambda: self.closed or self.pending or self.jobs or self._runnable())
                 if self.closed:
                     break
                 joining = []
                 while self.pending and (broken or len(joining) < self.rows.count(None)):
                     joining.append(self.pending.popleft())
+                jobs, self.jobs = list(self.jobs), deque()
+            self._run_jobs(jobs, broken)
             if broken is not None:
                 for req in joining:
                     self._call(req.on_end, None, 0, broken)
@@ -441,7 +463,21 @@ class Batcher:
                 self._end(slot, None)
         for req in self.pending:
             self._call(req.on_end, None, 0, None)
+        self._run_jobs(list(self.jobs), RuntimeError("the batcher is closed"))
         self.tool_pool.shutdown(wait=False)
+
+    @staticmethod
+    def _run_jobs(jobs: list, broken: BaseException | None) -> None:
+        for fn, fut in jobs:
+            if not fut.set_running_or_notify_cancel():
+                continue  # its caller gave up
+            if broken is not None:
+                fut.set_exception(broken)
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the caller hears it; the batch goes on
+                fut.set_exception(e)
 
     def _runnable(self) -> bool:
         """Some row has work now: a token to feed, a decision to make, or a cancellation to process."""
@@ -479,7 +515,10 @@ class Batcher:
         """Pick the next token of every row that has fresh logits: forced tool output, else sampled."""
         waiting = [(slot, row) for slot, row in enumerate(self.rows)
                    if row is not None and row.logits is not None and row.feed is None]
+        raw = {}  # logprobs are the raw model's: kept from before any mask below (masks make new tensors)
         for slot, row in waiting:
+            if row.req.logprobs is not None:
+                raw[slot] = row.logits
             if row.constraint is not None and row.tool is None and not row.state.forced:
                 try:
                     row.logits = mask_logits(row.logits, row.constraint)
@@ -511,6 +550,9 @@ class Batcher:
             else:
                 r = row.req
                 token = sample_next(row.logits[None], r.temperature, r.top_k, r.top_p, row.gen).item()
+            if row.req.logprobs is not None:
+                top, chosen = token_logprobs(raw[slot][None], [token], row.req.logprobs)
+                self._call(row.req.on_logprobs, token, chosen[0], top[0])
             row.logits = None
             self._take(slot, row, token, forced)
 
@@ -597,9 +639,22 @@ class Batcher:
 
     @staticmethod
     def _call(fn, *args) -> None:
-        """Run a request's on_end; a failing callback must not take the batch down with it."""
+        """Run a request's on_end (or on_logprobs); a failing callback must not take the batch down with it."""
         with contextlib.suppress(Exception):
             fn(*args)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   k: int) -> tuple[list[list[tuple[int, float]]], list[float]]:
+    """logits (T, V) and the token taken after each position -> the k most likely tokens at each position
+    [(id, logprob)] best first, and each taken token's logprob. float32 log-softmax of the raw logits: the model's
+    own distribution, whatever sampling then did with it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if k <= 0:
+        return [[] for _ in tokens], chosen
+    vals, ids = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())], chosen
 
 
 class StreamDecoder:
