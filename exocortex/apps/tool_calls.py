@@ -24,11 +24,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from exocortex.apps.guard import APIError
-from exocortex.infer.constrain import Constraint, ConstraintError, ConstraintUnavailable, tool_call_constraint
+from exocortex.infer.constrain import (BannedTokens, Constraint, ConstraintError, ConstraintUnavailable,
+                                       tool_call_constraint)
 from exocortex.infer.engine import client_call
+from exocortex.tokenizer import CALL_START
 
 NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_TOOLS = 128  # OpenAI's limit
@@ -60,13 +60,13 @@ class ToolPlan:
         built-in's name needs nothing here: the engine hands every call to a client's name back unrun."""
         return None if self.builtin else {}
 
-    def constraint(self, tok) -> "Constraint | NoToolCalls | None":
+    def constraint(self, tok) -> "Constraint | None":
         """The token mask tool_choice asks for. Compiles a grammar for required/named (can take a while: run it
         off the event loop)."""
         if self.choice == "auto":
             return None
         if self.choice == "none":
-            return NoToolCalls(tok)
+            return BannedTokens(tok, [tok.special[CALL_START]], "tool_choice none")  # no grammar needed
         name = None if self.choice == "required" else self.choice
         try:
             return tool_call_constraint(tok, self.specs, name, parallel=self.parallel)
@@ -200,26 +200,6 @@ def order_tool_messages(msgs: list[dict]) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- generation
-
-class NoToolCalls:
-    """tool_choice "none": a constraint (the engine's protocol: allowed / advance / fork / done) that bans the
-    <tool_call> token and allows everything else. Needs no grammar engine."""
-    what = "tool_choice none"
-    done = False
-
-    def __init__(self, tok):
-        self.mask = torch.ones(tok.vocab_size, dtype=torch.bool)
-        self.mask[tok.special["<tool_call>"]] = False
-
-    def fork(self) -> "NoToolCalls":
-        return self  # stateless
-
-    def allowed(self) -> torch.Tensor:
-        return self.mask
-
-    def advance(self, token: int) -> None:
-        pass
-
 
 def with_format(tok, format_constraint, tools: ToolPlan):
     """The reply's constraint given response_format's (compiled) and tool_choice: both at once is a 400 unless
