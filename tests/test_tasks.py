@@ -161,6 +161,19 @@ def test_document_index_finds_the_entity_passage(world):
     assert user("   ") == "error: empty query" and user("zebra") == "no results"
 
 
+def test_a_runs_lookup_tool_takes_the_calls_arguments(tmp_path):
+    from exocortex.config import make_config
+    from exocortex.infer.lookup import tools_for_run
+
+    (tmp_path / "notes.txt").write_text("The vault code is 4417.\n\nLunch is at noon on Fridays.\n")
+    tools = tools_for_run(make_config("tiny"), docs=[str(tmp_path / "notes.txt")])
+    assert set(tools) == {"calculator", "python", "lookup"}
+    call = '{"name": "lookup", "arguments": {"query": "vault code"}}'
+    assert "4417" in run_tool_call(call, tools)
+    assert "4417" in run_tool_call('{"name": "lookup", "arguments": {}}', tools, context="the vault's code?")
+    assert run_tool_call('{"name": "lookup", "arguments": {"q": "x"}}', tools) == "error: lookup takes only 'query', not 'q'"
+
+
 def test_mixture_is_deterministic_and_weighted(tasks):
     m = parse_mixture("arithmetic=3,identity=1")
     a = mixture_conversations(tasks, m, 400, 5)
