@@ -1,10 +1,14 @@
-"""Arithmetic with the calculator, and GSM8K-like word problems: several calculator calls, then `#### N`."""
+"""Arithmetic with the calculator, and GSM8K-like word problems: several calculator calls, then `#### N`.
+
+A call is a tool_call part whose text is the call's JSON, {"name": "calculator", "arguments": {"expression": ...}}
+(the chat format frames it with the markers: exocortex/tokenizer.py)."""
 from __future__ import annotations
 
 import random
 
 from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, split_of
 from exocortex.infer.tools import calculator
+from exocortex.tokenizer import tool_call_json
 
 ARITH_QUESTIONS = [
     "What is {e}?", "what is {e}", "Calculate {e}.", "Compute {e}", "How much is {e}?", "{e} = ?",
@@ -30,6 +34,11 @@ def random_expression(rng: random.Random) -> str:
     return f"{a} {op} {b}"
 
 
+def calculator_call(expression: str) -> dict:
+    """The assistant part that calls the calculator on `expression`."""
+    return {"type": "tool_call", "text": tool_call_json("calculator", {"expression": expression})}
+
+
 class Arithmetic(Task):
     name = "arithmetic"
     uses_tools = True
@@ -43,7 +52,7 @@ class Arithmetic(Task):
         shown = e.replace("*", rng.choice(["*", "*", "×", "times"])) if rng.random() < 0.3 else e
         q = rng.choice(ARITH_QUESTIONS).format(e=shown)
         a = rng.choice(ARITH_ANSWERS).format(e=e, r=r)
-        parts = [{"type": "tool_call", "text": f"calculator({e})"}, {"type": "tool_output", "text": r},
+        parts = [calculator_call(e), {"type": "tool_output", "text": r},
                  {"type": "text", "text": a}]
         return {"task": self.name, "answer": r, "messages": [{"role": "user", "content": q},
                                                              {"role": "assistant", "content": parts}]}
@@ -302,8 +311,7 @@ class WordProblems(Task):
             if rng.random() < self.mental_rate:
                 parts.append({"type": "text", "text": f"{label} {expr} = {r}. "})
             else:
-                parts += [{"type": "text", "text": label + " "}, {"type": "tool_call", "text": f"calculator({expr})"},
-                          {"type": "tool_output", "text": r}]
+                parts += [{"type": "text", "text": label + " "}, calculator_call(expr), {"type": "tool_output", "text": r}]
         parts.append({"type": "text", "text": f"#### {answer}"})
         return {"task": self.name, "answer": answer,
                 "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
