@@ -189,28 +189,44 @@ def test_conversations_render_the_tools_block_and_train_the_call(tok, task):
         assert prompt_ids(tok, ex) == tok.render_for_completion(ex["messages"][:-1], tools=ex["tools"])
 
 
-def _reference_script(tok, ex) -> list[int]:
-    """What a model that answers `ex` right writes: its call, then (after the response) its answer."""
-    sp = tok.special
-    call, _, answer = _parts(ex)
-    return ([sp["<tool_call>"]] + tok.encode("\n" + call["text"] + "\n") + [sp["</tool_call>"]]
-            + tok.encode(answer["text"]) + [sp["<|assistant_end|>"]])
+def _script(tok, parts: list[dict]) -> list[int]:
+    """What a model writes for a reply: its text and calls (the engine forces the responses in between)."""
+    sp, out = tok.special, []
+    for p in parts:
+        if p["type"] == "tool_call":
+            out += [sp["<tool_call>"]] + tok.encode("\n" + p["text"] + "\n") + [sp["</tool_call>"]]
+        elif p["type"] == "text":
+            out += tok.encode(p["text"])
+    return out + [sp["<|assistant_end|>"]]
 
 
 def test_eval_offers_the_functions_and_runs_them_as_the_client(tok, small_cfg, task):
-    """task_accuracy renders the tools into the prompt, runs the client's functions when the model calls them,
-    and grades the call: a model that writes the reference reply scores 100%, one that calls another function 0%."""
-    seed = next(s for s in range(100) if task.examples(1, s, "test")[0]["kind"] in ("one", "choose"))
-    ex = task.examples(1, seed, "test")[0]
+    """task_accuracy renders each example's tools into its prompt, runs the client's functions when the model
+    calls them, and grades the calls: a model that writes the reference replies scores 100%; one that calls
+    another function, or calls where nothing fits, is wrong there."""
+    n, seed = 24, 0
+    examples = task.examples(n, seed, "test")
+    assert {e["kind"] for e in examples} == set(KINDS)
+    by_prompt = {tuple(prompt_ids(tok, e)): e for e in examples}
     small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 2048  # specs are long in the test's tiny vocabulary
-    script = _reference_script(tok, ex)
-    scripted = Scripted(script, tok.vocab_size)
-    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=scripted)
-    samples = []
-    assert task_accuracy(eng, tok, task, 1, seed, max_new_tokens=len(script) + 100, samples=samples) == 1.0
-    assert scripted.prompt_lengths == [len(prompt_ids(tok, ex))]  # the prompt carried the tools block
-    assert f"[tool output: {_parts(ex)[1]['text']}]" in samples[0]["reply"] and eng.tools is TOOLS  # put back
-    wrong = _reference_script(tok, {**ex, "messages": ex["messages"][:-1] + [{"role": "assistant", "content": [
-        {"type": "tool_call", "text": tool_call_json("nope", {})}] + _parts(ex)[1:]}]})
-    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(wrong, tok.vocab_size))
-    assert task_accuracy(eng, tok, task, 1, seed, max_new_tokens=len(wrong) + 100) == 0.0
+
+    def accuracy(reply) -> float:
+        scripted = Scripted(lambda prompt: _script(tok, reply(by_prompt[tuple(prompt)])), tok.vocab_size)
+        eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=scripted)
+        samples = []
+        acc = task_accuracy(eng, tok, task, n, seed, max_new_tokens=200, samples=samples)
+        assert eng.tools is TOOLS and sorted(scripted.prompt_lengths) == sorted(map(len, by_prompt))
+        if examples[0]["call"] and acc == 1.0:  # the client's response, inserted by the engine, in the reply
+            assert f"[tool output: {_parts(examples[0])[1]['text']}]" in samples[0]["reply"]
+        return acc
+
+    def right(e):  # the reference reply; its answer not starting as the response does (the script would skip it)
+        return _parts(e)[:2] + [{"type": "text", "text": "So: " + _parts(e)[2]["text"]}] if e["call"] else _parts(e)
+
+    assert accuracy(right) == 1.0
+    wrong_name = [{"type": "tool_call", "text": tool_call_json("nope", {})}, {"type": "text", "text": "ok"}]
+    assert accuracy(lambda e: _parts(e) if e["call"] is None else wrong_name + _parts(e)[2:]) == \
+        sum(e["call"] is None for e in examples) / n
+    hello = [{"type": "tool_call", "text": tool_call_json(examples[0]["tools"][0]["function"]["name"], {})}]
+    assert accuracy(lambda e: right(e) if e["call"] else hello + _parts(e)) == sum(e["call"] is not None
+                                                                                   for e in examples) / n
