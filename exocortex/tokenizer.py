@@ -34,17 +34,34 @@ SPECIAL_TOKENS = [
 ]
 
 
-# One copy of the tool-call format's fixed text per this many bytes of training text (0.3%): a prose corpus
-# never writes `{"name": "calculator", "arguments": {"expression": "`, so without it the BPE spells a call out
-# in ~43 tokens; with it, ~20 — which the tiny preset's 256-token context needs (docs/tokenizer.md).
+# One copy of the chat format's fixed text per this many bytes of training text (1.3%; its tool calls 0.3%): a
+# prose corpus never writes `{"name": "calculator", "arguments": {"expression": "`, so without it the BPE spells
+# a call out in ~43 tokens; with it, ~20 — which the tiny preset's 256-token context needs (docs/tokenizer.md).
 FORMAT_EVERY_BYTES = 64_000
 
 
+# The document also offers functions as a system turn does (render_tools_block): a spec's JSON Schema words
+# (type, function, description, parameters, object, properties, string, integer, required, ...) are as rare in
+# prose, and spelled out they made a one-parameter spec ~100 tokens on the tiny preset; learned, ~55, which is
+# what lets a client's one or two functions and a reply fit its 256-token context (tests/test_functions.py).
+# Generic specs, not the training tasks' functions: the words any client's specs are built of.
+FORMAT_TOOLS = [
+    {"type": "function", "function": {"name": "calculator", "description": "Exact arithmetic.", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 347 * 29"}},
+        "required": ["expression"]}}},
+    {"type": "function", "function": {"name": "search", "description": "Search the web.", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"},
+                                         "exact": {"type": "boolean"}, "min_score": {"type": "number"}},
+        "required": ["query"]}}},
+]
+
+
 def with_format_text(texts: Iterable[str], every: int = FORMAT_EVERY_BYTES) -> Iterator[str]:
-    """`texts`, and after every `every` bytes of them a document of tool calls in the chat format."""
+    """`texts`, and after every `every` bytes of them a document in the chat format's own text: tool calls, and
+    a tools block offering functions."""
     fmt = "".join("\n" + tool_call_json(name, args) + "\n" for name, args in [
         ("calculator", {"expression": "1 + 2"}), ("lookup", {}), ("lookup", {"query": "x"}),
-        ("python", {"code": "print(1)"})])
+        ("python", {"code": "print(1)"})]) + render_tools_block(FORMAT_TOOLS)
     seen = 0
     for text in texts:
         yield text

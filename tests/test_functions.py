@@ -189,6 +189,31 @@ def test_conversations_render_the_tools_block_and_train_the_call(tok, task):
         assert prompt_ids(tok, ex) == tok.render_for_completion(ex["messages"][:-1], tools=ex["tools"])
 
 
+def test_the_longest_conversation_fits_the_tiny_context(monkeypatch):
+    """With a tokenizer as the tiny preset trains it (4096 tokens on the generated world, which has learned the
+    tools block's text: tokenizer.FORMAT_TOOLS), every conversation fits its 256-token rows with room to spare,
+    and every prompt leaves a reply 64 tokens at least (the reference replies take at most 80, a three-argument
+    call and its answer)."""
+    import exocortex.tokenizer as tokenizer
+    from exocortex.config import make_config
+    from exocortex.data.world import World, generate_documents
+
+    cfg = make_config("tiny")
+    world = World(seed=0)
+    docs = list(generate_documents(0, target_bytes=3_000_000, world=world))
+    tok = Tokenizer.train(docs, cfg.tokenizer.vocab_size)
+    convs = mixture_conversations(TaskSet(world), {"functions": 1.0}, 3000, 0)
+    lengths = [len(tok.render_conversation(c)[0]) for c in convs]
+    prompts = [len(prompt_ids(tok, c)) for c in convs]
+    replies = [n - p for n, p in zip(lengths, prompts)]
+    assert max(lengths) <= cfg.model.seq_len - 16, max(lengths)
+    assert max(prompts) <= cfg.model.seq_len - 64 and max(replies) <= 80, (max(prompts), max(replies))
+    # without the specs' words in the BPE's training text, they would not fit
+    monkeypatch.setattr(tokenizer, "FORMAT_TOOLS", [])
+    spelled = Tokenizer.train(docs, cfg.tokenizer.vocab_size)
+    assert max(len(spelled.render_conversation(c)[0]) for c in convs) > cfg.model.seq_len + 32
+
+
 def _script(tok, parts: list[dict]) -> list[int]:
     """What a model writes for a reply: its text and calls (the engine forces the responses in between)."""
     sp, out = tok.special, []
@@ -230,3 +255,4 @@ def test_eval_offers_the_functions_and_runs_them_as_the_client(tok, small_cfg, t
     hello = [{"type": "tool_call", "text": tool_call_json(examples[0]["tools"][0]["function"]["name"], {})}]
     assert accuracy(lambda e: right(e) if e["call"] else hello + _parts(e)) == sum(e["call"] is not None
                                                                                    for e in examples) / n
+
