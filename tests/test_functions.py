@@ -12,6 +12,7 @@ from exocortex.infer.tools import BUILTIN_TOOLS, TOOLS, parse_tool_call
 from exocortex.model import GPT
 from exocortex.tasks import TaskSet, mixture_conversations
 from exocortex.tasks.base import prompt_ids, split_of
+from exocortex.tasks.arithmetic import CALCULATOR_SPEC
 from exocortex.tasks.functions import CALCULATOR, FUNCTIONS, KINDS, Functions, carries, same_json
 from exocortex.tokenizer import CALL_START, RESPONSE_START, Tokenizer, render_tools_block, tool_call_json
 from scripted import Scripted
@@ -75,7 +76,7 @@ def test_signatures_vary_and_the_builtin_calculator_spec_is_offered(task):
     names = Counter(ex["call"]["name"] for ex in exs if ex["call"])
     for fn in FUNCTIONS + [CALCULATOR]:
         assert all(names[n] > 0 for n, _ in fn.signatures), fn.family
-    builtin = BUILTIN_TOOLS[0]
+    builtin = CALCULATOR_SPEC
     assert builtin["function"]["name"] == "calculator"
     assert sum(builtin in ex["tools"] for ex in exs if ex["kind"] == "calculator") > 100
     # a calculator call is the real calculator's result, whatever the client named it
@@ -193,7 +194,7 @@ def test_the_longest_conversation_fits_the_tiny_context(monkeypatch):
     """With a tokenizer as the tiny preset trains it (4096 tokens on the generated world, which has learned the
     tools block's text: tokenizer.FORMAT_TOOLS), every conversation fits its 256-token rows with room to spare,
     and every prompt leaves a reply 64 tokens at least (the reference replies take at most 80, a three-argument
-    call and its answer)."""
+    call and its answer); so do the arithmetic tasks' conversations that offer the calculator's spec."""
     import exocortex.tokenizer as tokenizer
     from exocortex.config import make_config
     from exocortex.data.world import World, generate_documents
@@ -208,6 +209,10 @@ def test_the_longest_conversation_fits_the_tiny_context(monkeypatch):
     replies = [n - p for n, p in zip(lengths, prompts)]
     assert max(lengths) <= cfg.model.seq_len - 16, max(lengths)
     assert max(prompts) <= cfg.model.seq_len - 64 and max(replies) <= 80, (max(prompts), max(replies))
+    for name in ("arithmetic", "word_problems"):
+        offered = [c for c in mixture_conversations(TaskSet(world), {name: 1.0}, 2000, 0) if c.get("tools")]
+        assert 0.08 < len(offered) / 2000 < 0.3
+        assert max(len(tok.render_conversation(c)[0]) for c in offered) <= cfg.model.seq_len - 16, name
     # without the specs' words in the BPE's training text, they would not fit
     monkeypatch.setattr(tokenizer, "FORMAT_TOOLS", [])
     spelled = Tokenizer.train(docs, cfg.tokenizer.vocab_size)
@@ -256,3 +261,19 @@ def test_eval_offers_the_functions_and_runs_them_as_the_client(tok, small_cfg, t
     assert accuracy(lambda e: right(e) if e["call"] else hello + _parts(e)) == sum(e["call"] is not None
                                                                                    for e in examples) / n
 
+
+def test_arithmetic_tasks_sometimes_offer_the_calculator_spec(tok):
+    """20% of arithmetic (and of the short word problems) offer the calculator's spec in the system turn, as a
+    client with tools=[calculator] does; the reference call is the same either way."""
+    from exocortex.tasks.arithmetic import Arithmetic, WordProblems
+
+    for task, low, high in ((Arithmetic(), 0.15, 0.25), (WordProblems(), 0.07, 0.16)):
+        exs = task.examples(1500, 0, "train")
+        offered = [e for e in exs if "tools" in e]
+        assert low < len(offered) / len(exs) < high, task.name
+        assert all(e["tools"] == [CALCULATOR_SPEC] for e in offered)
+        calls = {p["text"] for e in offered for p in e["messages"][-1]["content"] if p["type"] == "tool_call"}
+        assert calls and all(parse_tool_call(c)[0] == "calculator" for c in calls)
+        plain = next(e for e in exs if "tools" not in e)
+        assert render_tools_block([CALCULATOR_SPEC]) in tok.decode(prompt_ids(tok, offered[0]))
+        assert "# Tools" not in tok.decode(prompt_ids(tok, plain))

@@ -24,8 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from exocortex.infer.tools import BUILTIN_TOOLS, ToolError, calculator, parse_tool_call
-from exocortex.tasks.arithmetic import random_expression
+from exocortex.infer.tools import ToolError, calculator, parse_tool_call
+from exocortex.tasks.arithmetic import CALCULATOR_SPEC, random_expression
 from exocortex.tasks.base import Task, own_words, split_of
 from exocortex.tasks.chat import GREETING_REPLIES, GREETINGS, SYSTEM_PROMPTS, THANKS, THANKS_REPLIES
 from exocortex.tokenizer import tool_call_json
@@ -197,7 +197,6 @@ CALCULATOR = Function(
     ("What is {expression}?", "Compute {expression}.", "{expression} = ?", "Calculate {expression}, please."),
     _calculate,
     ("{expression} = {result}.", "The answer is {result}.", "That's {result}."))
-BUILTIN_CALCULATOR = next(t for t in BUILTIN_TOOLS if t["function"]["name"] == "calculator")
 
 # requests no function fits: (kind, asks, answers); "{names}" is the offered functions, "{phrase}" a phrase
 NO_CALL = [
@@ -320,7 +319,7 @@ class Functions(Task):
         """One signature of `fn` as a spec, with its name and parameter names."""
         name, names = rng.choice(fn.signatures)
         if fn is CALCULATOR and name == "calculator" and rng.random() < 0.5:
-            return BUILTIN_CALCULATOR, name, names  # the spec our server and exports show for the built-in
+            return CALCULATOR_SPEC, name, names  # the built-in's own spec, as the arithmetic tasks offer it
         return spec(name, rng.choice(fn.descriptions), {names[r]: t for r, t in fn.params.items()}), name, names
 
     def _call(self, rng: random.Random, kind: str) -> tuple[dict, list[str]]:
