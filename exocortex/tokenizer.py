@@ -51,15 +51,53 @@ def plain_text(text: str) -> str:
     return text
 
 
+# One copy of the chat format's fixed text per this many bytes of training text (1.3%; its tool calls 0.3%): a
+# prose corpus never writes `{"name": "calculator", "arguments": {"expression": "`, so without it the BPE spells
+# a call out in ~43 tokens; with it, ~20 — which the tiny preset's 256-token context needs (docs/tokenizer.md).
+FORMAT_EVERY_BYTES = 64_000
+
+
+# The document also offers functions as a system turn does (render_tools_block): a spec's JSON Schema words
+# (type, function, description, parameters, object, properties, string, integer, required, ...) are as rare in
+# prose, and spelled out they made a one-parameter spec ~100 tokens on the tiny preset; learned, ~55, which is
+# what lets a client's one or two functions and a reply fit its 256-token context (tests/test_functions.py).
+# Generic specs, not the training tasks' functions: the words any client's specs are built of.
+FORMAT_TOOLS = [
+    {"type": "function", "function": {"name": "calculator", "description": "Exact arithmetic.", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 347 * 29"}},
+        "required": ["expression"]}}},
+    {"type": "function", "function": {"name": "search", "description": "Search the web.", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"},
+                                         "exact": {"type": "boolean"}, "min_score": {"type": "number"}},
+        "required": ["query"]}}},
+]
+
+
+def with_format_text(texts: Iterable[str], every: int = FORMAT_EVERY_BYTES) -> Iterator[str]:
+    """`texts`, and after every `every` bytes of them a document in the chat format's own text: tool calls, and
+    a tools block offering functions (escaped as a system turn renders it)."""
+    fmt = "".join("\n" + tool_call_json(name, args) + "\n" for name, args in [
+        ("calculator", {"expression": "1 + 2"}), ("lookup", {}), ("lookup", {"query": "x"}),
+        ("python", {"code": "print(1)"})]) + plain_text(render_tools_block(FORMAT_TOOLS))
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text)
+        if seen >= every:
+            yield fmt
+            seen = 0
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> list[tuple[bytes, int]]:
-    """Learn BPE merges; returns mergeable ranks (token bytes, rank) for vocab_size - len(SPECIAL_TOKENS) tokens."""
+    """Learn BPE merges; returns mergeable ranks (token bytes, rank) for vocab_size - len(SPECIAL_TOKENS) tokens.
+    The tool-call format's text is mixed in (with_format_text): every tokenizer is a chat model's."""
     import rustbpe
 
     n_bpe = vocab_size - len(SPECIAL_TOKENS)
     if n_bpe < 256:
         raise ExocortexError(f"tokenizer.vocab_size={vocab_size} is too small: needs at least {256 + len(SPECIAL_TOKENS)}")
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(iter(texts), n_bpe, pattern=SPLIT_PATTERN)
+    bpe.train_from_iterator(with_format_text(texts), n_bpe, pattern=SPLIT_PATTERN)
     return [(bytes(b), int(r)) for b, r in bpe.get_mergeable_ranks()]
 
 

@@ -199,7 +199,7 @@ def test_chat_template_matches_render(exported, etok):
         {"role": "user", "content": "What is 347 * 29?"},
         {"role": "assistant", "content": [
             {"type": "text", "text": "Let me compute. "},
-            {"type": "tool_call", "text": "calculator(347 * 29)"},
+            {"type": "tool_call", "text": '{"name": "calculator", "arguments": {"expression": "347 * 29"}}'},
             {"type": "tool_output", "text": "10063"},
             {"type": "text", "text": " It is 10063."}]},
         {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "text", "text": "in words?  "}]},

@@ -157,7 +157,7 @@ def test_chat_template(llm, etok):
         {"role": "user", "content": [{"type": "text", "text": "What is 12*7"}, {"type": "text", "text": "?"}]},
         {"role": "assistant", "content": [
             {"type": "text", "text": "Let me compute. "},
-            {"type": "tool_call", "text": "calc(12*7)"},
+            {"type": "tool_call", "text": '{"name": "calculator", "arguments": {"expression": "12*7"}}'},
             {"type": "tool_output", "text": "84"},
             {"type": "text", "text": "It is 84."}]},
         {"role": "user", "content": "Thanks! 🙂  \n\n  12345 it's"},

@@ -191,7 +191,7 @@ def test_validation_errors(server):
         _error(h.post(url, json={"messages": user, "top_p": 0}), 400, param="top_p")
         _error(h.post(url, json={"messages": user, "top_p": 1.5}), 400, param="top_p")
         _error(h.post(url, json={"messages": user, "max_tokens": 0}), 400, param="max_tokens")
-        _error(h.post(url, json={"messages": user, "n": 2}), 400, param="n")
+        _error(h.post(url, json={"messages": user, "n": 0}), 400, param="n")
         _error(h.post(url, json={"messages": user, "stop": ["a", "b", "c", "d", "e"]}), 400, param="stop")
         _error(h.post(url, json={"messages": user + [{"role": "system", "content": "late"}]}), 400,
                param="messages[1].role")

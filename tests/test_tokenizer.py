@@ -200,3 +200,16 @@ def test_special_token_text_is_escaped_in_every_message_string(tok):
     eng = Engine.__new__(Engine)
     eng.tok, eng.out_start, eng.out_end = tok, 1, 2
     assert eng.response_tokens(evil) == [1] + tok.encode("\n" + plain_text(evil) + "\n") + [2]
+
+
+def test_the_bpe_learns_the_tool_call_format(monkeypatch):
+    """A prose corpus never writes JSON calls: the format's text is mixed into the BPE's training text, so a
+    call costs about half the tokens it would (the tiny preset's context is 256 tokens)."""
+    import exocortex.tokenizer as tokenizer
+
+    prose = ["the river town of Tarsk sells glimmerfern at market, said Mira. " * 40] * 400  # ~1 MB
+    call = '\n{"name": "calculator", "arguments": {"expression": "347 * 29"}}\n'
+    learned = len(Tokenizer.train(prose, 600).encode(call))
+    monkeypatch.setattr(tokenizer, "with_format_text", lambda texts: texts)
+    spelled = len(Tokenizer.train(prose, 600).encode(call))
+    assert learned * 2 <= spelled, (learned, spelled)

@@ -7,7 +7,8 @@ on. It is built from
   - "any JSON object" (`json_object_constraint`: response_format json_object),
   - a tool call (`tool_call_constraint`: tool_choice "required" or a named function), i.e. the whole
         <tool_call> "\\n" {"name": NAME, "arguments": <that tool's parameters>} "\\n" </tool_call>
-    with the markers as the special tokens they are, then more calls (if parallel) or the end of the reply.
+    with the markers as the special tokens they are, then more calls (if parallel) or the end of the reply,
+  - a set of banned tokens (`BannedTokens`: tool_choice "none" bans <tool_call>; no grammar needed).
 When the grammar is complete, only <|assistant_end|> is allowed, so a constrained reply ends by itself.
 
 JSON is written with json.dumps's separators (", " and ": ") and no other whitespace: the shape every JSON
@@ -22,17 +23,13 @@ ConstraintUnavailable, which the server answers with a 400 naming the package.
 from __future__ import annotations
 
 import json
+import threading
 import weakref
 
 import numpy as np
 import torch
 
-from exocortex.tokenizer import Tokenizer
-
-try:  # the Hermes-format marker names (tokenizer.py); before that rename the same ids had the old names
-    from exocortex.tokenizer import CALL_END, CALL_START
-except ImportError:  # pragma: no cover - transitional, drop once the rename is on main
-    CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
+from exocortex.tokenizer import CALL_END, CALL_START, Tokenizer
 
 END = "<|assistant_end|>"
 PACKAGE = "llguidance"
@@ -63,18 +60,20 @@ def _llguidance():
 
 
 _LL_TOKENIZERS: "weakref.WeakKeyDictionary[Tokenizer, object]" = weakref.WeakKeyDictionary()
+_LL_LOCK = threading.Lock()  # the server compiles constraints in worker threads
 
 
 def _ll_tokenizer(tok: Tokenizer):
     """llguidance's view of our tokenizer (the token trie it walks), made once per Tokenizer."""
-    ll = _LL_TOKENIZERS.get(tok)
-    if ll is None:
-        from llguidance.tiktoken import lltokenizer_from_encoding
+    with _LL_LOCK:
+        ll = _LL_TOKENIZERS.get(tok)
+        if ll is None:
+            from llguidance.tiktoken import lltokenizer_from_encoding
 
-        # <|assistant_end|> is the grammar's end of sequence: allowed exactly when the grammar is complete
-        ll = _LL_TOKENIZERS[tok] = lltokenizer_from_encoding(tok.enc, n_vocab=tok.vocab_size,
-                                                              eos_token=tok.special[END])
-    return ll
+            # <|assistant_end|> is the grammar's end of sequence: allowed exactly when the grammar is complete
+            ll = _LL_TOKENIZERS[tok] = lltokenizer_from_encoding(tok.enc, n_vocab=tok.vocab_size,
+                                                                  eos_token=tok.special[END])
+        return ll
 
 
 class Constraint:
@@ -84,7 +83,10 @@ class Constraint:
         lib = _llguidance()
         self.tok, self.grammar, self.what = tok, grammar, what
         self.vocab_size = tok.vocab_size
-        self._matcher = lib.LLMatcher(_ll_tokenizer(tok), grammar, log_level=0)
+        try:
+            self._matcher = lib.LLMatcher(_ll_tokenizer(tok), grammar, log_level=0)
+        except (ValueError, RuntimeError) as e:  # most errors are a state (below); some versions raise
+            raise ConstraintError(f"cannot compile the {what}: {_short(str(e))}") from None
         if self._matcher.is_error():
             raise ConstraintError(f"cannot compile the {what}: {_short(self._matcher.get_error())}")
         self._bits = lib.numpy.allocate_token_bitmask(1, self.vocab_size)
@@ -92,7 +94,7 @@ class Constraint:
 
     def fork(self) -> "Constraint":
         """A fresh copy in the same state (one per row when several rows share a constraint)."""
-        other = object.__new__(Constraint)
+        other = object.__new__(type(self))
         other.__dict__.update(self.__dict__)
         other._matcher = self._matcher.deep_copy()
         other._bits = self._bits.copy()
@@ -101,13 +103,19 @@ class Constraint:
     def allowed(self) -> torch.Tensor:
         """The tokens the grammar accepts next: a bool tensor of vocab_size (on the CPU)."""
         self._fill(self._matcher, self._bits, 0)
-        bits = np.unpackbits(self._bits[0].view(np.uint8), bitorder="little")[:self.vocab_size]
-        return torch.from_numpy(bits.astype(bool))
+        # one bit per token -> one byte per token, viewed as bool without a copy: at 32k tokens each extra pass
+        # over the vocabulary costs about as much as the grammar's own step (bench/constrain.py)
+        bits = np.unpackbits(self._bits[0].view(np.uint8), count=self.vocab_size, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)
 
     def advance(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise ConstraintError(f"the {self.what} refuses token {token} "
-                                  f"({self.tok.decode([token])!r}): {_short(self._matcher.get_error())}")
+            raise ConstraintError(f"the {self.what} refuses token {token} ({self.tok.decode([token])!r}): "
+                                  f"{self.error()}")
+
+    def error(self) -> str:
+        """Why the grammar cannot go on ('' while it can)."""
+        return _short(self._matcher.get_error())
 
     @property
     def done(self) -> bool:
@@ -115,17 +123,44 @@ class Constraint:
         return self._matcher.is_stopped()
 
 
+class BannedTokens(Constraint):
+    """Any reply without some tokens (e.g. tool_choice "none": never open <tool_call>). A fixed mask, no
+    grammar: it needs no llguidance and costs one masked copy of the logits per token."""
+
+    def __init__(self, tok: Tokenizer, banned: list[int], what: str = "banned tokens"):
+        self.tok, self.what, self.vocab_size = tok, what, tok.vocab_size
+        self._allowed = torch.ones(tok.vocab_size, dtype=torch.bool)
+        self._allowed[list(banned)] = False
+
+    def fork(self) -> "BannedTokens":
+        return self  # it has no state
+
+    def allowed(self) -> torch.Tensor:
+        return self._allowed
+
+    def advance(self, token: int) -> None:
+        if not self._allowed[token]:
+            raise ConstraintError(f"the {self.what} refuses token {token} ({self.tok.decode([token])!r})")
+
+    def error(self) -> str:
+        return ""
+
+    @property
+    def done(self) -> bool:
+        return False
+
+
 def mask_logits(logits: torch.Tensor, constraint: Constraint) -> torch.Tensor:
     """logits (V,) with every token the constraint refuses set to -inf (a new tensor). Raises ConstraintError
     if it allows none: a row must end then, never sample at random or wait forever."""
     allowed = constraint.allowed()
-    if not bool(allowed.any()):
+    if not allowed.numpy().any():
         raise ConstraintError(f"no token can continue the {constraint.what}: "
-                              f"{_short(constraint._matcher.get_error()) or 'the grammar is at a dead end'}")
-    keep = torch.zeros(logits.shape[-1], dtype=torch.bool)
-    n = min(len(allowed), len(keep))  # a model vocabulary padded past the tokenizer's: the padding is never allowed
-    keep[:n] = allowed[:n]
-    return logits.masked_fill(~keep.to(logits.device), float("-inf"))
+                              f"{constraint.error() or 'the grammar is at a dead end'}")
+    v = logits.shape[-1]
+    if len(allowed) != v:  # a model vocabulary padded past the tokenizer's: the padding is never allowed
+        allowed = torch.cat([allowed, torch.zeros(max(0, v - len(allowed)), dtype=torch.bool)])[:v]
+    return torch.where(allowed.to(logits.device, non_blocking=True), logits, float("-inf"))
 
 
 # ----------------------------------------------------------------------------- building constraints
@@ -160,7 +195,8 @@ def tool_call_constraint(tok: Tokenizer, tools: list[dict], name: str | None = N
     for i, spec in enumerate(tools):
         fn = spec.get("function") if isinstance(spec, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise ConstraintError(f"tools[{i}] is not a function spec {{'type': 'function', 'function': {{'name', ...}}}}")
+            raise ConstraintError(f"tools[{i}] is not a function spec "
+                                  "{'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
         params = fn.get("parameters")
         specs[fn["name"]] = params if params is not None else {"type": "object", "properties": {}}
     if name is not None:

@@ -33,7 +33,7 @@ from exocortex.infer.constrain import Constraint, ConstraintError, mask_logits
 from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
-from exocortex.infer.tools import TOOLS, run_tool_call
+from exocortex.infer.tools import TOOLS, ToolError, parse_tool_call, run_tool_call
 from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer, plain_text
 
 
@@ -60,7 +60,7 @@ def _row_constraints(constraint, n_rows: int) -> list | None:
     row has one: then the decode loop never looks at constraints again."""
     if constraint is None:
         return None
-    if isinstance(constraint, Constraint):
+    if not isinstance(constraint, (list, tuple)):  # one for every row (any object with Constraint's methods)
         constraint = [constraint] * n_rows
     if len(constraint) != n_rows:
         raise ValueError(f"{len(constraint)} constraints for {n_rows} rows")
@@ -87,6 +87,8 @@ class RowState:
     call_tokens: list = field(default_factory=list)
     done: bool = False
     context: str = ""  # the user's last message: what `lookup` without a query searches for
+    client_calls: int = 0  # calls this reply made to the client's tools (Request.client_tools)
+    between_calls: bool = False  # a client's call just closed: the next token is another call or the end
 
 
 class Engine:
@@ -113,7 +115,8 @@ class Engine:
     def generate(self, prompt: list[int] | list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  seed: int | None = None, stats: dict | None = None,
-                 constraint: Constraint | list[Constraint | None] | None = None) -> Iterator[tuple[list[int], list[bool]]]:
+                 constraint: Constraint | list[Constraint | None] | None = None,
+                 ) -> Iterator[tuple[list[int], list[bool]]]:
         """Yield, each step, one token per row and whether it was forced (tool output) rather than sampled.
         Rows that finished keep yielding their stop token; iteration ends when all rows are done.
 
@@ -278,6 +281,16 @@ class Engine:
         return "".join(text for kind, text in self.segments(tokens) if kind == "text").strip()
 
 
+def client_call(text: str, names: frozenset[str] | set[str]) -> tuple[str, dict] | None:
+    """(name, arguments) if `text` (between the call markers) is a well-formed call to one of `names`, else None:
+    a call that does not parse goes to the engine's tools, which answer the model with the reason."""
+    try:
+        name, arguments = parse_tool_call(unwrap(text))
+    except ToolError:
+        return None
+    return (name, arguments) if name in names else None
+
+
 def unwrap(text: str) -> str:
     """A call's or response's text without the one newline on each side that the format puts there."""
     text = text[1:] if text.startswith("\n") else text
@@ -294,7 +307,14 @@ class Request:
     comes once: finish is "stop", "length" or None (cancelled); steps counts every token produced, stop
     token and tool output included (as iterating Engine.generate would). `constraint`, if any, is copied
     when the request joins (the request's own stays as given, so one may serve several requests) and masks
-    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError)."""
+    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError).
+
+    Function calling (the server's `tools`): `tools` are the tools the engine runs for this request (None: the
+    engine's own). A call to a name in `client_tools` is not run: it is the client's to run, so the reply ends
+    after it with finish "tool_calls" — at once, or with `parallel_calls` once the model has written every call
+    it wants (after each, the only tokens allowed are <tool_call> and <|assistant_end|>). A call the engine
+    would run that comes after a client's call ends the reply there, unrun (the client's calls answer first).
+    Only the Batcher knows client tools; Engine.generate runs every call."""
     prompt: list[int]
     max_tokens: int = 256
     temperature: float = 1.0
@@ -302,9 +322,18 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     constraint: Constraint | None = None
+    tools: dict[str, Callable[[dict], str]] | None = None
+    client_tools: frozenset[str] = frozenset()
+    parallel_calls: bool = True
     on_token: Callable[[int, bool], bool] = lambda token, forced: True
     on_end: Callable[[str | None, int, BaseException | None], None] = lambda finish, steps, error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Scoring (off by default, and then free): with logprobs=k, on_logprobs(token, logprob, top) comes just before
+    # each token's on_token (and for the stop token too, which on_token never sees) with the token's log-probability
+    # under the model and the k most likely tokens [(id, logprob)], best first. These are the raw model's
+    # (before temperature, top-k/top-p or any mask), as OpenAI and vLLM report them.
+    logprobs: int | None = None
+    on_logprobs: Callable[[int, float, list[tuple[int, float]]], None] = lambda token, logprob, top: None
 
 
 @dataclass(eq=False)
@@ -340,6 +369,9 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.tool_pool: ThreadPoolExecutor | None = None
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
+        sp = engine.tok.special  # what may follow a client's call: another call, or the end of the reply
+        self.after_call = torch.tensor([engine.call_start, sp["<|assistant_end|>"]])
+        self.jobs: deque[tuple[Callable, Future]] = deque()  # see call()
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -360,6 +392,19 @@ class Batcher:
         with self.cv:
             self._start()
         return self.ready.wait(timeout)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the batcher's thread between two steps and return a future of its result. That thread owns
+        the model, so anything else that runs it (a full forward to score a prompt) goes through here rather than
+        racing the decode steps from another thread."""
+        fut: Future = Future()
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            self.jobs.append((fn, fut))
+            self._start()
+            self.cv.notify()
+        return fut
 
     def cancel(self, req: Request) -> None:
         """End a request at the next step boundary (on_end(None, ...)); a no-op once it ended."""
@@ -392,12 +437,14 @@ class Batcher:
         self.ready.set()
         while True:
             with self.cv:
-                self.cv.wait_for(lambda: self.closed or self.pending or self._runnable())
+                self.cv.wait_for(lambda: self.closed or self.pending or self.jobs or self._runnable())
                 if self.closed:
                     break
                 joining = []
                 while self.pending and (broken or len(joining) < self.rows.count(None)):
                     joining.append(self.pending.popleft())
+                jobs, self.jobs = list(self.jobs), deque()
+            self._run_jobs(jobs, broken)
             if broken is not None:
                 for req in joining:
                     self._call(req.on_end, None, 0, broken)
@@ -416,7 +463,21 @@ class Batcher:
                 self._end(slot, None)
         for req in self.pending:
             self._call(req.on_end, None, 0, None)
+        self._run_jobs(list(self.jobs), RuntimeError("the batcher is closed"))
         self.tool_pool.shutdown(wait=False)
+
+    @staticmethod
+    def _run_jobs(jobs: list, broken: BaseException | None) -> None:
+        for fn, fut in jobs:
+            if not fut.set_running_or_notify_cancel():
+                continue  # its caller gave up
+            if broken is not None:
+                fut.set_exception(broken)
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the caller hears it; the batch goes on
+                fut.set_exception(e)
 
     def _runnable(self) -> bool:
         """Some row has work now: a token to feed, a decision to make, or a cancellation to process."""
@@ -454,12 +515,20 @@ class Batcher:
         """Pick the next token of every row that has fresh logits: forced tool output, else sampled."""
         waiting = [(slot, row) for slot, row in enumerate(self.rows)
                    if row is not None and row.logits is not None and row.feed is None]
+        raw = {}  # logprobs are the raw model's: kept from before any mask below (masks make new tensors)
         for slot, row in waiting:
+            if row.req.logprobs is not None:
+                raw[slot] = row.logits
             if row.constraint is not None and row.tool is None and not row.state.forced:
                 try:
                     row.logits = mask_logits(row.logits, row.constraint)
                 except ConstraintError as e:  # nothing can follow: this request ends, never loops
                     self._end(slot, None, e)
+                    continue
+            if row.state.between_calls:
+                keep = row.logits.new_full(row.logits.shape, float("-inf"))
+                ids = self.after_call.to(row.logits.device)
+                row.logits = keep.index_copy_(0, ids, row.logits.index_select(0, ids))
         waiting = [(slot, row) for slot, row in waiting if self.rows[slot] is row]
         greedy = [(slot, row) for slot, row in waiting if row.req.temperature <= 0 and not row.state.forced
                   and row.tool is None]
@@ -481,14 +550,19 @@ class Batcher:
             else:
                 r = row.req
                 token = sample_next(row.logits[None], r.temperature, r.top_k, r.top_p, row.gen).item()
+            if row.req.logprobs is not None:
+                top, chosen = token_logprobs(raw[slot][None], [token], row.req.logprobs)
+                self._call(row.req.on_logprobs, token, chosen[0], top[0])
             row.logits = None
             self._take(slot, row, token, forced)
 
     def _take(self, slot: int, row: _Row, token: int, forced: bool) -> None:
         eng, st = self.engine, row.state
         row.steps += 1
+        if not forced:
+            st.between_calls = False
         if not forced and token in eng.stop_ids:
-            self._end(slot, "stop")
+            self._end(slot, "tool_calls" if st.client_calls else "stop")
             return
         if row.constraint is not None:
             if forced:
@@ -507,22 +581,36 @@ class Batcher:
         if not go_on:
             self._end(slot, "stop")
             return
+        run = None  # the call the engine runs now, if this token closed one
+        if not forced:
+            if token == eng.call_start:
+                st.in_tool_call, st.call_tokens = True, []
+            elif token == eng.call_end and st.in_tool_call:
+                st.in_tool_call = False
+                text = eng.tok.decode(st.call_tokens)
+                if row.req.client_tools and client_call(text, row.req.client_tools) is not None:
+                    st.client_calls += 1  # the client runs it: no output is forced, the reply ends after the calls
+                    if not row.req.parallel_calls:
+                        self._end(slot, "tool_calls")
+                        return
+                    st.between_calls = True
+                elif st.client_calls:  # the client's calls come back first; this one stays unrun
+                    self._end(slot, "tool_calls")
+                    return
+                else:
+                    run = text
+            elif st.in_tool_call:
+                st.call_tokens.append(token)
         if row.steps >= row.max_steps:
-            self._end(slot, "length")
+            self._end(slot, "tool_calls" if st.between_calls else "length")
             return
         row.feed = token
-        if forced:
-            return
-        if token == eng.call_start:
-            st.in_tool_call, st.call_tokens = True, []
-        elif token == eng.call_end and st.in_tool_call:
-            st.in_tool_call = False
+        if run is not None:
             if not st.context:
                 st.context = eng.last_user_text(row.req.prompt)
-            row.tool = self.tool_pool.submit(run_tool_call, eng.tok.decode(st.call_tokens), eng.tools, st.context)
+            tools = eng.tools if row.req.tools is None else row.req.tools
+            row.tool = self.tool_pool.submit(run_tool_call, run, tools, st.context)
             row.tool.add_done_callback(lambda _: self._wake())
-        elif st.in_tool_call:
-            st.call_tokens.append(token)
 
     def _wake(self) -> None:
         with self.cv:
@@ -551,9 +639,22 @@ class Batcher:
 
     @staticmethod
     def _call(fn, *args) -> None:
-        """Run a request's on_end; a failing callback must not take the batch down with it."""
+        """Run a request's on_end (or on_logprobs); a failing callback must not take the batch down with it."""
         with contextlib.suppress(Exception):
             fn(*args)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   k: int) -> tuple[list[list[tuple[int, float]]], list[float]]:
+    """logits (T, V) and the token taken after each position -> the k most likely tokens at each position
+    [(id, logprob)] best first, and each taken token's logprob. float32 log-softmax of the raw logits: the model's
+    own distribution, whatever sampling then did with it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if k <= 0:
+        return [[] for _ in tokens], chosen
+    vals, ids = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())], chosen
 
 
 class StreamDecoder:
