@@ -14,7 +14,7 @@ from exocortex.tasks import TaskSet, mixture_conversations
 from exocortex.tasks.base import prompt_ids, split_of
 from exocortex.tasks.arithmetic import CALCULATOR_SPEC
 from exocortex.tasks.functions import CALCULATOR, FUNCTIONS, KINDS, Functions, carries, same_json
-from exocortex.tokenizer import CALL_START, RESPONSE_START, Tokenizer, render_tools_block, tool_call_json
+from exocortex.tokenizer import CALL_START, RESPONSE_START, Tokenizer, plain_text, render_tools_block, tool_call_json
 from scripted import Scripted
 
 
@@ -180,12 +180,14 @@ def test_conversations_render_the_tools_block_and_train_the_call(tok, task):
     for ex in task.examples(40, 6, "train"):
         ids, mask = tok.render_conversation(ex)
         system = tok.decode(ids[ids.index(sp["<|system_start|>"]) + 1:ids.index(sp["<|system_end|>"])])
-        assert render_tools_block(ex["tools"]) in system
-        assert system.endswith(render_tools_block(ex["tools"], ex["messages"][0]["content"]))
+        assert plain_text(render_tools_block(ex["tools"])) in system  # rendered text is escaped
+        assert system.endswith(plain_text(render_tools_block(ex["tools"], ex["messages"][0]["content"])))
         trained = tok.decode([t for t, m in zip(ids, mask) if m])
         if ex["call"]:
             assert tool_call_json(ex["call"]["name"], ex["call"]["arguments"]) in trained
-            assert mask[ids.index(sp[CALL_START])] == 1 and mask[ids.index(sp[RESPONSE_START])] == 0
+            # the response's text is not trained on; its opening marker is, right after the call (a place to stop)
+            start = ids.index(sp[RESPONSE_START])
+            assert mask[ids.index(sp[CALL_START])] == 1 and mask[start] == 1 and mask[start + 1] == 0
         assert _parts(ex)[-1]["text"] in trained
         assert prompt_ids(tok, ex) == tok.render_for_completion(ex["messages"][:-1], tools=ex["tools"])
 
@@ -275,5 +277,5 @@ def test_arithmetic_tasks_sometimes_offer_the_calculator_spec(tok):
         calls = {p["text"] for e in offered for p in e["messages"][-1]["content"] if p["type"] == "tool_call"}
         assert calls and all(parse_tool_call(c)[0] == "calculator" for c in calls)
         plain = next(e for e in exs if "tools" not in e)
-        assert render_tools_block([CALCULATOR_SPEC]) in tok.decode(prompt_ids(tok, offered[0]))
+        assert plain_text(render_tools_block([CALCULATOR_SPEC])) in tok.decode(prompt_ids(tok, offered[0]))
         assert "# Tools" not in tok.decode(prompt_ids(tok, plain))
