@@ -34,6 +34,11 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 # ----------------------------------------------------------------------------- tokenizer
 
+# The tool-call markers are ordinary added tokens in HF (special=False), as in Qwen's tokenizers: decode(...,
+# skip_special_tokens=True) keeps them, so the text a client parses still shows where a call starts and ends.
+TOOL_MARKERS = (CALL_START, CALL_END, RESPONSE_START, RESPONSE_END)
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: every byte gets a printable character. Printable Latin-1 bytes stand for
     themselves; the other 68 (controls, space, soft hyphen...) map, in byte order, to chr(256), chr(257), ..."""
@@ -118,10 +123,6 @@ def build_hf_tokenizer(tok: Tokenizer):
     ])
     return hf
 
-
-# The tool-call markers are ordinary added tokens in HF (special=False), as in Qwen's tokenizers: decode(...,
-# skip_special_tokens=True) keeps them, so the text a client parses still shows where a call starts and ends.
-TOOL_MARKERS = (CALL_START, CALL_END, RESPONSE_START, RESPONSE_END)
 
 # transformers' parse_response (where it exists) turns a reply into {"role", "content", "tool_calls"} with this:
 # text outside the markers is the content; each <tool_call> body is JSON {"name", "arguments"}. The last anchor in
