@@ -180,8 +180,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def llama_server(calc_run):
-    module, binary = _llama_server()
+def llama_server(request):
+    module, binary = _llama_server()  # before training: no llama-server, no minute spent
+    calc_run = request.getfixturevalue("calc_run")
     gguf = export_gguf(calc_run["run_dir"], calc_run["tmp"] / "calc.gguf", dtype="float32")
     with module.running(binary, str(gguf), _free_port(), slots=1, ctx_per_slot=512, threads=2) as base:
         yield base
