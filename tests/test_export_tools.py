@@ -169,7 +169,7 @@ def _llama_server():
     binary = module.find()
     if binary is None:
         pytest.skip(f"no llama-server (looked in {module.where_looked()}); scripts/test.sh builds one when cmake and "
-                    "a C++ compiler are there: python bench/_llama_server.py --build (~6 min on 2 cores, cached)")
+                    "a C++ compiler are there (~6 min on 2 cores, then cached)")
     return module, binary
 
 
