@@ -51,8 +51,9 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "max_concurrent": [(("--max-concurrent",), dict(dest="max_concurrent", type=int, default=16,
                                                     help="generations decoded together in one batch (default 16)"))],
     "max_queue": [(("--max-queue",), dict(dest="max_queue", type=int, default=64, help="requests waiting for a place (default 64)"))],
-    "compile": [(("--compile",), dict(dest="compile", action="store_true", help="compile the decode step (first requests wait for "
-                 "the compiler; on CPU the one-row step is built ahead of time once per model shape and cached)"))],
+    "compile": [(("--compile",), dict(dest="compile", action=argparse.BooleanOptionalAction, default=True,
+                 help="compile the decode step (default; --no-compile: eager). The first use per model shape waits "
+                 "for the compiler, then it is cached on disk; falls back to eager, saying why, where it cannot run"))],
     "max_prompt_tokens": [(("--max-prompt-tokens",), dict(dest="max_prompt_tokens", type=int, default=None))],
     "api_key": [(("--api-key",), dict(dest="api_key", default=None, help="require 'Authorization: Bearer <key>' on /v1 "
                                       "(or set EXOCORTEX_API_KEY, which other users of this machine cannot see)")),

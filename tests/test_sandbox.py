@@ -412,7 +412,8 @@ def test_chat_says_at_start_that_the_python_tool_is_off(monkeypatch, capsys):
     from exocortex.config import RunConfig
     monkeypatch.delenv("EXOCORTEX_SANDBOX", raising=False)
     probe_without(monkeypatch, "landlock")
-    monkeypatch.setattr(chat, "load_engine", lambda *a: object())
+    monkeypatch.setattr(chat, "load_engine", lambda *a, **k: object())
+    monkeypatch.setattr(chat, "warm_up_decoder", lambda *a: None)
     monkeypatch.setattr(chat, "stream_reply", lambda *a, **k: [])
     chat.run_chat(RunConfig(), prompt="hi")
     err = capsys.readouterr().err.strip()

@@ -5,9 +5,13 @@ Tokens stream as they are generated; tool calls and their responses are shown on
 from __future__ import annotations
 
 import sys
+import time
+
+import torch
 
 from exocortex.config import RunConfig
 from exocortex.errors import ExocortexError
+from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.engine import Engine, StreamDecoder, load_engine, unwrap
 from exocortex.infer.sandbox import python_tool_status
 
@@ -44,14 +48,42 @@ def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **samplin
     return tokens
 
 
+def warm_up_decoder(engine: Engine, compile: bool, out=None) -> None:
+    """Compile the one-row decode step before the first reply (which would otherwise stall at its first
+    token), saying so in one line (on stderr: stdout is the reply); where it cannot be compiled, say why and
+    decode eagerly."""
+    out = out or sys.stderr
+    if compile and not engine.compile:  # no toolchain here (decode.compile_status)
+        print(f"decoding eagerly: {compile_status(engine.device)[1]}", file=out, flush=True)
+    if not engine.compile:
+        return
+    print(warm_up_note(engine.device), file=out, flush=True)
+    t = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            dec = engine.decoder(1, 8)  # the one-row step serves every length: one compile for the chat
+            bos = engine.tok.special["<|bos|>"]
+            dec.prefill([bos, bos])
+            dec.step([bos])
+    except Exception as e:  # noqa: BLE001 - a broken toolchain must not take the chat down: eager
+        engine.compile = False
+        print(f"decoding eagerly: compiling the decode step failed ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:300]})", file=out, flush=True)
+        return
+    print(f"decode step compiled in {time.perf_counter() - t:.1f} s", file=out, flush=True)
+
+
 def run_chat(cfg: RunConfig, prompt: str | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, max_tokens: int | None = None, system: str | None = None,
-             seed: int | None = None, stage: str | None = None, docs: list[str] | None = None) -> None:
-    """Sampling settings left out come from the run's config (`sampling` section)."""
-    engine = load_engine(cfg, stage, docs)
+             seed: int | None = None, stage: str | None = None, docs: list[str] | None = None,
+             compile: bool = True) -> None:
+    """Sampling settings left out come from the run's config (`sampling` section). `compile`: decode with the
+    compiled step (compiled before the first reply; eager where it cannot run, saying why)."""
+    engine = load_engine(cfg, stage, docs, compile=compile)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so, once
     if note:
         print(note, file=sys.stderr, flush=True)
+    warm_up_decoder(engine, compile)
     d = cfg.sampling
     sampling = dict(temperature=d.temperature if temperature is None else temperature,
                     top_k=(d.top_k if top_k is None else top_k) or None, top_p=d.top_p if top_p is None else top_p,

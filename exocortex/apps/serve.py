@@ -47,6 +47,7 @@ from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
 from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable, json_object_constraint,
                                        json_schema_constraint)
+from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
@@ -418,10 +419,11 @@ class _Generation:
     With `logprobs` (k alternatives) each token's scores ride on the deltas (scoring.ScoreTracker)."""
 
     def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
-                 batcher: Batcher, constraint: Constraint | None = None, tools: tool_calls.ToolPlan | None = None,
-                 logprobs: int | None = None, with_stop_token: bool = False):
+                 batcher: Batcher, outbox: "_Outbox", constraint: Constraint | None = None,
+                 tools: tool_calls.ToolPlan | None = None, logprobs: int | None = None,
+                 with_stop_token: bool = False):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
-        self.batcher, self.request, self.constraint = batcher, None, constraint
+        self.batcher, self.outbox, self.request, self.constraint = batcher, outbox, None, constraint
         self.tools = tools
         self.logprobs = logprobs
         self.scores = scoring.ScoreTracker(with_stop_token) if logprobs is not None else None
@@ -461,7 +463,11 @@ class _Generation:
 
     def _join_batch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue) -> None:
         """Submit this request to the shared batch; its callbacks render and send on the batcher's thread."""
-        send = _sender(loop, queue)
+        outbox = self.outbox
+
+        def send(item) -> None:
+            outbox.call(loop, queue.put_nowait, item)
+
         renderer, stopper, scores = _Renderer(self.engine), _StopFilter(self.stops), self.scores
         plan = self.tools or tool_calls.ToolPlan()
         if plan.names:  # calls to the client's tools come out as tool_calls deltas (before stops and scores see them)
@@ -487,9 +493,9 @@ class _Generation:
                         send(("deltas", deltas))
             except Exception as e:  # noqa: BLE001 - reported to the client as a server error
                 final = ("error", e)
-            # the slot is free before the client hears the end, so its next request finds it free
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.ticket.release)
+            # the slot is free before the client hears the end, so its next request finds it free (the outbox
+            # keeps the order)
+            outbox.call(loop, self.ticket.release)
             send(final)
 
         self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
@@ -500,12 +506,35 @@ class _Generation:
         self.batcher.submit(self.request)
 
 
-def _sender(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-    """Puts items on an event loop's queue from another thread."""
-    def send(item):
-        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-    return send
+class _Outbox:
+    """Calls from the batcher's thread to run on the event loop, in order, delivered together: the batcher
+    flushes it once per step (Batcher.after_callbacks), so the loop is woken (call_soon_threadsafe: a write to
+    its self-pipe, and a turn of the loop) once for all the rows' tokens of a step instead of once per token.
+    Waking it per token also handed it the GIL per token (the self-pipe write releases it), interleaving the
+    two threads 16 times a step."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.calls: list[tuple] = []  # (loop, fn, args)
+
+    def call(self, loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+        with self.lock:
+            self.calls.append((loop, fn, args))
+
+    def flush(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        by_loop: dict = {}
+        for loop, fn, args in calls:
+            by_loop.setdefault(loop, []).append((fn, args))
+        for loop, batch in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+                loop.call_soon_threadsafe(_run_calls, batch)
+
+
+def _run_calls(batch: list[tuple]) -> None:
+    for fn, args in batch:
+        fn(*args)
 
 
 class _EventStream(StreamingResponse):
@@ -592,6 +621,8 @@ class _Service:
         self.limiter = _Limiter(max_concurrent, max_queue)
         # one batch of up to max_concurrent rows shares every decode step (see exocortex/infer/engine.py: Batcher)
         self.batcher = Batcher(engine, max_concurrent)
+        self.outbox = _Outbox()  # the batcher's callbacks reach the event loop through it, once per step
+        self.batcher.after_callbacks = self.outbox.flush
         self.context = self.batcher.limit  # the rotary table
         cap = self.context - 1  # the prompt must leave room for at least one token
         self.max_prompt_tokens = min(cap, max_prompt_tokens) if max_prompt_tokens else cap
@@ -707,8 +738,8 @@ class _Service:
         """One generation per (prompt, sampling), in the order given (the choices' order); each gets the request's
         constraint and tools."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return [_Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, constraint, tools, logprobs,
-                            with_stop_token)
+        return [_Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, self.outbox, constraint, tools,
+                            logprobs, with_stop_token)
                 for ticket, (prompt, sampling) in zip(self.reserve(len(choices)), choices)]
 
     async def score_prompts(self, prompts: list[list[int]], k: int) -> list[list[scoring.TokenScore]]:
@@ -1000,7 +1031,7 @@ def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int
 
 def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 16, max_queue: int = 64,
           max_prompt_tokens: int | None = None, stage: str | None = None, log_level: str = "info",
-          docs: list[str] | None = None, compile: bool = False, api_key: str | None = None,
+          docs: list[str] | None = None, compile: bool = True, api_key: str | None = None,
           allowed_hosts: str | None = None, insecure_no_api_key: bool = False) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
@@ -1010,22 +1041,39 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     _check_port_free(host, port)
     limits = serve_limits(host, api_key, allowed_hosts, insecure_no_api_key)
     bound_memory()  # the CLI did it already; serve() may also be called from Python
-    engine = load_engine(cfg, stage, docs)
-    engine.compile = compile
+    checkpoint = cfg.run.chat_checkpoint(stage)
+    engine = load_engine(cfg, stage, docs, compile=compile)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
     if note:
         print(note, flush=True)
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
                      max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling, limits=limits)
-    if compile:
-        print("compiling the decode step (torch.compile; a minute on a small CPU) ...", flush=True)
-        app.state.exocortex.batcher.warm_up()
+    warm_up_decoder(app.state.exocortex.batcher, compile)  # before listening: no request waits for the compiler
     shown = f"[{host}]" if ":" in host else host
-    print(f"exocortex serve — model {cfg.name} ({stage or 'newest chat stage'}) from {cfg.run_dir}\n"
+    print(f"exocortex serve — model '{cfg.name}' ({checkpoint.parent.name}, {checkpoint.name}) from {cfg.run_dir}\n"
           f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "
           f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
     # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **server_options(limits))
+
+
+def warm_up_decoder(batcher: Batcher, compile: bool) -> None:
+    """Allocate the cache and, with the compiled step, compile it now, saying so in one line (and how long it
+    took, or why it decodes eagerly instead)."""
+    engine = batcher.engine
+    if compile and not engine.compile:  # no toolchain here (decode.compile_status)
+        print(f"decoding eagerly: {compile_status(engine.device)[1]}", flush=True)
+    if not engine.compile:
+        return
+    print(warm_up_note(engine.device), flush=True)
+    t = time.perf_counter()
+    batcher.warm_up()
+    if batcher.compile_error is not None:
+        e = batcher.compile_error
+        print(f"decoding eagerly: compiling the decode step failed ({type(e).__name__}: "
+              f"{' '.join(str(e).split())[:300]})", flush=True)
+    else:
+        print(f"decode step compiled in {time.perf_counter() - t:.1f} s", flush=True)
 
 
 def _check_port_free(host: str, port: int) -> None:

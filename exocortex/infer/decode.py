@@ -17,8 +17,9 @@ not the FLOPs, is the cost:
   length) and, on CUDA, replays as CUDA graphs. On CPU a single row's matmuls are then written as
   multiply-and-sum over (out, in) weights, which inductor fuses into its kernels and runs on all threads
   (PyTorch's CPU BLAS runs a one-row matmul on one thread); the weights' shapes are marked static so the
-  kernels are specialized to them. That one-row step is moreover compiled ahead of time (AheadOfTimeStep:
-  AOTInductor), which drops torch.compile's per-call guards and Python wrapper.
+  kernels are specialized to them. On CPU the steps (one row, and several rows) are moreover compiled ahead
+  of time (AheadOfTimeStep: AOTInductor), which drops torch.compile's per-call guards and Python wrapper and
+  lets a new process load the compiled step instead of tracing it again.
 
 Prefill (a whole prompt at once) is the same computation with T tokens in one row and causal attention.
 """
@@ -40,10 +41,12 @@ from exocortex.model import GPT
 MIN_SPAN = 64  # with CUDA graphs, steps attend over a power-of-two prefix of the cache, at least this long
 
 
-def _rms(x: torch.Tensor, gain: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm computed in float32 like model.RMSNorm (gain may hold one row per head: stacked q/k gains)."""
+def _rms(x: torch.Tensor, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 like model.RMSNorm (gain may hold one row per head: stacked q/k gains; None
+    when it is folded into the next matrix, see FusedWeights)."""
     x = x.float()
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * gain
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return x if gain is None else x * gain
 
 
 class FusedWeights:
@@ -61,7 +64,13 @@ class FusedWeights:
         matrices are contiguous that way (the fastest layout for BLAS one-row matmuls); with rows=True every
         matrix is an (in, out) view of a contiguous (out, in) one, so `w_t.t()` is contiguous: the layout the
         compiled CPU step's multiply-and-sum reads (see decode_step's `gemv`). Asking for the other layout
-        rebuilds the weights (one layout is kept, not both)."""
+        rebuilds the weights (one layout is kept, not both).
+
+        In the rows layout the RMSNorm gains in front of q/k/v, gate/up and the head are folded into those
+        matrices' columns (`ln1`, `ln2` and `norm` are then None): rms(x) * g @ W == rms(x) @ (W * g). Inductor
+        inlines a norm into the multiply-and-sum that reads it, recomputing it for every output row; folded,
+        that inner loop reads one vector less and multiplies once less (A/B of the tiny model's compiled
+        one-row step, 1 thread, bf16: 0.97 -> 0.85 ms with the 1/rms scale applied after the sum, _normed_mm)."""
         if self._w is not None and not check and self._w["rows"] == rows:
             return self._w
         stamp = (tuple((p.data_ptr(), p._version) for p in self.model.parameters()), rows)
@@ -83,23 +92,31 @@ class FusedWeights:
         c = m.cfg
         H, KV, hd = c.n_heads, c.kv_heads, c.head_dim
         _t = _rows_t if rows else _cols_t
+
+        def normed(gain: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+            """(the norm gain, the matrix it feeds), the gain folded into the matrix in the rows layout."""
+            if rows:
+                return None, _rows_t(weight.float() * gain.float(), dt)
+            return gain.float(), _t(weight, dt)
+
         layers = []
         for blk in m.model.layers:
             a, mlp = blk.self_attn, blk.mlp
             qk_gain = torch.cat([a.q_norm.weight.float().expand(H, hd) / math.sqrt(hd),
                                  a.k_norm.weight.float().expand(KV, hd)])
-            layers.append(dict(
-                ln1=blk.input_layernorm.weight.float(), ln2=blk.post_attention_layernorm.weight.float(),
-                wqkv_t=_t(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), dt), qk_gain=qk_gain,
-                wo_t=_rows_t(a.o_proj.weight, dt),
-                wgu_t=_t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dt),
-                wdown_t=_rows_t(mlp.down_proj.weight, dt)))
+            ln1, wqkv_t = normed(blk.input_layernorm.weight, torch.cat([a.q_proj.weight, a.k_proj.weight,
+                                                                        a.v_proj.weight]))
+            ln2, wgu_t = normed(blk.post_attention_layernorm.weight, torch.cat([mlp.gate_proj.weight,
+                                                                                mlp.up_proj.weight]))
+            layers.append(dict(ln1=ln1, ln2=ln2, wqkv_t=wqkv_t, qk_gain=qk_gain, wo_t=_rows_t(a.o_proj.weight, dt),
+                               wgu_t=wgu_t, wdown_t=_rows_t(mlp.down_proj.weight, dt)))
         half = hd // 2
         sin = m.rope_sin.float()
         # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated): a roll instead of a cat
         sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)
-        return dict(embed=m.model.embed_tokens.weight, norm=m.model.norm.weight.float(), head_t=_t(m.lm_head.weight, dt),
-                    cos=m.rope_cos.float(), sin=sin, layers=layers, rows=rows)
+        norm, head_t = normed(m.model.norm.weight, m.lm_head.weight)
+        return dict(embed=m.model.embed_tokens.weight, norm=norm, head_t=head_t, cos=m.rope_cos.float(), sin=sin,
+                    layers=layers, rows=rows)
 
 
 def _cols_t(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -121,7 +138,7 @@ def _tensors(tree) -> list[torch.Tensor]:
         return [t for v in tree.values() for t in _tensors(v)]
     if isinstance(tree, list):
         return [t for v in tree for t in _tensors(v)]
-    return [tree]
+    return [] if tree is None else [tree]
 
 
 def _mm(x: torch.Tensor, w_t: torch.Tensor, gemv: bool) -> torch.Tensor:
@@ -131,6 +148,17 @@ def _mm(x: torch.Tensor, w_t: torch.Tensor, gemv: bool) -> torch.Tensor:
     if gemv:
         return (x.float()[:, None, :] * w_t.t().float()).sum(-1)
     return x @ w_t
+
+
+def _normed_mm(x: torch.Tensor, gain: torch.Tensor | None, w_t: torch.Tensor, eps: float,
+               gemv: bool) -> torch.Tensor:
+    """rms(x) * gain @ w_t. With gemv and the gain folded into w_t, the 1/rms scale multiplies the sums
+    instead of every input: the inner loop is then a plain multiply-and-sum of the residual stream (float32,
+    not rounded to the weights' dtype first: as exact as the eager path or more)."""
+    if gemv and gain is None:
+        x = x.float()
+        return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (x[:, None, :] * w_t.t().float()).sum(-1)
+    return _mm(_rms(x, gain, eps).to(w_t.dtype), w_t, gemv)
 
 
 def _residual(x: torch.Tensor, y: torch.Tensor, w_t: torch.Tensor, gemv: bool = False) -> torch.Tensor:
@@ -158,7 +186,7 @@ def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos
     cos, sin = w["cos"][pos][:, None, :], w["sin"][pos][:, None, :]  # (B, 1, hd)
     x = w["embed"][tokens].float()
     for layer, L in enumerate(w["layers"]):
-        qkv = _mm(_rms(x, L["ln1"], eps).to(dt), L["wqkv_t"], gemv)
+        qkv = _normed_mm(x, L["ln1"], L["wqkv_t"], eps, gemv)
         qk = _rms(qkv[:, :nq * hd].view(B, nq, hd), L["qk_gain"], eps)
         qk = qk * cos + qk.roll(half, dims=-1) * sin
         kc, vc = k_cache[layer], v_cache[layer]
@@ -168,9 +196,9 @@ def decode_step(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos
         att = torch.matmul(q, kc[:, :, :span].transpose(-1, -2)).float() + mask  # (B, KV, rep, span)
         y = torch.matmul(torch.softmax(att, dim=-1).to(vc.dtype), vc[:, :, :span])
         x = _residual(x, y.reshape(B, n_heads * hd).to(dt), L["wo_t"], gemv)
-        gate, up = _mm(_rms(x, L["ln2"], eps).to(dt), L["wgu_t"], gemv).chunk(2, dim=-1)
+        gate, up = _normed_mm(x, L["ln2"], L["wgu_t"], eps, gemv).chunk(2, dim=-1)
         x = _residual(x, F.silu(gate) * up, L["wdown_t"], gemv)
-    return _mm(_rms(x, w["norm"], eps).to(dt), w["head_t"], gemv).float()
+    return _normed_mm(x, w["norm"], w["head_t"], eps, gemv).float()
 
 
 def prefill_row(w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, slot: int, n_heads: int, n_kv: int,
@@ -228,46 +256,54 @@ def _unflatten(like: dict, flat: list) -> dict:
             return {k: v if k == "rows" else rebuild(v) for k, v in tree.items()}
         if isinstance(tree, list):
             return [rebuild(v) for v in tree]
-        return next(it)
+        return None if tree is None else next(it)  # a folded norm gain is no input
     return rebuild(like)
 
 
 class AheadOfTimeStep:
-    """The one-row CPU decode step compiled ahead of time with AOTInductor (torch.export + a C++ .so).
+    """A CPU decode step compiled ahead of time with AOTInductor (torch.export + a C++ .so): the one-row step
+    (multiply-and-sum matmuls, see _mm), or the step of several rows (BLAS matmuls; the number of rows is
+    dynamic, from 2 up).
 
     Under torch.compile every call also runs dynamo's guard checks and inductor's Python wrapper (~0.3 ms
-    per step on a 2-core CPU, as much as a third of a small model's step); the ahead-of-time .so is called
-    from C++ with the weights, caches, token and position as inputs: no guards, no Python around the kernel.
-    The cache length and the attended span are dynamic and the weights are inputs (not baked in), so one
-    package serves every checkpoint of a shape: it is built once (~30 s on 2 cores) and kept on disk under
-    a key of the shapes, dtypes, thread count, CPU instruction set and torch version ($EXOCORTEX_CACHE,
-    default ~/.cache/exocortex)."""
+    per step on a 2-core CPU, as much as a third of a small model's step; with several rows the wrapper also
+    calls each matmul from Python), and every new process traces the step again before inductor's cache
+    answers (~10 s for the tiny model under load). The ahead-of-time .so is called from C++ with the weights,
+    caches, tokens and positions as inputs: no guards, no Python around the kernels, and a new process only
+    loads it (~1 s). The cache length and the attended span are dynamic and the weights are inputs (not baked
+    in), so one package serves every checkpoint of a shape: it is built once (~30 s on 2 cores) and kept on
+    disk under a key of the shapes, dtypes, thread count, CPU instruction set and torch version
+    ($EXOCORTEX_CACHE, default ~/.cache/exocortex)."""
 
-    def __init__(self, key: str, w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float, limit: int):
-        root = os.environ.get("EXOCORTEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "exocortex"))
-        path = os.path.join(root, "decode", hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt2")
+    def __init__(self, key: str, w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float, limit: int,
+                 one_row: bool = True):
+        path = os.path.join(aot_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt2")
+        args = (w, k_cache, (n_heads, n_kv, eps), limit, path, one_row)
         if not os.path.exists(path):
-            self._build(w, k_cache, (n_heads, n_kv, eps), limit, path)
+            self._build(*args)
         try:
             self.runner = torch._inductor.aoti_load_package(path)
         except Exception:  # noqa: BLE001 - a damaged cache file: build it again, once
-            self._build(w, k_cache, (n_heads, n_kv, eps), limit, path)
+            self._build(*args)
             self.runner = torch._inductor.aoti_load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
         self._w, self._flat = None, None
 
     @staticmethod
-    def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str) -> None:
+    def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str, one_row: bool) -> None:
         class Step(torch.nn.Module):
             def forward(self, tokens, pos, keys, weights, ks, vs):
-                return decode_step(_unflatten(like, weights), ks, vs, tokens, pos, keys.shape[0], *args, True)
+                return decode_step(_unflatten(like, weights), ks, vs, tokens, pos, keys.shape[0], *args, one_row)
 
         flat, (_, kv, _, hd) = _flatten(like), k_cache[0].shape
         span, length = torch.export.Dim("span", min=2, max=limit), torch.export.Dim("length", min=3, max=limit)
-        shapes = {"tokens": None, "pos": None, "keys": {0: span}, "weights": [None] * len(flat),
-                  "ks": [{2: length}] * len(k_cache), "vs": [{2: length}] * len(k_cache)}
-        ks = [torch.zeros(1, kv, 8, hd, dtype=k_cache[0].dtype) for _ in k_cache]
-        example = (torch.zeros(1, dtype=torch.long), torch.tensor([3]), torch.arange(4), flat, ks,
+        n = 1 if one_row else 2  # several rows: 2 stands for any number (0 and 1 would be specialized)
+        rows = None if one_row else torch.export.Dim("rows", min=2, max=max(limit, 2))
+        shapes = {"tokens": {0: rows} if rows else None, "pos": {0: rows} if rows else None, "keys": {0: span},
+                  "weights": [None] * len(flat), "ks": [{0: rows, 2: length} if rows else {2: length}] * len(k_cache)}
+        shapes["vs"] = shapes["ks"]
+        ks = [torch.zeros(n, kv, 8, hd, dtype=k_cache[0].dtype) for _ in k_cache]
+        example = (torch.zeros(n, dtype=torch.long), torch.full((n,), 3), torch.arange(4), flat, ks,
                    [torch.zeros_like(t) for t in ks])
         program = torch.export.export(Step(), example, dynamic_shapes=shapes)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -291,23 +327,76 @@ _ahead_of_time: dict = {}
 
 
 def _ahead_of_time_step(w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float,
-                        limit: int) -> AheadOfTimeStep | None:
-    """The shared AheadOfTimeStep for these shapes, built on first use; None where AOTInductor cannot build
-    one here (no C++ compiler, an unsupported torch): the caller then uses the torch.compile'd step."""
+                        limit: int, one_row: bool = True) -> AheadOfTimeStep | None:
+    """The shared AheadOfTimeStep for these shapes (one row, or several), built on first use; None where
+    AOTInductor cannot build one here (no C++ compiler, an unsupported torch): the caller then uses the
+    torch.compile'd step."""
     # everything the .so was specialized to; the CPU's instruction set too (a shared home directory on a
     # cluster of mixed machines must not hand an AVX-512 build to an AVX2 machine)
     key = repr(([(tuple(t.shape), t.stride(), str(t.dtype)) for t in _flatten(w)], k_cache[0].shape[1],
                 k_cache[0].shape[3], str(k_cache[0].dtype), len(k_cache), n_heads, n_kv, eps, limit,
                 torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
-                sys.version_info[:2]))
+                sys.version_info[:2]) + (() if one_row else ("rows",)))
     if key not in _ahead_of_time:
         try:
-            _ahead_of_time[key] = AheadOfTimeStep(key, w, k_cache, n_heads, n_kv, eps, limit)
+            _ahead_of_time[key] = AheadOfTimeStep(key, w, k_cache, n_heads, n_kv, eps, limit, one_row)
         except Exception as e:  # noqa: BLE001 - any failure to build leaves the (slower) compiled step
             warnings.warn(f"ahead-of-time decode step unavailable ({type(e).__name__}: {str(e)[:200]}); "
                           "using torch.compile", stacklevel=2)
             _ahead_of_time[key] = None
     return _ahead_of_time[key]
+
+
+def aot_cache_dir() -> str:
+    """Where AheadOfTimeStep keeps its packages ($EXOCORTEX_CACHE/decode)."""
+    root = os.environ.get("EXOCORTEX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "exocortex"))
+    return os.path.join(root, "decode")
+
+
+def warm_up_note(device: torch.device) -> str:
+    """The line shown before a process compiles its decode step: what it costs and where the result is kept.
+    On CPU the steps are compiled ahead of time into our cache (aot_cache_dir), so a later process only loads
+    them (~3 s for the tiny model); elsewhere torch.compile traces again in every process and inductor's
+    cache ($TORCHINDUCTOR_CACHE_DIR, by default under the system's temp directory) spares the code
+    generation."""
+    if device.type == "cpu":
+        where = aot_cache_dir()
+    else:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        where = f"torch inductor's cache, {cache_dir()}"
+    return (f"compiling the decode step (the first time for a model shape takes a minute or more: ~70 s on 2 "
+            f"CPU cores for the tiny model; then it is cached in {where}; --no-compile skips it) ...")
+
+
+_compile_status: dict = {}
+
+
+def compile_status(device: torch.device) -> tuple[bool, str | None]:
+    """Whether the compiled decode step can run on `device` here, and if not one line saying why (callers then
+    decode eagerly). It needs dynamo (a supported Python), and a toolchain for inductor's kernels: a C++
+    compiler on CPU, Triton on CUDA; other devices (MPS, ...) are not tuned for and stay eager. Where it runs
+    it pays (docs/benchmarks.md: faster one-row and batched steps on CPU; CUDA graphs on GPU)."""
+    if device.type not in _compile_status:
+        _compile_status[device.type] = _check_compile(device.type)
+    why = _compile_status[device.type]
+    return why is None, why
+
+
+def _check_compile(device_type: str) -> str | None:
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch.compile does not support Python {sys.version_info[0]}.{sys.version_info[1]} in torch {torch.__version__}"
+    if device_type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - inductor raises its own types (InvalidCxxCompiler, ...)
+            return (f"no C++ compiler for torch.compile's CPU kernels ({type(e).__name__}); install g++ or set "
+                    "CXX")
+        return None
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+        return None if has_triton() else "Triton is not installed (torch.compile's CUDA kernels need it)"
+    return f"the compiled decode step is only built for CPU and CUDA, not {device_type}"
 
 
 class DecoderLike(Protocol):
@@ -352,6 +441,7 @@ class Decoder:
         self.cuda_graphs = compile and self.device.type == "cuda"
         self.gemv = compile and self.device.type == "cpu"  # one-row steps as multiply-and-sum (see _mm) ...
         self._one_row = None  # ... run by an AheadOfTimeStep where one can be built (first one-row step)
+        self._several_rows = None  # steps of several rows too (their own AheadOfTimeStep)
         self._views: dict = {}
 
     @torch.inference_mode()
@@ -400,8 +490,9 @@ class Decoder:
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
         w = self.weights.get(check=False, rows=self.gemv)
-        if self.gemv and n == 1 and span >= 2 and self.T >= 3 and self._ahead_of_time(w, k) is not None:
-            logits = self._one_row(w, k, v, ids, pos, span)
+        aot = self._ahead_of_time(w, k, n == 1) if self.gemv and span >= 2 and self.T >= 3 else None
+        if aot is not None:
+            logits = aot(w, k, v, ids, pos, span)
         else:
             logits = self._step(w, k, v, ids, pos, span, c.n_heads, c.kv_heads, c.norm_eps, self.gemv and n == 1)
         if self.cuda_graphs:
@@ -414,12 +505,13 @@ class Decoder:
             self.lengths[r] += 1
         return logits
 
-    def _ahead_of_time(self, w: dict, k: list) -> AheadOfTimeStep | None:
-        if self._one_row is None:
+    def _ahead_of_time(self, w: dict, k: list, one_row: bool) -> AheadOfTimeStep | None:
+        attr = "_one_row" if one_row else "_several_rows"
+        if getattr(self, attr) is None:
             c = self.model.cfg
-            self._one_row = _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
-                                                self.model.rope_cos.shape[0]) or False
-        return self._one_row or None
+            setattr(self, attr, _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
+                                                    self.model.rope_cos.shape[0], one_row) or False)
+        return getattr(self, attr) or None
 
     def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:
         """Views of the caches and positions of rows 0..n-1, made once per n (CUDA graphs need their inputs at

@@ -30,7 +30,7 @@ from exocortex.checkpoint import load_model
 from exocortex.config import RunConfig
 from exocortex.device import resolve_device, resolve_dtype
 from exocortex.infer.constrain import Constraint, ConstraintError, mask_logits
-from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights
+from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights, compile_status
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
 from exocortex.infer.tools import TOOLS, ToolError, parse_tool_call, run_tool_call
@@ -372,6 +372,10 @@ class Batcher:
         sp = engine.tok.special  # what may follow a client's call: another call, or the end of the reply
         self.after_call = torch.tensor([engine.call_start, sp["<|assistant_end|>"]])
         self.jobs: deque[tuple[Callable, Future]] = deque()  # see call()
+        self.compile_error: BaseException | None = None  # why the step could not be compiled (then: eager)
+        # called on the batcher's thread after each round of on_token/on_end callbacks (the tokens of one step),
+        # so a consumer can be woken once for all of them rather than once per token
+        self.after_callbacks: Callable[[], None] | None = None
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -388,7 +392,9 @@ class Batcher:
 
     def warm_up(self, timeout: float | None = None) -> bool:
         """Start the thread now and wait until the cache is allocated and (with engine.compile) the decode
-        step is compiled for one row and for several, so the first requests do not wait for the compiler."""
+        step is compiled for one row and for several, so the first requests do not wait for the compiler.
+        If compiling fails, the batcher decodes eagerly (engine.compile turns False) and `compile_error` says
+        why."""
         with self.cv:
             self._start()
         return self.ready.wait(timeout)
@@ -426,12 +432,12 @@ class Batcher:
         broken = None
         try:
             self.decoder = self.engine.decoder(self.max_rows, self.limit)  # the cache: max_rows x context
-            if self.engine.compile:  # compile (dynamic shapes) for one row and for several
-                self.decoder.prefill([0, 0])
-                for rows in (1, min(2, self.max_rows)):
-                    self.decoder.step([0] * self.max_rows, [r < rows for r in range(self.max_rows)])
-                for slot in range(self.max_rows):
-                    self.decoder.release(slot)
+            if self.engine.compile:
+                try:
+                    self._compile_steps()
+                except Exception as e:  # noqa: BLE001 - a broken toolchain must not take serving down: eager
+                    self.compile_error, self.engine.compile, self.decoder = e, False, None
+                    self.decoder = self.engine.decoder(self.max_rows, self.limit)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: every request hears why
             broken = e
         self.ready.set()
@@ -448,6 +454,7 @@ class Batcher:
             if broken is not None:
                 for req in joining:
                     self._call(req.on_end, None, 0, broken)
+                self._after_callbacks()
                 continue
             free = [i for i, row in enumerate(self.rows) if row is None]
             for slot, req in zip(free, joining):
@@ -456,14 +463,17 @@ class Batcher:
                 if row is not None and row.req.cancelled.is_set():
                     self._end(slot, None)
             self._decide()
+            self._after_callbacks()  # before the step: the consumer takes this step's tokens while it runs
             if any(row is not None and row.feed is not None for row in self.rows):
                 self._step()
+                self._after_callbacks()  # a failed step ended its rows
         for slot, row in enumerate(self.rows):
             if row is not None:
                 self._end(slot, None)
         for req in self.pending:
             self._call(req.on_end, None, 0, None)
         self._run_jobs(list(self.jobs), RuntimeError("the batcher is closed"))
+        self._after_callbacks()
         self.tool_pool.shutdown(wait=False)
 
     @staticmethod
@@ -478,6 +488,14 @@ class Batcher:
                 fut.set_result(fn())
             except BaseException as e:  # noqa: BLE001 - the caller hears it; the batch goes on
                 fut.set_exception(e)
+
+    def _compile_steps(self) -> None:
+        """Compile (dynamic shapes) the step for one row and for several, then free the rows again."""
+        self.decoder.prefill([0, 0])
+        for rows in (1, min(2, self.max_rows)):
+            self.decoder.step([0] * self.max_rows, [r < rows for r in range(self.max_rows)])
+        for slot in range(self.max_rows):
+            self.decoder.release(slot)
 
     def _runnable(self) -> bool:
         """Some row has work now: a token to feed, a decision to make, or a cancellation to process."""
@@ -637,6 +655,10 @@ class Batcher:
             row.tool.cancel()
         self._call(row.req.on_end, finish, row.steps, error)
 
+    def _after_callbacks(self) -> None:
+        if self.after_callbacks is not None:
+            self._call(self.after_callbacks)
+
     @staticmethod
     def _call(fn, *args) -> None:
         """Run a request's on_end (or on_logprobs); a failing callback must not take the batch down with it."""
@@ -668,10 +690,13 @@ class StreamDecoder:
         return self.dec.decode(self.tok.decode_bytes([token]))
 
 
-def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None) -> Engine:
+def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None,
+                compile: bool = False) -> Engine:
     """A run's chat model (its `stage` checkpoint, default the newest chat stage) with its tools: calculator,
-    python, and lookup (over `docs`, or the generated world)."""
+    python, and lookup (over `docs`, or the generated world). `compile`: the compiled decode step where it can
+    run here (decode.compile_status says why not; the caller tells the user)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)
     model, _ = load_model(cfg.run.chat_checkpoint(stage), device)
-    return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools_for_run(cfg, docs))
+    return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools_for_run(cfg, docs),
+                  compile=compile and compile_status(device)[0])
