@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from exocortex.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from exocortex.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, with_format_text
 
 MB = 1e6
 
@@ -111,7 +111,9 @@ def hf_train(docs: list[str], n_bpe: int, variant: str):
     tok = hf_tokenizer(variant)
     trainer = trainers.BpeTrainer(vocab_size=n_bpe, min_frequency=0, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    # the same training text as Tokenizer.train, which mixes in the tool-call format's text
+    texts = list(with_format_text(docs))
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     return tok
 
 

@@ -3,16 +3,20 @@
 - bits per byte: summed loss over the bytes the target tokens stand for, comparable across tokenizers.
 - in-context: few-shot multiple choice scored by the lowest mean loss of each option, and exact-match
   generation; each task's accuracy is centred, (acc - chance) / (1 - chance), and CORE is their mean.
-- chat tasks: held-out questions of a task family, greedy, tools on; graded on the assistant's own words.
+- chat tasks: held-out questions of a task family, greedy, tools on; graded on the assistant's own words (a task
+  about calling a client's functions also on its calls: Task.grade_reply), with the functions an example offers
+  in the prompt and run as its client would (Task.client_tools).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from exocortex.config import EvalConfig
 from exocortex.device import autocast
+from exocortex.tasks.base import prompt_ids
 from exocortex.tokenizer import Tokenizer
 
 
@@ -92,15 +96,27 @@ def core_scores(model, tok: Tokenizer, tasks: dict[str, dict], device, dtype) ->
 
 # ----------------------------------------------------------------------------- chat evaluation
 
+@contextlib.contextmanager
+def offering(engine, task):
+    """The engine with the functions `task`'s examples offer, run as their client would, beside its own tools."""
+    saved = engine.tools
+    engine.tools = {**saved, **task.client_tools}
+    try:
+        yield engine
+    finally:
+        engine.tools = saved
+
+
 def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_tokens: int,
                   samples: list | None = None, stage: str = "") -> float:
     """Greedy accuracy on n held-out examples of a task (prompts batched by length)."""
     examples = task.examples(n, seed, "test")
-    prompts = [tok.render_for_completion(ex["messages"][:-1]) for ex in examples]
-    outs = engine.complete_many(prompts, max_tokens=max_new_tokens, temperature=0.0)
+    prompts = [prompt_ids(tok, ex) for ex in examples]
+    with offering(engine, task):
+        outs = engine.complete_many(prompts, max_tokens=max_new_tokens, temperature=0.0)
     correct = 0
     for i, (ex, out) in enumerate(zip(examples, outs)):
-        ok = task.safe_grade(engine.answer_text(out), ex)
+        ok = task.grade_reply(engine.to_parts(out), ex)
         correct += ok
         if samples is not None and i < 2:
             q = ex["messages"][-2]["content"]
@@ -113,9 +129,10 @@ def pass_at_k(engine, tok: Tokenizer, task, n: int, k: int, seed: int, max_new_t
     """Fraction of n held-out questions where at least one of k samples (temperature 1) is correct."""
     hits = 0
     for i, ex in enumerate(task.examples(n, seed + 1, "test")):
-        prompt = tok.render_for_completion(ex["messages"][:-1])
-        outs = engine.complete(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=1.0, seed=seed + i)
-        hits += any(task.safe_grade(engine.answer_text(o), ex) for o in outs)
+        with offering(engine, task):
+            outs = engine.complete(prompt_ids(tok, ex), num_samples=k, max_tokens=max_new_tokens, temperature=1.0,
+                                   seed=seed + i)
+        hits += any(task.grade_reply(engine.to_parts(o), ex) for o in outs)
     return hits / max(1, n)
 
 

@@ -21,25 +21,83 @@ SPLIT_PATTERN = (
 )
 
 # The chat format's special tokens (shared/DESIGN.md). Order fixes their ids: right after the BPE ranks.
+# The tool markers are Hermes/Qwen's: llama.cpp, vLLM, Ollama and transformers find tool calls by them.
+CALL_START, CALL_END = "<tool_call>", "</tool_call>"
+RESPONSE_START, RESPONSE_END = "<tool_response>", "</tool_response>"
 SPECIAL_TOKENS = [
     "<|bos|>",
     "<|system_start|>", "<|system_end|>",
     "<|user_start|>", "<|user_end|>",
     "<|assistant_start|>", "<|assistant_end|>",
-    "<|tool_call_start|>", "<|tool_call_end|>",
-    "<|tool_output_start|>", "<|tool_output_end|>",
+    CALL_START, CALL_END,
+    RESPONSE_START, RESPONSE_END,
 ]
 
 
+# Text that could be read as one of our special tokens gets a zero-width space (U+200B) after its "<". Our own
+# encoder never makes special tokens out of text, but every other runtime that renders the exported chat
+# templates does (transformers matches added tokens anywhere in the rendered text; llama-server tokenizes the
+# prompt with special tokens parsed). So the templates escape message text this way, and so do we: both give the
+# same ids, and typed "<|assistant_end|>" stays text everywhere. U+200B because it is invisible, survives every
+# tokenizer and JSON, is no whitespace to the split regex, and can be removed to get the text back.
+ZWSP = "\u200b"
+_ESCAPES = (("<|", "<" + ZWSP + "|"), ("<tool_", "<" + ZWSP + "tool_"), ("</tool_", "</" + ZWSP + "tool_"))
+
+
+def plain_text(text: str) -> str:
+    """`text` with every special-token look-alike broken by U+200B (the exports' templates do exactly this)."""
+    for old, new in _ESCAPES:
+        text = text.replace(old, new)
+    return text
+
+
+# One copy of the chat format's fixed text per this many bytes of training text (1.3%; its tool calls 0.3%): a
+# prose corpus never writes `{"name": "calculator", "arguments": {"expression": "`, so without it the BPE spells
+# a call out in ~43 tokens; with it, ~20 — which the tiny preset's 256-token context needs (docs/tokenizer.md).
+FORMAT_EVERY_BYTES = 64_000
+
+
+# The document also offers functions as a system turn does (render_tools_block): a spec's JSON Schema words
+# (type, function, description, parameters, object, properties, string, integer, required, ...) are as rare in
+# prose, and spelled out they made a one-parameter spec ~100 tokens on the tiny preset; learned, ~55, which is
+# what lets a client's one or two functions and a reply fit its 256-token context (tests/test_functions.py).
+# Generic specs, not the training tasks' functions: the words any client's specs are built of.
+FORMAT_TOOLS = [
+    {"type": "function", "function": {"name": "calculator", "description": "Exact arithmetic.", "parameters": {
+        "type": "object", "properties": {"expression": {"type": "string", "description": "e.g. 347 * 29"}},
+        "required": ["expression"]}}},
+    {"type": "function", "function": {"name": "search", "description": "Search the web.", "parameters": {
+        "type": "object", "properties": {"query": {"type": "string"}, "limit": {"type": "integer"},
+                                         "exact": {"type": "boolean"}, "min_score": {"type": "number"}},
+        "required": ["query"]}}},
+]
+
+
+def with_format_text(texts: Iterable[str], every: int = FORMAT_EVERY_BYTES) -> Iterator[str]:
+    """`texts`, and after every `every` bytes of them a document in the chat format's own text: tool calls, and
+    a tools block offering functions (escaped as a system turn renders it)."""
+    fmt = "".join("\n" + tool_call_json(name, args) + "\n" for name, args in [
+        ("calculator", {"expression": "1 + 2"}), ("lookup", {}), ("lookup", {"query": "x"}),
+        ("python", {"code": "print(1)"})]) + plain_text(render_tools_block(FORMAT_TOOLS))
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text)
+        if seen >= every:
+            yield fmt
+            seen = 0
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int) -> list[tuple[bytes, int]]:
-    """Learn BPE merges; returns mergeable ranks (token bytes, rank) for vocab_size - len(SPECIAL_TOKENS) tokens."""
+    """Learn BPE merges; returns mergeable ranks (token bytes, rank) for vocab_size - len(SPECIAL_TOKENS) tokens.
+    The tool-call format's text is mixed in (with_format_text): every tokenizer is a chat model's."""
     import rustbpe
 
     n_bpe = vocab_size - len(SPECIAL_TOKENS)
     if n_bpe < 256:
         raise ExocortexError(f"tokenizer.vocab_size={vocab_size} is too small: needs at least {256 + len(SPECIAL_TOKENS)}")
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(iter(texts), n_bpe, pattern=SPLIT_PATTERN)
+    bpe.train_from_iterator(with_format_text(texts), n_bpe, pattern=SPLIT_PATTERN)
     return [(bytes(b), int(r)) for b, r in bpe.get_mergeable_ranks()]
 
 
@@ -83,7 +141,14 @@ class Tokenizer:
         meta = d / "tokenizer.json"
         if meta.exists():  # written beside the ranks: both must describe the same vocabulary
             saved = read_json_object(meta, "re-run `exocortex tokenizer`")
-            if saved.get("vocab_size") != tok.vocab_size or saved.get("special_tokens") != tok.special:
+            names = saved.get("special_tokens")
+            if isinstance(names, dict) and list(names) != SPECIAL_TOKENS:
+                # same ids, other names: a run from before a chat-format change; its models write the old format
+                old = " ".join(n for n in names if n not in tok.special) or "in another order"
+                raise ExocortexError(f"{d} is from an older chat format (special tokens {old}); its models write tool "
+                                     "calls nothing reads now: re-run `exocortex speedrun --force` for this run (or "
+                                     "`exocortex tokenizer --force` and every stage after it)")
+            if saved.get("vocab_size") != tok.vocab_size or names != tok.special:
                 raise ExocortexError(f"{meta} says vocab_size {saved.get('vocab_size')!r} but {f} has "
                                      f"{tok.vocab_size} tokens: the tokenizer is damaged; re-run `exocortex tokenizer`")
         return tok
@@ -132,15 +197,42 @@ class Tokenizer:
         return lengths
 
     # ------------------------------------------------------------------ chat format
-    def render_conversation(self, conversation: dict | list, max_tokens: int | None = None) -> tuple[list[int], list[int]]:
+    def render_conversation(self, conversation: dict | list, max_tokens: int | None = None,
+                            tools: list[dict] | None = None) -> tuple[list[int], list[int]]:
         """Conversation -> (ids, mask). mask=1 on the tokens the model must learn to produce: assistant text,
-        its tool calls and <|assistant_end|>. System/user text and tool outputs (inserted by the engine) get 0.
+        its tool calls, the <tool_response> marker right after a call, and <|assistant_end|>. System/user text and
+        tool responses (inserted by the engine) get 0.
 
-        A conversation is {"messages": [...]} or a list of messages; each message has a role
-        (system | user | assistant) and content: a string, or for the assistant a list of parts
-        {"type": "text", "text"} | {"type": "tool_call", "text"} | {"type": "tool_output", "text"}.
-        """
+        A conversation is {"messages": [...], "tools": optional} or a list of messages; each message has a role
+        (system | user | assistant | tool) and content: a string, or for the assistant a list of parts
+        {"type": "text", "text"} | {"type": "tool_call", "text": JSON} | {"type": "tool_output", "text"}.
+        OpenAI-shaped history works too (see chat_turns): it renders the same ids as the parts it stands for.
+        `tools` (else the conversation's "tools"), OpenAI function specs, go into the system turn
+        (render_tools_block), which is added when the conversation has none."""
         messages = conversation["messages"] if isinstance(conversation, dict) else conversation
+        if tools is None and isinstance(conversation, dict):
+            tools = conversation.get("tools")
+        ids, mask = self._render(chat_turns(messages), tools, leave_open=False)
+        if max_tokens is not None:
+            ids, mask = ids[:max_tokens], mask[:max_tokens]
+        return ids, mask
+
+    def render_for_completion(self, messages: dict | list, tools: list[dict] | None = None) -> list[int]:
+        """Prompt ids for generation: the conversation so far, then <|assistant_start|> — or, when it ends with
+        a tool's response, the open assistant turn that asked for it, which the model goes on writing.
+        A trailing assistant message is dropped (it is the reply being asked for)."""
+        if isinstance(messages, dict):
+            tools = messages.get("tools") if tools is None else tools
+            messages = messages["messages"]
+        msgs = list(messages)
+        if msgs and isinstance(msgs[-1], dict) and msgs[-1].get("role") == "assistant":
+            msgs = msgs[:-1]
+        turns = chat_turns(msgs)
+        leave_open = bool(turns) and turns[-1].get("open", False)
+        ids, _ = self._render(turns, tools, leave_open)
+        return ids if leave_open else ids + [self.special["<|assistant_start|>"]]
+
+    def _render(self, turns: list[dict], tools: list[dict] | None, leave_open: bool) -> tuple[list[int], list[int]]:
         ids, mask = [self.bos_id], [0]
 
         def add(tokens: list[int], m: int) -> None:
@@ -148,42 +240,133 @@ class Tokenizer:
             mask.extend([m] * len(tokens))
 
         sp = self.special
-        for i, msg in enumerate(messages):
-            role, content = msg.get("role"), msg.get("content")
+        if tools is not None and not isinstance(tools, list):
+            raise ValueError("tools must be a list of function specs")
+        if tools and (not turns or turns[0]["role"] != "system"):
+            turns = [{"role": "system", "content": ""}] + turns
+        for i, turn in enumerate(turns):
+            role = turn["role"]
             if role == "system":
                 if i != 0:
                     raise ValueError("a system message may only come first")
-                add([sp["<|system_start|>"]] + self.encode(_text(content)) + [sp["<|system_end|>"]], 0)
+                text = render_tools_block(tools, _text(turn["content"])) if tools else _text(turn["content"])
+                add([sp["<|system_start|>"]] + self.encode(plain_text(text)) + [sp["<|system_end|>"]], 0)
             elif role == "user":
-                add([sp["<|user_start|>"]] + self.encode(_text(content)) + [sp["<|user_end|>"]], 0)
-            elif role == "assistant":
+                add([sp["<|user_start|>"]] + self.encode(plain_text(_text(turn["content"]))) + [sp["<|user_end|>"]], 0)
+            else:  # assistant (chat_turns checked the roles)
                 add([sp["<|assistant_start|>"]], 0)
-                parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-                for part in parts:
+                previous = None
+                for part in turn["parts"]:
                     kind, text = part.get("type"), part.get("text", "")
+                    if not isinstance(text, str):
+                        raise ValueError(f"a {kind} part's text must be a string")
+                    text = plain_text(text)  # what the model reads back is what an export's template gives it
                     if kind == "text":
                         add(self.encode(text), 1)
                     elif kind == "tool_call":
-                        add([sp["<|tool_call_start|>"]] + self.encode(text) + [sp["<|tool_call_end|>"]], 1)
+                        # the text between the markers is encoded as one piece, as any other runtime's template
+                        # renders it: "\n" JSON "\n" (the Hermes/Qwen layout)
+                        add([sp[CALL_START]] + self.encode("\n" + text + "\n") + [sp[CALL_END]], 1)
                     elif kind == "tool_output":
-                        # the engine inserts these; the model never learns to write them itself
-                        add([sp["<|tool_output_start|>"]] + self.encode(text) + [sp["<|tool_output_end|>"]], 0)
+                        # the engine inserts these; the model never learns to write them itself. Except the opening
+                        # marker right after its own call: predicting "now the response" there gives runtimes that
+                        # cannot run the tool a place to stop (the GGUF export makes it llama.cpp's end of message)
+                        add([sp[RESPONSE_START]], int(previous == "tool_call"))
+                        add(self.encode("\n" + text + "\n") + [sp[RESPONSE_END]], 0)
                     else:
                         raise ValueError(f"unknown assistant part type {kind!r}")
-                add([sp["<|assistant_end|>"]], 1)
-            else:
-                raise ValueError(f"unknown role {role!r}")
-        if max_tokens is not None:
-            ids, mask = ids[:max_tokens], mask[:max_tokens]
+                    previous = kind
+                if not (leave_open and i == len(turns) - 1):
+                    add([sp["<|assistant_end|>"]], 1)
         return ids, mask
 
-    def render_for_completion(self, messages: list[dict]) -> list[int]:
-        """Prompt ids for generation: the conversation so far, then <|assistant_start|>."""
-        msgs = list(messages)
-        if msgs and msgs[-1].get("role") == "assistant":
-            msgs = msgs[:-1]
-        ids, _ = self.render_conversation(msgs)
-        return ids + [self.special["<|assistant_start|>"]]
+
+def tool_call_json(name: str, arguments: dict) -> str:
+    """A call as the model writes it between <tool_call> and </tool_call> (without the newlines around it)."""
+    return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+
+
+def render_tools_block(tools: list[dict], system: str = "") -> str:
+    """The system turn's text offering `tools` (OpenAI function specs, one JSON line each, as given), after the
+    `system` text if there is one. The exports' chat templates write exactly this; <tool_call> in it is text,
+    which rendering passes through plain_text like all message text."""
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ValueError("tools must be a list of function specs (objects)")
+    block = ("# Tools\n\nYou can call these functions:\n<tools>\n"
+             + "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in tools)
+             + '</tools>\n\nTo call one, write <tool_call>\n{"name": "...", "arguments": {...}}\n</tool_call>')
+    return f"{system}\n\n{block}" if system else block
+
+
+def chat_turns(messages: list[dict]) -> list[dict]:
+    """Messages -> turns of our format: {"role": "system" | "user", "content"} or {"role": "assistant",
+    "parts": [...], "open": bool}.
+
+    OpenAI-shaped history is mapped onto parts: an assistant message's "tool_calls" ([{"type": "function",
+    "function": {"name", "arguments": JSON string or object}}]) become tool_call parts after its content, and
+    the `role: "tool"` messages answering them become tool_output parts of that same turn (the model wrote the
+    call and reads the result without the turn ending), as does the assistant message that follows them.
+    "open" marks a turn that ends with a tool's response: the model's next words continue it."""
+    if not isinstance(messages, list):
+        raise ValueError("messages must be a list")
+    turns: list[dict] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise ValueError(f"message {i} must be an object with a role")
+        role = msg.get("role")
+        last = turns[-1] if turns else None
+        if role == "tool":
+            if last is None or not last.get("parts") or last["parts"][-1]["type"] not in ("tool_call", "tool_output"):
+                raise ValueError(f"message {i}: a tool message must answer an assistant message's tool call")
+            last["parts"].append({"type": "tool_output", "text": _text(msg.get("content"))})
+            last["open"] = True
+        elif role == "assistant":
+            parts = _assistant_parts(msg, i)
+            if last is not None and last.get("open"):  # the reply after a tool's response: the same turn
+                last["parts"].extend(parts)
+                last["open"] = False
+            else:
+                turns.append({"role": "assistant", "parts": parts, "open": False})
+        elif role in ("system", "user"):
+            if last is not None and last.get("open"):
+                last["open"] = False  # the turn ended at the tool's response (the history says so)
+            turns.append({"role": role, "content": msg.get("content")})
+        else:
+            raise ValueError(f"unknown role {role!r}")
+    return turns
+
+
+def _assistant_parts(msg: dict, i: int) -> list[dict]:
+    content = msg.get("content")
+    if content is None:
+        parts = []
+    elif isinstance(content, str):
+        parts = [{"type": "text", "text": content}]
+    elif isinstance(content, list) and all(isinstance(p, dict) for p in content):
+        parts = list(content)
+    else:
+        raise ValueError(f"message {i}: assistant content must be a string or a list of parts")
+    calls = msg.get("tool_calls")
+    if calls is None:
+        return parts
+    if not isinstance(calls, list):
+        raise ValueError(f"message {i}: tool_calls must be a list")
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ValueError(f'message {i}: a tool call must be {{"type": "function", "function": {{"name", "arguments"}}}}')
+        args = fn.get("arguments")
+        if args is None or (isinstance(args, str) and not args.strip()):
+            args = {}
+        elif isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                raise ValueError(f"message {i}: the arguments of tool call {fn['name']!r} are not JSON") from None
+        if not isinstance(args, dict):
+            raise ValueError(f"message {i}: the arguments of tool call {fn['name']!r} must be a JSON object")
+        parts.append({"type": "tool_call", "text": tool_call_json(fn["name"], args)})
+    return parts
 
 
 def _read_ranks(path: Path) -> dict[bytes, int]:

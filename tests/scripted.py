@@ -7,13 +7,18 @@ import torch
 class Scripted:
     """A decoder factory whose decoders write a fixed script: each row's logits pick the row's next script
     token. A fed token that is not the one predicted was forced by the engine (tool output), so the row's
-    script does not advance past it; prefill restarts the row's script. `steps` counts decode steps and
+    script does not advance past it; prefill restarts the row's script. `script` may also be a function of
+    the prompt (a conversation's turns answered differently). `steps` counts decode steps and
     `prompt_lengths` records every prefill, over all decoders made."""
 
-    def __init__(self, script: list[int], vocab_size: int):
-        self.script, self.vocab_size = list(script), vocab_size
+    def __init__(self, script, vocab_size: int):
+        self.script = script if callable(script) else list(script)
+        self.vocab_size = vocab_size
         self.steps = 0
         self.prompt_lengths: list[int] = []
+
+    def script_for(self, prompt: list[int]) -> list[int]:
+        return list(self.script(prompt)) if callable(self.script) else self.script
 
     def __call__(self, batch_size: int, max_len: int) -> "ScriptedDecoder":
         return ScriptedDecoder(self, batch_size, max_len)
@@ -23,12 +28,14 @@ class ScriptedDecoder:
     def __init__(self, owner: Scripted, batch_size: int, max_len: int):
         self.owner, self.B, self.T = owner, batch_size, max_len
         self.at = [0] * batch_size  # per row: the index of its next script token
+        # per row: its script (a script that depends on the prompt is set by prefill)
+        self.scripts = [[0] if callable(owner.script) else owner.script] * batch_size
         self.lengths = [0] * batch_size  # per row: tokens in its cache (the real Decoder's limit applies)
 
     def _logits(self, rows) -> torch.Tensor:
-        script = self.owner.script
         logits = torch.full((len(rows), self.owner.vocab_size), -1e9)
         for i, r in enumerate(rows):
+            script = self.scripts[r]
             logits[i, script[min(self.at[r], len(script) - 1)]] = 0
         return logits
 
@@ -39,12 +46,13 @@ class ScriptedDecoder:
         self.owner.prompt_lengths.append(len(prompt))
         for s in slots:
             self.at[s], self.lengths[s] = 0, len(prompt)
+            self.scripts[s] = self.owner.script_for(prompt)
         return self._logits(slots)
 
     def step(self, tokens: list[int], advance: list[bool] | None = None) -> torch.Tensor:
         moving = [r for r in range(self.B) if advance is None or advance[r]]
-        script = self.owner.script
         for r in moving:
+            script = self.scripts[r]
             if self.lengths[r] >= self.T:
                 raise ValueError(f"a row is at the end of the cache ({self.T} tokens)")
             self.lengths[r] += 1

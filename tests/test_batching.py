@@ -71,8 +71,8 @@ def test_fused_weights_follow_parameter_updates():
 
 
 class _Tok:  # the special tokens an Engine needs; ids below those the tests use for text
-    special = {k: 390 + i for i, k in enumerate(["<|bos|>", "<|assistant_end|>", "<|tool_call_start|>",
-                                                 "<|tool_call_end|>", "<|tool_output_start|>", "<|tool_output_end|>"])}
+    special = {k: 390 + i for i, k in enumerate(["<|bos|>", "<|assistant_end|>", "<tool_call>", "</tool_call>",
+                                                 "<tool_response>", "</tool_response>"])}
 
 
 def run_batched(eng, jobs, max_rows, join_after=None):
@@ -168,10 +168,11 @@ def bigram_gpt(vocab, pairs, width=64):
 
 def test_tool_calls_in_a_batch():
     tok_sp = _Tok.special
-    call, out_s, out_e = tok_sp["<|tool_call_start|>"], tok_sp["<|tool_output_start|>"], tok_sp["<|tool_output_end|>"]
+    call, out_s, out_e = tok_sp["<tool_call>"], tok_sp["<tool_response>"], tok_sp["</tool_response>"]
 
-    class Tok(_Tok):  # tool text <-> token ids: "2+3" is written as 3 tokens, the result "5" comes back as one
-        chars = {"2": 50, "+": 51, "3": 52, "5": 53, "calculator(": 54, ")": 55}
+    class Tok(_Tok):  # tool text <-> token ids: "2+3" is written as 3 tokens, the result "\n5\n" comes back as 3
+        chars = {"2": 50, "+": 51, "3": 52, "5": 53, '\n{"name": "calculator", "arguments": {"expression": "': 54,
+                 '"}}\n': 55, "\n": 56}
 
         def decode(self, ids):
             inv = {v: k for k, v in self.chars.items()}
@@ -180,12 +181,12 @@ def test_tool_calls_in_a_batch():
         def encode(self, s):
             return [self.chars[c] for c in s]
 
-    script = [call, 54, 50, 51, 52, 55, tok_sp["<|tool_call_end|>"]]
+    script = [call, 54, 50, 51, 52, 55, tok_sp["</tool_call>"]]
     answer = [60, 61, 62, tok_sp["<|assistant_end|>"]]
     pairs = list(zip([20] + script, script)) + [(out_e, answer[0])] + list(zip(answer, answer[1:]))
     eng = Engine(bigram_gpt(400, pairs), Tok(), torch.device("cpu"))
     tokens, finish, steps = alone(eng, [1, 2, 20], max_tokens=30, temperature=0)
-    assert tokens == script + [out_s, 53, out_e] + answer[:-1] and finish == "stop"
+    assert tokens == script + [out_s, 56, 53, 56, out_e] + answer[:-1] and finish == "stop"
     jobs = [([1, 2, 20], dict(max_tokens=30, temperature=0)), ([20], dict(max_tokens=30, temperature=0)),
             ([5, 5, 5, 5, 20], dict(max_tokens=9, temperature=0)),  # cut off in the tool output: "length"
             ([3, 20], dict(max_tokens=30, temperature=0))]

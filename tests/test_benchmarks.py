@@ -46,11 +46,15 @@ SMOLTALK_ROWS = [
                   {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
                   {"role": "assistant", "content": "6"}], "source": "fixture"},
 ]
+def calc(expression):
+    return json.dumps({"name": "calculator", "arguments": {"expression": expression}})
+
+
 USER_ROWS = [
     {"messages": [{"role": "user", "content": "Who wrote our style guide?"},
                   {"role": "assistant", "content": "Ada Lovelace wrote it."}], "answer": "Ada Lovelace"},
     {"messages": [{"role": "user", "content": "What is 6*7?"},
-                  {"role": "assistant", "content": [{"type": "tool_call", "text": "calculator(6*7)"},
+                  {"role": "assistant", "content": [{"type": "tool_call", "text": calc("6*7")},
                                                     {"type": "tool_output", "text": "42"},
                                                     {"type": "text", "text": "It is 42."}]}], "answer": 42},
     {"messages": [{"role": "user", "content": "Say something nice."},
@@ -94,15 +98,15 @@ def test_gsm8k_turns_calculator_annotations_into_tool_calls(files, tok):
         parts = ex["messages"][1]["content"]
         assert parts == [
             {"type": "text", "text": "Natalia sold 48/2 = "},
-            {"type": "tool_call", "text": "calculator(48/2)"}, {"type": "tool_output", "text": "24"},
+            {"type": "tool_call", "text": calc("48/2")}, {"type": "tool_output", "text": "24"},
             {"type": "text", "text": "24 clips in May.\nNatalia sold 48+24 = "},
-            {"type": "tool_call", "text": "calculator(48+24)"}, {"type": "tool_output", "text": "72"},
+            {"type": "tool_call", "text": calc("48+24")}, {"type": "tool_output", "text": "72"},
             {"type": "text", "text": "72 clips altogether in April and May.\n#### 72"}]
         # an annotation our calculator cannot run is dropped; the text around it stays; 6,000 -> 6000
         third = task.rows[split][2]
         assert third["answer"] == "6000"
         calls = [p["text"] for p in third["messages"][1]["content"] if p["type"] == "tool_call"]
-        assert calls == ["calculator(1200*5)"]
+        assert calls == [calc("1200*5")]
         assert third["messages"][1]["content"][-1]["text"].endswith("#### 6,000")
         assert task.grade("48/2 = 24, 48 + 24 = 72\n#### 72", ex)
         assert not task.grade("#### 71", ex) and not task.grade("72", ex)  # no '####': not an answer
@@ -155,7 +159,15 @@ def test_conversations(files, tok):
     assert mine.grade("6 times 7 is 42", b) and not mine.grade("41", b)
     assert mine.grade("Thanks!", c) and not mine.grade("", c)
     ids, mask = tok.render_conversation(b)  # assistant parts (tool call + output) render
-    assert sum(mask) > 0 and tok.special["<|tool_call_start|>"] in ids
+    assert sum(mask) > 0 and tok.special["<tool_call>"] in ids
+    # the same conversation in OpenAI's shape (tool_calls, role "tool") is read as the same parts
+    openai = {"messages": [{"role": "user", "content": "What is 6*7?"},
+                           {"role": "assistant", "content": None, "tool_calls": [
+                               {"type": "function", "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'}}]},
+                           {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}], "answer": 42}
+    path = write_jsonl(files["jsonl"].parent / "openai_test.jsonl", [openai])
+    (row,) = load_benchmark("jsonl", str(path)).rows["test"]
+    assert row["messages"] == b["messages"]
 
 
 def test_directories_of_shards_and_taskset(tmp_path):
@@ -211,6 +223,13 @@ def test_bad_input_names_file_and_line(tmp_path):
                                                "content": [{"type": "image", "text": "b"}]}]})],
            r"test\.jsonl:1: message 1 has a bad part")
     expect("jsonl", [json.dumps({**USER_ROWS[0], "answer": ["x"]})], r'test\.jsonl:1: "answer" must be')
+    # a call in the old syntax (or any text that is not a JSON call) would teach calls nothing runs
+    expect("jsonl", [json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant",
+                                               "content": [{"type": "tool_call", "text": "calculator(6*7)"}]}]})],
+           r"test\.jsonl:1: message 1 has a tool call the engine cannot run \(the tool call is not valid JSON")
+    expect("jsonl", [json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "tool", "content": "5"},
+                                              {"role": "assistant", "content": "b"}]})],
+           r"test\.jsonl:1: message 1: a tool message must answer")
     (tmp_path / "bin.jsonl").write_bytes(good.encode() + b"\n\xff\xfe\n")
     with pytest.raises(ExocortexError, match=r"bin\.jsonl:2: not UTF-8"):
         load_benchmark("gsm8k", str(tmp_path / "bin.jsonl"))
@@ -314,7 +333,7 @@ def _random_replies(n, seed=0):
     rng = random.Random(seed)
     alphabet = string.printable + "−×÷½²é日🙂"
     pieces = ["####", " #### 72", "A", "B.", "(C)", "```python\n", "```", "def has_close_elements(", "    return ",
-              "calculator(", "42", "-1,000.5", "\n", "Ada Lovelace", "\x00", "'''", '"""', "import os\n"]
+              "calculator(", '{"name": "calculator"', "42", "-1,000.5", "\n", "Ada Lovelace", "\x00", "'''", '"""', "import os\n"]
     for _ in range(n):
         if rng.random() < 0.5:
             yield "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 60)))

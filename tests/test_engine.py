@@ -1,30 +1,42 @@
 import torch
 
 from exocortex.infer.engine import Engine, StreamDecoder, sample_next
+from exocortex.infer.tools import format_tool_call, search_tool
 from exocortex.model import GPT
 from scripted import Scripted
 
 
+CALL = '{"name": "calculator", "arguments": {"expression": "347 * 29"}}'
+
+
 def test_tool_call_is_run_and_injected(tok, small_cfg):
     sp = tok.special
-    call = tok.encode("calculator(347 * 29)")
+    call = tok.encode(format_tool_call("calculator", {"expression": "347 * 29"}))
     answer = tok.encode("It is 10063.")
-    script = [sp["<|tool_call_start|>"], *call, sp["<|tool_call_end|>"], *answer, sp["<|assistant_end|>"]]
-    small_cfg.vocab_size = tok.vocab_size
+    script = [sp["<tool_call>"], *call, sp["</tool_call>"], *answer, sp["<|assistant_end|>"]]
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 256  # JSON is long in this tiny vocabulary
     eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
-    steps = list(eng.generate(tok.render_for_completion([{"role": "user", "content": "347*29?"}]), max_tokens=60,
+    steps = list(eng.generate(tok.render_for_completion([{"role": "user", "content": "347*29?"}]), max_tokens=200,
                               temperature=0))
     tokens = [c[0] for c, _ in steps]
     forced = [f[0] for _, f in steps]
-    out_start = tokens.index(sp["<|tool_output_start|>"])
-    out_end = tokens.index(sp["<|tool_output_end|>"])
-    assert tok.decode(tokens[out_start + 1:out_end]) == "10063"
+    out_start = tokens.index(sp["<tool_response>"])
+    out_end = tokens.index(sp["</tool_response>"])
+    assert tok.decode(tokens[out_start + 1:out_end]) == "\n10063\n"  # the Hermes layout: newline-framed
     assert all(forced[out_start:out_end + 1]) and not any(forced[:out_start])
     assert tokens[-1] == sp["<|assistant_end|>"]
     assert eng.answer_text(tokens[:-1]) == "It is 10063."
     parts = eng.to_parts(tokens[:-1])
     assert [p["type"] for p in parts] == ["tool_call", "tool_output", "text"]
-    assert parts[0]["text"] == "calculator(347 * 29)" and parts[1]["text"] == "10063"
+    assert parts[0]["text"] == CALL and parts[1]["text"] == "10063"
+    assert eng.render(tokens[:-1]) == f"[tool call: {CALL}] [tool output: 10063] It is 10063."
+    # the parts, rendered again as history, are exactly the tokens the model wrote and the engine forced
+    prompt = tok.render_for_completion([{"role": "user", "content": "347*29?"}])
+    ids, mask = tok.render_conversation([{"role": "user", "content": "347*29?"},
+                                         {"role": "assistant", "content": parts}])
+    assert ids == prompt + tokens
+    # forced: never trained on, but for the response's opening marker (other runtimes stop there to run the tool)
+    assert [m for m, f in zip(mask[len(prompt):], forced) if f] == [1] + [0] * (sum(forced) - 1)
 
 
 def test_batched_sampling_is_seeded(small_cfg):
@@ -33,8 +45,8 @@ def test_batched_sampling_is_seeded(small_cfg):
         torch.nn.init.normal_(p, std=0.5)
 
     class T:  # minimal tokenizer stand-in
-        special = {k: i for i, k in enumerate(["<|bos|>", "<|assistant_end|>", "<|tool_call_start|>",
-                                               "<|tool_call_end|>", "<|tool_output_start|>", "<|tool_output_end|>"])}
+        special = {k: i for i, k in enumerate(["<|bos|>", "<|assistant_end|>", "<tool_call>", "</tool_call>",
+                                               "<tool_response>", "</tool_response>"])}
     eng = Engine(m, T(), torch.device("cpu"))
     eng.stop_ids = {-1}
     a = list(eng.generate([5, 6, 7], num_samples=4, max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7))
@@ -77,14 +89,33 @@ def test_prompts_of_different_lengths_batch_like_each_alone(tok, small_cfg):
 
 def test_empty_lookup_searches_the_users_question(tok, small_cfg):
     sp = tok.special
-    script = [sp["<|tool_call_start|>"], *tok.encode("lookup()"), sp["<|tool_call_end|>"], sp["<|assistant_end|>"]]
-    small_cfg.vocab_size = tok.vocab_size
+    script = [sp["<tool_call>"], *tok.encode(format_tool_call("lookup", {})), sp["</tool_call>"],
+              sp["<|assistant_end|>"]]
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 128
     seen = []
-    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), tools={"lookup": lambda q: seen.append(q) or "found"},
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"),
+                 tools={"lookup": search_tool(lambda q: seen.append(q) or "found")},
                  decoder=Scripted(script, tok.vocab_size))
     prompt = tok.render_for_completion([{"role": "user", "content": "where does Mira live?"},
                                         {"role": "assistant", "content": "in Tarsk"},
                                         {"role": "user", "content": "and who sells glimmerfern?"}])
-    out = eng.complete(prompt, max_tokens=30, temperature=0)[0]
+    out = eng.complete(prompt, max_tokens=60, temperature=0)[0]
     assert seen == ["and who sells glimmerfern?"]
     assert eng.to_parts(out)[1] == {"type": "tool_output", "text": "found"}
+
+
+def test_chat_shows_a_tool_call_and_its_response_on_their_own_line(tok, small_cfg):
+    import io
+
+    from exocortex.apps.chat import stream_reply
+
+    sp = tok.special
+    script = [*tok.encode("Let me see."), sp["<tool_call>"], *tok.encode(format_tool_call("calculator", {"expression": "6 * 7"})),
+              sp["</tool_call>"], *tok.encode("It is 42."), sp["<|assistant_end|>"]]
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 256
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
+    out = io.StringIO()
+    tokens = stream_reply(eng, [{"role": "user", "content": "6*7?"}], out=out, max_tokens=200, temperature=0)
+    call = '{"name": "calculator", "arguments": {"expression": "6 * 7"}}'
+    assert out.getvalue() == f"Let me see.\n  [tool call: {call}] -> 42\nIt is 42.\n"
+    assert eng.to_parts(tokens)[1:3] == [{"type": "tool_call", "text": call}, {"type": "tool_output", "text": "42"}]

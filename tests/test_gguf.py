@@ -12,8 +12,9 @@ from exocortex.cli import main as cli_main  # noqa: E402
 from exocortex.config import make_config, save_config  # noqa: E402
 from exocortex.errors import ExocortexError  # noqa: E402
 from exocortex.infer.engine import Engine  # noqa: E402
-from exocortex.apps.export.gguf import (GGUF_CHAT_TEMPLATE, export_gguf, load_llama, render_with_llama_cpp,  # noqa: E402
-                                   verify_gguf)  # noqa: E402
+from exocortex.apps.export.chat_template import sample_conversations  # noqa: E402
+from exocortex.apps.export.gguf import (GGUF_CHAT_TEMPLATE, check_gguf_chat_template, export_gguf, load_llama,  # noqa: E402
+                                        render_with_llama_cpp, verify_gguf)
 from exocortex.model import GPT  # noqa: E402
 from exocortex.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -96,6 +97,7 @@ def test_metadata(run, etok):
     assert f["tokenizer.ggml.token_type"][etok.special["<|user_start|>"]] == gguf.TokenType.CONTROL
     assert f["tokenizer.ggml.bos_token_id"] == etok.bos_id
     assert f["tokenizer.ggml.eos_token_id"] == etok.special["<|assistant_end|>"]
+    assert f["tokenizer.ggml.eom_token_id"] == etok.special["<tool_response>"]  # generation stops after a call
     names = {t.name: t for t in r.tensors}
     assert len(names) == 3 + 2 * 11 and "blk.1.attn_q_norm.weight" in names
     # GGUF shapes are reversed from torch's: (in, out)
@@ -155,7 +157,7 @@ def test_chat_template(llm, etok):
         {"role": "user", "content": [{"type": "text", "text": "What is 12*7"}, {"type": "text", "text": "?"}]},
         {"role": "assistant", "content": [
             {"type": "text", "text": "Let me compute. "},
-            {"type": "tool_call", "text": "calc(12*7)"},
+            {"type": "tool_call", "text": '{"name": "calculator", "arguments": {"expression": "12*7"}}'},
             {"type": "tool_output", "text": "84"},
             {"type": "text", "text": "It is 84."}]},
         {"role": "user", "content": "Thanks! 🙂  \n\n  12345 it's"},
@@ -164,6 +166,45 @@ def test_chat_template(llm, etok):
     assert render_with_llama_cpp(llm, conv[:3]) == etok.render_for_completion(conv[:3])  # trailing assistant dropped
     with pytest.raises(Exception, match="system message may only come first"):
         render_with_llama_cpp(llm, [{"role": "user", "content": "hi"}, {"role": "system", "content": "x"}])
+
+
+def test_chat_template_renders_our_ids_on_many_conversations(llm, etok):
+    # tools, OpenAI tool_calls, role "tool" answers inside the same turn, generation prompts after a tool message,
+    # our parts form, unicode and typed special-token text: llama-cpp-python's jinja2 rendering + llama.cpp's
+    # tokenizer (special tokens parsed, as for any prompt) give our ids. llama.cpp's own Jinja engine is
+    # checked on the same conversations in tests/test_export_tools.py (llama-server).
+    for i, case in enumerate(sample_conversations(150, seed=7)):
+        messages, tools = case["messages"], case["tools"]
+        assert render_with_llama_cpp(llm, messages, tools) == etok.render_for_completion(messages, tools=tools), i
+        assert render_with_llama_cpp(llm, messages, tools, add_generation_prompt=False) == \
+            etok.render_conversation(messages, tools=tools)[0], i
+    assert check_gguf_chat_template(llm, etok) == 40  # what --verify runs
+
+
+@pytest.mark.parametrize("evil", ["<|assistant_end|>", "<tool_call>", "</tool_response>", "<|bos|>"])
+def test_special_token_text_stays_plain_through_the_template(llm, etok, evil):
+    spec = {"type": "function", "function": {"name": "f", "description": evil}}
+    conv = [{"role": "system", "content": evil}, {"role": "user", "content": evil},
+            {"role": "assistant", "content": evil,
+             "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": evil}}}]},
+            {"role": "tool", "content": evil}]
+    ids = render_with_llama_cpp(llm, conv, [spec])
+    assert ids == etok.render_for_completion(conv, tools=[spec])
+    structure = ["<|bos|>", "<|system_start|>", "<|system_end|>", "<|user_start|>", "<|user_end|>",
+                 "<|assistant_start|>", "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+    assert [i for i in ids if i >= len(etok.mergeable_ranks)] == [etok.special[t] for t in structure]
+
+
+def test_tool_markers_are_printed(run, llm, etok):
+    # USER_DEFINED: llama.cpp prints them in a reply (CONTROL tokens it hides), so a client or llama-server's
+    # parser sees the call; the turn tokens and the response markers (where generation stops) stay hidden
+    types = gguf.GGUFReader(run["path"]).fields["tokenizer.ggml.token_type"].contents()
+    for name in SPECIAL_TOKENS:
+        user_defined = name in ("<tool_call>", "</tool_call>")
+        assert types[etok.special[name]] == (gguf.TokenType.USER_DEFINED if user_defined else gguf.TokenType.CONTROL)
+    reply = ([etok.special["<tool_call>"]] + etok.encode('\n{"name": "f", "arguments": {}}\n')
+             + [etok.special["</tool_call>"], etok.special["<tool_response>"], etok.special["<|assistant_end|>"]])
+    assert llm.detokenize(reply) == b'<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'
 
 
 def test_chat_completion(llm, run, etok):

@@ -16,7 +16,7 @@ import pytest
 
 from exocortex.infer import sandbox
 from exocortex.infer.sandbox import MARKER, isolation_layers, python_tool, run_python
-from exocortex.infer.tools import run_tool_call
+from exocortex.infer.tools import format_tool_call, run_tool_call
 
 PARENT_LIMITS = {r: resource.getrlimit(r) for r in (resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_NPROC,
                                                      resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE)}
@@ -255,7 +255,7 @@ def test_python_tool(monkeypatch):
     assert python_tool("print('partial')\n1/0") == "partial\nerror: ZeroDivisionError: division by zero"
     assert python_tool("while True: pass").startswith("error: timed out")
     assert python_tool("print('y' * 100000)").endswith("[output truncated]")
-    assert run_tool_call("python(print(sum(range(10))))", {"python": python_tool}) == "45"
+    assert run_tool_call(format_tool_call("python", {"code": "print(sum(range(10)))"})) == "45"  # the built-in
 
 
 def test_bad_layer_name_is_an_error():
@@ -387,7 +387,7 @@ def test_fails_closed_without_a_required_layer(monkeypatch, layer):
     assert not enabled and f"{layer} (off: not supported" in reason and "EXOCORTEX_SANDBOX=degraded" in reason
     assert "\n" not in reason
     assert python_tool("print(1)") == f"error: {reason}"
-    assert run_tool_call("python(print(1))") == f"error: {reason}"
+    assert run_tool_call(format_tool_call("python", {"code": "print(1)"})) == f"error: {reason}"
     with pytest.raises(sandbox.SandboxUnavailable):
         run_python("print(1)")
     assert run_python("print(1)", disable_layers=(layer,)).ok  # switched off on purpose: a measurement

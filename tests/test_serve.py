@@ -191,7 +191,7 @@ def test_validation_errors(server):
         _error(h.post(url, json={"messages": user, "top_p": 0}), 400, param="top_p")
         _error(h.post(url, json={"messages": user, "top_p": 1.5}), 400, param="top_p")
         _error(h.post(url, json={"messages": user, "max_tokens": 0}), 400, param="max_tokens")
-        _error(h.post(url, json={"messages": user, "n": 2}), 400, param="n")
+        _error(h.post(url, json={"messages": user, "n": 0}), 400, param="n")
         _error(h.post(url, json={"messages": user, "stop": ["a", "b", "c", "d", "e"]}), 400, param="stop")
         _error(h.post(url, json={"messages": user + [{"role": "system", "content": "late"}]}), 400,
                param="messages[1].role")
@@ -233,9 +233,10 @@ def test_fastapi_validation_errors_use_the_openai_format(engine):
 
 def test_tool_calls_are_shown_and_can_be_sent_back(tok):
     sp = tok.special
-    script = [sp["<|tool_call_start|>"], *tok.encode("calculator(347 * 29)"), sp["<|tool_call_end|>"],
+    call = '{"name": "calculator", "arguments": {"expression": "347 * 29"}}'
+    script = [sp["<tool_call>"], *tok.encode(f"\n{call}\n"), sp["</tool_call>"],
               *tok.encode("It is 10063."), sp["<|assistant_end|>"]]
-    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=32, mlp_ratio=1.0)
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=1.0)
     eng = Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
     server = Server(create_app(eng, MODEL))
     try:
@@ -243,13 +244,13 @@ def test_tool_calls_are_shown_and_can_be_sent_back(tok):
         user = [{"role": "user", "content": "What is 347 * 29?"}]
         out = c.chat.completions.create(model=MODEL, messages=user, temperature=0)
         msg = out.choices[0].message
-        assert msg.content == "[tool call: calculator(347 * 29)] [tool output: 10063] It is 10063."
-        parts = [{"type": "tool_call", "text": "calculator(347 * 29)"}, {"type": "tool_output", "text": "10063"},
+        assert msg.content == f"[tool call: {call}] [tool output: 10063] It is 10063."
+        parts = [{"type": "tool_call", "text": call}, {"type": "tool_output", "text": "10063"},
                  {"type": "text", "text": "It is 10063."}]
         assert msg.model_extra["parts"] == parts
         assert out.choices[0].finish_reason == "stop"
         # the tool output's tokens count: they take room in the context like the model's own
-        n_out = len(tok.encode("10063")) + 2
+        n_out = len(tok.encode("\n10063\n")) + 2
         assert out.usage.completion_tokens == len(script) + n_out
 
         chunks = list(c.chat.completions.create(model=MODEL, messages=user, temperature=0, stream=True))
@@ -257,7 +258,7 @@ def test_tool_calls_are_shown_and_can_be_sent_back(tok):
 
         # stop sequences apply to the model's text, not to tool calls or outputs
         cut = c.chat.completions.create(model=MODEL, messages=user, temperature=0, stop=["10063", "zzz"])
-        assert cut.choices[0].message.content == "[tool call: calculator(347 * 29)] [tool output: 10063] It is "
+        assert cut.choices[0].message.content == f"[tool call: {call}] [tool output: 10063] It is "
         assert cut.choices[0].finish_reason == "stop"
         streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
             model=MODEL, messages=user, temperature=0, stop="10063", stream=True))

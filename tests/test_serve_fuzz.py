@@ -55,7 +55,7 @@ def malformed(rng: random.Random, max_body: int = 4 * 1024 * 1024):
     if kind == 20:  # strings and lists where numbers go, and far too many stop sequences or messages
         body = {"messages": hi * rng.choice([1, 2000]), "max_tokens": rng.choice(["1", [], {}, True, 0])}
         return "POST", chat, json.dumps(body).encode(), JSON
-    prompt = rng.choice([[], [-1], [10 ** 12], [1.5], [[1]], ["a", "b"], {"p": 1}, True])
+    prompt = rng.choice([[], [-1], [10 ** 12], [1.5], [[1], [-1]], [[]], ["a", 1], [[1], "a"], {"p": 1}, True])
     return "POST", "/v1/completions", json.dumps({"prompt": prompt}).encode(), JSON
 
 
@@ -84,7 +84,7 @@ def malformed_body(rng: random.Random):
     elif kind == 8:
         body["max_tokens"] = rng.choice([0, -5, "many", 1.5])
     elif kind == 9:
-        body["n"] = rng.choice([0, 2, 5, "two"])
+        body["n"] = rng.choice([0, -2, 129, "two"])
     elif kind == 10:
         body["messages"][0]["content"] = "word " * 5000  # far past the context
     else:

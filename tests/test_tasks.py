@@ -10,7 +10,7 @@ from exocortex.infer.lookup import DocumentIndex, world_index
 from exocortex.config import parse_mixture
 from exocortex.tasks import GENERATED, TaskSet, mixture_conversations
 from exocortex.tasks.base import choice_letter, grade_final_number, grade_hash_answer, hash_answer
-from exocortex.infer.tools import calculator
+from exocortex.infer.tools import calculator, parse_tool_call, run_tool_call, search_tool
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,9 @@ def test_arithmetic_examples_are_correct_and_use_the_tool(tasks):
         ex = tasks["arithmetic"].example(rng, "train")
         call, output, text = ex["messages"][-1]["content"]
         assert call["type"] == "tool_call" and output["type"] == "tool_output" and text["type"] == "text"
-        expr = call["text"][len("calculator("):-1]
-        assert calculator(expr) == output["text"] == ex["answer"]
+        name, args = parse_tool_call(call["text"])
+        assert name == "calculator" and calculator(args["expression"]) == output["text"] == ex["answer"]
+        assert run_tool_call(call["text"]) == output["text"]  # what the engine inserts is what it learns from
         assert grade_final_number(text["text"], ex["answer"])
 
 
@@ -51,7 +52,8 @@ def test_word_problems_chain_calculator_calls_and_end_with_hash_answer(tasks):
         parts = ex["messages"][-1]["content"]
         calls = [p["text"] for p in parts if p["type"] == "tool_call"]
         outs = [p["text"] for p in parts if p["type"] == "tool_output"]
-        assert [calculator(c[len("calculator("):-1]) for c in calls] == outs
+        assert [run_tool_call(c) for c in calls] == outs
+        assert all(parse_tool_call(c)[0] == "calculator" for c in calls)
         # steps done in the head are written out, and right
         mental = re.findall(r"([\d+\-*/ ]+) = (\d+)\.", "".join(p["text"] for p in parts if p["type"] == "text"))
         assert all(calculator(e) == r for e, r in mental)
@@ -139,9 +141,11 @@ def test_lookup_people_were_never_in_pretraining(world, tasks):
     assert test_names and train_names and not test_names & train_names
     assert test_names < world.held_out_names and world.held_out_names & train_names  # half trains the skill
     assert not any(n in docs for n in world.held_out_names)
+    tools = {"lookup": search_tool(t.index)}
     for ex in t.examples(50, 0, "test"):
         call, out, answer = ex["messages"][-1]["content"]
-        assert call["text"].startswith("lookup(") and ex["answer"].lower() in out["text"].lower()
+        assert parse_tool_call(call["text"]) == ("lookup", {}) and ex["answer"].lower() in out["text"].lower()
+        assert run_tool_call(call["text"], tools, context=_user(ex)) == out["text"]  # the engine's search
         assert t.grade(answer["text"], ex)
     people = {p.name for p in world.people}
     assert not any(f.subject in people for f in tasks["facts"].by_split["train"])  # person questions: lookup
@@ -155,6 +159,19 @@ def test_document_index_finds_the_entity_passage(world):
     user = DocumentIndex(["The vault code is 4417.", "Lunch is at noon on Fridays.", "Our office is in Lyon."])
     assert "4417" in user("what is the vault code?") and "noon" in user("when is lunch")
     assert user("   ") == "error: empty query" and user("zebra") == "no results"
+
+
+def test_a_runs_lookup_tool_takes_the_calls_arguments(tmp_path):
+    from exocortex.config import make_config
+    from exocortex.infer.lookup import tools_for_run
+
+    (tmp_path / "notes.txt").write_text("The vault code is 4417.\n\nLunch is at noon on Fridays.\n")
+    tools = tools_for_run(make_config("tiny"), docs=[str(tmp_path / "notes.txt")])
+    assert set(tools) == {"calculator", "python", "lookup"}
+    call = '{"name": "lookup", "arguments": {"query": "vault code"}}'
+    assert "4417" in run_tool_call(call, tools)
+    assert "4417" in run_tool_call('{"name": "lookup", "arguments": {}}', tools, context="the vault's code?")
+    assert run_tool_call('{"name": "lookup", "arguments": {"q": "x"}}', tools) == "error: lookup takes only 'query', not 'q'"
 
 
 def test_mixture_is_deterministic_and_weighted(tasks):

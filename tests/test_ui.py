@@ -30,9 +30,10 @@ ARTIFACTS = Path(os.environ.get("EXOCORTEX_TEST_ARTIFACTS", Path(__file__).resol
 def test_chat_page_streams_reply_with_tool_call(tok):
     sp = tok.special
     answer = "The result is 10063, computed with the calculator."
-    script = [sp["<|tool_call_start|>"], *tok.encode("calculator(347 * 29)"), sp["<|tool_call_end|>"],
+    call = '{"name": "calculator", "arguments": {"expression": "347 * 29"}}'
+    script = [sp["<tool_call>"], *tok.encode(f"\n{call}\n"), sp["</tool_call>"],
               *tok.encode(answer), sp["<|assistant_end|>"]]
-    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=64, mlp_ratio=1.0)
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=1.0)
     paced = Paced(Scripted(script, tok.vocab_size), pause=0.08)  # slowed down: streaming shows step by step
     server = Server(create_app(Engine(GPT(cfg), tok, torch.device("cpu"), decoder=paced), MODEL))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -58,8 +59,7 @@ def test_chat_page_streams_reply_with_tool_call(tok):
             assert answer in reply.inner_text()
             distinct = sorted(set(lengths))
             assert len(distinct) >= 3, lengths  # several partial states were visible
-            call = page.locator(".msg.assistant .tool.call").last
-            assert "calculator(347 * 29)" in call.inner_text()
+            assert call in page.locator(".msg.assistant .tool.call").last.inner_text()
             assert "10063" in page.locator(".msg.assistant .tool.output").last.inner_text()
             page.screenshot(path=str(ARTIFACTS / "ui_chat.png"), full_page=True)
             # New chat clears the conversation

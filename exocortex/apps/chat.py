@@ -1,6 +1,6 @@
 """App `chat`: talk to your model in the terminal (interactive, or one-shot with -p).
 
-Tokens stream as they are generated; tool calls and their outputs are shown inline.
+Tokens stream as they are generated; tool calls and their responses are shown on a line of their own.
 """
 from __future__ import annotations
 
@@ -12,32 +12,37 @@ import torch
 from exocortex.config import RunConfig
 from exocortex.errors import ExocortexError
 from exocortex.infer.decode import compile_status, warm_up_note
-from exocortex.infer.engine import Engine, StreamDecoder, load_engine
+from exocortex.infer.engine import Engine, StreamDecoder, load_engine, unwrap
 from exocortex.infer.sandbox import python_tool_status
 
 
 def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **sampling) -> list[int]:
-    """Generate one assistant turn, printing it as it comes; returns its tokens (without the stop token)."""
+    """Generate one assistant turn, printing it as it comes; returns its tokens (without the stop token).
+    A tool call and its response are shown on their own line, `[tool call: {...}] -> result`, once each is
+    complete (their text is JSON and a result, framed by newlines the display leaves out)."""
     tok = engine.tok
     dec = StreamDecoder(tok)
     prompt = tok.render_for_completion(messages)
     tokens: list[int] = []
+    inside: list[int] | None = None  # the tokens of the call or response being written
+    shown = {engine.call_end: "\n  [tool call: {}]", engine.out_end: " -> {}\n"}
     for column, forced in engine.generate(prompt, **sampling):
         t = column[0]
         if t in engine.stop_ids:
             break
         tokens.append(t)
-        if t == engine.call_start:
-            out.write("\n  [tool call: ")
-        elif t == engine.call_end:
-            out.write("]")
-        elif t == engine.out_start:
-            out.write(" -> ")
-        elif t == engine.out_end:
-            out.write("\n")
+        if t in (engine.call_start, engine.out_start):
+            inside = []
+        elif t in shown and inside is not None:
+            out.write(shown[t].format(unwrap(tok.decode(inside))))
+            inside = None
+        elif inside is not None:
+            inside.append(t)
         elif not tok.is_special(t):
             out.write(dec.push(t))
         out.flush()
+    if inside:  # cut short inside a call: show what there was
+        out.write("\n  [" + unwrap(tok.decode(inside)))
     out.write("\n")
     out.flush()
     return tokens

@@ -10,9 +10,21 @@ the loop never runs the model. At most `max_concurrent` requests are in the batc
 for a place; past that a request gets 429. A client that disconnects (streaming or not) cancels its request,
 whose row leaves the batch at the next step.
 
+Scoring (logprobs, echo with the prompt's logprobs, n, best_of, lists of prompts; what lm-evaluation-harness's
+loglikelihood tasks use) is in exocortex/apps/scoring.py: a choice is one row of the batch, and a prompt is scored
+by a forward pass on the batcher's thread.
+
 Tool calls are run by the engine. They appear in the text as the engine renders them
-(`[tool call: calculator(347 * 29)] [tool output: 10063] `) and, structured, in a non-standard `parts` list
+(`[tool call: {"name": "calculator", "arguments": {"expression": "347 * 29"}}] [tool output: 10063] `) and, structured, in a non-standard `parts` list
 (`part` per streamed delta) that assistant messages may send back as their `content`.
+
+Function calling (exocortex/apps/tool_calls.py): a client's `tools` are offered to the model; its calls to them
+come back as OpenAI `tool_calls` (finish_reason "tool_calls") instead of being run, `role: "tool"` messages
+answer them, and `tool_choice` is honoured by masking tokens. The built-ins above keep running here.
+
+`response_format` json_object / json_schema (both endpoints) is honoured by constrained decoding
+(exocortex/infer/constrain.py): each token of the reply is masked to what the schema allows, so such a reply is
+JSON only (no tool calls); a format this server cannot honour is a 400, never ignored.
 """
 from __future__ import annotations
 
@@ -20,18 +32,23 @@ import asyncio
 import codecs
 import contextlib
 import json
+import re
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
+from exocortex.apps import scoring, tool_calls
 from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_limits, server_options
 from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
+from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable, json_object_constraint,
+                                       json_schema_constraint)
 from exocortex.infer.decode import compile_status, warm_up_note
-from exocortex.infer.engine import Batcher, load_engine
+from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
 
@@ -96,9 +113,23 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON, in a string (as OpenAI's API carries it)
+
+
+class ToolCall(_Strict):
+    """A call an assistant message made (function calling: exocortex/apps/tool_calls.py)."""
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
+    tool_calls: Optional[list[ToolCall]] = None  # assistant messages
+    tool_call_id: Optional[str] = None  # tool messages: the call they answer
 
     @field_validator("content", mode="before")
     @classmethod
@@ -120,11 +151,11 @@ class _Sampling(_Strict):
     top_k: Optional[int] = Field(None, ge=0)  # not OpenAI's; 0 turns it off
     seed: Optional[int] = Field(None, ge=-INT64, lt=INT64)
     stop: Union[str, list[str], None] = None
-    n: Optional[int] = None
+    n: Optional[int] = Field(None, ge=1, le=scoring.MAX_N)
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    logprobs: Optional[Any] = None
     user: Optional[str] = None
+    response_format: Optional[Any] = None  # checked by _response_constraint, which words its own 400s
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -142,13 +173,71 @@ class _Sampling(_Strict):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=scoring.MAX_TOP_LOGPROBS)
+    # function calling: checked by tool_calls.plan, which words its own 400s
+    tools: Optional[Any] = None
+    tool_choice: Optional[Any] = None
+    parallel_tool_calls: Optional[bool] = None
+    builtin_tools: Optional[bool] = None  # exocortex's: false turns the server-side tools off for this request
+    functions: Optional[Any] = None  # OpenAI's deprecated names for tools / tool_choice: refused, not ignored
+    function_call: Optional[Any] = None
+
+    def tool_plan(self) -> tool_calls.ToolPlan:
+        return tool_calls.plan(self.tools, self.tool_choice, self.parallel_tool_calls, self.builtin_tools,
+                               {"functions": self.functions, "function_call": self.function_call})
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int]]
+    prompt: Any  # its shapes are checked by scoring.prompt_list, whose errors name the bad element
+    max_tokens: Optional[int] = Field(None, ge=0)  # 0 with echo: only score the prompt
     echo: Optional[bool] = False
-    best_of: Optional[int] = None
+    logprobs: Optional[int] = Field(None, ge=0, le=scoring.MAX_LEGACY_LOGPROBS)
+    best_of: Optional[int] = Field(None, ge=1, le=scoring.MAX_N)
     suffix: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- structured output
+
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+
+def _response_constraint(tok, rf: Any) -> Constraint | None:
+    """response_format -> the constraint every token of the reply must satisfy (None for plain text).
+    Anything this server cannot honour is a 400 naming response_format: never a reply that ignores it."""
+    def bad(msg: str, code: str = "invalid_value") -> APIError:
+        return APIError(400, msg, param="response_format", code=code)
+
+    if rf is None:
+        return None
+    if not isinstance(rf, dict):
+        raise bad("response_format must be an object such as {\"type\": \"json_object\"}.")
+    kind = rf.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise bad(f"Unsupported response_format type {kind!r}: this server supports "
+                  f"{', '.join(repr(k) for k in RESPONSE_FORMATS)}.", "unsupported_value")
+    if kind == "text":
+        return None
+    try:
+        if kind == "json_object":
+            return json_object_constraint(tok)
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad("response_format json_schema needs a 'json_schema' object with 'name' and 'schema'.")
+        name = spec.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+            raise bad("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'.")
+        if spec.get("strict") not in (None, True, False):
+            raise bad("response_format.json_schema.strict must be a boolean.")
+        schema = spec.get("schema")
+        if not isinstance(schema, dict):
+            raise bad("response_format.json_schema.schema must be a JSON schema object.")
+        # strict or not, the schema is enforced: constrained decoding costs nothing extra
+        return json_schema_constraint(tok, schema, f"JSON schema '{name}'")
+    except ConstraintUnavailable as e:
+        raise bad(str(e), "unsupported_value") from None
+    except ConstraintError as e:
+        raise bad(f"{e}.") from None
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -158,7 +247,8 @@ class _Renderer:
 
     `content` is the text as `Engine.render` shows it (tool calls and outputs in brackets, no final strip, so it
     streams); `part` is the structured view: parts are numbered in order and have type text / tool_call /
-    tool_output, like `Engine.to_parts`. Each part gets its own UTF-8 decoder, flushed at its end."""
+    tool_output, like `Engine.to_parts`. Each text part gets its own UTF-8 decoder, flushed at its end; a tool
+    call's or output's text comes whole at its end marker, without the newlines that frame it in the format."""
 
     def __init__(self, engine):
         self.tok = engine.tok
@@ -167,6 +257,7 @@ class _Renderer:
         self.markers = {engine.call_start: "[tool call: ", engine.call_end: "]",
                         engine.out_start: " [tool output: ", engine.out_end: "] "}
         self.index, self.kind, self.open = -1, "text", False
+        self.held = b""  # the bytes of the tool call or output being written
         self.dec = self._decoder()
 
     @staticmethod
@@ -181,6 +272,9 @@ class _Renderer:
         return [{"content": s, "part": {"index": self.index, "type": self.kind, "text": s}}]
 
     def _flush(self) -> list[dict]:
+        if self.kind != "text":
+            held, self.held = self.held, b""
+            return self._text(unwrap(held.decode("utf-8", errors="replace")))
         out = self._text(self.dec.decode(b"", final=True))
         self.dec = self._decoder()
         return out
@@ -197,6 +291,9 @@ class _Renderer:
             return out + [{"content": self.markers[token], "part": None}]
         if self.tok.is_special(token):
             return []  # other special tokens are not shown (as in Engine.render)
+        if self.kind != "text":
+            self.held += self.tok.decode_bytes([token])
+            return []
         return self._text(self.dec.decode(self.tok.decode_bytes([token])))
 
     def finish(self) -> list[dict]:
@@ -317,13 +414,19 @@ class _Ticket:
 
 
 class _Generation:
-    """One request's generation: waits for a slot, then runs as a row of the shared batch; sends
-    ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception)."""
+    """One choice's generation: waits for a slot, then runs as a row of the shared batch; sends
+    ("deltas", [...]), then ("done", finish_reason, completion_tokens) or ("error", exception).
+    With `logprobs` (k alternatives) each token's scores ride on the deltas (scoring.ScoreTracker)."""
 
     def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
-                 batcher: Batcher, outbox: _Outbox):
+                 batcher: Batcher, outbox: "_Outbox", constraint: Constraint | None = None,
+                 tools: tool_calls.ToolPlan | None = None, logprobs: int | None = None,
+                 with_stop_token: bool = False):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
-        self.batcher, self.outbox, self.request = batcher, outbox, None
+        self.batcher, self.outbox, self.request, self.constraint = batcher, outbox, None, constraint
+        self.tools = tools
+        self.logprobs = logprobs
+        self.scores = scoring.ScoreTracker(with_stop_token) if logprobs is not None else None
         self.cancelled = threading.Event()
         self.started = False
 
@@ -365,10 +468,16 @@ class _Generation:
         def send(item) -> None:
             outbox.call(loop, queue.put_nowait, item)
 
-        renderer, stopper = _Renderer(self.engine), _StopFilter(self.stops)
+        renderer, stopper, scores = _Renderer(self.engine), _StopFilter(self.stops), self.scores
+        plan = self.tools or tool_calls.ToolPlan()
+        if plan.names:  # calls to the client's tools come out as tool_calls deltas (before stops and scores see them)
+            renderer = tool_calls.ClientCalls(renderer, self.engine, plan.names)
 
         def on_token(token: int, forced: bool) -> bool:
-            deltas = stopper.feed(renderer.push(token))
+            rendered = renderer.push(token)
+            deltas = stopper.feed(rendered)
+            if scores is not None:
+                deltas = scores.push(token, rendered, deltas)
             if deltas:
                 send(("deltas", deltas))
             return not stopper.stopped  # a stop sequence matched: the row leaves the batch
@@ -378,6 +487,8 @@ class _Generation:
             try:
                 if error is None and finish is not None:
                     deltas = stopper.finish(renderer.finish())
+                    if scores is not None:
+                        deltas = scores.finish(deltas, finish, stopper.stopped)
                     if deltas:
                         send(("deltas", deltas))
             except Exception as e:  # noqa: BLE001 - reported to the client as a server error
@@ -388,7 +499,10 @@ class _Generation:
             send(final)
 
         self.request = GenRequest(self.prompt, on_token=on_token, on_end=on_end, cancelled=self.cancelled,
-                               **self.sampling)
+                                  constraint=self.constraint, tools=plan.engine_tools,
+                                  client_tools=plan.names, parallel_calls=plan.parallel, **self.sampling)
+        if scores is not None:
+            self.request.logprobs, self.request.on_logprobs = self.logprobs, scores.scored
         self.batcher.submit(self.request)
 
 
@@ -441,6 +555,54 @@ class _EventStream(StreamingResponse):
                 await self.body_iterator.aclose()
 
 
+class _Nothing:
+    """A choice with nothing to generate (max_tokens 0: an echo that only returns the prompt and its scores)."""
+
+    async def events(self) -> AsyncIterator[tuple]:
+        yield ("done", "length", 0)
+
+    def close(self) -> None:
+        pass
+
+
+async def _merged(gens: list) -> AsyncIterator[tuple[int, tuple]]:
+    """(choice index, event) from several generations as their events come; one is read directly (no extra hop
+    for the common single-choice stream)."""
+    if len(gens) == 1:
+        async for item in gens[0].events():
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, gen):
+        async for item in gen.events():
+            await queue.put((i, item))
+        await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        live = len(gens)
+        while live:
+            i, item = await queue.get()
+            if item is None:
+                live -= 1
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _close_all(gens: list) -> None:
+    for gen in gens:
+        gen.close()
+
+
+def _seeded(sampling: dict, j: int) -> dict:
+    """Choice j's sampling: seed + j, so n choices with one seed differ from each other yet repeat exactly."""
+    return sampling if sampling["seed"] is None or j == 0 else {**sampling, "seed": sampling["seed"] + j}
+
+
 def _sse(obj: Any) -> str:
     data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return f"data: {data}\n\n"
@@ -487,7 +649,8 @@ class _Service:
         except ValidationError as e:
             raise _validation_error(e.errors(include_url=False))
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    def chat_prompt(self, req: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
+        """The prompt for a chat request; `tools` (the client's function specs) go into the system turn."""
         msgs = []
         for i, m in enumerate(req.messages):
             role = "system" if m.role == "developer" else m.role
@@ -507,68 +670,110 @@ class _Service:
                 content = ("".join(p.text for p in content) if role != "assistant"
                            else [{"type": p.type, "text": p.text} for p in content])
             msgs.append({"role": role, "content": content})
+            if m.tool_calls is not None and role != "assistant":
+                raise APIError(400, "Only assistant messages may have tool_calls.", param=f"messages[{i}].tool_calls",
+                               code="invalid_value")
+            if m.tool_calls:
+                msgs[-1]["tool_calls"] = tool_calls.assistant_calls(i, m.tool_calls)
+            if role == "tool":
+                if m.tool_call_id is None:
+                    raise APIError(400, f"messages[{i}].tool_call_id is required for a tool message.",
+                                   param=f"messages[{i}].tool_call_id", code="missing_required_parameter")
+                msgs[-1]["tool_call_id"] = m.tool_call_id
+        msgs = tool_calls.order_tool_messages(msgs)
         if msgs[-1]["role"] == "assistant":
             raise APIError(400, "The last message must not be the assistant's: there is nothing to reply to "
                            "(continuing a reply is not supported).", param="messages", code="invalid_value")
         try:
-            return self.engine.tok.render_for_completion(msgs)
+            return self.engine.tok.render_for_completion(msgs, tools=tools or None)
         except ValueError as e:
             raise APIError(400, str(e), param="messages", code="invalid_value")
 
-    def completion_prompt(self, req: CompletionRequest) -> list[int]:
-        p = req.prompt
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         tok = self.engine.tok
-        if isinstance(p, list) and not p:
-            raise APIError(400, "The prompt must not be an empty list.", param="prompt", code="invalid_value")
-        if isinstance(p, list) and isinstance(p[0], int):
-            bad = [t for t in p if not 0 <= t < tok.vocab_size]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary (0..{tok.vocab_size - 1}).",
-                               param="prompt", code="invalid_value")
-            return list(p)
-        if isinstance(p, list):
-            if len(p) != 1:
-                raise APIError(400, "Only one prompt per request is supported.", param="prompt", code="invalid_value")
-            p = p[0]
-        return tok.encode(p, bos=True)
+        return scoring.prompt_list(req.prompt, tok.vocab_size, lambda text: tok.encode(text, bos=True))
 
     def check_common(self, req: _Sampling, prompt: list[int], max_tokens: int | None, what: str) -> dict:
-        if req.n is not None and req.n != 1:
-            raise APIError(400, "Only n=1 is supported.", param="n", code="invalid_value")
-        if req.logprobs not in (None, False):
-            raise APIError(400, "logprobs are not supported.", param="logprobs", code="invalid_value")
         if len(prompt) > self.max_prompt_tokens:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens and prompts may have "
                            f"at most {self.max_prompt_tokens}; yours has {len(prompt)}.", param=what,
                            code="context_length_exceeded")
         room = self.context - len(prompt)
         d = self.defaults
-        return dict(max_tokens=min(max_tokens or d.max_tokens, room),
+        return dict(max_tokens=min(d.max_tokens if max_tokens is None else max_tokens, room),
                     temperature=d.temperature if req.temperature is None else req.temperature,
                     top_p=d.top_p if req.top_p is None else req.top_p,
                     top_k=(d.top_k if req.top_k is None else req.top_k) or None,
                     seed=req.seed)
 
-    def start(self, prompt: list[int], sampling: dict, stop) -> _Generation:
-        ticket = self.limiter.reserve()
-        if ticket is None:
-            lim = self.limiter
+    async def constraint(self, req: _Sampling, tools: tool_calls.ToolPlan | None = None) -> Constraint | None:
+        """The request's response_format (and tool_choice) as a constraint; compiled off the event loop (a large
+        schema can take a while, and other requests' streams must not wait for it). One constraint serves every
+        choice: the batcher gives each row its own copy when it joins."""
+        if req.response_format is None and (tools is None or tools.choice == "auto"):
+            return None
+
+        def build():
+            fmt = _response_constraint(self.engine.tok, req.response_format)
+            return fmt if tools is None else tool_calls.with_format(self.engine.tok, fmt, tools)
+        return await asyncio.to_thread(build)
+
+    @property
+    def capacity(self) -> int:
+        """Generations the server holds at once, running or queued: no request may need more."""
+        return self.limiter.max_concurrent + self.limiter.max_queue
+
+    def reserve(self, k: int) -> list[_Ticket]:
+        """Places for k generations, all or none (429): a request's choices never wait on each other's admission."""
+        lim = self.limiter
+        if lim.active + lim.waiting + k > self.capacity:
             raise APIError(429, f"The server is busy: {lim.active} generations running and {lim.waiting} waiting "
                            f"(limits {lim.max_concurrent} and {lim.max_queue}). Try again shortly.",
                            type="rate_limit_error", code="server_busy", headers={"Retry-After": "1"})
+        return [lim.reserve() for _ in range(k)]
+
+    def start(self, choices: list[tuple[list[int], dict]], stop, logprobs: int | None = None,
+              with_stop_token: bool = False, constraint: Constraint | None = None,
+              tools: tool_calls.ToolPlan | None = None) -> list[_Generation]:
+        """One generation per (prompt, sampling), in the order given (the choices' order); each gets the request's
+        constraint and tools."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
-        return _Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, self.outbox)
+        return [_Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, self.outbox, constraint, tools,
+                            logprobs, with_stop_token)
+                for ticket, (prompt, sampling) in zip(self.reserve(len(choices)), choices)]
+
+    async def score_prompts(self, prompts: list[list[int]], k: int) -> list[list[scoring.TokenScore]]:
+        """Each prompt's token scores (echo), computed on the batcher's thread between two decode steps."""
+        futures = [self.batcher.call(partial(scoring.score_prompt, self.engine, p, k)) for p in prompts]
+        try:
+            return [await asyncio.wrap_future(f) for f in futures]
+        except Exception as e:  # noqa: BLE001 - the model failed: a server error, as a generation's
+            raise _server_error(e)
+        finally:
+            for f in futures:
+                f.cancel()
+
+    def render_prompt(self, prompt: list[int]) -> tuple[str, list[int]]:
+        """A prompt's text as a reply would show it (echo), and where each token's text begins in it."""
+        renderer, text, offsets, n = _Renderer(self.engine), [], [], 0
+        for t in prompt:
+            offsets.append(n)
+            for d in renderer.push(t):
+                text.append(d["content"])
+                n += len(d["content"])
+        text += [d["content"] for d in renderer.finish()]
+        return "".join(text), offsets
 
     # ---------------------------------------------------------------- responses
-    async def collect(self, request: Request, gen: _Generation) -> tuple[list[dict], str | None, int]:
-        """Run a generation to the end for a non-streaming reply; a client disconnect cancels it."""
-        deltas: list[dict] = []
-        result: dict = {}
+    async def collect(self, request: Request, gens: list) -> list[tuple[list[dict], str | None, int]]:
+        """Run generations to the end for a non-streaming reply: (deltas, finish, steps) each; a client
+        disconnect cancels them all."""
+        results: list[dict] = [{"deltas": []} for _ in gens]
 
-        async def consume():
+        async def consume(gen, result):
             async for item in gen.events():
                 if item[0] == "deltas":
-                    deltas.extend(item[1])
+                    result["deltas"].extend(item[1])
                 elif item[0] == "done":
                     result["done"] = item[1:]
                 else:
@@ -578,109 +783,182 @@ class _Service:
             while (await request.receive())["type"] != "http.disconnect":
                 pass
 
-        work, watch = asyncio.ensure_future(consume()), asyncio.ensure_future(disconnected())
+        work = asyncio.ensure_future(asyncio.gather(*(consume(g, r) for g, r in zip(gens, results))))
+        watch = asyncio.ensure_future(disconnected())
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
             if not work.done():
                 work.cancel()
-            gen.close()
+            for gen in gens:
+                gen.close()
             with contextlib.suppress(BaseException):
                 await work
-        if "error" in result:
-            raise _server_error(result["error"])
-        if "done" not in result:
+        for r in results:
+            if "error" in r:
+                raise _server_error(r["error"])
+        if any("done" not in r for r in results):
             raise APIError(499, "client closed the request", code="client_closed")
-        finish, steps = result["done"]
-        return deltas, finish, steps
+        return [(r["deltas"], *r["done"]) for r in results]
 
-    def usage(self, prompt: list[int], steps: int) -> dict:
-        return {"prompt_tokens": len(prompt), "completion_tokens": steps, "total_tokens": len(prompt) + steps}
+    def usage(self, prompt_tokens: int, steps: int) -> dict:
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": steps, "total_tokens": prompt_tokens + steps}
 
-    async def stream(self, gen: _Generation, prompt: list[int], chunk, include_usage: bool) -> AsyncIterator[str]:
-        """SSE body. chunk(kind, value) makes each event's object, kind being "start" (value None), "delta" (a
-        rendered delta), "finish" (the finish reason) or "usage" (the usage object)."""
-        yield _sse(chunk("start", None))
-        async for item in gen.events():
-            if item[0] == "deltas":
-                yield "".join(_sse(chunk("delta", d)) for d in item[1])
-            elif item[0] == "error":
-                yield _sse(_server_error(item[1]).body())
-                break
+    async def stream(self, gens: list, prompt_tokens: int, chunk, include_usage: bool) -> AsyncIterator[str]:
+        """SSE body for one or more choices. chunk(kind, value, index) makes each event's object for choice
+        `index`, kind being "start" (value None), "delta" (a rendered delta), "finish" (the finish reason) or
+        "usage" (the usage object; index None). Choices' chunks interleave as their tokens come."""
+        for i in range(len(gens)):
+            yield _sse(chunk("start", None, i))
+        steps, events = 0, _merged(gens)
+        try:
+            async for i, item in events:
+                if item[0] == "deltas":
+                    yield "".join(_sse(chunk("delta", d, i)) for d in item[1])
+                elif item[0] == "error":
+                    yield _sse(_server_error(item[1]).body())
+                    break
+                else:
+                    finish, n = item[1], item[2]
+                    if finish is None:
+                        return
+                    steps += n
+                    yield _sse(chunk("finish", finish, i))
             else:
-                finish, steps = item[1], item[2]
-                if finish is None:
-                    return
-                yield _sse(chunk("finish", finish))
                 if include_usage:
-                    yield _sse(chunk("usage", self.usage(prompt, steps)))
-        yield _sse("[DONE]")
+                    yield _sse(chunk("usage", self.usage(prompt_tokens, steps), None))
+            yield _sse("[DONE]")
+        finally:
+            await events.aclose()
+            _close_all(gens)
 
     async def chat(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
-        prompt = self.chat_prompt(req)
+        tools = req.tool_plan()
+        prompt = self.chat_prompt(req, tools.specs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        top = scoring.chat_top_logprobs(req.logprobs, req.top_logprobs)
+        n, _ = scoring.choice_counts(req.n, None, bool(req.stream), 1, self.capacity)
         sampling = self.check_common(req, prompt, max_tokens, "messages")
-        gen = self.start(prompt, sampling, req.stop)
+        constraint = await self.constraint(req, tools)
+        gens = self.start([(prompt, _seeded(sampling, j)) for j in range(n)], req.stop, top,
+                          constraint=constraint, tools=tools)
+        tok = self.engine.tok
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": self.model_name, "system_fingerprint": None}
         if not req.stream:
-            deltas, finish, steps = await self.collect(request, gen)
-            content, parts = _assemble(deltas)
-            message = {"role": "assistant", "content": content, "refusal": None, "parts": parts}
-            return JSONResponse({**base, "object": "chat.completion",
-                                 "choices": [{"index": 0, "message": message, "logprobs": None,
-                                              "finish_reason": finish}],
-                                 "usage": self.usage(prompt, steps)})
+            choices, steps = [], 0
+            for i, (deltas, finish, used) in enumerate(await self.collect(request, gens)):
+                content, parts = _assemble(deltas)
+                message = {"role": "assistant", "content": content, "refusal": None, "parts": parts}
+                calls = tool_calls.tool_calls_of(deltas)
+                if calls:  # OpenAI's shape: the text before the calls, or null
+                    message.update(content=content or None, tool_calls=calls)
+                logprobs = scoring.chat_logprobs(tok, scoring.scores_of(deltas)) if top is not None else None
+                choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
+                steps += used
+            return JSONResponse({**base, "object": "chat.completion", "choices": choices,
+                                 "usage": self.usage(len(prompt), steps)})
 
-        def chunk(kind, value):
+        def chunk(kind, value, index):
             head = {**base, "object": "chat.completion.chunk"}
             if kind == "usage":
                 return {**head, "choices": [], "usage": value}
-            delta = {"role": "assistant", "content": ""} if kind == "start" else {}
+            delta, logprobs = ({"role": "assistant", "content": ""} if kind == "start" else {}), None
             if kind == "delta":
                 delta = {"content": value["content"]}
                 if value["part"] is not None:
                     delta["part"] = value["part"]
-            return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                if "tool_call" in value:
+                    delta = {"tool_calls": [value["tool_call"]]}
+                if "logprobs" in value:
+                    logprobs = scoring.chat_logprobs(tok, value["logprobs"])
+            return {**head, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                          "finish_reason": value if kind == "finish" else None}]}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _EventStream(self.stream(gen, prompt, chunk, include_usage), gen.close)
+        return _EventStream(self.stream(gens, len(prompt), chunk, include_usage), partial(_close_all, gens))
 
     async def completions(self, request: Request) -> Response:
         req = await self.parse(request, CompletionRequest)
-        if req.echo:
-            raise APIError(400, "echo is not supported.", param="echo", code="invalid_value")
-        if req.best_of not in (None, 1):
-            raise APIError(400, "Only best_of=1 is supported.", param="best_of", code="invalid_value")
         if req.suffix:
             raise APIError(400, "suffix is not supported.", param="suffix", code="invalid_value")
-        prompt = self.completion_prompt(req)
-        sampling = self.check_common(req, prompt, req.max_tokens, "prompt")
-        gen = self.start(prompt, sampling, req.stop)
+        prompts = self.completion_prompts(req)
+        generate = req.max_tokens != 0  # max_tokens 0: nothing to generate (with echo: only the prompt's scores)
+        n, best = scoring.choice_counts(req.n, req.best_of if generate else None, bool(req.stream), len(prompts),
+                                        self.capacity)
+        where = (lambda i: "prompt") if len(prompts) == 1 else (lambda i: f"prompt[{i}]")
+        samplings = [self.check_common(req, p, req.max_tokens, where(i)) for i, p in enumerate(prompts)]
+        k = req.logprobs
+        # best_of ranks its candidates by their logprobs, so it needs them even when the reply does not
+        gen_k = 0 if k is None and best > n else k
+        choices = [(p, _seeded(s, j)) for p, s in zip(prompts, samplings) for j in range(best)]
+        constraint = await self.constraint(req)
+        gens = self.start(choices, req.stop, gen_k, with_stop_token=True, constraint=constraint) if generate else []
+        hold = [] if generate else self.reserve(1)  # scoring the prompts takes a place like a generation
+        try:
+            rendered = [self.render_prompt(p) if req.echo else ("", []) for p in prompts]
+            echoed = [text for text, _ in rendered]
+            echo_scores = (await self.score_prompts(prompts, k) if req.echo and k is not None
+                           else [[] for _ in prompts])
+            for scores, (_, offsets) in zip(echo_scores, rendered):
+                for s, offset in zip(scores, offsets):
+                    s.offset = offset
+        except BaseException:
+            _close_all(gens)
+            raise
+        finally:
+            for t in hold:
+                t.release()
+        if not generate:
+            gens = [_Nothing() for _ in range(len(prompts) * n)]
+        tok = self.engine.tok
+        n_prompt = sum(len(p) for p in prompts)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "system_fingerprint": None}
-        if not req.stream:
-            deltas, finish, steps = await self.collect(request, gen)
-            text, parts = _assemble(deltas)
-            return JSONResponse({**base, "choices": [{"index": 0, "text": text, "logprobs": None,
-                                                      "finish_reason": finish, "parts": parts}],
-                                 "usage": self.usage(prompt, steps)})
+        per = len(gens) // len(prompts)  # choices generated per prompt: best (n unless best_of > n)
 
-        def chunk(kind, value):
+        def logprobs_of(p: int, scores: list) -> dict | None:
+            # the generated text comes after the echoed prompt, so its offsets shift by the prompt text's length
+            if k is None:
+                return None
+            return scoring.legacy_logprobs(tok, scores, shift=len(echoed[p]), before=echo_scores[p])
+
+        if not req.stream:
+            results = await self.collect(request, gens)
+            out, steps = [], sum(r[2] for r in results)
+            for p in range(len(prompts)):
+                group = results[p * per:(p + 1) * per]
+                if per > n:  # best_of: the n candidates with the highest log-probability per token
+                    group = sorted(group, key=lambda r: -scoring.mean_logprob(scoring.scores_of(r[0])))[:n]
+                for j, (deltas, finish, _) in enumerate(group):
+                    text, parts = _assemble(deltas)
+                    out.append({"index": p * n + j, "text": echoed[p] + text,
+                                "logprobs": logprobs_of(p, scoring.scores_of(deltas)), "finish_reason": finish,
+                                "parts": parts})
+            return JSONResponse({**base, "choices": out, "usage": self.usage(n_prompt, steps)})
+
+        def chunk(kind, value, index):
             if kind == "usage":
                 return {**base, "choices": [], "usage": value}
-            choice = {"index": 0, "text": value["content"] if kind == "delta" else "", "logprobs": None,
+            p, text, logprobs = index // n, "", None
+            if kind == "start" and req.echo:
+                text = echoed[p]
+                logprobs = scoring.legacy_logprobs(tok, [], before=echo_scores[p]) if k is not None else None
+            elif kind == "delta":
+                text = value["content"]
+                if "logprobs" in value:
+                    logprobs = scoring.legacy_logprobs(tok, value["logprobs"], shift=len(echoed[p]))
+            choice = {"index": index, "text": text, "logprobs": logprobs,
                       "finish_reason": value if kind == "finish" else None}
             if kind == "delta" and value["part"] is not None:
                 choice["part"] = value["part"]
             return {**base, "choices": [choice]}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _EventStream(self.stream(gen, prompt, chunk, include_usage), gen.close)
+        return _EventStream(self.stream(gens, n_prompt, chunk, include_usage), partial(_close_all, gens))
 
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "exocortex",

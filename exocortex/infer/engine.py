@@ -1,8 +1,18 @@
 """Generation: KV cache, batched sampling (temperature / top-k / top-p), streaming, and tool use.
 
-When a row emits <|tool_call_end|>, the engine parses the call, runs the tool, and *forces* the tokens
-<|tool_output_start|> result <|tool_output_end|> into that row; sampling resumes after them. Forced tokens
-are marked so callers can show (or skip) them, and they never count as the model's own words.
+Tool calls are in the Hermes/Qwen format (exocortex/infer/tools.py), inside the assistant's turn:
+
+    <tool_call>\n{"name": "calculator", "arguments": {"expression": "347 * 29"}}\n</tool_call>
+
+When a row emits </tool_call>, the engine parses the JSON, runs the tool, and *forces* the tokens
+<tool_response>\n10063\n</tool_response> into that row; sampling resumes after them, in the same turn, until
+<|assistant_end|>. Forced tokens are marked so callers can show (or skip) them, and they never count as the
+model's own words.
+
+A row may carry a Constraint (exocortex/infer/constrain.py: a JSON schema, a tool call): its logits are masked
+to the tokens the grammar allows before sampling (greedy or not), and every sampled token advances it. Forced
+tokens are engine text, not the model's, so they never reach it: the first forced token (a tool's output)
+drops the row's constraint, which thus covers the reply up to the first call the engine runs.
 """
 from __future__ import annotations
 
@@ -19,11 +29,12 @@ import torch
 from exocortex.checkpoint import load_model
 from exocortex.config import RunConfig
 from exocortex.device import resolve_device, resolve_dtype
+from exocortex.infer.constrain import Constraint, ConstraintError, mask_logits
 from exocortex.infer.decode import MIN_SPAN, Decoder, DecoderLike, FusedWeights, compile_status
 from exocortex.infer.lookup import tools_for_run
 from exocortex.model import GPT
-from exocortex.infer.tools import TOOLS, run_tool_call
-from exocortex.tokenizer import Tokenizer
+from exocortex.infer.tools import TOOLS, ToolError, parse_tool_call, run_tool_call
+from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer, plain_text
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -44,13 +55,40 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _row_constraints(constraint, n_rows: int) -> list | None:
+    """Each row's own copy of its constraint (the caller's stay as given, to be used again), or None when no
+    row has one: then the decode loop never looks at constraints again."""
+    if constraint is None:
+        return None
+    if not isinstance(constraint, (list, tuple)):  # one for every row (any object with Constraint's methods)
+        constraint = [constraint] * n_rows
+    if len(constraint) != n_rows:
+        raise ValueError(f"{len(constraint)} constraints for {n_rows} rows")
+    if all(c is None for c in constraint):
+        return None
+    return [c.fork() if c is not None else None for c in constraint]
+
+
+def _masked(logits: torch.Tensor, cons: list) -> torch.Tensor:
+    """logits (B, V) with each constrained row masked (rows past the computed ones are idle)."""
+    if all(c is None for c in cons[:logits.shape[0]]):
+        return logits
+    logits = logits.clone()
+    for r, c in enumerate(cons[:logits.shape[0]]):
+        if c is not None:
+            logits[r] = mask_logits(logits[r], c)
+    return logits
+
+
 @dataclass
 class RowState:
     forced: deque = field(default_factory=deque)
     in_tool_call: bool = False
     call_tokens: list = field(default_factory=list)
     done: bool = False
-    context: str = ""  # the user's last message: what `lookup()` without a query searches for
+    context: str = ""  # the user's last message: what `lookup` without a query searches for
+    client_calls: int = 0  # calls this reply made to the client's tools (Request.client_tools)
+    between_calls: bool = False  # a client's call just closed: the next token is another call or the end
 
 
 class Engine:
@@ -58,7 +96,7 @@ class Engine:
     static-cache Decoder over `model`); tests pass scripted or paced ones."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[str], str]] | None = None,
+                 dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[dict], str]] | None = None,
                  compile: bool = False, decoder: Callable[[int, int], DecoderLike] | None = None):
         self.model = model.eval()
         self.compile = compile  # torch.compile the decode step (worth it for long runs: the first one compiles)
@@ -70,19 +108,23 @@ class Engine:
         self.tools = TOOLS if tools is None else tools
         sp = tokenizer.special
         self.stop_ids = {sp["<|assistant_end|>"], sp["<|bos|>"]}
-        self.call_start, self.call_end = sp["<|tool_call_start|>"], sp["<|tool_call_end|>"]
-        self.out_start, self.out_end = sp["<|tool_output_start|>"], sp["<|tool_output_end|>"]
+        self.call_start, self.call_end = sp[CALL_START], sp[CALL_END]
+        self.out_start, self.out_end = sp[RESPONSE_START], sp[RESPONSE_END]
 
     @torch.inference_mode()
     def generate(self, prompt: list[int] | list[list[int]], num_samples: int = 1, max_tokens: int = 256,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 seed: int | None = None, stats: dict | None = None) -> Iterator[tuple[list[int], list[bool]]]:
+                 seed: int | None = None, stats: dict | None = None,
+                 constraint: Constraint | list[Constraint | None] | None = None,
+                 ) -> Iterator[tuple[list[int], list[bool]]]:
         """Yield, each step, one token per row and whether it was forced (tool output) rather than sampled.
         Rows that finished keep yielding their stop token; iteration ends when all rows are done.
 
         `prompt` is one prompt, or a list of prompts (any lengths: each row has its own position in the static
         cache); rows = prompts x num_samples, prompt-major. `stats`, if given, accumulates the entropy of the
-        sampling distribution over sampled tokens ("entropy_sum", "sampled"): RL's guard watches it."""
+        sampling distribution over sampled tokens ("entropy_sum", "sampled"): RL's guard watches it.
+        `constraint` is one Constraint for every row or one per row (None: that row is free); each row
+        advances its own copy. A row whose constraint allows no token raises ConstraintError."""
         prompts = prompt if prompt and isinstance(prompt[0], list) else [prompt]
         if any(not p for p in prompts):
             raise ValueError("empty prompt")
@@ -101,6 +143,7 @@ class Engine:
                                 for i, p in enumerate(prompts)])
         contexts = [self.last_user_text(p) for p in prompts]
         rows = [RowState(context=contexts[r // num_samples]) for r in range(n_rows)]
+        cons = _row_constraints(constraint, n_rows)
         n_steps = max_len - longest
         for i in range(n_steps):
             if stats is not None and temperature > 0:
@@ -109,6 +152,8 @@ class Engine:
                 live = torch.tensor([not (r.done or r.forced) for r in rows[:len(ent)]], device=ent.device)
                 stats["entropy_sum"] = stats.get("entropy_sum", 0.0) + float(ent[live].sum())
                 stats["sampled"] = stats.get("sampled", 0) + int(live.sum())
+            if cons is not None:
+                logits = _masked(logits, [None if r.done or r.forced else c for r, c in zip(rows, cons)])
             sampled = sample_next(logits, temperature, top_k, top_p, gen).tolist()
             column, forced_mask = [], []
             for r, row in enumerate(rows):
@@ -120,6 +165,11 @@ class Engine:
                 token = row.forced.popleft() if forced else sampled[r]
                 column.append(token)
                 forced_mask.append(forced)
+                if cons is not None and cons[r] is not None:
+                    if forced:
+                        cons[r] = None  # a tool's output: the constraint covered the call, the row goes on free
+                    elif token not in self.stop_ids:
+                        cons[r].advance(token)
                 if forced:
                     continue
                 if token in self.stop_ids:
@@ -129,7 +179,7 @@ class Engine:
                 elif token == self.call_end and row.in_tool_call:
                     row.in_tool_call = False
                     result = run_tool_call(self.tok.decode(row.call_tokens), self.tools, row.context)
-                    row.forced.extend([self.out_start] + self.tok.encode(result) + [self.out_end])
+                    row.forced.extend(self.response_tokens(result))
                 elif row.in_tool_call:
                     row.call_tokens.append(token)
             yield column, forced_mask
@@ -184,28 +234,24 @@ class Engine:
                 outs[i] = out
         return outs
 
-    def render(self, tokens: list[int]) -> str:
-        """Readable text of a completion: tool calls and outputs shown inline in brackets."""
-        out, buf = [], []
-        names = {self.call_start: "[tool call: ", self.call_end: "]", self.out_start: " [tool output: ",
-                 self.out_end: "] "}
-        for t in tokens:
-            if t in names:
-                out.append(self.tok.decode(buf)); buf = []
-                out.append(names[t])
-            elif not self.tok.is_special(t):
-                buf.append(t)
-        out.append(self.tok.decode(buf))
-        return "".join(out).strip()
+    def response_tokens(self, result: str) -> list[int]:
+        """What the engine forces after a call: <tool_response>\nRESULT\n</tool_response>, encoded as the chat
+        format renders a tool_output part (Tokenizer.render_conversation), so training and inference agree."""
+        return [self.out_start] + self.tok.encode("\n" + plain_text(result) + "\n") + [self.out_end]
 
-    def to_parts(self, tokens: list[int]) -> list[dict]:
-        """A completion as assistant message parts (text / tool_call / tool_output), for the chat history."""
-        parts: list[dict] = []
+    def segments(self, tokens: list[int]) -> list[tuple[str, str]]:
+        """A completion as (kind, text) in order: kind text / tool_call / tool_output. A call's or response's
+        text is without the newlines the format puts around it (the JSON, the result); an unclosed one (a
+        reply cut short) is kept as far as it got. Special tokens other than the markers are dropped."""
+        out: list[tuple[str, str]] = []
         kind, buf = "text", []
 
         def flush():
+            text = self.tok.decode(buf)
+            if kind != "text":
+                text = unwrap(text)
             if buf or kind != "text":
-                parts.append({"type": kind, "text": self.tok.decode(buf)})
+                out.append((kind, text))
 
         for t in tokens:
             if t in (self.call_start, self.out_start):
@@ -217,20 +263,38 @@ class Engine:
             elif not self.tok.is_special(t):
                 buf.append(t)
         if buf:
-            parts.append({"type": kind, "text": self.tok.decode(buf)})
-        return parts
+            flush()
+        return out
+
+    def render(self, tokens: list[int]) -> str:
+        """Readable text of a completion: tool calls and outputs shown inline in brackets."""
+        shown = {"text": "{}", "tool_call": "[tool call: {}]", "tool_output": " [tool output: {}] "}
+        return "".join(shown[kind].format(text) for kind, text in self.segments(tokens)).strip()
+
+    def to_parts(self, tokens: list[int]) -> list[dict]:
+        """A completion as assistant message parts (text / tool_call / tool_output), for the chat history:
+        rendered again by Tokenizer.render_conversation, they give back the same tokens."""
+        return [{"type": kind, "text": text} for kind, text in self.segments(tokens)]
 
     def answer_text(self, tokens: list[int]) -> str:
         """Only the assistant's own text (no tool calls or outputs): what a grader reads."""
-        out, inside = [], False
-        for t in tokens:
-            if t in (self.call_start, self.out_start):
-                inside = True
-            elif t in (self.call_end, self.out_end):
-                inside = False
-            elif not inside and not self.tok.is_special(t):
-                out.append(t)
-        return self.tok.decode(out).strip()
+        return "".join(text for kind, text in self.segments(tokens) if kind == "text").strip()
+
+
+def client_call(text: str, names: frozenset[str] | set[str]) -> tuple[str, dict] | None:
+    """(name, arguments) if `text` (between the call markers) is a well-formed call to one of `names`, else None:
+    a call that does not parse goes to the engine's tools, which answer the model with the reason."""
+    try:
+        name, arguments = parse_tool_call(unwrap(text))
+    except ToolError:
+        return None
+    return (name, arguments) if name in names else None
+
+
+def unwrap(text: str) -> str:
+    """A call's or response's text without the one newline on each side that the format puts there."""
+    text = text[1:] if text.startswith("\n") else text
+    return text[:-1] if text.endswith("\n") else text
 
 
 # ----------------------------------------------------------------------------- continuous batching
@@ -241,16 +305,35 @@ class Request:
     batcher's thread (keep them short). on_token(token, forced) sees every token but the stop token and
     returns False to end the reply there (a stop string matched: finish "stop"). on_end(finish, steps, error)
     comes once: finish is "stop", "length" or None (cancelled); steps counts every token produced, stop
-    token and tool output included (as iterating Engine.generate would)."""
+    token and tool output included (as iterating Engine.generate would). `constraint`, if any, is copied
+    when the request joins (the request's own stays as given, so one may serve several requests) and masks
+    the row's sampled tokens as in Engine.generate; if it allows no token, on_end(None, steps, ConstraintError).
+
+    Function calling (the server's `tools`): `tools` are the tools the engine runs for this request (None: the
+    engine's own). A call to a name in `client_tools` is not run: it is the client's to run, so the reply ends
+    after it with finish "tool_calls" — at once, or with `parallel_calls` once the model has written every call
+    it wants (after each, the only tokens allowed are <tool_call> and <|assistant_end|>). A call the engine
+    would run that comes after a client's call ends the reply there, unrun (the client's calls answer first).
+    Only the Batcher knows client tools; Engine.generate runs every call."""
     prompt: list[int]
     max_tokens: int = 256
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None
+    constraint: Constraint | None = None
+    tools: dict[str, Callable[[dict], str]] | None = None
+    client_tools: frozenset[str] = frozenset()
+    parallel_calls: bool = True
     on_token: Callable[[int, bool], bool] = lambda token, forced: True
     on_end: Callable[[str | None, int, BaseException | None], None] = lambda finish, steps, error: None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # Scoring (off by default, and then free): with logprobs=k, on_logprobs(token, logprob, top) comes just before
+    # each token's on_token (and for the stop token too, which on_token never sees) with the token's log-probability
+    # under the model and the k most likely tokens [(id, logprob)], best first. These are the raw model's
+    # (before temperature, top-k/top-p or any mask), as OpenAI and vLLM report them.
+    logprobs: int | None = None
+    on_logprobs: Callable[[int, float, list[tuple[int, float]]], None] = lambda token, logprob, top: None
 
 
 @dataclass(eq=False)
@@ -263,6 +346,7 @@ class _Row:
     logits: torch.Tensor | None = None  # next-token logits, waiting for a decision
     feed: int | None = None  # the token this row feeds at the next step
     tool: Future | None = None  # a running tool call; the row pauses until its output is forced in
+    constraint: Constraint | None = None  # a copy of the request's, until the row's first forced token
 
 
 class Batcher:
@@ -285,6 +369,9 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.tool_pool: ThreadPoolExecutor | None = None
         self.ready = threading.Event()  # set once the thread is ready to decode (see warm_up)
+        sp = engine.tok.special  # what may follow a client's call: another call, or the end of the reply
+        self.after_call = torch.tensor([engine.call_start, sp["<|assistant_end|>"]])
+        self.jobs: deque[tuple[Callable, Future]] = deque()  # see call()
         self.compile_error: BaseException | None = None  # why the step could not be compiled (then: eager)
         # called on the batcher's thread after each round of on_token/on_end callbacks (the tokens of one step),
         # so a consumer can be woken once for all of them rather than once per token
@@ -311,6 +398,19 @@ class Batcher:
         with self.cv:
             self._start()
         return self.ready.wait(timeout)
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run fn() on the batcher's thread between two steps and return a future of its result. That thread owns
+        the model, so anything else that runs it (a full forward to score a prompt) goes through here rather than
+        racing the decode steps from another thread."""
+        fut: Future = Future()
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("the batcher is closed")
+            self.jobs.append((fn, fut))
+            self._start()
+            self.cv.notify()
+        return fut
 
     def cancel(self, req: Request) -> None:
         """End a request at the next step boundary (on_end(None, ...)); a no-op once it ended."""
@@ -343,12 +443,14 @@ class Batcher:
         self.ready.set()
         while True:
             with self.cv:
-                self.cv.wait_for(lambda: self.closed or self.pending or self._runnable())
+                self.cv.wait_for(lambda: self.closed or self.pending or self.jobs or self._runnable())
                 if self.closed:
                     break
                 joining = []
                 while self.pending and (broken or len(joining) < self.rows.count(None)):
                     joining.append(self.pending.popleft())
+                jobs, self.jobs = list(self.jobs), deque()
+            self._run_jobs(jobs, broken)
             if broken is not None:
                 for req in joining:
                     self._call(req.on_end, None, 0, broken)
@@ -370,8 +472,22 @@ class Batcher:
                 self._end(slot, None)
         for req in self.pending:
             self._call(req.on_end, None, 0, None)
+        self._run_jobs(list(self.jobs), RuntimeError("the batcher is closed"))
         self._after_callbacks()
         self.tool_pool.shutdown(wait=False)
+
+    @staticmethod
+    def _run_jobs(jobs: list, broken: BaseException | None) -> None:
+        for fn, fut in jobs:
+            if not fut.set_running_or_notify_cancel():
+                continue  # its caller gave up
+            if broken is not None:
+                fut.set_exception(broken)
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - the caller hears it; the batch goes on
+                fut.set_exception(e)
 
     def _compile_steps(self) -> None:
         """Compile (dynamic shapes) the step for one row and for several, then free the rows again."""
@@ -404,7 +520,8 @@ class Batcher:
             gen = None
             if req.seed is not None:
                 gen = torch.Generator(device=self.engine.device).manual_seed(req.seed)
-            row = _Row(req, max_len - n, gen)
+            row = _Row(req, max_len - n, gen,
+                       constraint=req.constraint.fork() if req.constraint is not None else None)
             row.logits = self.decoder.prefill(req.prompt, [slot])[0]
         except Exception as e:  # noqa: BLE001 - this request fails, the batch goes on
             self.decoder.release(slot)
@@ -416,6 +533,21 @@ class Batcher:
         """Pick the next token of every row that has fresh logits: forced tool output, else sampled."""
         waiting = [(slot, row) for slot, row in enumerate(self.rows)
                    if row is not None and row.logits is not None and row.feed is None]
+        raw = {}  # logprobs are the raw model's: kept from before any mask below (masks make new tensors)
+        for slot, row in waiting:
+            if row.req.logprobs is not None:
+                raw[slot] = row.logits
+            if row.constraint is not None and row.tool is None and not row.state.forced:
+                try:
+                    row.logits = mask_logits(row.logits, row.constraint)
+                except ConstraintError as e:  # nothing can follow: this request ends, never loops
+                    self._end(slot, None, e)
+                    continue
+            if row.state.between_calls:
+                keep = row.logits.new_full(row.logits.shape, float("-inf"))
+                ids = self.after_call.to(row.logits.device)
+                row.logits = keep.index_copy_(0, ids, row.logits.index_select(0, ids))
+        waiting = [(slot, row) for slot, row in waiting if self.rows[slot] is row]
         greedy = [(slot, row) for slot, row in waiting if row.req.temperature <= 0 and not row.state.forced
                   and row.tool is None]
         picks = {}
@@ -427,7 +559,7 @@ class Batcher:
                 if not row.tool.done():
                     continue  # sits out this step
                 result, row.tool = row.tool.result(), None
-                row.state.forced.extend([self.engine.out_start] + self.engine.tok.encode(result) + [self.engine.out_end])
+                row.state.forced.extend(self.engine.response_tokens(result))
             forced = bool(row.state.forced)
             if forced:
                 token = row.state.forced.popleft()
@@ -436,15 +568,29 @@ class Batcher:
             else:
                 r = row.req
                 token = sample_next(row.logits[None], r.temperature, r.top_k, r.top_p, row.gen).item()
+            if row.req.logprobs is not None:
+                top, chosen = token_logprobs(raw[slot][None], [token], row.req.logprobs)
+                self._call(row.req.on_logprobs, token, chosen[0], top[0])
             row.logits = None
             self._take(slot, row, token, forced)
 
     def _take(self, slot: int, row: _Row, token: int, forced: bool) -> None:
         eng, st = self.engine, row.state
         row.steps += 1
+        if not forced:
+            st.between_calls = False
         if not forced and token in eng.stop_ids:
-            self._end(slot, "stop")
+            self._end(slot, "tool_calls" if st.client_calls else "stop")
             return
+        if row.constraint is not None:
+            if forced:
+                row.constraint = None  # a tool's output: the constraint covered the call, the row goes on free
+            else:
+                try:
+                    row.constraint.advance(token)
+                except ConstraintError as e:
+                    self._end(slot, None, e)
+                    return
         try:
             go_on = row.req.on_token(token, forced)
         except Exception as e:  # noqa: BLE001 - the caller's bug ends its own request only
@@ -453,22 +599,36 @@ class Batcher:
         if not go_on:
             self._end(slot, "stop")
             return
+        run = None  # the call the engine runs now, if this token closed one
+        if not forced:
+            if token == eng.call_start:
+                st.in_tool_call, st.call_tokens = True, []
+            elif token == eng.call_end and st.in_tool_call:
+                st.in_tool_call = False
+                text = eng.tok.decode(st.call_tokens)
+                if row.req.client_tools and client_call(text, row.req.client_tools) is not None:
+                    st.client_calls += 1  # the client runs it: no output is forced, the reply ends after the calls
+                    if not row.req.parallel_calls:
+                        self._end(slot, "tool_calls")
+                        return
+                    st.between_calls = True
+                elif st.client_calls:  # the client's calls come back first; this one stays unrun
+                    self._end(slot, "tool_calls")
+                    return
+                else:
+                    run = text
+            elif st.in_tool_call:
+                st.call_tokens.append(token)
         if row.steps >= row.max_steps:
-            self._end(slot, "length")
+            self._end(slot, "tool_calls" if st.between_calls else "length")
             return
         row.feed = token
-        if forced:
-            return
-        if token == eng.call_start:
-            st.in_tool_call, st.call_tokens = True, []
-        elif token == eng.call_end and st.in_tool_call:
-            st.in_tool_call = False
+        if run is not None:
             if not st.context:
                 st.context = eng.last_user_text(row.req.prompt)
-            row.tool = self.tool_pool.submit(run_tool_call, eng.tok.decode(st.call_tokens), eng.tools, st.context)
+            tools = eng.tools if row.req.tools is None else row.req.tools
+            row.tool = self.tool_pool.submit(run_tool_call, run, tools, st.context)
             row.tool.add_done_callback(lambda _: self._wake())
-        elif st.in_tool_call:
-            st.call_tokens.append(token)
 
     def _wake(self) -> None:
         with self.cv:
@@ -501,9 +661,22 @@ class Batcher:
 
     @staticmethod
     def _call(fn, *args) -> None:
-        """Run a request's on_end; a failing callback must not take the batch down with it."""
+        """Run a request's on_end (or on_logprobs); a failing callback must not take the batch down with it."""
         with contextlib.suppress(Exception):
             fn(*args)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int],
+                   k: int) -> tuple[list[list[tuple[int, float]]], list[float]]:
+    """logits (T, V) and the token taken after each position -> the k most likely tokens at each position
+    [(id, logprob)] best first, and each taken token's logprob. float32 log-softmax of the raw logits: the model's
+    own distribution, whatever sampling then did with it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    if k <= 0:
+        return [[] for _ in tokens], chosen
+    vals, ids = logp.topk(min(k, logp.size(-1)), dim=-1)
+    return [list(zip(i, v)) for i, v in zip(ids.tolist(), vals.tolist())], chosen
 
 
 class StreamDecoder:

@@ -1,6 +1,7 @@
 """`lookup`: keyword search (BM25) over a document index — the user's own documents or the generated world's
-encyclopedia. The model calls `lookup(query)` and reads the best-matching passage as tool output, so it can
-answer about things it never memorised ("a cognitive core that looks things up").
+encyclopedia. The model calls `lookup` ({"query": ...}, or no query: the user's question) and reads the
+best-matching passage as the tool's response, so it can answer about things it never memorised ("a cognitive
+core that looks things up").
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from exocortex.data.sources import iter_documents
 from exocortex.data.world import World
-from exocortex.infer.tools import TOOLS
+from exocortex.infer.tools import TOOLS, search_tool
+
 _WORD = re.compile(r"\w+")
 
 
@@ -108,7 +110,7 @@ def tools_for_run(cfg, docs: list[str] | None = None) -> dict:
     or, for a run on the generated world, over the world's encyclopedia."""
     tools = dict(TOOLS)
     if docs:
-        tools["lookup"] = DocumentIndex.from_paths(docs)
+        tools["lookup"] = search_tool(DocumentIndex.from_paths(docs))
     elif not cfg.data.path:
-        tools["lookup"] = world_index(World(seed=cfg.data.world_seed))
+        tools["lookup"] = search_tool(world_index(World(seed=cfg.data.world_seed)))
     return tools

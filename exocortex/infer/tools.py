@@ -1,5 +1,11 @@
-"""Tools the model can call: a tool call is the text `name(arguments)` between
-<|tool_call_start|> and <|tool_call_end|>; the engine runs it and inserts the result as tool output.
+"""Tools the model can call, in the Hermes/Qwen format llama.cpp, vLLM, Ollama and transformers parse:
+
+    <tool_call>\n{"name": "calculator", "arguments": {"expression": "347 * 29"}}\n</tool_call>
+
+The engine parses the JSON between the markers, runs the tool, and inserts <tool_response>\nRESULT\n</tool_response>.
+A tool is a function of the call's `arguments` object returning text. Built-in: calculator {"expression"},
+python {"code"} (the sandbox), lookup {"query"} (exocortex/infer/lookup.py; an empty query searches the user's
+last message). BUILTIN_TOOLS are their OpenAI-format specs, for the tools block a system turn may carry.
 
 The calculator evaluates arithmetic by walking Python's AST over a whitelist of node types: no `eval`,
 no names, no attribute access, bounded exponents and sizes, so any model output is safe to run.
@@ -7,11 +13,13 @@ no names, no attribute access, bounded exponents and sizes, so any model output 
 from __future__ import annotations
 
 import ast
+import json
 import math
 import operator
-import re
 import warnings
-from typing import Callable
+from typing import Any, Callable
+
+from exocortex.tokenizer import tool_call_json
 
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -72,31 +80,94 @@ def _python(code: str) -> str:
     return python_tool(code)
 
 
-TOOLS: dict[str, Callable[[str], str]] = {"calculator": calculator, "python": _python}
-
-_CALL = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\((.*)\)\s*$", re.S)
+Tool = Callable[[dict], str]  # the call's arguments object -> the text the model reads
 
 
-def parse_tool_call(text: str) -> tuple[str, str]:
-    m = _CALL.match(text)
-    if not m:
-        raise ToolError("tool call must look like name(arguments)")
-    return m.group(1), m.group(2)
+def string_arg(arguments: dict, key: str, tool: str, default: str | None = None) -> str:
+    """One string argument of a call, with the readable error a small model (or a client) can act on."""
+    unknown = sorted(set(arguments) - {key})
+    if unknown:
+        raise ToolError(f"{tool} takes only {key!r}, not {', '.join(map(repr, unknown))}")
+    value = arguments.get(key, default)
+    if not isinstance(value, str):
+        raise ToolError(f"{tool} needs {key!r}: a string" if value is None else f"{tool}'s {key!r} must be a string")
+    return value
 
 
-def run_tool_call(text: str, tools: dict[str, Callable[[str], str]] | None = None, context: str = "") -> str:
-    """Run one tool call; never raises: errors come back as text the model can read.
+def calculator_tool(arguments: dict) -> str:
+    return calculator(string_arg(arguments, "expression", "calculator"))
 
-    `lookup()` with no query searches for `context`, the user's last message: a small model can decide *when*
-    to look something up without having to copy an unfamiliar name into the query (which it does badly)."""
+
+def sandboxed_python(arguments: dict) -> str:
+    return _python(string_arg(arguments, "code", "python"))
+
+
+def search_tool(search: Callable[[str], str]) -> Tool:
+    """`lookup` over a search function (query -> passage); run_tool_call fills in an empty query."""
+    return lambda arguments: search(string_arg(arguments, "query", "lookup", default=""))
+
+
+TOOLS: dict[str, Tool] = {"calculator": calculator_tool, "python": sandboxed_python}
+
+
+def _spec(name: str, description: str, arg: str, arg_description: str, required: bool = True) -> dict:
+    params: dict[str, Any] = {"type": "object", "properties": {arg: {"type": "string", "description": arg_description}}}
+    if required:
+        params["required"] = [arg]
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": params}}
+
+
+# Short on purpose: a tools block goes into the system turn, and the tiny model's whole context is 256 tokens.
+BUILTIN_TOOLS: list[dict] = [
+    _spec("calculator", "Exact arithmetic.", "expression", "e.g. 347 * 29"),
+    _spec("python", "Run Python; returns what it prints.", "code", "a program"),
+    _spec("lookup", "Search the documents.", "query", "empty: the question", required=False),
+]
+
+
+def format_tool_call(name: str, arguments: dict) -> str:
+    """The text between <tool_call> and </tool_call>, newlines included (what the model writes)."""
+    return "\n" + tool_call_json(name, arguments) + "\n"
+
+
+def parse_tool_call(text: str) -> tuple[str, dict]:
+    """The text between the markers -> (name, arguments). `arguments` may also come as a JSON string (as
+    OpenAI's API carries it) and may be left out (no arguments). Anything else is a ToolError saying why."""
+    try:
+        call = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+        raise ToolError(f"the tool call is not valid JSON ({why})") from None
+    if not isinstance(call, dict):
+        raise ToolError('a tool call must be a JSON object {"name": ..., "arguments": {...}}')
+    name, arguments = call.get("name"), call.get("arguments", {})
+    if not isinstance(name, str) or not name:
+        raise ToolError('the tool call needs "name": the tool\'s name as a string')
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except (json.JSONDecodeError, RecursionError):
+            raise ToolError('"arguments" is a string but not JSON') from None
+    if not isinstance(arguments, dict):
+        raise ToolError('"arguments" must be a JSON object')
+    return name, arguments
+
+
+def run_tool_call(text: str, tools: dict[str, Tool] | None = None, context: str = "") -> str:
+    """Run one tool call (the text between the markers); never raises: errors come back as text the model can read.
+
+    `lookup` with no (or an empty) query searches for `context`, the user's last message: a small model can
+    decide *when* to look something up without having to copy an unfamiliar name into the query (which it does
+    badly)."""
     tools = TOOLS if tools is None else tools
     try:
-        name, args = parse_tool_call(text)
+        name, arguments = parse_tool_call(text)
         if name not in tools:
             raise ToolError(f"unknown tool '{name}'")
-        if name == "lookup" and not args.strip() and context:
-            args = context
-        return tools[name](args)
+        query = arguments.get("query", "")
+        if name == "lookup" and context and (query is None or (isinstance(query, str) and not query.strip())):
+            arguments = {**arguments, "query": context}
+        return tools[name](arguments)
     except ToolError as e:
         return f"error: {e}"
     except Exception as e:  # a tool bug must not kill generation

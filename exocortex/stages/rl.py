@@ -28,6 +28,7 @@ from exocortex.infer.engine import Engine
 from exocortex.infer.lookup import tools_for_run
 from exocortex.run import RLSummary, RunDir
 from exocortex.tasks import task_set
+from exocortex.tasks.base import prompt_ids
 from exocortex.tokenizer import Tokenizer
 from exocortex.train import parallel as dist
 from exocortex.train.loop import train
@@ -84,13 +85,13 @@ class RolloutSource:
         G = r.samples_per_prompt
         rng = random.Random(f"rl-{r.seed}-{number}")
         examples = [self.task.example(rng, "train") for _ in range(r.prompts_per_step)]
-        prompts = [tok.render_for_completion(ex["messages"][:-1]) for ex in examples]
+        prompts = [prompt_ids(tok, ex) for ex in examples]
         stats: dict = {}
         all_toks, all_forced = self._sample(prompts, seed=r.seed * 1_000_003 + number, stats=stats)
         rows, rewards_all, lengths, reps = [], [], [], []
         for p, (ex, prompt) in enumerate(zip(examples, prompts)):
             toks, forced = all_toks[p * G:(p + 1) * G], all_forced[p * G:(p + 1) * G]
-            rewards = [self.task.reward(eng.answer_text([t for t in s if t not in eng.stop_ids]), ex) for s in toks]
+            rewards = [self.task.reward_reply(eng.to_parts([t for t in s if t not in eng.stop_ids]), ex) for s in toks]
             mean = sum(rewards) / len(rewards)
             std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards))
             for s, f, rew in zip(toks, forced, rewards):
@@ -250,7 +251,7 @@ def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSumma
     model, _ = load_model(parent_ckpt, device)
     ref = load_model(parent_ckpt, device)[0].eval() if r.kl_coef > 0 else None
     task = task_set(cfg)[r.task]
-    tools = tools_for_run(cfg)
+    tools = {**tools_for_run(cfg), **task.client_tools}  # a task's client functions answer as in eval
     t = rl_train_config(cfg.sft, r, r.prompts_per_step * r.samples_per_prompt, model.cfg.seq_len)
     eval_engine = Engine(model, tok, device, dtype, tools=tools)
 

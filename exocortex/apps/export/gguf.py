@@ -19,8 +19,9 @@ from pathlib import Path
 
 from exocortex.errors import ExocortexError
 from exocortex.fileio import fsync_path, temp_path
-from exocortex.apps.export.hf import CHAT_TEMPLATE, check_export_target, load_for_export, ranks_to_bpe
-from exocortex.tokenizer import Tokenizer
+from exocortex.apps.export.chat_template import GGUF_CHAT_TEMPLATE, sample_conversations
+from exocortex.apps.export.hf import check_export_target, load_for_export, ranks_to_bpe
+from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_START, Tokenizer
 
 GGUF_DTYPES = {"float32": "f32", "fp32": "f32", "f32": "f32", "float16": "f16", "fp16": "f16", "f16": "f16",
                "bfloat16": "bf16", "bf16": "bf16"}
@@ -28,10 +29,6 @@ GGUF_DTYPES = {"float32": "f32", "fp32": "f32", "f32": "f32", "float16": "f16", 
 # llama.cpp's tokenizer.ggml.pre value whose split regex is cl100k's (= our SPLIT_PATTERN, digits in runs of
 # up to 3; "qwen2" splits every digit). It also turns on ignore_merges, like tiktoken.
 PRE_TOKENIZER = "llama-bpe"
-
-# The HF template without its {% generation %} markers: those only mark the loss mask for transformers,
-# print nothing, and are not standard Jinja (llama-cpp-python renders templates with plain jinja2).
-GGUF_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{%- generation -%}", "").replace("{%- endgeneration -%}", "")
 
 # our parameter names (HF Qwen3's) -> llama.cpp's tensor names
 _GLOBAL = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -55,7 +52,10 @@ def gguf_tensor_name(name: str) -> str:
 
 def gguf_vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
     """(tokens, token types, merges) for `tokenizer.ggml.*`: the HF export's byte-level BPE, by id. Special
-    tokens are CONTROL; rows past the tokenizer (a padded embedding) are UNUSED placeholders."""
+    tokens are CONTROL, except the tool-call markers <tool_call> and </tool_call>: USER_DEFINED, which llama.cpp
+    prints in its output (it hides CONTROL tokens), so a client or llama-server's own parser sees where a call
+    starts and ends. (The response markers stay CONTROL: generation stops at <tool_response>, and printed it would
+    trail the call.) Rows past the tokenizer (a padded embedding) are UNUSED placeholders."""
     from gguf import TokenType
 
     vocab, merges = ranks_to_bpe(tok.mergeable_ranks)
@@ -64,7 +64,7 @@ def gguf_vocab(tok: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], l
     for text, i in vocab.items():
         tokens[i] = text
     for name, i in tok.special.items():
-        tokens[i], types[i] = name, int(TokenType.CONTROL)
+        tokens[i], types[i] = name, int(TokenType.USER_DEFINED if name in (CALL_START, CALL_END) else TokenType.CONTROL)
     for i in range(tok.vocab_size, vocab_size):
         tokens[i], types[i] = f"[PAD{i}]", int(TokenType.UNUSED)
     if None in tokens or len(set(tokens)) != vocab_size:
@@ -122,6 +122,11 @@ def export_gguf(run_dir: str | os.PathLike, out_path: str | os.PathLike, stage: 
     w.add_token_merges(merges)
     w.add_bos_token_id(tok.bos_id)
     w.add_eos_token_id(sp["<|assistant_end|>"])  # end of an assistant turn: where chat generation stops
+    # "end of message" (llama.cpp's name for Llama 3.1's tool-call stop), an end of generation: after a call the
+    # model predicts <tool_response> (the loss mask trains that one marker), so llama.cpp stops right there; the
+    # caller runs the tool and renders its response into the same turn. Not </tool_call> itself: llama-server's
+    # tool grammar wants that text written out and never lets an end-of-generation token write it.
+    w.add_eom_token_id(sp[RESPONSE_START])
     w.add_pad_token_id(sp["<|assistant_end|>"])
     w.add_add_bos_token(True)  # documents start with <|bos|> (llama.cpp drops the template's own, no doubling)
     w.add_add_eos_token(False)
@@ -170,14 +175,29 @@ def load_llama(path: str | os.PathLike, n_ctx: int = 512, **kw):
                  **kw)
 
 
-def render_with_llama_cpp(llm, messages: list[dict]) -> list[int]:
+def render_with_llama_cpp(llm, messages: list[dict], tools: list[dict] | None = None,
+                          add_generation_prompt: bool = True) -> list[int]:
     """Prompt ids for a chat, as llama-cpp-python makes them: the file's template rendered by its jinja2
     formatter, then tokenized with special-token text parsed."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     fmt = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|assistant_end|>",
-                              bos_token="<|bos|>")
-    return llm.tokenize(fmt(messages=messages).prompt.encode(), add_bos=False, special=True)
+                              bos_token="<|bos|>", add_generation_prompt=add_generation_prompt)
+    return llm.tokenize(fmt(messages=messages, tools=tools).prompt.encode(), add_bos=False, special=True)
+
+
+def check_gguf_chat_template(llm, tok: Tokenizer, n: int = 40) -> int:
+    """Render `n` sample conversations (tools, calls, tool messages, unicode, typed special-token text) with the
+    file's template in llama-cpp-python, with and without a generation prompt, and compare with our ids.
+    Returns how many; raises ExocortexError naming the first that differs."""
+    cases = sample_conversations(n)
+    for i, case in enumerate(cases):
+        messages, tools = case["messages"], case["tools"]
+        if render_with_llama_cpp(llm, messages, tools) != tok.render_for_completion(messages, tools=tools):
+            raise ExocortexError(f"GGUF chat template renders sample conversation {i} differently (prompt)")
+        if render_with_llama_cpp(llm, messages, tools, False) != tok.render_conversation(messages, tools=tools)[0]:
+            raise ExocortexError(f"GGUF chat template renders sample conversation {i} differently")
+    return len(cases)
 
 
 def verify_gguf(path: str | os.PathLike, run_dir: str | os.PathLike, stage: str = "sft",
@@ -201,10 +221,12 @@ def verify_gguf(path: str | os.PathLike, run_dir: str | os.PathLike, stage: str 
             raise ExocortexError(f"GGUF tokenizer encodes {text!r} differently")
     if llm.metadata.get("tokenizer.chat_template") != GGUF_CHAT_TEMPLATE:
         raise ExocortexError("GGUF has no chat template, or a different one")
+    conversations = check_gguf_chat_template(llm, tok)
+    # llama.cpp prints the tool-call markers in a reply (USER_DEFINED), so a parser can find the call
+    if llm.detokenize([tok.special[CALL_START], tok.special["<|assistant_end|>"]]) != CALL_START.encode():
+        raise ExocortexError("GGUF hides the tool-call markers in llama.cpp's output")
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
-    if render_with_llama_cpp(llm, conv) != tok.render_for_completion(conv):
-        raise ExocortexError("GGUF chat template renders a conversation differently")
 
     # greedy continuation, ours; then both sides' logits over prompt + continuation (teacher forcing)
     prompt = tok.render_for_completion(conv)
@@ -244,5 +266,6 @@ def verify_gguf(path: str | os.PathLike, run_dir: str | os.PathLike, stage: str 
             raise ExocortexError(f"llama.cpp's greedy token {matched} is {theirs_new[matched]}, ours "
                                  f"{ours_new[matched]} (ahead by {margin:.3g} logits)")
     return {"max_logit_diff": diff, "tolerance": tol, "positions": len(seq), "tokenizer_samples": len(samples),
-            "chat_template": "ok", "greedy_tokens_matched": f"{matched}/{len(ours_new)}"}
+            "chat_template": "ok", "conversations": conversations,
+            "greedy_tokens_matched": f"{matched}/{len(ours_new)}"}
 

@@ -21,65 +21,23 @@ import os
 import shutil
 from pathlib import Path
 
+from exocortex.apps.export.chat_template import CHAT_TEMPLATE, sample_conversations
 from exocortex.checkpoint import load_model
 from exocortex.config import ModelConfig
 from exocortex.errors import ExocortexError, first_line
 from exocortex.fileio import commit_files, staging_dir
 from exocortex.run import RunDir
-from exocortex.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from exocortex.tokenizer import (CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, SPECIAL_TOKENS, SPLIT_PATTERN,
+                                 Tokenizer)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
-# Jinja chat template, the same format as Tokenizer.render_conversation (ids and loss mask) and, with
-# add_generation_prompt, render_for_completion (which drops a trailing assistant message). Spans wrapped in
-# {% generation %} are exactly the tokens our loss mask trains on, so `return_assistant_tokens_mask=True`
-# gives our mask. Text is inserted verbatim: no whitespace is added anywhere.
-CHAT_TEMPLATE = (
-    "{%- macro plain(content) -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- elif content is iterable and content is not mapping -%}"
-    "{%- for p in content -%}{%- if p is mapping -%}{{- p['text'] | default('') -}}{%- endif -%}{%- endfor -%}"
-    "{%- else -%}{{- raise_exception('message content must be a string or a list of parts') -}}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- set msgs = messages -%}"
-    "{%- if add_generation_prompt and messages | length > 0 and messages[-1]['role'] == 'assistant' -%}"
-    "{%- set msgs = messages[:-1] -%}"
-    "{%- endif -%}"
-    "{{- bos_token -}}"
-    "{%- for message in msgs -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- if not loop.first -%}{{- raise_exception('a system message may only come first') -}}{%- endif -%}"
-    "{{- '<|system_start|>' + plain(message['content']) + '<|system_end|>' -}}"
-    "{%- elif message['role'] == 'user' -%}"
-    "{{- '<|user_start|>' + plain(message['content']) + '<|user_end|>' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- '<|assistant_start|>' -}}"
-    "{%- if message['content'] is string -%}"
-    "{%- generation -%}{{- message['content'] -}}{%- endgeneration -%}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}"
-    "{%- generation -%}{{- part['text'] | default('') -}}{%- endgeneration -%}"
-    "{%- elif part['type'] == 'tool_call' -%}"
-    "{%- generation -%}{{- '<|tool_call_start|>' + part['text'] | default('') + '<|tool_call_end|>' -}}"
-    "{%- endgeneration -%}"
-    "{%- elif part['type'] == 'tool_output' -%}"
-    "{{- '<|tool_output_start|>' + part['text'] | default('') + '<|tool_output_end|>' -}}"
-    "{%- else -%}{{- raise_exception('unknown assistant part type ' + part['type'] | string) -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- generation -%}{{- '<|assistant_end|>' -}}{%- endgeneration -%}"
-    "{%- else -%}"
-    "{{- raise_exception('unknown role ' + message['role'] | string) -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant_start|>' -}}{%- endif -%}"
-)
-
-
 # ----------------------------------------------------------------------------- tokenizer
+
+# The tool-call markers are ordinary added tokens in HF (special=False), as in Qwen's tokenizers: decode(...,
+# skip_special_tokens=True) keeps them, so the text a client parses still shows where a call starts and ends.
+TOOL_MARKERS = (CALL_START, CALL_END, RESPONSE_START, RESPONSE_END)
+
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte-level alphabet: every byte gets a printable character. Printable Latin-1 bytes stand for
@@ -149,8 +107,9 @@ def build_hf_tokenizer(tok: Tokenizer):
         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
     ])
     hf.decoder = decoders.ByteLevel()
-    added = hf.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False,
-                                              single_word=False) for t in SPECIAL_TOKENS])
+    # one call, in id order: the tool markers are added tokens too, but not special (see TOOL_MARKERS)
+    added = hf.add_tokens([AddedToken(t, special=t not in TOOL_MARKERS, normalized=False, lstrip=False, rstrip=False,
+                                      single_word=False) for t in SPECIAL_TOKENS])
     if added != len(SPECIAL_TOKENS):
         raise ExocortexError("special tokens collide with BPE tokens; cannot convert the tokenizer")
     for name, i in tok.special.items():
@@ -165,9 +124,25 @@ def build_hf_tokenizer(tok: Tokenizer):
     return hf
 
 
+# transformers' parse_response (where it exists) turns a reply into {"role", "content", "tool_calls"} with this:
+# text outside the markers is the content; each <tool_call> body is JSON {"name", "arguments"}. The last anchor in
+# the prompt starts the reply: <|assistant_start|>, or after a tool's response the turn going on.
+RESPONSE_TEMPLATE = {
+    "version": 1,
+    "start_anchor": ["<|assistant_start|>", RESPONSE_END],
+    "defaults": {"role": "assistant"},
+    "fields": {
+        "content": {"content": "text", "close": "<|assistant_end|>"},
+        "tool_calls": {"open": CALL_START, "close": CALL_END, "content": "json", "repeats": True,
+                       "transform": {"type": "function",
+                                     "function": {"name": "{content.name}", "arguments": "{content.arguments}"}}},
+    },
+}
+
+
 def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict:
     decoder = {str(i): {"content": name, "lstrip": False, "normalized": False, "rstrip": False,
-                        "single_word": False, "special": True} for name, i in tok.special.items()}
+                        "single_word": False, "special": name not in TOOL_MARKERS} for name, i in tok.special.items()}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "added_tokens_decoder": decoder,
@@ -176,10 +151,15 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict:
         "pad_token": "<|assistant_end|>",
         "add_bos_token": True,
         "add_eos_token": False,
-        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in ("<|bos|>", "<|assistant_end|>")],
+        "additional_special_tokens": [t for t in SPECIAL_TOKENS
+                                      if t not in ("<|bos|>", "<|assistant_end|>") and t not in TOOL_MARKERS],
+        # apply_chat_template(..., sanitize_control_tokens=True) encodes these as text wherever the caller's
+        # strings carry them (the template already escapes them; this covers other templates a user may pass)
+        "chat_control_tokens": list(SPECIAL_TOKENS),
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
         "chat_template": CHAT_TEMPLATE,
+        "response_template": RESPONSE_TEMPLATE,
     }
 
 
@@ -222,8 +202,10 @@ def generation_config(tok: Tokenizer) -> dict:
     eos = tok.special["<|assistant_end|>"]
     return {
         "bos_token_id": tok.bos_id,
-        # our Engine stops at either: the end of an assistant turn, or (base model) the start of a new document
-        "eos_token_id": [eos, tok.bos_id],
+        # our Engine stops at the end of an assistant turn, or (base model) at the start of a new document; and
+        # at the end of a tool call, where the caller runs the tool and renders its response into the same turn
+        # (generate() cannot run it: without this stop the model would go on to guess the result)
+        "eos_token_id": [eos, tok.bos_id, tok.special[CALL_END]],
         "pad_token_id": eos,
         "do_sample": True,
         "temperature": 0.6,
@@ -332,10 +314,30 @@ def verify_hf(out_dir: str | os.PathLike, run_dir: str | os.PathLike, stage: str
     for text in samples:
         if hf_tok(text, add_special_tokens=False)["input_ids"] != tok.encode(text):
             raise ExocortexError(f"exported tokenizer encodes {text!r} differently")
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
-            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
-    rendered = hf_tok.apply_chat_template(conv, add_generation_prompt=True)
-    rendered = list(rendered) if isinstance(rendered, list) else list(rendered["input_ids"])
-    if rendered != tok.render_for_completion(conv):
-        raise ExocortexError("exported chat template renders a conversation differently")
-    return {"max_logit_diff": diff, "tolerance": tol, "tokenizer_samples": len(samples), "chat_template": "ok"}
+    conversations = check_hf_chat_template(hf_tok, tok)
+    # a reply's tool call stays readable after the usual decode (the markers are not special in HF)
+    call = [tok.special[CALL_START]] + tok.encode('\n{"name": "f", "arguments": {}}\n') + [tok.special[CALL_END]]
+    if hf_tok.decode(call + [tok.special["<|assistant_end|>"]], skip_special_tokens=True) != tok.decode(call):
+        raise ExocortexError("exported tokenizer drops the tool-call markers when decoding without special tokens")
+    return {"max_logit_diff": diff, "tolerance": tol, "tokenizer_samples": len(samples), "chat_template": "ok",
+            "conversations": conversations}
+
+
+def check_hf_chat_template(hf_tok, tok: Tokenizer, n: int = 40) -> int:
+    """Render `n` sample conversations (tools, calls, tool messages, unicode, typed special-token text) with
+    transformers' apply_chat_template, with and without a generation prompt, and compare with our ids (and our
+    loss mask). Returns how many; raises ExocortexError naming the first that differs."""
+    def ids(x):  # a list (transformers 4) or a BatchEncoding (5)
+        return list(x) if isinstance(x, list) else list(x["input_ids"])
+
+    cases = sample_conversations(n)
+    for i, case in enumerate(cases):
+        messages, tools = case["messages"], case["tools"]
+        prompt = ids(hf_tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+        full = hf_tok.apply_chat_template(messages, tools=tools, return_dict=True, return_assistant_tokens_mask=True)
+        if prompt != tok.render_for_completion(messages, tools=tools):
+            raise ExocortexError(f"exported chat template renders sample conversation {i} differently (prompt)")
+        ours_ids, ours_mask = tok.render_conversation(messages, tools=tools)
+        if [list(full["input_ids"]), list(full["assistant_masks"])] != [ours_ids, ours_mask]:
+            raise ExocortexError(f"exported chat template renders sample conversation {i} differently (ids or mask)")
+    return len(cases)
