@@ -359,3 +359,19 @@ def test_a_port_out_of_range_is_a_clean_error():
     for port in (0, 65536, 99999, -1):
         with pytest.raises(ExocortexError, match="from 1 to 65535"):
             _check_port_free("127.0.0.1", port)
+
+
+def test_streamed_text_equals_engine_render_for_replies_cut_inside_a_tool_part(engine):
+    """A reply cut by max_tokens inside a tool call or output: the streamed text (what a client assembles) is
+    what Engine.render shows — no closing bracket for a part that never closed, in both."""
+    from exocortex.apps.serve import _Renderer
+
+    tok = engine.tok
+    for marker, end in ((engine.out_start, engine.out_end), (engine.call_start, engine.call_end)):
+        for tokens in (tok.encode("hi ") + [marker] + tok.encode("\n12 ]x"),
+                       tok.encode("hi ") + [marker] + tok.encode("\n12\n") + [end] + tok.encode(" ok"),
+                       [marker] + tok.encode("\n{")):
+            r = _Renderer(engine)
+            streamed = "".join(d["content"] for t in tokens for d in r.push(t)) + "".join(
+                d["content"] for d in r.finish())
+            assert streamed.strip() == engine.render(tokens), tokens

@@ -269,7 +269,12 @@ class Engine:
     def render(self, tokens: list[int]) -> str:
         """Readable text of a completion: tool calls and outputs shown inline in brackets."""
         shown = {"text": "{}", "tool_call": "[tool call: {}]", "tool_output": " [tool output: {}] "}
-        return "".join(shown[kind].format(text) for kind, text in self.segments(tokens)).strip()
+        parts = [shown[kind].format(text) for kind, text in self.segments(tokens)]
+        markers = [t for t in tokens if t in (self.call_start, self.out_start, self.call_end, self.out_end)]
+        if parts and markers and markers[-1] in (self.call_start, self.out_start):
+            # a reply cut inside a call or output: no closing bracket, as the server streams it
+            parts[-1] = parts[-1][:parts[-1].rindex("]")]
+        return "".join(parts).strip()
 
     def to_parts(self, tokens: list[int]) -> list[dict]:
         """A completion as assistant message parts (text / tool_call / tool_output), for the chat history:
