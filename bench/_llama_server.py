@@ -15,8 +15,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _proc import stop, wait_healthy  # noqa: E402
 
 NAME = "llama-server"
 
@@ -87,8 +89,6 @@ def running(binary: str, gguf: str, port: int, slots: int, ctx_per_slot: int, th
     The GGUF's context_length is the model's training length (model.seq_len); exocortex serves the whole
     rotary table (4x that), and llama-server would cap each slot at the training length, so the bench
     overrides it: both servers then hold the same context per request."""
-    import httpx
-
     cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "-np", str(slots), "-cb",
            "-c", str(slots * ctx_per_slot), "--no-kv-unified", "-t", str(threads), "-tb", str(threads),
            "--poll", "0", "--jinja", "--no-webui", "--no-warmup",
@@ -97,21 +97,7 @@ def running(binary: str, gguf: str, port: int, slots: int, ctx_per_slot: int, th
     with tempfile.TemporaryFile("w+") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.time() + 120
-            while True:
-                if server.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(f"llama-server exited ({server.returncode}):\n{log.read()[-3000:]}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base + "/health", timeout=1).status_code == 200:
-                        break
-                if time.time() > deadline:
-                    raise RuntimeError("llama-server did not become healthy in 120 s")
-                time.sleep(0.3)
+            wait_healthy(server, log, base + "/health", 120, "llama-server")
             yield base
         finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)

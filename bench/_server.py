@@ -7,11 +7,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from _proc import stop, wait_healthy  # noqa: E402
 from _runs import synthetic_run  # noqa: E402
 
 
@@ -31,8 +31,6 @@ def serving(run: str | None, *args: str, preset: str = "tiny", root: Path = ROOT
     """Yields (base URL, server pid, run) for `exocortex serve --run <run> <args>` from the checkout at `root`
     (default: this one); without a run, a random `preset`-shaped one is built (bench/_runs.py). The server's
     output goes to a file, shown if it dies."""
-    import httpx
-
     with tempfile.TemporaryDirectory() as tmp:
         run = run or ("runs/tiny" if (Path("runs/tiny") / "config.json").exists() else None)
         if run is None:
@@ -45,26 +43,14 @@ def serving(run: str | None, *args: str, preset: str = "tiny", root: Path = ROOT
         cmd = [sys.executable, "-m", "exocortex", "serve", "--run", run, "--port", str(port), *args]
         server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
-            deadline = time.time() + 300
-            while True:
-                if server.poll() is not None:
-                    log.seek(0)
-                    sys.exit(f"error: the server exited:\n{log.read()[-3000:]}")
-                try:
-                    httpx.get(base + "/health", timeout=1)
-                    break
-                except httpx.HTTPError:
-                    if time.time() > deadline:
-                        sys.exit("error: the server did not start in 300 s")
-                    time.sleep(0.5)
+            try:
+                wait_healthy(server, log, base + "/health", 300, "the server", need_200=False)
+            except RuntimeError as e:
+                sys.exit(f"error: {e}")
             yield base, server.pid, run
             if server.poll() is not None:
                 log.seek(0)
                 sys.exit(f"error: the server died:\n{log.read()[-3000:]}")
         finally:
-            server.terminate()
-            try:
-                server.wait(15)
-            except subprocess.TimeoutExpired:
-                server.kill()
+            stop(server)
             log.close()
