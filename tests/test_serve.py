@@ -137,14 +137,19 @@ def test_streaming_matches_non_streaming(server):
         finishes = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
         assert finishes == [full.choices[0].finish_reason]
         assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == full.usage.model_dump()
-        parts = []
-        for ch in chunks:
-            p = ch.choices[0].delta.model_extra.get("part") if ch.choices else None
-            if p:
-                if p["index"] == len(parts):
-                    parts.append({"type": p["type"], "text": ""})
-                parts[p["index"]]["text"] += p["text"]
-        assert parts == full.choices[0].message.model_extra["parts"]
+        assert streamed_parts(chunks) == full.choices[0].message.model_extra["parts"]
+
+
+def streamed_parts(chunks) -> list[dict]:
+    """A streamed chat reply's parts, put back together from the chunks' `part` deltas."""
+    parts = []
+    for ch in chunks:
+        p = ch.choices[0].delta.model_extra.get("part") if ch.choices else None
+        if p:
+            if p["index"] == len(parts):
+                parts.append({"type": p["type"], "text": ""})
+            parts[p["index"]]["text"] += p["text"]
+    return parts
 
 
 def test_completions(server, engine, tok):

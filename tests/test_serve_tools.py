@@ -19,7 +19,7 @@ from exocortex.config import ModelConfig  # noqa: E402
 from exocortex.infer.engine import Engine  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from scripted import Scripted  # noqa: E402
-from test_serve import MODEL, Server, _error  # noqa: E402
+from test_serve import MODEL, Server, _error, streamed_parts  # noqa: E402
 
 MULTIPLY = {"type": "function", "function": {
     "name": "multiply", "description": "Multiply two integers.",
@@ -254,14 +254,7 @@ def test_builtin_call_then_client_call_and_a_call_after_the_clients(tok):
         chunks = list(c.chat.completions.create(model=MODEL, messages=USER, tools=[MULTIPLY], temperature=0,
                                                 stream=True))
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == msg.content
-        parts = []
-        for ch in chunks:
-            p = ch.choices[0].delta.model_extra.get("part") if ch.choices else None
-            if p:
-                if p["index"] == len(parts):
-                    parts.append({"type": p["type"], "text": ""})
-                parts[p["index"]]["text"] += p["text"]
-        assert parts == msg.model_extra["parts"]
+        assert streamed_parts(chunks) == msg.model_extra["parts"]
     finally:
         server.stop()
 
