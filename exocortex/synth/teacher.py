@@ -76,6 +76,11 @@ class TeacherConfig:
     timeout_s: float = 120.0
 
 
+class TeacherRefused(Exception):
+    """The teacher answered one request with an error that retrying will not fix (e.g. 400: the prompt is too
+    long for it): that item is rejected with the reason, the job goes on."""
+
+
 class Teacher:
     """Chat completions from the endpoint, with retries; fatal errors are one-line ExocortexErrors."""
 
@@ -102,19 +107,21 @@ class Teacher:
             except o.NotFoundError:
                 raise ExocortexError(f"the teacher at {self.tc.url} has no model '{self.tc.model}' (or the URL is not "
                                      f"an OpenAI-compatible base URL, usually ending in /v1)") from None
-            except (o.APIConnectionError, o.RateLimitError, o.InternalServerError) as e:
+            except (o.APIConnectionError, o.RateLimitError, o.InternalServerError) as e:  # includes timeouts
                 if attempt == self.tc.retries:
-                    raise ExocortexError(f"the teacher at {self.tc.url} failed {attempt + 1} times: "
+                    raise ExocortexError(f"the teacher at {self.tc.url} failed after {attempt + 1} attempt{'s' if attempt else ''}: "
                                          f"{_why(e)}; is it running, and is that its /v1 base URL?") from None
                 time.sleep(min(60.0, self.tc.backoff_s * 2 ** attempt) * (0.5 + rng.random() / 2))
+            except o.APIStatusError as e:
+                raise TeacherRefused(_why(e)) from None
         raise AssertionError("unreachable")
 
     def check(self) -> None:
         """One short request before the job: a bad URL, key or model fails here, in one line."""
         try:
             self.chat([{"role": "user", "content": "Say OK."}], temperature=0.0, max_tokens=4)
-        except self.openai.APIStatusError as e:
-            raise ExocortexError(f"the teacher at {self.tc.url} answered a test request with an error: {_why(e)}") from None
+        except TeacherRefused as e:
+            raise ExocortexError(f"the teacher at {self.tc.url} answered a test request with an error: {e}") from None
 
 
 def _why(e: Exception) -> str:
@@ -241,6 +248,14 @@ def _same_final_number(a: str, b: str) -> bool:
 
 # ----------------------------------------------------------------------------- the job
 
+def _refusal_rejects(work, source: str, seed: int, item: int):
+    """work(item), with a request the teacher refused made that item's rejection."""
+    try:
+        return work(item)
+    except TeacherRefused as e:
+        return None, provenance(source, "?", seed, item), f"teacher error: {e}", None
+
+
 def run_teacher(ds: Dataset, teacher: Teacher, work, n: int) -> int:
     """Items 0..n-1 not yet done, `work(item)` for each with a few in flight; rows are written in the order
     they finish. Returns how many were tried. A fatal error (the teacher gone, the key refused) stops the job
@@ -257,7 +272,7 @@ def run_teacher(ds: Dataset, teacher: Teacher, work, n: int) -> int:
                     item = next(pending_items, None)
                     if item is None:
                         break
-                    running.add(pool.submit(work, item))
+                    running.add(pool.submit(_refusal_rejects, work, ds.source, ds.seed, item))
                 if not running:
                     break
                 finished, running = wait(running, return_when=FIRST_COMPLETED)
