@@ -85,7 +85,10 @@ class Teacher:
     """Chat completions from the endpoint, with retries; fatal errors are one-line ExocortexErrors."""
 
     def __init__(self, tc: TeacherConfig):
-        import openai
+        try:
+            import openai
+        except ImportError:
+            raise ExocortexError("the teacher source needs the openai package: pip install 'exocortex[synth]'") from None
 
         self.tc, self.openai = tc, openai
         self.client = openai.OpenAI(base_url=tc.url, api_key=os.environ.get(tc.key_env) or "none",
