@@ -170,7 +170,7 @@ def test_teacher_answers_are_kept_only_when_the_grader_passes(tmp_path, tok):
         ex = {"answer": r["answer"]}
         assert tasks["arithmetic"].grade(r["messages"][-1]["content"], ex), r
         p = r["provenance"]
-        assert p["source"] == "teacher" and p["teacher"] == {"url": server.url, "model": "teacher"}
+        assert p["source"] == "teacher" and p["mode"] == "answer" and p["teacher"] == {"url": server.url, "model": "teacher"}
         assert p["verification"] == {"method": "grader", "passed": True}
     assert len(rows) + len(rejected) == 30
     # the file trains as a jsonl: task: its rows load with their messages and answers

@@ -13,7 +13,7 @@ A row is {"messages": [...], "answer": str, "provenance": {...}}: the messages a
 loader reads (it ignores the rest); provenance says where the row came from and how it was checked:
   {"source": "generator" | "teacher" | "self", "task": name, "family": phrasing family (when the generator
    gives one), "seed": the job's seed, "item": the item's number (seed and item together redraw it),
-   "teacher": {"url", "model"} (teacher rows), "verification": {"method": ..., "passed": bool | None}}.
+   "teacher": {"url", "model"} and "mode" (teacher rows), "verification": {"method": ..., "passed": bool | None}}.
 
 Items are numbered; item i of a job draws from its own rng (`item_rng(seed, i)`), so a job can stop anywhere and
 resume: the output is appended to, and items already in it (or in its `.rejected.jsonl` beside it, which records
@@ -70,6 +70,7 @@ class Dataset:
     source: str
     seed: int
     dedup_threshold: float = 0.8
+    mode: str = ""  # the teacher's mode: answering and writing number their items separately
     done: set[int] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: {"kept": 0, "rejected": 0, "duplicates": 0})
     reasons: dict[str, int] = field(default_factory=dict)
@@ -86,7 +87,8 @@ class Dataset:
                 p = row.get("provenance", {})
                 if kept:  # every row already written counts for dedup, whatever job wrote it
                     self.near.check_and_add(conversation_text(row.get("messages", [])))
-                if p.get("source") == _source_label(self.source) and p.get("seed") == self.seed and "item" in p:
+                job = (p.get("source"), p.get("seed"), p.get("mode", ""))
+                if job == (_source_label(self.source), self.seed, self.mode) and "item" in p:
                     self.done.add(int(p["item"]))
         self.resumed = len(self.done)
         self.path.parent.mkdir(parents=True, exist_ok=True)

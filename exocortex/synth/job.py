@@ -62,7 +62,7 @@ def run_synth(cfg: RunConfig, job: SynthJob) -> Dataset:
     if not (job.source == "teacher" and job.mode == "write"):
         for name in mixture:
             tasks[name]  # an unknown task fails here, in one line, before any work
-    ds = Dataset(job.out, job.source, job.seed, job.dedup_threshold)
+    ds = Dataset(job.out, job.source, job.seed, job.dedup_threshold, mode=job.mode if job.source == "teacher" else "")
     try:
         tried, seconds = _run_source(cfg, job, ds, tasks, mixture)
     finally:

@@ -146,7 +146,7 @@ def answer_item(teacher: Teacher, tasks, mixture: dict[str, float], seed: int, i
     hint = _format_hint(reference if isinstance(reference, str) else json.dumps(reference))
     reply = teacher.chat(([{"role": "system", "content": hint}] if hint else []) + question, rng=rng)
     passed = task.grade_reply([{"type": "text", "text": reply}], ex)
-    prov = provenance("teacher", name, seed, item, ex, split=split, teacher=teacher.info,
+    prov = provenance("teacher", name, seed, item, ex, mode="answer", split=split, teacher=teacher.info,
                       verification={"method": "grader", "passed": passed})
     messages = question + [{"role": "assistant", "content": reply}]
     if not passed:
@@ -172,7 +172,7 @@ def write_item(teacher: Teacher, kinds: dict[str, float], seed: int, item: int, 
     ask = (f"Write {what} that {persona} might ask about {topic}, phrased {style}. Reply with only a JSON object "
            f"and nothing else: {schema}")
     spec = _json_object(teacher.chat([{"role": "user", "content": ask}], rng=rng))
-    prov = provenance("teacher", "write", seed, item, kind=kind, persona=persona, topic=topic, style=style,
+    prov = provenance("teacher", "write", seed, item, mode="write", kind=kind, persona=persona, topic=topic, style=style,
                       teacher=teacher.info)
     if not spec or not isinstance(spec.get("question"), str) or not spec["question"].strip():
         return None, {**prov, "verification": {"method": "none", "passed": False}}, "no question in the reply", None
@@ -251,12 +251,12 @@ def _same_final_number(a: str, b: str) -> bool:
 
 # ----------------------------------------------------------------------------- the job
 
-def _refusal_rejects(work, source: str, seed: int, item: int):
+def _refusal_rejects(work, ds: Dataset, item: int):
     """work(item), with a request the teacher refused made that item's rejection."""
     try:
         return work(item)
     except TeacherRefused as e:
-        return None, provenance(source, "?", seed, item), f"teacher error: {e}", None
+        return None, provenance(ds.source, "?", ds.seed, item, mode=ds.mode), f"teacher error: {e}", None
 
 
 def run_teacher(ds: Dataset, teacher: Teacher, work, n: int) -> int:
@@ -275,7 +275,7 @@ def run_teacher(ds: Dataset, teacher: Teacher, work, n: int) -> int:
                     item = next(pending_items, None)
                     if item is None:
                         break
-                    running.add(pool.submit(_refusal_rejects, work, ds.source, ds.seed, item))
+                    running.add(pool.submit(_refusal_rejects, work, ds, item))
                 if not running:
                     break
                 finished, running = wait(running, return_when=FIRST_COMPLETED)
