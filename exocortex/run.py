@@ -114,6 +114,9 @@ class RLSummary:
 class EvalSummary:
     stages: dict = field(default_factory=dict)   # stage -> {metric: value}
     samples: list = field(default_factory=list)  # a few graded replies per task and stage
+    # collapse metrics (data/collapse.py), "data: <stage>" per dataset trained on and "samples: <stage>" per stage's
+    # samples (with "ask_ten_times"): {metric: value, "stage": stage, "alarms": [one line per alarm]}
+    collapse: dict = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 
