@@ -27,21 +27,28 @@ def _edit(rng: random.Random, doc: str) -> str:
 
 
 def _planted_corpus(n_unique=300, n_near=40, n_exact=10, seed=0):
-    """Unique documents, then near copies (small edits) and exact copies of some of them, scattered."""
+    """Unique documents, then near copies (small edits) and exact copies of some of them, scattered; and the
+    planted (original, copy) pairs."""
     rng = random.Random(seed)
     docs = [_doc(rng, i) for i in range(n_unique)]
     originals = rng.sample(range(n_unique), n_near + n_exact)
-    copies = [_edit(rng, docs[j]) for j in originals[:n_near]] + [docs[j] for j in originals[n_near:]]
-    for c in copies:
+    pairs = [(docs[j], _edit(rng, docs[j])) for j in originals[:n_near]] + [(docs[j], docs[j]) for j in originals[n_near:]]
+    for _, c in pairs:
         docs.insert(rng.randrange(len(docs) + 1), c)
-    return docs, n_near, n_exact
+    return docs, pairs
+
+
+def _straddling(pairs, train, val) -> list:
+    """Planted pairs with one text in train and the other in val."""
+    train, val = set(train), set(val)
+    return [(a, b) for a, b in pairs if (a in train and b in val) or (b in train and a in val)]
 
 
 def test_near_duplicates_found_and_distinct_texts_kept():
-    docs, n_near, n_exact = _planted_corpus()
+    docs, pairs = _planted_corpus()
     kept, stats = dedup_texts(docs)
-    assert stats == {"exact": n_exact, "near": n_near}
-    assert len(kept) == len(docs) - n_near - n_exact and kept == sorted(kept)
+    assert stats == {"exact": 10, "near": 40}
+    assert len(kept) == len(docs) - len(pairs) and kept == sorted(kept)
     nd = NearDuplicates()
     assert not nd.check_and_add("the cat sat on the mat today")
     assert nd.check_and_add("The  cat sat on the mat TODAY\n")       # exact after normalisation
@@ -49,24 +56,18 @@ def test_near_duplicates_found_and_distinct_texts_kept():
 
 
 def test_no_planted_duplicate_straddles_train_and_val():
-    docs, _, _ = _planted_corpus()
+    docs, pairs = _planted_corpus()
     train, val = split_train_val(docs, 0.1)
-    nd = NearDuplicates()
-    for d in train:
-        nd.check_and_add(d)
-    assert not [d for d in val if nd.check_and_add(d)]
-    # without dedup the same split does put copies on both sides (the test would catch a no-op dedup)
-    train0, val0 = split_train_val(docs, 0.1, dedup=False)
-    nd0 = NearDuplicates()
-    for d in train0:
-        nd0.check_and_add(d)
-    assert [d for d in val0 if nd0.check_and_add(d)]
+    assert _straddling(pairs, train, val) == [] and len(train) + len(val) == len(docs) - len(pairs)
+    # without dedup the same split does put copies on both sides (so the check above can fail)
+    assert _straddling(pairs, *split_train_val(docs, 0.1, dedup=False))
 
 
 def test_tokenizer_stage_removes_duplicates_before_the_split_and_reports_them(tmp_path, capsys):
     from exocortex.stages.tokenizer import run_tokenizer
 
-    docs, n_near, n_exact = _planted_corpus()
+    docs, pairs = _planted_corpus()
+    n_near, n_exact = 40, 10
     data = tmp_path / "corpus"
     data.mkdir()
     half = len(docs) // 2  # two files: duplicates are found across files too
@@ -86,17 +87,14 @@ def test_tokenizer_stage_removes_duplicates_before_the_split_and_reports_them(tm
         s = read_split(cfg.run_dir / "data", split)
         ends = [*s.starts[1:].tolist(), len(s.tokens)]
         split_docs[split] = [tok.decode(s.tokens[a + 1:b].tolist()) for a, b in zip(s.starts.tolist(), ends)]
+    assert _straddling(pairs, split_docs["train"], split_docs["val"]) == []
     assert split_docs == dict(zip(("train", "val"), split_train_val(docs, 0.1)))
-    nd = NearDuplicates()
-    for d in split_docs["train"]:
-        nd.check_and_add(d)
-    assert not [d for d in split_docs["val"] if nd.check_and_add(d)]
     meta = json.loads((cfg.run_dir / "data" / "meta.json").read_text())
     assert meta["duplicates_removed"] == n_near + n_exact
 
 
 def test_corpus_pass_does_not_depend_on_workers(tmp_path):
-    docs, _, _ = _planted_corpus(seed=1)
+    docs, _ = _planted_corpus(seed=1)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tasks = plan_tasks(find_files(tmp_path), jsonl_chunk_bytes=5000)
     one, two = corpus_duplicates(tasks, workers=1), corpus_duplicates(tasks, workers=2)
