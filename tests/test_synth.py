@@ -350,3 +350,14 @@ def test_a_synth_file_trains_through_midtrain(tmp_path, tok):
     assert summary["steps"] == 2 and summary["conversations"] == 64 and summary["rows"] > 0
     assert load_config(cfg.run_dir).run.latest_checkpoint("midtrain") is not None
     assert load_config(cfg.run_dir).midtrain_data.mixture == {f"jsonl:{data}": 1.0}
+
+
+def test_the_job_ends_with_the_files_collapse_metrics_and_alarms(tmp_path, capsys):
+    """One wording with random numbers (arithmetic alone) trips the alarm; the midtrain mixture does not."""
+    cfg = make_config("tiny", [])
+    narrow = run_synth(cfg, SynthJob("generators", tmp_path / "a.jsonl", n=300, tasks={"arithmetic": 1}))
+    out = capsys.readouterr().out
+    assert narrow.collapse["n"] == narrow.counts["kept"] and "synth: collapse alarm: template_distinct_2" in out
+    broad = run_synth(cfg, SynthJob("generators", tmp_path / "m.jsonl", n=300))
+    out = capsys.readouterr().out
+    assert broad.collapse["n"] == broad.counts["kept"] and "no alarm" in out and "collapse alarm" not in out

@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exocortex.errors import ExocortexError
-from exocortex.tasks.base import own_words
 
 SOURCES = ("generators", "teacher", "self")
 
@@ -47,20 +46,6 @@ def pick_task(rng: random.Random, mixture: dict[str, float]) -> str:
     return rng.choices(names, [mixture[k] for k in names])[0]
 
 
-def conversation_text(messages: list[dict]) -> str:
-    """What near-duplicate detection compares: every turn's words (tool calls and outputs included)."""
-    out = []
-    for m in messages:
-        c = m.get("content")
-        out.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c or []))
-    return "\n".join(out)
-
-
-def reply_text(content) -> str:
-    """An assistant turn's own words, whether it is a string or a list of parts."""
-    return content if isinstance(content, str) else own_words(content)
-
-
 @dataclass
 class Dataset:
     """The output file of a synth job, opened for appending: rows kept go to `path`, items tried and not kept
@@ -74,6 +59,7 @@ class Dataset:
     done: set[int] = field(default_factory=set)
     counts: dict[str, int] = field(default_factory=lambda: {"kept": 0, "rejected": 0, "duplicates": 0})
     reasons: dict[str, int] = field(default_factory=dict)
+    collapse: dict = field(default_factory=dict)  # collapse metrics of the whole file, after the job
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -81,12 +67,15 @@ class Dataset:
         from exocortex.data.dedup import NearDuplicates  # datasketch: imported by the jobs that dedup, not the CLI
 
         self.near = NearDuplicates(threshold=self.dedup_threshold)
+        self._seen: set[str] = set()  # normalised texts kept: tells an exact duplicate from a near one
         self.resumed = 0
         for f, kept in ((self.path, True), (self.rejected_path, False)):
             for row in _read_rows(f):
                 p = row.get("provenance", {})
                 if kept:  # every row already written counts for dedup, whatever job wrote it
-                    self.near.check_and_add(conversation_text(row.get("messages", [])))
+                    text = _text(row)
+                    self.near.check_and_add(text)
+                    self._seen.add(_normal(text))
                 job = (p.get("source"), p.get("seed"), p.get("mode", ""))
                 if job == (_source_label(self.source), self.seed, self.mode) and "item" in p:
                     self.done.add(int(p["item"]))
@@ -100,16 +89,15 @@ class Dataset:
 
     def keep(self, row: dict) -> bool:
         """Write `row` unless it near-duplicates one already written (then record it as rejected); True if kept."""
-        text = conversation_text(row["messages"])
-        from exocortex.data.dedup import exact_key
-
-        dup = self.near.check_signature(exact_key(text), self.near.signature(text))  # "exact", "near" or None
-        if dup:
+        text = _text(row)
+        if self.near.check_and_add(text):
+            dup = "exact" if _normal(text) in self._seen else "near"
             self.counts["duplicates"] += 1
             self.reject(row["provenance"], f"{dup} duplicate", row["messages"])
             return False
         self._out.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._out.flush()
+        self._seen.add(_normal(text))
         self.counts["kept"] += 1
         return True
 
@@ -126,6 +114,18 @@ class Dataset:
     def close(self) -> None:
         self._out.close()
         self._rej.close()
+
+
+def _text(row: dict) -> str:
+    """What duplicates are judged on: the user's and the assistant's words, tool calls included (not tool
+    outputs or system prompts: they are not the data's own wording)."""
+    from exocortex.data.collapse import conversation_text
+
+    return conversation_text(row) if row.get("messages") else ""
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
 
 
 def _source_label(source: str) -> str:
@@ -183,6 +183,22 @@ class Progress:
     def close(self) -> float:
         self.bar.close()
         return time.time() - self.t0
+
+
+def collapse_lines(path: Path) -> tuple[dict, list[str]]:
+    """Collapse metrics (exocortex/data/collapse.py) of every row in the file (user and assistant text), and the
+    lines that say them: one summary, then one per alarm."""
+    from exocortex.data.collapse import collapse_alarms, collapse_metrics, conversation_text
+
+    m = collapse_metrics([conversation_text(r) for r in _read_rows(path) if r.get("messages")])
+    alarms = collapse_alarms(m)
+    if not m["n"]:
+        return m, []
+    head = (f"synth: collapse of {path.name} ({m['n']} rows): distinct-2 {m['distinct_2']:.3f}, self-BLEU "
+            f"{m['self_bleu']:.3f}, numbers masked {m['template_distinct_2']:.3f} / {m['template_self_bleu']:.3f}, "
+            f"zlib {m['compression_ratio']:.3f}, duplicates {m['exact_duplicate_rate']:.1%} exact, "
+            f"{m['near_duplicate_rate']:.1%} near" + ("" if alarms else "; no alarm"))
+    return m, [head] + [f"synth: collapse alarm: {a}" for a in alarms]
 
 
 def summary_line(ds: Dataset, seconds: float, tried: int) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from exocortex.config import MIDTRAIN_MIXTURE, RunConfig
 from exocortex.errors import ExocortexError
-from exocortex.synth import SOURCES, Dataset, summary_line
+from exocortex.synth import SOURCES, Dataset, collapse_lines, summary_line
 from exocortex.synth.teacher import KINDS, MODES, TeacherConfig
 from exocortex.tasks import task_set
 from exocortex.tasks.base import SPLITS
@@ -68,6 +68,9 @@ def run_synth(cfg: RunConfig, job: SynthJob) -> Dataset:
     finally:
         ds.close()
     print(summary_line(ds, seconds, tried))
+    ds.collapse, lines = collapse_lines(ds.path)  # the whole file: what a run would train on
+    for line in lines:
+        print(line)
     return ds
 
 
