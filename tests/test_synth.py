@@ -120,55 +120,66 @@ class Server:
         self.sock.close()
 
 
-def answer_key(seed, n, tasks):
-    """question -> the reference answer, for the arithmetic items a job seeded `seed` draws."""
+def answer_key(seed, n, tasks, calls=False):
+    """question -> the reference answer (with `calls`: and the reference's calculator call), for the arithmetic
+    items a job seeded `seed` draws."""
     key = {}
     for item in range(n):
         rng = item_rng(seed, item)
         pick_task(rng, {"arithmetic": 1})
         ex = tasks["arithmetic"].example(rng, "train")
-        key[ex["messages"][-2]["content"]] = ex["answer"]
+        call = next(p["text"] for p in ex["messages"][-1]["content"] if p["type"] == "tool_call")
+        key[ex["messages"][-2]["content"]] = (ex["answer"], call) if calls else ex["answer"]
     return key
 
 
 def scripted_teacher(tok, reply_for):
-    """An exocortex server whose model writes reply_for(prompt text) (a scripted decoder over a tiny GPT with a
-    context of 512 tokens)."""
+    """An exocortex server whose model writes reply_for(prompt text): a text, or token ids (a scripted decoder over
+    a tiny GPT with a context of 512 tokens)."""
     cfg = make_config("tiny", MODEL_ARGS + [f"tokenizer.vocab_size={tok.vocab_size}", "model.seq_len=128"]).model
     cfg.vocab_size = tok.vocab_size
     end = tok.special["<|assistant_end|>"]
     engine = Engine(GPT(cfg), tok, torch.device("cpu"),
-                    decoder=Scripted(lambda p: tok.encode(reply_for(tok.decode(p))) + [end], tok.vocab_size))
+                    decoder=Scripted(lambda p: script_of(tok, reply_for(tok.decode(p))) + [end], tok.vocab_size))
     return Server(create_app(engine, "teacher"))
 
 
-def test_teacher_answers_are_kept_only_when_the_grader_passes(tmp_path, tok):
-    """Against an exocortex server: a scripted teacher that gets every third question wrong; and a tiny random
-    model (a real one decoding) that gets everything wrong."""
-    tasks = TaskSet(None)
-    key = answer_key(7, 30, tasks)
+def script_of(tok, reply):
+    return reply if isinstance(reply, list) else tok.encode(reply)
 
-    def reply_for(prompt: str) -> str:
+
+def test_teacher_answers_are_kept_only_when_the_grader_passes(tmp_path, tok):
+    """Against an exocortex server whose scripted model gets about every third question wrong and calls the
+    calculator for the others."""
+    tasks = TaskSet(None)
+    key = answer_key(7, 30, tasks, calls=True)
+    sp = tok.special
+
+    def reply_for(prompt: str):
         question = next((q for q in key if q in prompt), None)
         if question is None:  # the check before the job
             return "OK"
-        right = int(float(key[question]) * 1000) % 3 != 0
-        return f"The answer is {key[question] if right else float(key[question]) + 1}."
+        answer, call = key[question]
+        if int(float(answer) * 1000) % 3 == 0:  # wrong, without the calculator
+            return f"The answer is {float(answer) + 1}."
+        return [sp["<tool_call>"], *tok.encode(f"\n{call}\n"), sp["</tool_call>"], *tok.encode(f"So it is {answer}.")]
 
     server = scripted_teacher(tok, reply_for)
     try:
         out = tmp_path / "t.jsonl"
         job = SynthJob("teacher", out, n=30, seed=7, tasks={"arithmetic": 1},
-                       teacher=TeacherConfig(server.url, "teacher", max_tokens=24, concurrency=3, retries=0))
+                       teacher=TeacherConfig(server.url, "teacher", max_tokens=120, concurrency=3, retries=0))
         ds = run_synth(make_config("tiny", []), job)
     finally:
         server.stop()
     rows, rejected = rows_of(out), rows_of(tmp_path / "t.rejected.jsonl")
     assert ds.counts["rejected"] >= 5 and ds.counts["kept"] >= 10
     assert all(r["reason"] == "wrong answer" and r["provenance"]["verification"]["passed"] is False for r in rejected)
-    for r in rows:
-        ex = {"answer": r["answer"]}
-        assert tasks["arithmetic"].grade(r["messages"][-1]["content"], ex), r
+    for r in rows:  # the teacher's calculator calls are kept as calls (the server's parts), not as text
+        reply = r["messages"][-1]["content"]
+        assert [p["type"] for p in reply] == ["tool_call", "tool_output", "text"]
+        assert reply[1]["text"] == calculator(json.loads(reply[0]["text"])["arguments"]["expression"])
+        assert tasks["arithmetic"].grade(reply[-1]["text"], {"answer": r["answer"]}), r
         p = r["provenance"]
         assert p["source"] == "teacher" and p["mode"] == "answer" and p["teacher"] == {"url": server.url, "model": "teacher"}
         assert p["verification"] == {"method": "grader", "passed": True}
@@ -190,6 +201,9 @@ def test_teacher_from_a_random_model_keeps_nothing(tmp_path, tok):
     finally:
         server.stop()
     assert ds.counts == {"kept": 0, "rejected": 8, "duplicates": 0}
+    assert "teacher" in ds.reasons and set(ds.reasons) <= {"teacher", "wrong answer"}  # cut at 16 tokens, or wrong
+    cut = [r for r in rows_of(tmp_path / "r.rejected.jsonl") if r["reason"].startswith("teacher")]
+    assert all(r["reason"] == "teacher: reply cut at 16 tokens (--teacher-max-tokens)" for r in cut)
 
 
 def test_teacher_writes_questions_verified_by_the_calculator_and_agreement(tmp_path, tok):

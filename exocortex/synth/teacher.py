@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from exocortex.errors import ExocortexError
 from exocortex.infer.tools import ToolError, calculator
 from exocortex.synth import Dataset, Progress, item_rng, pick_task, provenance, row
-from exocortex.tasks.base import grade_final_number, numbers_in
+from exocortex.tasks.base import grade_final_number, numbers_in, own_words
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 MODES = ("answer", "write")
@@ -78,7 +78,7 @@ class TeacherConfig:
 
 class TeacherRefused(Exception):
     """The teacher answered one request with an error that retrying will not fix (e.g. 400: the prompt is too
-    long for it): that item is rejected with the reason, the job goes on."""
+    long for it), or with a reply cut at max_tokens: that item is rejected with the reason, the job goes on."""
 
 
 class Teacher:
@@ -96,14 +96,17 @@ class Teacher:
         self.info = {"url": tc.url, "model": tc.model}
 
     def chat(self, messages: list[dict], temperature: float | None = None, max_tokens: int | None = None,
-             rng: random.Random | None = None) -> str:
+             rng: random.Random | None = None, cut_ok: bool = False) -> list[dict]:
+        """The reply as parts (see _parts); a reply cut at max_tokens is refused unless `cut_ok`."""
         o, rng = self.openai, rng or random.Random()
         for attempt in range(self.tc.retries + 1):
             try:
                 r = self.client.chat.completions.create(
                     model=self.tc.model, messages=messages, max_tokens=max_tokens or self.tc.max_tokens,
                     temperature=self.tc.temperature if temperature is None else temperature)
-                return r.choices[0].message.content or ""
+                if r.choices[0].finish_reason == "length" and not cut_ok:  # a cut reply may end on a right-looking number
+                    raise TeacherRefused(f"reply cut at {max_tokens or self.tc.max_tokens} tokens (--teacher-max-tokens)")
+                return _parts(r.choices[0].message)
             except (o.AuthenticationError, o.PermissionDeniedError):
                 raise ExocortexError(f"the teacher at {self.tc.url} refused the API key (set ${self.tc.key_env}, "
                                      f"or name another variable with --api-key-env)") from None
@@ -122,9 +125,25 @@ class Teacher:
     def check(self) -> None:
         """One short request before the job: a bad URL, key or model fails here, in one line."""
         try:
-            self.chat([{"role": "user", "content": "Say OK."}], temperature=0.0, max_tokens=4)
+            self.chat([{"role": "user", "content": "Say OK."}], temperature=0.0, max_tokens=4, cut_ok=True)
         except TeacherRefused as e:
             raise ExocortexError(f"the teacher at {self.tc.url} answered a test request with an error: {e}") from None
+
+
+def _parts(message) -> list[dict]:
+    """A reply as assistant parts: an exocortex server sends its own (`parts`: the tool calls it made and their
+    outputs, which the row keeps as real calls, not as text); any other server's text is one text part."""
+    extra = getattr(message, "model_extra", None) or {}
+    parts = extra.get("parts")
+    if isinstance(parts, list) and parts and all(isinstance(p, dict) and p.get("type") in ("text", "tool_call", "tool_output")
+                                                 and isinstance(p.get("text"), str) for p in parts):
+        return [{"type": p["type"], "text": p["text"]} for p in parts]
+    return [{"type": "text", "text": message.content or ""}]
+
+
+def content_of(parts: list[dict]):
+    """The row's assistant content: a plain string when the reply is only text, else its parts."""
+    return own_words(parts) if all(p["type"] == "text" for p in parts) else parts
 
 
 def _why(e: Exception) -> str:
@@ -145,10 +164,10 @@ def answer_item(teacher: Teacher, tasks, mixture: dict[str, float], seed: int, i
     reference = ex["messages"][-1]["content"]
     hint = _format_hint(reference if isinstance(reference, str) else json.dumps(reference))
     reply = teacher.chat(([{"role": "system", "content": hint}] if hint else []) + question, rng=rng)
-    passed = task.grade_reply([{"type": "text", "text": reply}], ex)
+    passed = task.grade_reply(reply, ex)
     prov = provenance("teacher", name, seed, item, ex, mode="answer", split=split, teacher=teacher.info,
                       verification={"method": "grader", "passed": passed})
-    messages = question + [{"role": "assistant", "content": reply}]
+    messages = question + [{"role": "assistant", "content": content_of(reply)}]
     if not passed:
         return None, prov, "wrong answer", messages
     return row(messages, str(ex.get("answer", "")), prov), prov, "", messages
@@ -171,7 +190,7 @@ def write_item(teacher: Teacher, kinds: dict[str, float], seed: int, item: int, 
     what, schema = KINDS[kind]
     ask = (f"Write {what} that {persona} might ask about {topic}, phrased {style}. Reply with only a JSON object "
            f"and nothing else: {schema}")
-    spec = _json_object(teacher.chat([{"role": "user", "content": ask}], rng=rng))
+    spec = _json_object(own_words(teacher.chat([{"role": "user", "content": ask}], rng=rng)))
     prov = provenance("teacher", "write", seed, item, mode="write", kind=kind, persona=persona, topic=topic, style=style,
                       teacher=teacher.info)
     if not spec or not isinstance(spec.get("question"), str) or not spec["question"].strip():
@@ -179,9 +198,9 @@ def write_item(teacher: Teacher, kinds: dict[str, float], seed: int, item: int, 
     question = [{"role": "user", "content": spec["question"].strip()}]
     hint = [{"role": "system", "content": ANSWER_HINTS[kind]}]
     reply = teacher.chat(hint + question, rng=rng)
-    method, passed, answer = VERIFY[kind](teacher, spec, hint + question, reply, rng)
+    method, passed, answer = VERIFY[kind](teacher, spec, hint + question, own_words(reply), rng)
     prov["verification"] = {"method": method, "passed": passed}
-    messages = question + [{"role": "assistant", "content": reply}]
+    messages = question + [{"role": "assistant", "content": content_of(reply)}]
     if passed is False:
         return None, prov, f"failed verification: {method}", messages
     if passed is None and drop_unverified:
@@ -227,7 +246,7 @@ def verify_code(teacher, spec: dict, question, reply: str, rng) -> tuple[str, bo
 
 
 def verify_short(teacher, spec: dict, question, reply: str, rng) -> tuple[str, bool, str]:
-    second = teacher.chat(question, rng=rng)
+    second = own_words(teacher.chat(question, rng=rng))
     a, b = _normal(reply), _normal(second)
     agree = bool(a and b) and (a == b or a in b or b in a or _same_final_number(reply, second))
     return "agreement of 2 samples", agree, (min(a, b, key=len) if agree else "")
@@ -256,7 +275,7 @@ def _refusal_rejects(work, ds: Dataset, item: int):
     try:
         return work(item)
     except TeacherRefused as e:
-        return None, provenance(ds.source, "?", ds.seed, item, mode=ds.mode), f"teacher error: {e}", None
+        return None, provenance(ds.source, "?", ds.seed, item, mode=ds.mode), f"teacher: {e}", None
 
 
 def run_teacher(ds: Dataset, teacher: Teacher, work, n: int) -> int:
