@@ -150,7 +150,8 @@ def _read_rows(f: Path) -> list[dict]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ExocortexError(f"{f}:{lineno}: not JSON; synth appends to this file: move it away or fix it") from None
+                raise ExocortexError(f"{f}:{lineno}: not JSON; synth appends to this file: move it away or fix "
+                                     "it") from None
     return rows
 
 

@@ -115,7 +115,8 @@ class Teacher:
                                      f"an OpenAI-compatible base URL, usually ending in /v1)") from None
             except (o.APIConnectionError, o.RateLimitError, o.InternalServerError) as e:  # includes timeouts
                 if attempt == self.tc.retries:
-                    raise ExocortexError(f"the teacher at {self.tc.url} failed after {attempt + 1} attempt{'s' if attempt else ''}: "
+                    tries = f"{attempt + 1} attempt" + ("s" if attempt else "")
+                    raise ExocortexError(f"the teacher at {self.tc.url} failed after {tries}: "
                                          f"{_why(e)}; is it running, and is that its /v1 base URL?") from None
                 time.sleep(min(60.0, self.tc.backoff_s * 2 ** attempt) * (0.5 + rng.random() / 2))
             except o.APIStatusError as e:
@@ -135,7 +136,8 @@ def _parts(message) -> list[dict]:
     outputs, which the row keeps as real calls, not as text); any other server's text is one text part."""
     extra = getattr(message, "model_extra", None) or {}
     parts = extra.get("parts")
-    if isinstance(parts, list) and parts and all(isinstance(p, dict) and p.get("type") in ("text", "tool_call", "tool_output")
+    kinds = ("text", "tool_call", "tool_output")
+    if isinstance(parts, list) and parts and all(isinstance(p, dict) and p.get("type") in kinds
                                                  and isinstance(p.get("text"), str) for p in parts):
         return [{"type": p["type"], "text": p["text"]} for p in parts]
     return [{"type": "text", "text": message.content or ""}]
@@ -155,7 +157,7 @@ def _why(e: Exception) -> str:
 # ----------------------------------------------------------------------------- mode answer
 
 def answer_item(teacher: Teacher, tasks, mixture: dict[str, float], seed: int, item: int, split: str):
-    """(row or None, provenance, reason it was rejected) for one generator question answered by the teacher."""
+    """(row or None, provenance, why it was rejected, messages) for one generator question the teacher answers."""
     rng = item_rng(seed, item)
     name = pick_task(rng, mixture)
     task = tasks[name]
