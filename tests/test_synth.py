@@ -21,6 +21,7 @@ from exocortex.checkpoint import save_checkpoint  # noqa: E402
 from exocortex.config import load_config, make_config, save_config  # noqa: E402
 from exocortex.errors import ExocortexError  # noqa: E402
 from exocortex.infer.engine import Engine  # noqa: E402
+from exocortex.infer.sandbox import python_tool_status  # noqa: E402
 from exocortex.infer.tools import calculator  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from exocortex.synth import item_rng, pick_task  # noqa: E402
@@ -206,13 +207,19 @@ def test_teacher_from_a_random_model_keeps_nothing(tmp_path, tok):
     assert all(r["reason"] == "teacher: reply cut at 16 tokens (--teacher-max-tokens)" for r in cut)
 
 
-def test_teacher_writes_questions_verified_by_the_calculator_and_agreement(tmp_path, tok):
+def test_teacher_writes_questions_verified_by_the_calculator_the_sandbox_and_agreement(tmp_path, tok):
     def reply_for(prompt: str) -> str:
         seed = sum(map(ord, prompt)) % 997
         if "JSON object" in prompt:  # write a question: the persona and topic make each one different
+            if "Python function" in prompt:
+                return json.dumps({"question": f"Write add_{seed}(x).", "function": f"add_{seed}",
+                                   "tests": f"assert add_{seed}(1) == {seed + 1}"})
             if "arithmetic" in prompt:
                 return json.dumps({"question": f"How much is {seed} plus {seed + 11}?", "expression": f"{seed}+{seed + 11}"})
             return json.dumps({"question": f"What is the name of item {seed}?"})
+        if "Write add_" in prompt:  # wrong when the number is odd
+            n = int(prompt.split("Write add_")[1].split("(")[0])
+            return f"```python\ndef add_{n}(x):\n    return x + {n + n % 2}\n```"
         if "How much is" in prompt:  # answer it: wrong when the first number is odd
             a = int(prompt.split("How much is ")[1].split()[0])
             return f"It is {2 * a + 11 + a % 2}"
@@ -221,7 +228,7 @@ def test_teacher_writes_questions_verified_by_the_calculator_and_agreement(tmp_p
     server = scripted_teacher(tok, reply_for)
     try:
         out = tmp_path / "w.jsonl"
-        job = SynthJob("teacher", out, n=24, seed=2, mode="write", kinds={"math": 1, "short": 1, "open": 1},
+        job = SynthJob("teacher", out, n=32, seed=2, mode="write", kinds={"math": 1, "code": 1, "short": 1, "open": 1},
                        teacher=TeacherConfig(server.url, "teacher", max_tokens=120, concurrency=4, retries=0))
         ds = run_synth(make_config("tiny", []), job)
         # --drop-unverified: the open questions go to the rejected file instead
@@ -231,7 +238,8 @@ def test_teacher_writes_questions_verified_by_the_calculator_and_agreement(tmp_p
         server.stop()
     rows, rejected = rows_of(out), rows_of(tmp_path / "w.rejected.jsonl")
     methods = {r["provenance"]["kind"]: r["provenance"]["verification"]["method"] for r in rows + rejected}
-    assert methods == {"math": "calculator", "short": "agreement of 2 samples", "open": "none"}
+    python = "python" if python_tool_status()[0] else "python (sandbox unavailable)"
+    assert methods == {"math": "calculator", "code": python, "short": "agreement of 2 samples", "open": "none"}
     for r in rows:
         p = r["provenance"]
         assert {"persona", "topic", "style", "kind"} <= set(p)
@@ -239,8 +247,12 @@ def test_teacher_writes_questions_verified_by_the_calculator_and_agreement(tmp_p
             q = r["messages"][0]["content"]
             a, b = q.removeprefix("How much is ").removesuffix("?").split(" plus ")
             assert r["answer"] == calculator(f"{a}+{b}") and r["messages"][-1]["content"].endswith(r["answer"])
-        assert p["verification"]["passed"] is (None if p["kind"] == "open" else True)
+        if p["kind"] == "code" and python == "python":  # the kept code passed the asserts in the sandbox
+            n = int(r["messages"][0]["content"].removeprefix("Write add_").removesuffix("(x)."))
+            assert n % 2 == 0 and f"return x + {n}\n" in r["messages"][-1]["content"]
+        assert p["verification"]["passed"] is (None if p["kind"] == "open" or python != "python" == p["kind"] else True)
     assert any(r["reason"] == "failed verification: calculator" for r in rejected)
+    assert python != "python" or any(r["reason"] == "failed verification: python" for r in rejected)
     assert ds.counts["kept"] >= 8 and any(r["provenance"]["kind"] == "open" for r in rows)
     dropped = rows_of(tmp_path / "d.rejected.jsonl")
     assert all(r["provenance"]["kind"] != "open" for r in rows_of(tmp_path / "d.jsonl"))
