@@ -192,11 +192,13 @@ def write_item(teacher: Teacher, kinds: dict[str, float], seed: int, item: int, 
     what, schema = KINDS[kind]
     ask = (f"Write {what} that {persona} might ask about {topic}, phrased {style}. Reply with only a JSON object "
            f"and nothing else: {schema}")
-    spec = _json_object(own_words(teacher.chat([{"role": "user", "content": ask}], rng=rng)))
+    written = own_words(teacher.chat([{"role": "user", "content": ask}], rng=rng))
+    spec = _json_object(written)
     prov = provenance("teacher", "write", seed, item, mode="write", kind=kind, persona=persona, topic=topic, style=style,
                       teacher=teacher.info)
     if not spec or not isinstance(spec.get("question"), str) or not spec["question"].strip():
-        return None, {**prov, "verification": {"method": "none", "passed": False}}, "no question in the reply", None
+        asked = [{"role": "user", "content": ask}, {"role": "assistant", "content": written}]
+        return None, {**prov, "verification": {"method": "none", "passed": False}}, "no question in the reply", asked
     question = [{"role": "user", "content": spec["question"].strip()}]
     hint = [{"role": "system", "content": ANSWER_HINTS[kind]}]
     reply = teacher.chat(hint + question, rng=rng)
