@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
             for flags, kw in OPTIONS[option]:
                 s.add_argument(*flags, **kw)
     _data_parser(sub)
+    _synth_parser(sub)
     return p
 
 
@@ -123,6 +124,71 @@ def run_data(args) -> None:
         raise ExocortexError("usage: exocortex data download --dataset <owner/name> [--include GLOB] [--shards N]")
     download(args.dataset, shards=args.shards, include=args.include, revision=args.revision,
              cache_dir=args.cache_dir, workers=args.workers, verify=args.verify)
+
+
+def _synth_parser(sub) -> None:
+    """`exocortex synth`: a tool that writes datasets (docs/synth.md), not a pipeline stage."""
+    from exocortex.synth.teacher import DEFAULT_KEY_ENV, KINDS
+
+    s = sub.add_parser("synth", help="write a dataset (JSONL with provenance) from the generators, a teacher "
+                       "endpoint or a trained run's own correct samples", description="Write conversations to "
+                       "train on as a jsonl:<path> task, each row with its provenance and verification. Appends to "
+                       "--out and skips items already done, so an interrupted job resumes. See docs/synth.md.")
+    s.add_argument("--source", required=True, choices=["generators", "teacher", "self"])
+    s.add_argument("--out", required=True, help="the .jsonl to append to (rejected items go beside it, "
+                   "<name>.rejected.jsonl)")
+    s.add_argument("--n", type=int, default=1000, help="items to try: prompts drawn 0..n-1 (default 1000)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--split", default="train", help="which split's questions (default train)")
+    s.add_argument("--tasks", default=None, metavar="MIXTURE", help="e.g. arithmetic=0.5,word_problems=0.5 "
+                   "(default: generators the midtrain mixture; teacher arithmetic,word_problems,spelling; "
+                   "self arithmetic,word_problems)")
+    s.add_argument("--dedup-threshold", type=float, default=0.8, help="near-duplicate Jaccard threshold (word "
+                   "5-shingles, MinHash/LSH); 1 = exact duplicates and identical shingle sets only")
+    s.add_argument("--run", "--run-name", dest="run", default=None, help="the run whose tasks (generated world, "
+                   "name) and, for --source self, model to use (default: the preset's defaults; self: required)")
+    s.add_argument("--runs-dir", default="runs")
+    s.add_argument("--preset", default="tiny")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t = s.add_argument_group("teacher")
+    t.add_argument("--teacher-url", default=None, help="an OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    t.add_argument("--teacher-model", default=None, help="the model name the endpoint serves")
+    t.add_argument("--api-key-env", default=DEFAULT_KEY_ENV, help=f"environment variable holding the API key "
+                   f"(default {DEFAULT_KEY_ENV}; none needed by a local server)")
+    t.add_argument("--mode", default="answer", choices=["answer", "write"], help="answer: the generators' "
+                   "questions, kept when graded correct; write: new questions from personas x topics x styles")
+    t.add_argument("--kinds", default=None, metavar="MIXTURE", help=f"write: kinds of question, of "
+                   f"{','.join(KINDS)} (default all, equally)")
+    t.add_argument("--drop-unverified", action="store_true", help="write: drop answers nothing could check")
+    t.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    t.add_argument("--retries", type=int, default=5, help="retries of a failed request, with backoff (default 5)")
+    t.add_argument("--teacher-temperature", type=float, default=0.7)
+    t.add_argument("--teacher-max-tokens", type=int, default=512)
+    m = s.add_argument_group("self")
+    m.add_argument("--stage", default=None, choices=registry.CHAT_STAGES, help="the run's checkpoint (default: "
+                   "its newest chat stage)")
+    m.add_argument("--k", type=int, default=8, help="samples per prompt (default 8)")
+    m.add_argument("--temperature", type=float, default=1.0)
+    m.add_argument("--max-tokens", type=int, default=256, help="new tokens per sample (default 256)")
+
+
+def run_synth(args) -> None:
+    from exocortex.config import parse_mixture
+    from exocortex.synth.job import SynthJob, run_synth as synthesize
+    from exocortex.synth.teacher import TeacherConfig
+
+    if args.source == "self" and not args.run:
+        raise ExocortexError("--source self needs --run: the trained run whose samples to keep")
+    has_run = args.run and (_run_path(args) / "config.json").exists()
+    cfg = existing_config(args, "synth") if has_run or args.source == "self" else make_config(args.preset, args.set)
+    teacher = TeacherConfig(args.teacher_url, args.teacher_model, args.api_key_env, args.teacher_temperature,
+                            args.teacher_max_tokens, args.concurrency, args.retries) if args.teacher_url else None
+    job = SynthJob(source=args.source, out=Path(args.out), n=args.n, seed=args.seed, split=args.split,
+                   tasks=parse_mixture(args.tasks) if args.tasks else {}, dedup_threshold=args.dedup_threshold,
+                   teacher=teacher, mode=args.mode, drop_unverified=args.drop_unverified, stage=args.stage, k=args.k,
+                   temperature=args.temperature, max_tokens=args.max_tokens,
+                   **({"kinds": parse_mixture(args.kinds)} if args.kinds else {}))
+    synthesize(cfg, job)
 
 
 # ----------------------------------------------------------------------------- the run's config
@@ -209,6 +275,8 @@ def main(argv: list[str] | None = None) -> None:
         parallel.init_from_env()
         if args.command == "data":
             run_data(args)
+        elif args.command == "synth":
+            run_synth(args)
         else:
             run_stage(registry.BY_NAME[args.command], args)
         parallel.shutdown()

@@ -39,6 +39,9 @@ class TokenizerSummary:
     seconds_encode: float
     corpus_stats: dict
     corpus_stats_sample_documents: int | None = None  # user corpora: the statistics read this many documents
+    # user corpora: documents removed before the split as exact / near duplicates of earlier ones (data/dedup.py),
+    # out of "read"; None for the generated world, which is not deduplicated (stages/tokenizer.py says why)
+    duplicates: dict | None = None
     peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 
 
@@ -111,6 +114,9 @@ class RLSummary:
 class EvalSummary:
     stages: dict = field(default_factory=dict)   # stage -> {metric: value}
     samples: list = field(default_factory=list)  # a few graded replies per task and stage
+    # collapse metrics (data/collapse.py), "data: <stage>" per dataset trained on and "samples: <stage>" per stage's
+    # samples (with "ask_ten_times"): {metric: value, "stage": stage, "alarms": [one line per alarm]}
+    collapse: dict = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 

@@ -23,6 +23,7 @@ LAYERS = [
     {"train", "infer"},
     {"tasks"},
     {"evals"},
+    {"synth"},  # the data engine: tasks, models and evals' helpers below it; stages may train on what it writes
     {"stages", "apps"},
     {"cli"},
     {"__main__"},

@@ -232,8 +232,14 @@ def load_documents(data: DataConfig) -> tuple[list[str], str]:
     return docs, source
 
 
-def split_train_val(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic split: every k-th document goes to val (at least one each side)."""
+def split_train_val(docs: list[str], val_fraction: float, dedup: bool = True) -> tuple[list[str], list[str]]:
+    """Deterministic split: exact and near-duplicate documents removed first (data/dedup.py: the first
+    occurrence stays), so that no document has a copy on the other side; then every k-th document goes to
+    val (at least one each side). The tokenizer stage splits streamed corpora the same way (data/tokens.py)."""
+    if dedup:
+        from exocortex.data.dedup import dedup_texts  # dedup reads tasks of this module
+
+        docs = [docs[i] for i in dedup_texts(docs)[0]]
     if len(docs) < 2:
         # a single long document: split its text instead
         text = docs[0]

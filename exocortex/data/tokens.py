@@ -12,7 +12,9 @@ Layout of runs/<name>/data/:
                                     means complete
 
 Document i (counting non-blank documents in corpus order) is held out for validation when
-i % val_every == 0 (sources.split_train_val's rule, so small corpora split exactly as before).
+i % val_every == 0 (sources.split_train_val's rule, so small corpora split exactly as before). Duplicates found
+beforehand (data/dedup.py: `drop`, indices among the non-blank documents) are removed first and not counted:
+a document and its near copy can never land on both sides of the split.
 """
 from __future__ import annotations
 
@@ -128,9 +130,10 @@ class _SplitWriter:
 
 
 def write_token_data(tok: Tokenizer, tasks: list[Task], out_dir: Path, val_fraction: float,
-                     workers: int = 0, progress: bool | None = None) -> TokenStats:
+                     workers: int = 0, progress: bool | None = None, drop: np.ndarray | None = None) -> TokenStats:
     """Encode every task's documents and write the train/val token files into out_dir (see the module
-    docstring). A file that yields no documents at all is an error naming it."""
+    docstring), leaving out the documents whose index is in `drop` (sorted). A file that yields no documents
+    at all is an error naming it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     k = val_every(val_fraction)
     writers = {s: _SplitWriter(out_dir, s) for s in SPLITS}
@@ -142,6 +145,8 @@ def write_token_data(tok: Tokenizer, tasks: list[Task], out_dir: Path, val_fract
     bar = tqdm(total=len(tasks), desc="tokenize", unit="chunk", disable=not interactive, dynamic_ncols=True)
     t0 = last_print = time.time()
     prev_file = None
+    read = 0  # documents read, dropped ones included
+    drop = np.zeros(0, np.int64) if drop is None else drop
 
     def check_file(f: str | None) -> None:
         if f is not None and file_docs.get(f, 0) == 0:
@@ -156,6 +161,12 @@ def write_token_data(tok: Tokenizer, tasks: list[Task], out_dir: Path, val_fract
                 prev_file = f
             if f is not None:
                 file_docs[f] = file_docs.get(f, 0) + len(lens)
+            lo, hi = np.searchsorted(drop, [read, read + len(lens)])
+            read += len(lens)
+            if hi > lo:
+                keep = np.ones(len(lens), bool)
+                keep[drop[lo:hi] - (read - len(lens))] = False
+                tokens, lens, nbytes = tokens[np.repeat(keep, lens)], lens[keep], nbytes[keep]
             is_val = (stats.documents + np.arange(len(lens))) % k == 0
             stats.documents += len(lens)
             if is_val.any():
@@ -186,7 +197,7 @@ def write_token_data(tok: Tokenizer, tasks: list[Task], out_dir: Path, val_fract
         "dtype": np.dtype(token_dtype(tok.vocab_size)).name, "bos_id": tok.bos_id, "vocab_size": tok.vocab_size,
         "documents": stats.documents, "train_tokens": stats.train_tokens, "val_tokens": stats.val_tokens,
         "train_documents": len(starts["train"]) if stats.documents > 1 else 1,
-        "val_documents": len(starts["val"]), "val_every": k,
+        "val_documents": len(starts["val"]), "val_every": k, "duplicates_removed": len(drop),
         # loading compares this with the vocabulary instead of reading every token of a split (tens of GB)
         "max_token_id": max(w.max_id for w in writers.values())}, indent=2))
     return stats

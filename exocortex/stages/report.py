@@ -197,6 +197,44 @@ def _samples(ev) -> list[str]:
     return L + [""]
 
 
+COLLAPSE_COLUMNS = (("n", "n"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("distinct_3", "distinct-3"),
+                    ("self_bleu", "self-BLEU"), ("compression_ratio", "zlib ratio"), ("exact_duplicate_rate", "exact dup"),
+                    ("near_duplicate_rate", "near dup"))
+
+
+def collapse_section(ev: EvalSummary | None, tok_s) -> list[str]:
+    """Does the data or the model say the same few things over and over (data/collapse.py)? One row per dataset
+    the run trained on and per stage's samples, with the alarms; and what deduplication removed."""
+    from exocortex.data.collapse import MIN_TEXTS, THRESHOLDS
+
+    L = ["## Collapse: datasets and samples", ""]
+    rows = ev.collapse if ev else {}
+    if rows:
+        L += ["| set | " + " | ".join(h for _, h in COLLAPSE_COLUMNS) + " | asked ×10: distinct replies | alarm |",
+              "|---" * (len(COLLAPSE_COLUMNS) + 3) + "|"]
+        for name, r in rows.items():
+            cells = [_fmt(r.get(k), 3) if k != "n" else _fmt(r.get(k)) for k, _ in COLLAPSE_COLUMNS]
+            a = r.get("ask_ten_times")
+            ask = f"{a['distinct_mean']:.1f} of {a['n']} (fewest {a['distinct_min']})" if a else "—"
+            alarm = "⚠ " + ", ".join(x.split()[0] for x in r["alarms"]) if r.get("alarms") else "—"
+            L.append(f"| {name} | " + " | ".join(cells) + f" | {ask} | {alarm} |")
+        limits = ", ".join(f"{k} {'≥' if side == 'min' else '≤'} {v}" for k, (side, v, _) in THRESHOLDS.items())
+        L += ["", "Datasets: a strided sample of the pretraining documents, the first conversations of each finetuning "
+              "mixture (user and assistant turns), RL prompts. Samples: one reply at temperature 1 to each of a stage's "
+              "held-out prompts (base: openings of val documents); asked ×10: the first few of those prompts sampled ten "
+              f"times each. Healthy when {limits} (docs/data.md says why; sets under {MIN_TEXTS} texts are not judged)."]
+        L += [f"- ⚠ **{name}**: {a}" for name, r in rows.items() for a in r.get("alarms", [])]
+        L.append("")
+    d = getattr(tok_s, "duplicates", None) if tok_s else None
+    if d:
+        L += [f"Deduplication before the train/val split: {d['read']:,} documents read, {d['exact']:,} exact and "
+              f"{d['near']:,} near duplicates removed ({(d['exact'] + d['near']) / max(1, d['read']):.1%}).", ""]
+    elif tok_s:
+        L += ["Deduplication: the generated world corpus is not deduplicated (0.1% of its documents are "
+              "duplicates; docs/data.md).", ""]
+    return L if len(L) > 2 else []
+
+
 def run_report(cfg: RunConfig) -> Path:
     run = cfg.run
     if not (run.path / "config.json").exists():
@@ -212,6 +250,7 @@ def run_report(cfg: RunConfig) -> Path:
         L += _timings(summaries["speedrun"], {k: v for k, v in summaries.items() if k != "speedrun"})
     if ev and ev.stages:
         L += ["## Evaluation: every stage", ""] + stage_table(ev) + ["", EVAL_NOTE, ""]
+    L += collapse_section(ev, summaries["tokenizer"])
     if summaries["rl"]:
         L += _rl(summaries["rl"], ev)
     if pre:
