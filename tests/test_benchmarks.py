@@ -167,7 +167,18 @@ def test_conversations(files, tok):
                            {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}], "answer": 42}
     path = write_jsonl(files["jsonl"].parent / "openai_test.jsonl", [openai])
     (row,) = load_benchmark("jsonl", str(path)).rows["test"]
-    assert row["messages"] == b["messages"]
+    assert row["messages"] == b["messages"] and "tools" not in row
+    # the functions a conversation offers (exocortex synth writes them) are kept and rendered in its system turn
+    spec = {"type": "function", "function": {"name": "multiply", "description": "a times b",
+                                             "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}
+    path = write_jsonl(files["jsonl"].parent / "offered_test.jsonl", [{**openai, "tools": [spec]}])
+    (row,) = load_benchmark("jsonl", str(path)).rows["test"]
+    assert row["tools"] == [spec]
+    with_tools = tok.render_conversation(row)[0]
+    assert len(with_tools) > len(tok.render_conversation(b)[0]) and "multiply" in tok.decode(with_tools)
+    bad = write_jsonl(files["jsonl"].parent / "badtools_test.jsonl", [{**openai, "tools": [{"type": "function"}]}])
+    with pytest.raises(ExocortexError, match=r"badtools_test\.jsonl:1: tools\[0\]\.function must be an object"):
+        load_benchmark("jsonl", str(bad))
 
 
 def test_directories_of_shards_and_taskset(tmp_path):

@@ -19,7 +19,6 @@ model's trained habits and take no room in a short context.
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,10 +27,9 @@ from exocortex.apps.guard import APIError
 from exocortex.infer.constrain import (BannedTokens, Constraint, ConstraintError, ConstraintUnavailable,
                                        tool_call_constraint)
 from exocortex.infer.engine import client_call
+from exocortex.infer.tools import ToolSpecError, check_tool_specs
 from exocortex.tokenizer import CALL_START
 
-NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_TOOLS = 128  # OpenAI's limit
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
@@ -111,38 +109,12 @@ def _named(choice: dict, names: list[str]) -> str:
 
 
 def check_tools(tools: Any) -> list[dict]:
-    """OpenAI function specs, each checked the way OpenAI checks them; the list as given."""
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise _bad("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects.", "tools")
-    if len(tools) > MAX_TOOLS:
-        raise _bad(f"at most {MAX_TOOLS} tools are allowed; got {len(tools)}.", "tools")
-    seen = set()
-    for i, spec in enumerate(tools):
-        where = f"tools[{i}]"
-        if not isinstance(spec, dict) or spec.get("type") != "function":
-            raise _bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}} (only function tools "
-                       "are supported).", f"{where}.type")
-        fn = spec.get("function")
-        if not isinstance(fn, dict):
-            raise _bad(f"{where}.function must be an object with a name.", f"{where}.function")
-        name = fn.get("name")
-        if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise _bad(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'; got {name!r}.",
-                       f"{where}.function.name")
-        if name in seen:
-            raise _bad(f"tool {name!r} is defined twice.", f"{where}.function.name")
-        seen.add(name)
-        if "description" in fn and not isinstance(fn["description"], str):
-            raise _bad(f"{where}.function.description must be a string.", f"{where}.function.description")
-        params = fn.get("parameters")
-        if params is not None and (not isinstance(params, dict) or params.get("type") != "object"):
-            raise _bad(f"{where}.function.parameters must be a JSON schema of type 'object'.",
-                       f"{where}.function.parameters")
-        if fn.get("strict") not in (None, True, False):
-            raise _bad(f"{where}.function.strict must be a boolean.", f"{where}.function.strict")
-    return tools
+    """OpenAI function specs, each checked the way OpenAI checks them (infer/tools.check_tool_specs); the list
+    as given."""
+    try:
+        return check_tool_specs(tools)
+    except ToolSpecError as e:
+        raise _bad(str(e), e.param) from None
 
 
 # ----------------------------------------------------------------------------- history

@@ -16,6 +16,7 @@ import ast
 import json
 import math
 import operator
+import re
 import warnings
 from typing import Any, Callable
 
@@ -25,6 +26,55 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 MAX_ABS = 1e100
+
+
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # a function's name, as OpenAI allows it
+MAX_TOOLS = 128  # OpenAI's limit
+
+
+class ToolSpecError(ValueError):
+    """A bad function spec; `param` names where (e.g. tools[1].function.name)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def check_tool_specs(tools: Any) -> list[dict]:
+    """OpenAI function specs ({"type": "function", "function": {"name", "description", "parameters"}}), each
+    checked the way OpenAI checks them (the server's `tools`, a training file's); the list as given, [] for
+    None. Raises ToolSpecError."""
+    if tools is None:
+        return []
+    if not isinstance(tools, list):
+        raise ToolSpecError("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects.", "tools")
+    if len(tools) > MAX_TOOLS:
+        raise ToolSpecError(f"at most {MAX_TOOLS} tools are allowed; got {len(tools)}.", "tools")
+    seen = set()
+    for i, spec in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(spec, dict) or spec.get("type") != "function":
+            raise ToolSpecError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}} (only function "
+                                "tools are supported).", f"{where}.type")
+        fn = spec.get("function")
+        if not isinstance(fn, dict):
+            raise ToolSpecError(f"{where}.function must be an object with a name.", f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise ToolSpecError(f"{where}.function.name must be 1-64 letters, digits, '_' or '-'; got {name!r}.",
+                                f"{where}.function.name")
+        if name in seen:
+            raise ToolSpecError(f"tool {name!r} is defined twice.", f"{where}.function.name")
+        seen.add(name)
+        if "description" in fn and not isinstance(fn["description"], str):
+            raise ToolSpecError(f"{where}.function.description must be a string.", f"{where}.function.description")
+        params = fn.get("parameters")
+        if params is not None and (not isinstance(params, dict) or params.get("type") != "object"):
+            raise ToolSpecError(f"{where}.function.parameters must be a JSON schema of type 'object'.",
+                                f"{where}.function.parameters")
+        if fn.get("strict") not in (None, True, False):
+            raise ToolSpecError(f"{where}.function.strict must be a boolean.", f"{where}.function.strict")
+    return tools
 
 
 class ToolError(Exception):

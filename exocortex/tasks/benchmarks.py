@@ -31,7 +31,8 @@ from typing import Callable, Iterator
 from exocortex.data.hub import hub_files
 from exocortex.data.sources import iter_json_lines
 from exocortex.errors import ExocortexError
-from exocortex.infer.tools import ToolError, calculator_tool, format_tool_call, parse_tool_call, run_tool_call
+from exocortex.infer.tools import (ToolError, ToolSpecError, calculator_tool, check_tool_specs, format_tool_call,
+                                  parse_tool_call, run_tool_call)
 from exocortex.tasks.base import (LETTERS, SPLITS, DatasetTask, MultipleChoiceTask, grade_contains,
                                   grade_hash_answer, hash_answer, mc_example)
 from exocortex.tasks import humaneval
@@ -256,7 +257,13 @@ def jsonl_example(row: dict, where: str) -> dict:
     answer = row.get("answer")
     if answer is not None and (isinstance(answer, bool) or not isinstance(answer, (str, int, float))):
         raise ExocortexError(f'{where}: "answer" must be a string or a number, got {type(answer).__name__}')
-    return {"task": "jsonl", "answer": "" if answer is None else str(answer), "messages": msgs}
+    example = {"task": "jsonl", "answer": "" if answer is None else str(answer), "messages": msgs}
+    if row.get("tools") is not None:  # the functions the conversation offers (rendered into its system turn)
+        try:
+            example["tools"] = check_tool_specs(row["tools"])
+        except ToolSpecError as e:
+            raise ExocortexError(f"{where}: {e}") from None
+    return example
 
 
 # ----------------------------------------------------------------------------- tasks
