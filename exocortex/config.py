@@ -206,6 +206,9 @@ class EvalConfig:
     chat_tasks: dict[str, int] = field(default_factory=lambda: {
         "arithmetic": 100, "word_problems": 200, "spelling": 100, "facts": 100, "facts_mc": 100, "lookup": 100,
         "identity": 20, "functions": 100})
+    # questions per task asked in its held-out phrasing families (exocortex/tasks/phrasing.py): -1 = as many as
+    # chat_tasks gives the task, 0 = none (no `<task>_heldout_accuracy`)
+    heldout_n: Annotated[int, Range(-1, 2**20)] = -1
     pass_k: Annotated[int, Range(1, 1024)] = 4              # pass@k on word problems: k samples at temperature 1 per question
     pass_k_n: STEPS = 50
     core_n: STEPS = 100            # in-context items per base-eval (CORE-style) task

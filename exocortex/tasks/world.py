@@ -1,7 +1,11 @@
 """Questions about the generated world.
 
 - facts: about places and things the model read during pretraining; answered from memory.
-- facts_mc: questions about people, places and things as multiple choice (letter answers).
+- facts_mc: questions about people, places and things as multiple choice. The reference reply recalls the
+  answer, then gives its letter ("Broford - C."): the letter alone left the tiny model at chance (25-29%) while
+  it recalled the same facts at 72-80% — picking a letter straight from a list is a harder skill than copying
+  the letter in front of an answer it has just written. The grader reads the letter. The choices are laid out
+  in phrasing families (MC_FAMILIES), two of them held out.
 - lookup: every question about a person is answered by calling `lookup` with no query — which searches the question
   itself — and reading the passage it returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
   neither the person nor their facts were ever seen, so accuracy there measures looking up, not remembering.
@@ -13,7 +17,8 @@ from __future__ import annotations
 import random
 
 from exocortex.infer.lookup import world_index
-from exocortex.tasks.base import MultipleChoiceTask, Task, grade_contains, mc_example, split_of
+from exocortex.tasks.base import LETTERS, MultipleChoiceTask, Task, grade_contains, item_split, split_of
+from exocortex.tasks.phrasing import noisy, polite
 from exocortex.tokenizer import tool_call_json
 
 
@@ -38,9 +43,32 @@ class Facts(Task):
         return grade_contains(answer_text, example["answer"])
 
 
+MC_INSTRUCTIONS = ("Answer with the letter of the correct choice.", "Pick the right letter.", "Which one is it?",
+                   "", "Reply with A, B, C or D.", "Choose one.")
+
+
+def _lines(choices: list[str], mark: str) -> str:
+    return "\n".join(mark.format(l=LETTERS[i], c=c) for i, c in enumerate(choices))
+
+
+# how the question and its choices are laid out: (question, choices, instruction) -> prompt
+MC_FAMILIES = {
+    "dot": lambda q, ch, ins: f"{q}\n{_lines(ch, '{l}. {c}')}\n{ins}".strip(),
+    "paren": lambda q, ch, ins: f"{q}\n{_lines(ch, '({l}) {c}')}\n{ins}".strip(),
+    "options": lambda q, ch, ins: f"{q}\nOptions:\n{_lines(ch, '{l}) {c}')}\n{ins}".strip(),
+    # held out (never trained on)
+    "inline": lambda q, ch, ins: f"{q} Is it " + ", ".join(f"{LETTERS[i]}) {c}" for i, c in enumerate(ch[:-1]))
+                                  + f" or {LETTERS[len(ch) - 1]}) {ch[-1]}? {ins}".rstrip(),
+    "choices_first": lambda q, ch, ins: f"{_lines(ch, '{l}. {c}')}\n{q} {ins}".strip(),
+}
+MC_HELDOUT = ("inline", "choices_first")
+
+
 class FactsMC(MultipleChoiceTask):
     name = "facts_mc"
     chance = 0.25
+    families = tuple(MC_FAMILIES)
+    heldout_families = MC_HELDOUT
 
     def __init__(self, world):
         self.world = world
@@ -55,15 +83,21 @@ class FactsMC(MultipleChoiceTask):
                 self.values[f.relation].append(f.value)
 
     def example(self, rng: random.Random, split: str) -> dict:
+        family = self.family(rng, split)
         while True:
-            f = rng.choice(self.by_split[split])
+            f = rng.choice(self.by_split[item_split(split)])
             others = [v for v in self.values[f.relation] if v.lower() != f.value.lower()]
             if len(others) >= 3:
                 break
         choices = rng.sample(others, 3)
         gold = rng.randrange(4)
         choices.insert(gold, f.value)
-        return mc_example(self.name, self.world.ask(f, rng), choices, gold)
+        q = noisy(polite(self.world.ask(f, rng), rng), rng, typo_rate=0.0, lower_rate=0.05)
+        prompt = MC_FAMILIES[family](q, choices, rng.choice(MC_INSTRUCTIONS))
+        letter = LETTERS[gold]
+        return {"task": self.name, "answer": letter, "choices": choices, "gold": gold, "family": family,
+                "messages": [{"role": "user", "content": prompt},
+                             {"role": "assistant", "content": f"{f.value} - {letter}."}]}
 
 
 class Lookup(Task):
