@@ -142,3 +142,36 @@ def test_generalisation_table():
     assert "| arithmetic | SFT | 90.0% (n=100) | 60.0% (n=100) | +30.0 |" in table
     assert "facts" not in table.split("|---|")[-1] and "| RL |" not in table
     assert generalisation_table(EvalSummary(stages={"sft": {"facts_accuracy": 0.5}})) == []
+
+
+def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
+    """chat_scores asks a task with held-out families twice: a model that answers right only in the wordings
+    it was trained on scores 100% seen and 0% held-out."""
+    import torch
+
+    from exocortex.config import EvalConfig
+    from exocortex.evals import chat_scores
+    from exocortex.infer.engine import Engine
+    from exocortex.model import GPT
+    from exocortex.tasks.base import prompt_ids
+    from scripted import Scripted
+
+    t = tasks["facts_mc"]
+    e = EvalConfig(chat_tasks={"facts_mc": 12}, heldout_n=8, pass_k=1, max_new_tokens=40)
+    examples = t.examples(12, e.seed, "test") + t.examples(8, e.seed, "heldout")
+    by_prompt = {tuple(prompt_ids(tok, x)): x for x in examples}
+
+    def reply(prompt):
+        x = by_prompt[tuple(prompt)]
+        text = x["messages"][-1]["content"] if x["family"] in t.seen_families else "No idea."
+        return tok.encode(text) + [tok.special["<|assistant_end|>"]]
+
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 512
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(reply, tok.vocab_size))
+    samples = []
+    out = chat_scores(eng, tok, {"facts_mc": t}, e, samples, "sft")
+    assert out == {"facts_mc_accuracy": 1.0, "facts_mc_n": 12, "facts_mc_heldout_accuracy": 0.0,
+                   "facts_mc_heldout_n": 8}
+    assert {s["task"] for s in samples} == {"facts_mc", "facts_mc (held-out family)"}
+    e.heldout_n = 0
+    assert "facts_mc_heldout_accuracy" not in chat_scores(eng, tok, {"facts_mc": t}, e, [], "sft")
