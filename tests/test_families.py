@@ -8,14 +8,16 @@ import pytest
 from exocortex.data.world import World
 from exocortex.run import EvalSummary
 from exocortex.stages.report import generalisation_table
-from exocortex.tasks import TaskSet
+from exocortex.config import MIDTRAIN_MIXTURE
+from exocortex.data.world import QUESTIONS
+from exocortex.tasks import TaskSet, mixture_conversations
 from exocortex.tasks.arithmetic import ARITH_FAMILIES, Arithmetic
 from exocortex.tasks.base import split_of
 from exocortex.tasks.phrasing import number_words, say_number, typo
 from exocortex.tasks.spelling import SPELL_FAMILIES
 from exocortex.tasks.world import MC_FAMILIES
 
-FAMILY_TASKS = ("arithmetic", "spelling", "facts_mc")
+FAMILY_TASKS = ("arithmetic", "spelling", "facts_mc", "facts")
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def _user(ex) -> str:
 
 def _pattern(frame: str) -> re.Pattern:
     """A frame as a regex over prompts: its literal text, each slot any words (case-insensitive)."""
-    return re.compile(".+?".join(re.escape(p) for p in re.split(r"\{[a-z]\}", frame)), re.IGNORECASE)
+    return re.compile(".+?".join(re.escape(p) for p in re.split(r"\{[a-z_]+\}", frame)), re.IGNORECASE)
 
 
 def _frames_of(task, family) -> list[str]:
@@ -37,6 +39,10 @@ def _frames_of(task, family) -> list[str]:
         return [f for k, fs in ARITH_FAMILIES[family].items() if k != "wrap" for f in fs]
     if task.name == "spelling":
         return [f for fs in SPELL_FAMILIES[family] for f in fs]
+    if task.name == "facts":  # the last wording of each relation asked about places and things
+        assert family == "last_wording"
+        rels = {f.relation for f in task.by_split["train"]}
+        return [QUESTIONS[k][-1] for k in QUESTIONS if k.split(":")[0] in rels]
     return []
 
 
@@ -52,7 +58,7 @@ def test_families_are_split_by_split(tasks, name):
     assert t.examples(20, 5, "heldout") == t.examples(20, 5, "heldout")  # deterministic
 
 
-@pytest.mark.parametrize("name", ("arithmetic", "spelling"))
+@pytest.mark.parametrize("name", ("arithmetic", "spelling", "facts"))
 def test_no_heldout_family_text_in_training(tasks, name):
     t = tasks[name]
     frames = [_pattern(f) for fam in t.heldout_families for f in _frames_of(t, fam)]
@@ -62,6 +68,16 @@ def test_no_heldout_family_text_in_training(tasks, name):
         assert not any(f.search(q) for q in train), f"held-out wording {f.pattern!r} appears in a training prompt"
     held = [_user(e) for e in t.examples(600, 11, "heldout")]
     assert sum(any(f.search(q) for f in frames) for q in held) > len(held) * 0.7  # the frames do find the family
+
+
+def test_no_heldout_family_text_in_any_training_conversation(tasks):
+    """Across the whole midtrain mixture (other tasks reuse these tasks' questions: smalltalk, facts_mc)."""
+    frames = [_pattern(f) for name in ("arithmetic", "spelling", "facts") for fam in tasks[name].heldout_families
+              for f in _frames_of(tasks[name], fam)]
+    convs = mixture_conversations(tasks, MIDTRAIN_MIXTURE, 4000, 0, "train")
+    users = [m["content"] for c in convs for m in c["messages"] if m["role"] == "user"]
+    for f in frames:
+        assert not any(f.search(u) for u in users), f"held-out wording {f.pattern!r} in a training conversation"
 
 
 def test_no_heldout_layout_in_facts_mc_training(tasks):

@@ -647,12 +647,16 @@ class World:
             self._facts = out
         return list(self._facts)
 
-    def ask(self, fact: Fact, rng: random.Random) -> str:
-        """A random phrasing of the question for `fact`."""
+    def ask(self, fact: Fact, rng: random.Random, last_wording: bool | None = None) -> str:
+        """A random phrasing of the question for `fact`: any of its wordings, or (last_wording) only the last
+        one, or (last_wording=False) any but the last — the facts task holds the last wordings out."""
         e = self.entity(fact.subject)
         ctx, _ = self._fact_ctx(e)
         qkey = f"origin:{e.kind}" if fact.relation == "origin" else fact.relation
-        return _cap(_ch(rng, QUESTIONS[qkey]).format_map(ctx))
+        wordings = QUESTIONS[qkey]
+        if last_wording is not None:
+            wordings = wordings[-1:] if last_wording else wordings[:-1]
+        return _cap(_ch(rng, wordings).format_map(ctx))
 
     # -- encyclopedia ---------------------------------------------------------------------------
 

@@ -23,7 +23,13 @@ from exocortex.tokenizer import tool_call_json
 
 
 class Facts(Task):
+    """Recall. Phrasing families: "wordings" asks in all but the last of a relation's question wordings
+    (exocortex/data/world.py QUESTIONS), with a polite opener or closer and surface noise; "last_wording" (held
+    out) asks in the last one ("In which town does X live?" when trained on "Where does X live?", ...)."""
+
     name = "facts"
+    families = ("wordings", "last_wording")
+    heldout_families = ("last_wording",)
 
     def __init__(self, world):
         self.world = world
@@ -34,9 +40,12 @@ class Facts(Task):
                 self.by_split[split_of(f.subject + "|" + f.relation)].append(f)
 
     def example(self, rng: random.Random, split: str) -> dict:
-        f = rng.choice(self.by_split[split])
-        return {"task": self.name, "answer": f.value,
-                "messages": [{"role": "user", "content": self.world.ask(f, rng)},
+        family = self.family(rng, split)
+        f = rng.choice(self.by_split[item_split(split)])
+        q = noisy(polite(self.world.ask(f, rng, last_wording=family == "last_wording"), rng), rng, typo_rate=0.05,
+                  lower_rate=0.1)
+        return {"task": self.name, "answer": f.value, "family": family,
+                "messages": [{"role": "user", "content": q},
                              {"role": "assistant", "content": f.answer}]}
 
     def grade(self, answer_text: str, example: dict) -> bool:
@@ -92,7 +101,8 @@ class FactsMC(MultipleChoiceTask):
         choices = rng.sample(others, 3)
         gold = rng.randrange(4)
         choices.insert(gold, f.value)
-        q = noisy(polite(self.world.ask(f, rng), rng), rng, typo_rate=0.0, lower_rate=0.05)
+        # never the facts task's held-out wordings: those are asked in no training prompt of any task
+        q = noisy(polite(self.world.ask(f, rng, last_wording=False), rng), rng, typo_rate=0.0, lower_rate=0.05)
         prompt = MC_FAMILIES[family](q, choices, rng.choice(MC_INSTRUCTIONS))
         letter = LETTERS[gold]
         return {"task": self.name, "answer": letter, "choices": choices, "gold": gold, "family": family,
