@@ -17,7 +17,7 @@ from exocortex.tasks.phrasing import number_words, say_number, typo
 from exocortex.tasks.spelling import SPELL_FAMILIES
 from exocortex.tasks.world import MC_FAMILIES
 
-FAMILY_TASKS = ("arithmetic", "spelling", "facts_mc", "facts")
+FAMILY_TASKS = ("arithmetic", "spelling", "facts_mc", "facts", "lookup")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _frames_of(task, family) -> list[str]:
         return [f for k, fs in ARITH_FAMILIES[family].items() if k != "wrap" for f in fs]
     if task.name == "spelling":
         return [f for fs in SPELL_FAMILIES[family] for f in fs]
-    if task.name == "facts":  # the last wording of each relation asked about places and things
+    if task.name in ("facts", "lookup"):  # the last wording of each relation the task asks about
         assert family == "last_wording"
         rels = {f.relation for f in task.by_split["train"]}
         return [QUESTIONS[k][-1] for k in QUESTIONS if k.split(":")[0] in rels]
@@ -58,7 +58,7 @@ def test_families_are_split_by_split(tasks, name):
     assert t.examples(20, 5, "heldout") == t.examples(20, 5, "heldout")  # deterministic
 
 
-@pytest.mark.parametrize("name", ("arithmetic", "spelling", "facts"))
+@pytest.mark.parametrize("name", ("arithmetic", "spelling", "facts", "lookup"))
 def test_no_heldout_family_text_in_training(tasks, name):
     t = tasks[name]
     frames = [_pattern(f) for fam in t.heldout_families for f in _frames_of(t, fam)]
@@ -72,7 +72,8 @@ def test_no_heldout_family_text_in_training(tasks, name):
 
 def test_no_heldout_family_text_in_any_training_conversation(tasks):
     """Across the whole midtrain mixture (other tasks reuse these tasks' questions: smalltalk, facts_mc)."""
-    frames = [_pattern(f) for name in ("arithmetic", "spelling", "facts") for fam in tasks[name].heldout_families
+    frames = [_pattern(f) for name in ("arithmetic", "spelling", "facts", "lookup")
+              for fam in tasks[name].heldout_families
               for f in _frames_of(tasks[name], fam)]
     convs = mixture_conversations(tasks, MIDTRAIN_MIXTURE, 4000, 0, "train")
     users = [m["content"] for c in convs for m in c["messages"] if m["role"] == "user"]

@@ -42,7 +42,8 @@ class Facts(Task):
     def example(self, rng: random.Random, split: str) -> dict:
         family = self.family(rng, split)
         f = rng.choice(self.by_split[item_split(split)])
-        q = noisy(polite(self.world.ask(f, rng, last_wording=family == "last_wording"), rng), rng, typo_rate=0.05,
+        # no typos: they would land in the names, which the question is about
+        q = noisy(polite(self.world.ask(f, rng, last_wording=family == "last_wording"), rng), rng, typo_rate=0.0,
                   lower_rate=0.1)
         return {"task": self.name, "answer": f.value, "family": family,
                 "messages": [{"role": "user", "content": q},
@@ -111,8 +112,12 @@ class FactsMC(MultipleChoiceTask):
 
 
 class Lookup(Task):
+    """Phrasing families as in Facts: the last wording of each question about a person is held out."""
+
     name = "lookup"
     uses_tools = True
+    families = ("wordings", "last_wording")
+    heldout_families = ("last_wording",)
 
     def __init__(self, world, index=None):
         self.world = world
@@ -125,13 +130,14 @@ class Lookup(Task):
                 self.by_split["test" if test else "train"].append(f)
 
     def example(self, rng: random.Random, split: str) -> dict:
-        f = rng.choice(self.by_split[split])
-        q = self.world.ask(f, rng)
+        family = self.family(rng, split)
+        f = rng.choice(self.by_split[item_split(split)])
+        q = self.world.ask(f, rng, last_wording=family == "last_wording")
         # `lookup` without a query searches the question itself (the engine passes the user's message): no
         # name to copy, and the shortest call to write
         parts = [{"type": "tool_call", "text": tool_call_json("lookup", {})}, {"type": "tool_output", "text": self.index(q)},
                  {"type": "text", "text": f.answer}]
-        return {"task": self.name, "answer": f.value,
+        return {"task": self.name, "answer": f.value, "family": family,
                 "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
 
     def grade(self, answer_text: str, example: dict) -> bool:
