@@ -131,13 +131,16 @@ def test_everyday_arithmetic_phrasings_compute_the_right_thing():
                           for q, e in halves)
 
 
-def test_facts_mc_recalls_then_gives_the_letter(tasks):
+def test_facts_mc_checks_the_choices_then_gives_the_letter(tasks):
     t = tasks["facts_mc"]
-    e = t.examples(1, 0, "test")[0]
-    reply = e["messages"][-1]["content"]
-    assert reply == f"{e['choices'][e['gold']]} - {e['answer']}."
-    wrong = "ABCD".replace(e["answer"], "")[0]
-    assert not t.grade(f"{e['choices'][e['gold']]} - {wrong}.", e)  # the letter decides, not the recalled value
+    for e in t.examples(20, 0, "test"):
+        reply = e["messages"][-1]["content"]
+        checks, letter = reply.split(" #### ")
+        assert letter == e["answer"] and checks.endswith(f"{e['answer']}. {e['choices'][e['gold']]} - yes.")
+        assert checks.count(" - no.") == e["gold"]  # the choices before the right one, each judged wrong
+        wrong = "ABCD".replace(e["answer"], "")[0]
+        assert t.grade(reply, e) and not t.grade(f"{checks} #### {wrong}", e)
+        assert t.grade(e["answer"], e) and t.grade(f"The answer is {e['answer']}.", e)  # a bare letter still counts
     assert set(MC_FAMILIES) == set(t.families)
 
 
@@ -174,7 +177,7 @@ def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
     from scripted import Scripted
 
     t = tasks["facts_mc"]
-    e = EvalConfig(chat_tasks={"facts_mc": 12}, heldout_n=8, pass_k=1, max_new_tokens=40)
+    e = EvalConfig(chat_tasks={"facts_mc": 12}, heldout_n=8, pass_k=1, max_new_tokens=200)
     examples = t.examples(12, e.seed, "test") + t.examples(8, e.seed, "heldout")
     by_prompt = {tuple(prompt_ids(tok, x)): x for x in examples}
 

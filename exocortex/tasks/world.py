@@ -1,11 +1,14 @@
 """Questions about the generated world.
 
 - facts: about places and things the model read during pretraining; answered from memory.
-- facts_mc: questions about people, places and things as multiple choice. The reference reply recalls the
-  answer, then gives its letter ("Broford - C."): the letter alone left the tiny model at chance (25-29%) while
-  it recalled the same facts at 72-80% — picking a letter straight from a list is a harder skill than copying
-  the letter in front of an answer it has just written. The grader reads the letter. The choices are laid out
-  in phrasing families (MC_FAMILIES), two of them held out.
+- facts_mc: questions about people, places and things as multiple choice. The reference reply checks the
+  choices in order until the right one, then gives its letter ("A. Vavgard - no. B. Broford - yes. #### B"):
+  the letter alone left the tiny model at chance (25-29%), and so did recalling the answer first and then
+  its letter ("Broford - B.": it recalled the right value 4 times in 60 — most questions are about people,
+  whose questions it is taught to look up — and never copied the letter in front of it). Judging one choice
+  at a time is recognition, which the base model does well (world_cloze, 4-way by likelihood, ~65%), and
+  the letter is then the one just written. The grader reads the letter after `####` (or the reply's letter).
+  The choices are laid out in phrasing families (MC_FAMILIES), two of them held out.
 - lookup: every question about a person is answered by calling `lookup` with no query — which searches the question
   itself — and reading the passage it returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
   neither the person nor their facts were ever seen, so accuracy there measures looking up, not remembering.
@@ -17,7 +20,8 @@ from __future__ import annotations
 import random
 
 from exocortex.infer.lookup import world_index
-from exocortex.tasks.base import LETTERS, MultipleChoiceTask, Task, grade_contains, item_split, split_of
+from exocortex.tasks.base import (LETTERS, MultipleChoiceTask, Task, choice_letter, grade_contains, item_split,
+                                  split_of)
 from exocortex.tasks.phrasing import noisy, polite
 from exocortex.tokenizer import tool_call_json
 
@@ -106,9 +110,15 @@ class FactsMC(MultipleChoiceTask):
         q = noisy(polite(self.world.ask(f, rng, last_wording=False), rng), rng, typo_rate=0.0, lower_rate=0.05)
         prompt = MC_FAMILIES[family](q, choices, rng.choice(MC_INSTRUCTIONS))
         letter = LETTERS[gold]
+        checks = " ".join(f"{LETTERS[i]}. {c} - {'yes' if i == gold else 'no'}." for i, c in enumerate(choices[:gold + 1]))
         return {"task": self.name, "answer": letter, "choices": choices, "gold": gold, "family": family,
                 "messages": [{"role": "user", "content": prompt},
-                             {"role": "assistant", "content": f"{f.value} - {letter}."}]}
+                             {"role": "assistant", "content": f"{checks} #### {letter}"}]}
+
+    def grade(self, answer_text: str, example: dict) -> bool:
+        """The letter after `####` when the reply has one (after its checks), else the reply's letter."""
+        tail = answer_text.rsplit("####", 1)[1] if "####" in answer_text else answer_text
+        return choice_letter(tail, len(example["choices"])) == example["answer"]
 
 
 class Lookup(Task):
