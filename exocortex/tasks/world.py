@@ -22,14 +22,14 @@ import random
 from exocortex.infer.lookup import world_index
 from exocortex.tasks.base import (LETTERS, MultipleChoiceTask, Task, choice_letter, grade_contains, item_split,
                                   split_of)
-from exocortex.tasks.phrasing import noisy, polite
+from exocortex.tasks.phrasing import polite
 from exocortex.tokenizer import tool_call_json
 
 
 class Facts(Task):
     """Recall. Phrasing families: "wordings" asks in all but the last of a relation's question wordings
-    (exocortex/data/world.py QUESTIONS), with a polite opener or closer and surface noise; "last_wording" (held
-    out) asks in the last one ("In which town does X live?" when trained on "Where does X live?", ...)."""
+    (exocortex/data/world.py QUESTIONS), with a polite opener or closer; "last_wording" (held out) asks in the
+    last one ("In which town does X live?" when trained on "Where does X live?", ...)."""
 
     name = "facts"
     families = ("wordings", "last_wording")
@@ -46,9 +46,9 @@ class Facts(Task):
     def example(self, rng: random.Random, split: str) -> dict:
         family = self.family(rng, split)
         f = rng.choice(self.by_split[item_split(split)])
-        # no typos: they would land in the names, which the question is about
-        q = noisy(polite(self.world.ask(f, rng, last_wording=family == "last_wording"), rng), rng, typo_rate=0.0,
-                  lower_rate=0.1)
+        # no typos and no lower case: they would change the names, which the question is about (with lower
+        # case 10% of the time, facts read 51.7% (n=60) in one fixed-step run against 63-66% before: unproven)
+        q = polite(self.world.ask(f, rng, last_wording=family == "last_wording"), rng)
         return {"task": self.name, "answer": f.value, "family": family,
                 "messages": [{"role": "user", "content": q},
                              {"role": "assistant", "content": f.answer}]}
@@ -107,7 +107,7 @@ class FactsMC(MultipleChoiceTask):
         gold = rng.randrange(4)
         choices.insert(gold, f.value)
         # never the facts task's held-out wordings: those are asked in no training prompt of any task
-        q = noisy(polite(self.world.ask(f, rng, last_wording=False), rng), rng, typo_rate=0.0, lower_rate=0.05)
+        q = polite(self.world.ask(f, rng, last_wording=False), rng)  # no noise: it would change the names
         prompt = MC_FAMILIES[family](q, choices, rng.choice(MC_INSTRUCTIONS))
         letter = LETTERS[gold]
         checks = " ".join(f"{LETTERS[i]}. {c} - {'yes' if i == gold else 'no'}." for i, c in enumerate(choices[:gold + 1]))
