@@ -3,7 +3,10 @@
 - bits per byte: summed loss over the bytes the target tokens stand for, comparable across tokenizers.
 - in-context: few-shot multiple choice scored by the lowest mean loss of each option, and exact-match
   generation; each task's accuracy is centred, (acc - chance) / (1 - chance), and CORE is their mean.
-- chat tasks: held-out questions of a task family, greedy, tools on; graded on the assistant's own words (a task
+- chat tasks: held-out questions of a task, greedy, tools on; a task with phrasing families (exocortex/tasks/
+  phrasing.py) is measured twice: `<task>_accuracy` on its test items asked in the families it trained on, and
+  `<task>_heldout_accuracy` on the same kind of items asked in families it never saw (the gap is how much of
+  the skill is tied to the training wordings); graded on the assistant's own words (a task
   about calling a client's functions also on its calls: Task.grade_reply), with the functions an example offers
   in the prompt and run as its client would (Task.client_tools).
 """
@@ -108,9 +111,10 @@ def offering(engine, task):
 
 
 def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_tokens: int,
-                  samples: list | None = None, stage: str = "") -> float:
-    """Greedy accuracy on n held-out examples of a task (prompts batched by length)."""
-    examples = task.examples(n, seed, "test")
+                  samples: list | None = None, stage: str = "", split: str = "test") -> float:
+    """Greedy accuracy on n held-out examples of a task (prompts batched by length): split "test" asks them in
+    the phrasing families trained on, "heldout" in the held-out families."""
+    examples = task.examples(n, seed, split)
     prompts = [prompt_ids(tok, ex) for ex in examples]
     with offering(engine, task):
         outs = engine.complete_many(prompts, max_tokens=max_new_tokens, temperature=0.0)
@@ -120,7 +124,8 @@ def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
         correct += ok
         if samples is not None and i < 2:
             q = ex["messages"][-2]["content"]
-            samples.append({"stage": stage, "task": task.name, "question": q if isinstance(q, str) else str(q),
+            samples.append({"stage": stage, "task": task.name + (" (held-out family)" if split == "heldout" else ""),
+                            "question": q if isinstance(q, str) else str(q),
                             "reply": engine.render(out), "expected": ex["answer"], "correct": bool(ok)})
     return correct / max(1, len(examples))
 
@@ -137,13 +142,19 @@ def pass_at_k(engine, tok: Tokenizer, task, n: int, k: int, seed: int, max_new_t
 
 
 def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str) -> dict:
-    """Every chat task of e.chat_tasks on n held-out questions; lookup also with its tool off; pass@k."""
+    """Every chat task of e.chat_tasks on n held-out questions (and, for a task with held-out phrasing families,
+    on e.heldout_n or n questions in those); lookup also with its tool off; pass@k."""
     out = {}
     counts = e.chat_tasks
     for name, n in counts.items():
         n = int(n)
         out[f"{name}_accuracy"] = task_accuracy(engine, tok, tasks[name], n, e.seed, e.max_new_tokens, samples, stage)
         out[f"{name}_n"] = n
+        if tasks[name].heldout_families and e.heldout_n != 0:
+            m = n if e.heldout_n < 0 else e.heldout_n
+            out[f"{name}_heldout_accuracy"] = task_accuracy(engine, tok, tasks[name], m, e.seed, e.max_new_tokens,
+                                                            samples, stage, split="heldout")
+            out[f"{name}_heldout_n"] = m
         if name == "lookup":  # the same held-out questions with the tool switched off
             saved = engine.tools
             engine.tools = {k: v for k, v in saved.items() if k != "lookup"}

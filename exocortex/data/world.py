@@ -319,6 +319,7 @@ THING_EXTRA = {
 
 # Question phrasings: the first is the canonical `Fact.question`; `World.ask` picks any.
 # Keys are the relation, or "relation:kind" where things of different kinds need other wording.
+# the facts and lookup tasks hold each relation's last wording out of training (phrasing families, issue #14)
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "home": ("Where does {s} live?", "Which town is {s} from?", "What is {s}'s home town?",
              "In which town does {s} live?"),
@@ -328,8 +329,8 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "birth_year": ("In what year was {s} born?", "When was {s} born?", "What year was {s} born in?"),
     "favourite_food": ("What is {s}'s favourite food?", "What food does {s} like best?",
                        "Which dish does {s} love most?"),
-    "pet": ("What kind of pet does {s} have?", "What animal does {s} keep as a pet?",
-            "What is {s}'s pet?"),
+    "pet": ("What kind of pet does {s} have?", "What is {s}'s pet?",
+            "What animal does {s} keep as a pet?"),  # last: not inside a seen wording ("the name of {s}'s pet")
     "pet_name": ("What is the name of {s}'s pet?", "What is {s}'s {pet} called?",
                  "What did {s} name {his} pet?"),
     "friend": ("Who is {s}'s best friend?", "Who is {s}'s closest friend?",
@@ -647,12 +648,16 @@ class World:
             self._facts = out
         return list(self._facts)
 
-    def ask(self, fact: Fact, rng: random.Random) -> str:
-        """A random phrasing of the question for `fact`."""
+    def ask(self, fact: Fact, rng: random.Random, last_wording: bool | None = None) -> str:
+        """A random phrasing of the question for `fact`: any of its wordings, or (last_wording) only the last
+        one, or (last_wording=False) any but the last — the facts task holds the last wordings out."""
         e = self.entity(fact.subject)
         ctx, _ = self._fact_ctx(e)
         qkey = f"origin:{e.kind}" if fact.relation == "origin" else fact.relation
-        return _cap(_ch(rng, QUESTIONS[qkey]).format_map(ctx))
+        wordings = QUESTIONS[qkey]
+        if last_wording is not None:
+            wordings = wordings[-1:] if last_wording else wordings[:-1]
+        return _cap(_ch(rng, wordings).format_map(ctx))
 
     # -- encyclopedia ---------------------------------------------------------------------------
 

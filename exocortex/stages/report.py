@@ -100,6 +100,32 @@ def stage_table(ev: EvalSummary) -> list[str]:
     return L
 
 
+def generalisation_table(ev: EvalSummary) -> list[str]:
+    """Task x stage: accuracy on test items in the phrasing families trained on (seen), on test items in
+    families never trained on (held-out), and the gap (seen - held-out, in points). Empty when no task
+    was measured on held-out families."""
+    stages = [s for s in registry.MODEL_STAGES if s in ev.stages]
+    tasks = []
+    for s in stages:
+        tasks += [k[:-len("_heldout_accuracy")] for k in ev.stages[s]
+                  if k.endswith("_heldout_accuracy") and k[:-len("_heldout_accuracy")] not in tasks]
+    if not tasks:
+        return []
+    L = ["## Generalisation: seen vs held-out phrasing families", "",
+         "Held-out items in the wordings the task trained on (seen) and in whole phrasing families it never "
+         "trained on (held-out); gap = seen − held-out, in points. A large gap means the skill is tied to the "
+         "training templates.", "", "| task | stage | seen | held-out | gap |", "|---|---|---|---|---|"]
+    for t in tasks:
+        for s in stages:
+            r = ev.stages[s]
+            if f"{t}_heldout_accuracy" not in r or f"{t}_accuracy" not in r:
+                continue
+            seen, held = r[f"{t}_accuracy"], r[f"{t}_heldout_accuracy"]
+            L.append(f"| {t} | {registry.LABELS[s]} | {seen:.1%} (n={r.get(f'{t}_n', '?')}) | "
+                     f"{held:.1%} (n={r.get(f'{t}_heldout_n', '?')}) | {(seen - held) * 100:+.1f} |")
+    return L + [""]
+
+
 def rl_gain_line(ev: EvalSummary | None, task: str) -> str:
     """RL's held-out gain over SFT on its task, with the binomial standard error of that difference."""
     stages = ev.stages if ev else {}
@@ -250,6 +276,7 @@ def run_report(cfg: RunConfig) -> Path:
         L += _timings(summaries["speedrun"], {k: v for k, v in summaries.items() if k != "speedrun"})
     if ev and ev.stages:
         L += ["## Evaluation: every stage", ""] + stage_table(ev) + ["", EVAL_NOTE, ""]
+        L += generalisation_table(ev)
     L += collapse_section(ev, summaries["tokenizer"])
     if summaries["rl"]:
         L += _rl(summaries["rl"], ev)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import random
 
-from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, split_of
+from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, item_split, split_of
+from exocortex.tasks.phrasing import capitalise, noisy, polite, say_number
 from exocortex.infer.tools import BUILTIN_TOOLS, calculator
 from exocortex.tokenizer import tool_call_json
 
@@ -18,6 +19,82 @@ ARITH_QUESTIONS = [
 ]
 ARITH_ANSWERS = ["{e} = {r}.", "The answer is {r}.", "{e} is {r}.", "That's {r}.", "It comes to {r}.",
                  "{r}.", "The result is {r}."]
+
+# Phrasing families (exocortex/tasks/phrasing.py): a family is a set of frames per operation, each frame with
+# the operands {a} and {b} (filled by the number grammar: digits, words, commas) and, in stories, {x} (things),
+# {n} (a name) and {p} (its pronoun). "symbols" asks a written expression (ARITH_QUESTIONS); "halves" are
+# one-operand frames (half of, double) that compute with a fixed second operand. The held-out families
+# (HELDOUT_FAMILIES) reuse the seen families' words for operations in frames of their own: a conditional
+# ("if you add 3 and 4, ..."), the operands before the operation ("3 and 4. Add them."), and stories about a
+# named person (the seen stories are about "I" and "we").
+WRAP_SPOKEN = ("What is {q}?", "what's {q}", "How much is {q}?", "{q}?", "Tell me {q}.", "Do you know {q}?",
+               "{q} equals what?", "what does {q} make?")
+WRAP_COMMAND = ("{q}.", "{q}", "Can you {q}?", "Please {q}.", "I need you to {q}.", "Could you {q} for me?")
+WRAP_NOUN = ("What is {q}?", "Find {q}.", "Work out {q}.", "Give me {q}.", "what's {q}?", "{q}?")
+ARITH_FAMILIES = {
+    "spoken": {"wrap": WRAP_SPOKEN, "+": ("{a} plus {b}", "{a} add {b}"),
+               "-": ("{a} minus {b}", "{a} take away {b}", "{a} less {b}"),
+               "*": ("{a} times {b}", "{a} multiplied by {b}", "{a} x {b}"),
+               "/": ("{a} divided by {b}", "{a} over {b}")},
+    "commands": {"wrap": WRAP_COMMAND, "+": ("add {a} and {b}", "add {b} to {a}", "add up {a} and {b}"),
+                 "-": ("subtract {b} from {a}", "take {b} away from {a}", "take {b} from {a}"),
+                 "*": ("multiply {a} by {b}", "multiply {a} and {b}"),
+                 "/": ("divide {a} by {b}", "split {a} into {b} equal parts")},
+    "sum_of": {"wrap": WRAP_NOUN, "+": ("the sum of {a} and {b}", "the total of {a} and {b}"),
+               "-": ("the difference between {a} and {b}", "{a} reduced by {b}"),
+               "*": ("the product of {a} and {b}", "{a} lots of {b}"),
+               "/": ("the quotient of {a} and {b}", "{a} shared equally by {b}")},
+    "halves": {"wrap": WRAP_SPOKEN, "/2": ("half of {a}", "half {a}"), "/3": ("a third of {a}", "one third of {a}"),
+               "/4": ("a quarter of {a}", "one quarter of {a}"), "*2": ("double {a}", "twice {a}"),
+               "*3": ("triple {a}", "three times {a}")},
+    "story": {"wrap": ("{q}",),
+              "+": ("I have {a} {x} and buy {b} more. How many do I have?", "I had {a} {x} and found {b} more; how many now?",
+                    "We have {a} {x} and get {b} more. How many in total?"),
+              "-": ("I had {a} {x} and used {b}, how many now?", "I have {a} {x} and eat {b}. How many are left?",
+                    "We had {a} {x} and gave away {b}. How many do we have now?"),
+              "*": ("I have {a} bags with {b} {x} in each. How many {x} is that?",
+                    "I bought {a} packs of {b} {x}. How many {x} in total?"),
+              "/": ("I share {a} {x} equally among {b} friends. How many does each friend get?",
+                    "I had {a} {x} and put them into {b} equal piles; how many in each pile?")},
+    # held out (never trained on)
+    "what_if": {"wrap": ("{q}",),
+                "+": ("If you add {a} and {b}, what do you end up with?", "If I add {b} to {a}, what's the result?"),
+                "-": ("If I subtract {b} from {a}, what's left?", "If you take {b} away from {a}, what remains?"),
+                "*": ("If you multiply {a} by {b}, what comes out?", "If {a} is multiplied by {b}, what is the result?"),
+                "/": ("If I divide {a} by {b}, what do I end up with?", "If {a} is divided by {b}, what comes out?")},
+    "numbers_first": {"wrap": ("{q}",),
+                      "+": ("{a} and {b}. Add them up.", "Take {a} and {b} and add them.",
+                            "Two numbers, {a} and {b}: what is their sum?"),
+                      "-": ("{a} and {b}. Subtract the second from the first.", "Start with {a} and take away {b}."),
+                      "*": ("{a} and {b}. Multiply them.", "Two numbers, {a} and {b}: what is their product?"),
+                      "/": ("{a} and {b}. Divide the first by the second.", "Start with {a} and divide it by {b}.")},
+    "story_people": {"wrap": ("{q}",),
+                     "+": ("{n} has {a} {x} and gets {b} more. How many does {p} have now?",
+                           "{n} had {a} {x}, then found {b} more. How many now?"),
+                     "-": ("{n} had {a} {x} and used {b}. How many does {p} have now?",
+                           "{n} has {a} {x} and sells {b}. How many are left?"),
+                     "*": ("{n} bought {a} boxes with {b} {x} in each. How many {x} did {p} buy?",),
+                     "/": ("{n} shares {a} {x} equally between {b} friends. How many does each get?",)},
+}
+HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people")
+STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "coins", "books", "cards",
+                "tomatoes", "candles", "balloons", "stamps", "potatoes", "nails")
+STORY_PEOPLE = {"Mia": "she", "Tom": "he", "Ada": "she", "Leo": "he", "Ivy": "she", "Sam": "he", "Noor": "she",
+                "Ben": "he", "Lena": "she", "Omar": "he"}
+
+
+def everyday_operands(op: str, rng: random.Random) -> tuple[int, int]:
+    """Operands as people ask about them: mostly small, a difference never negative, a division exact."""
+    big = rng.random() < 0.3
+    if op == "+":
+        return rng.randint(0, 999 if big else 99), rng.randint(1, 999 if big else 99)
+    if op == "-":
+        a, b = rng.randint(1, 999 if big else 99), rng.randint(0, 99)
+        return max(a, b), min(a, b)
+    if op == "*":
+        return rng.randint(2, 99 if big else 12), rng.randint(2, 12)
+    b = rng.randint(2, 12)
+    return b * rng.randint(1, 99 if big else 12), b
 
 
 def random_expression(rng: random.Random) -> str:
@@ -61,22 +138,51 @@ def calculator_call(expression: str) -> dict:
 
 
 class Arithmetic(Task):
+    """One calculation, asked in one of ARITH_FAMILIES' wordings, answered with one calculator call. The
+    split key is the expression (so a test calculation is held out in every wording, and in `functions`)."""
+
     name = "arithmetic"
     uses_tools = True
+    families = ("symbols",) + tuple(ARITH_FAMILIES)
+    heldout_families = HELDOUT_FAMILIES
 
     def example(self, rng: random.Random, split: str) -> dict:
+        family = self.family(rng, split)
+        items = item_split(split)
         while True:
-            e = random_expression(rng)
-            if split_of(e) == split:
+            q, e = self.ask(family, rng)
+            if split_of(e) == items:
                 break
         r = calculator(e)
-        shown = e.replace("*", rng.choice(["*", "*", "×", "times"])) if rng.random() < 0.3 else e
-        q = rng.choice(ARITH_QUESTIONS).format(e=shown)
         a = rng.choice(ARITH_ANSWERS).format(e=e, r=r)
         parts = [calculator_call(e), {"type": "tool_output", "text": r},
                  {"type": "text", "text": a}]
-        return offer_calculator({"task": self.name, "answer": r, "messages": [
+        return offer_calculator({"task": self.name, "answer": r, "family": family, "messages": [
             {"role": "user", "content": q}, {"role": "assistant", "content": parts}]}, rng)
+
+    @staticmethod
+    def ask(family: str, rng: random.Random) -> tuple[str, str]:
+        """(question, the expression it asks for) in a family's wording: a frame, its numbers said in words or
+        digits, a polite opener or closer, sometimes lower case or a typo."""
+        if family == "symbols":
+            e = random_expression(rng)
+            shown = e.replace("*", rng.choice(["*", "*", "×", "times"])) if rng.random() < 0.3 else e
+            return noisy(polite(rng.choice(ARITH_QUESTIONS), rng), rng).format(e=shown), e
+        frames = ARITH_FAMILIES[family]
+        op = rng.choice([k for k in frames if k != "wrap"])
+        if len(op) == 2:  # one operand: half of, double
+            b = int(op[1])
+            a = b * rng.randint(1, 60) if op[0] == "/" else rng.randint(1, 500)
+            frame = rng.choice(frames[op])
+            op = op[0]
+        else:
+            a, b = everyday_operands(op, rng)
+            frame = rng.choice(frames[op])
+        e = f"{a} {op} {b}"
+        name = rng.choice(list(STORY_PEOPLE))
+        q = noisy(polite(capitalise(rng.choice(frames["wrap"]).replace("{q}", frame)), rng), rng)
+        return q.format(a=say_number(a, rng), b=say_number(b, rng), x=rng.choice(STORY_THINGS), n=name,
+                        p=STORY_PEOPLE[name]), e
 
     def grade(self, answer_text: str, example: dict) -> bool:
         return grade_final_number(answer_text, example["answer"])

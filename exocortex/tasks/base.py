@@ -2,7 +2,13 @@
 
 An example is a dict: {"task": name, "messages": [...], "answer": str, ...}; the last message is the reference
 assistant turn. Train/test membership is decided by a hash of each example's content (`split_of`), so a test
-question can never appear in training whatever seeds or sizes are used. Graders read the assistant's own words
+question can never appear in training whatever seeds or sizes are used.
+
+A generated task may also name its *phrasing families* (`Task.families`, see exocortex/tasks/phrasing.py): the
+ways its questions are worded. Some whole families are held out (`Task.heldout_families`): split "heldout" asks
+the test split's items in those wordings only, and "train" and "test" never use them. So "test" measures new
+items in familiar wordings and "heldout" new items in wordings never trained on; the gap between the two is how
+much of a skill is a template (exocortex/evals.py reports both). Examples of such tasks carry "family". Graders read the assistant's own words
 (tool calls and outputs excluded) and never raise: any model output gets True or False. An example may carry
 "tools", the function specs a client offers (rendered into the system turn); a task that grades the calls
 themselves overrides grade_reply, which sees the whole reply.
@@ -13,7 +19,8 @@ import random
 import re
 import zlib
 
-SPLITS = ("train", "test")
+ITEM_SPLITS = ("train", "test")  # a dataset's rows, a generated task's items (content)
+SPLITS = ITEM_SPLITS + ("heldout",)  # + the test items asked in held-out phrasing families
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -33,6 +40,8 @@ class Task:
     name = ""
     chance = 0.0        # accuracy of a random guess (centred accuracy subtracts it)
     uses_tools = False  # does the reference answer call a tool
+    families: tuple[str, ...] = ()          # the task's phrasing families (named ways of asking), if it has them
+    heldout_families: tuple[str, ...] = ()  # the ones only split "heldout" uses: never in train or test
     client_tools: dict = {}  # name -> tool: the functions its examples offer, as their client runs them (eval, RL)
 
     def example(self, rng: random.Random, split: str) -> dict:
@@ -63,6 +72,19 @@ class Task:
     def examples(self, n: int, seed: int, split: str) -> list[dict]:
         rng = random.Random(f"{seed}-{self.name}-{split}")
         return [self.example(rng, check_split(split)) for _ in range(n)]
+
+    @property
+    def seen_families(self) -> tuple[str, ...]:
+        return tuple(f for f in self.families if f not in self.heldout_families)
+
+    def family(self, rng: random.Random, split: str) -> str:
+        """The phrasing family an example of `split` is asked in: a held-out one for "heldout", else a seen one."""
+        return rng.choice(self.heldout_families if check_split(split) == "heldout" else self.seen_families)
+
+
+def item_split(split: str) -> str:
+    """Which items (content) a split asks about: "heldout" asks the test items, in held-out wordings."""
+    return "test" if check_split(split) == "heldout" else split
 
 
 class DatasetTask(Task):

@@ -33,7 +33,7 @@ from exocortex.data.sources import iter_json_lines
 from exocortex.errors import ExocortexError
 from exocortex.infer.tools import (ToolError, ToolSpecError, calculator_tool, check_tool_specs, format_tool_call,
                                   parse_tool_call, run_tool_call)
-from exocortex.tasks.base import (LETTERS, SPLITS, DatasetTask, MultipleChoiceTask, grade_contains,
+from exocortex.tasks.base import (LETTERS, ITEM_SPLITS, DatasetTask, MultipleChoiceTask, grade_contains,
                                   grade_hash_answer, hash_answer, mc_example)
 from exocortex.tasks import humaneval
 from exocortex.tasks.arithmetic import calculator_call
@@ -60,7 +60,7 @@ def split_for(names: list[str]) -> tuple[str, ...]:
             return ("test",)
         if "train" in words:
             return ("train",)
-    return SPLITS
+    return ITEM_SPLITS
 
 
 def _local_files(path: str) -> list[tuple[Path, list[str]]]:
@@ -367,7 +367,7 @@ def load_benchmark(kind: str, path: str) -> DatasetTask:
     if kind not in LOADERS:
         raise ExocortexError(f"unknown benchmark kind '{kind}' (kinds: {', '.join(KINDS)})")
     cls, convert = LOADERS[kind]
-    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    rows: dict[str, list[dict]] = {s: [] for s in ITEM_SPLITS}
     for f, splits in benchmark_files(path):
         for where, row in iter_rows(f):
             ex = convert(row, where)

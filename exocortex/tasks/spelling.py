@@ -3,13 +3,22 @@
 The reference answer spells the word letter by letter and numbers each occurrence of the target letter as
 it goes (`s-t-r(1)-a-w-b-e-r(2)-r(3)-y`), so counting becomes copying plus incrementing, which a small model
 can learn; the final answer follows `####`.
+
+Which words: the common words below, the world's names, and every word of the world's facts (its lexicon),
+~1,700 words; a test word is held out as a word. Measured on the tiny tokenizer: a word is often one token
+(" zanthorn"), and the model can only spell a token whose letters it was shown, so the more words train
+spells, the more of the held-out words' tokens it knows (with only the common words and names, 44 of the
+97 test words had every token spelled somewhere in train; with the lexicon 95 of 182).
+
+Questions are asked in phrasing families (SPELL_FAMILIES; exocortex/tasks/phrasing.py), some held out.
 """
 from __future__ import annotations
 
 import random
 import re
 
-from exocortex.tasks.base import Task, grade_hash_answer, split_of
+from exocortex.tasks.base import Task, grade_hash_answer, item_split, split_of
+from exocortex.tasks.phrasing import noisy, polite
 
 COMMON = """apple banana strawberry mississippi committee balloon bookkeeper coffee letter little pepper
 success address bottle cherry dinner engineer grammar happiness illness jelly kettle ladder mirror needle
@@ -18,39 +27,61 @@ giraffe hippopotamus assessment accommodate broccoli cinnamon dilemma embarrass 
 independent jewellery knowledge liaison millennium necessary occasion possession receive separate threshold
 vacuum weird acquaintance beginning calendar definitely existence foreign government humorous immediately""".split()
 
-SPELL_Q = ["Spell the word '{w}'.", "How do you spell {w}?", "Can you spell '{w}' letter by letter?",
-           "Spell {w} for me, please."]
-COUNT_Q = ["How many times does the letter '{l}' appear in '{w}'?", "How many {l}'s are in the word {w}?",
-           "Count the letter {l} in '{w}'.", "In the word '{w}', how many times do you see '{l}'?"]
+# phrasing families: (spell frames, count frames); {w} the word, {l} the letter. The held-out ones ask the
+# same two things in frames of their own ("what letters make up ...", the word first).
+SPELL_FAMILIES = {
+    "plain": (("Spell the word '{w}'.", "How do you spell {w}?", "Can you spell '{w}' letter by letter?",
+               "Spell {w} for me, please."),
+              ("How many times does the letter '{l}' appear in '{w}'?", "How many {l}'s are in the word {w}?",
+               "Count the letter {l} in '{w}'.", "In the word '{w}', how many times do you see '{l}'?")),
+    "casual": (("how do u spell {w}", "spell {w} pls", "{w} - how's that spelled?", "spelling of {w}?"),
+               ("how many {l}s in {w}?", "number of {l}'s in {w}?", "count the {l}s in {w} pls",
+                "{l}'s in '{w}': how many?")),
+    "formal": (("Could you please spell out the word '{w}' for me?", "I would like the spelling of '{w}', please.",
+                "Kindly spell '{w}'."),
+               ("Please tell me how many times the letter '{l}' occurs in the word '{w}'.",
+                "Could you count how often '{l}' occurs in '{w}'?")),
+    # held out (never trained on)
+    "letters_of": (("What letters make up '{w}'?", "Write '{w}' one letter at a time.",
+                    "Which letters, in order, form the word {w}?"),
+                   ("What is the number of '{l}' letters in {w}?", "Tally the letter '{l}' in the word '{w}'.")),
+    "word_first": (("'{w}': spell it.", "The word {w}. How is it spelled?"),
+                   ("'{w}': how many times is '{l}' in it?", "The word {w}. Count its {l}'s.")),
+}
+HELDOUT_FAMILIES = ("letters_of", "word_first")
 
 
 def word_list(world=None) -> list[str]:
     words = set(COMMON)
-    if world is not None:  # the world's invented words are rare tokens: good spelling practice
+    if world is not None:  # the world's invented names and its lexicon: the words the model has read
         for e in world.entities:
-            for w in e.name.lower().split():
-                if w != "the":
-                    words.add(w)
+            words.update(e.name.lower().split())
+        for f in world.facts():
+            words.update(re.findall(r"[a-z]+", f"{f.question} {f.answer} {f.value}".lower()))
     return sorted(w for w in words if re.fullmatch(r"[a-z]{3,12}", w))
 
 
 class Spelling(Task):
     name = "spelling"
+    families = tuple(SPELL_FAMILIES)
+    heldout_families = HELDOUT_FAMILIES
 
     def __init__(self, world=None):
         self.words = word_list(world)
 
     def example(self, rng: random.Random, split: str) -> dict:
+        family, items = self.family(rng, split), item_split(split)
+        spell_frames, count_frames = SPELL_FAMILIES[family]
         while True:
             w = rng.choice(self.words)
             count = rng.random() < 0.6
             letter = rng.choice(w) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
             key = f"{w}|{letter}" if count else w
-            if split_of("spell|" + key) == split:
+            if split_of("spell|" + key) == items:
                 break
         if not count:
-            q = rng.choice(SPELL_Q).format(w=w)
-            return {"task": self.name, "answer": w, "kind": "spell",
+            q = noisy(polite(rng.choice(spell_frames), rng), rng, lower_rate=0.1).format(w=w)
+            return {"task": self.name, "answer": w, "kind": "spell", "family": family,
                     "messages": [{"role": "user", "content": q},
                                  {"role": "assistant", "content": f"{'-'.join(w)} #### {w}"}]}
         n, shown = 0, []
@@ -60,9 +91,9 @@ class Spelling(Task):
                 shown.append(f"{ch}({n})")
             else:
                 shown.append(ch)
-        q = rng.choice(COUNT_Q).format(w=w, l=letter)
+        q = noisy(polite(rng.choice(count_frames), rng), rng, lower_rate=0.1).format(w=w, l=letter)
         a = f"{'-'.join(shown)}. The letter '{letter}' appears {n} time{'s' if n != 1 else ''}. #### {n}"
-        return {"task": self.name, "answer": str(n), "kind": "count",
+        return {"task": self.name, "answer": str(n), "kind": "count", "family": family,
                 "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
     def grade(self, answer_text: str, example: dict) -> bool:

@@ -1,0 +1,197 @@
+"""Phrasing families: held-out families never reach training, split "heldout" asks only in them and only about
+test items, and the eval and report keep seen and held-out accuracy apart."""
+import random
+import re
+
+import pytest
+
+from exocortex.data.world import World
+from exocortex.run import EvalSummary
+from exocortex.stages.report import generalisation_table
+from exocortex.config import MIDTRAIN_MIXTURE
+from exocortex.data.world import QUESTIONS
+from exocortex.tasks import TaskSet, mixture_conversations
+from exocortex.tasks.arithmetic import ARITH_FAMILIES, Arithmetic
+from exocortex.tasks.base import split_of
+from exocortex.tasks.phrasing import number_words, say_number, typo
+from exocortex.tasks.spelling import SPELL_FAMILIES
+from exocortex.tasks.world import MC_FAMILIES
+
+FAMILY_TASKS = ("arithmetic", "spelling", "facts_mc", "facts", "lookup")
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return TaskSet(World(seed=0))
+
+
+def _user(ex) -> str:
+    return next(m["content"] for m in ex["messages"] if m["role"] == "user")
+
+
+def _pattern(frame: str) -> re.Pattern:
+    """A frame as a regex over prompts: its literal text, each slot any words (case-insensitive)."""
+    return re.compile(".+?".join(re.escape(p) for p in re.split(r"\{[a-z_]+\}", frame)), re.IGNORECASE)
+
+
+def _frames_of(task, family) -> list[str]:
+    if task.name == "arithmetic":
+        return [f for k, fs in ARITH_FAMILIES[family].items() if k != "wrap" for f in fs]
+    if task.name == "spelling":
+        return [f for fs in SPELL_FAMILIES[family] for f in fs]
+    if task.name in ("facts", "lookup"):  # the last wording of each relation the task asks about
+        assert family == "last_wording"
+        rels = {f.relation for f in task.by_split["train"]}
+        return [QUESTIONS[k][-1] for k in QUESTIONS if k.split(":")[0] in rels]
+    return []
+
+
+@pytest.mark.parametrize("name", FAMILY_TASKS)
+def test_families_are_split_by_split(tasks, name):
+    t = tasks[name]
+    assert t.heldout_families and set(t.heldout_families) < set(t.families) and t.seen_families
+    for split, allowed in (("train", t.seen_families), ("test", t.seen_families), ("heldout", t.heldout_families)):
+        exs = t.examples(400, 3, split)
+        got = {e["family"] for e in exs}
+        assert got <= set(allowed), (split, got - set(allowed))
+        assert got == set(allowed), f"{split}: 400 draws should use every family, missing {set(allowed) - got}"
+    assert t.examples(20, 5, "heldout") == t.examples(20, 5, "heldout")  # deterministic
+
+
+@pytest.mark.parametrize("name", ("arithmetic", "spelling", "facts", "lookup"))
+def test_no_heldout_family_text_in_training(tasks, name):
+    t = tasks[name]
+    frames = [_pattern(f) for fam in t.heldout_families for f in _frames_of(t, fam)]
+    assert len(frames) >= 4
+    train = [_user(e) for e in t.examples(3000, 11, "train")]
+    for f in frames:
+        assert not any(f.search(q) for q in train), f"held-out wording {f.pattern!r} appears in a training prompt"
+    held = [_user(e) for e in t.examples(600, 11, "heldout")]
+    assert sum(any(f.search(q) for f in frames) for q in held) > len(held) * 0.7  # the frames do find the family
+
+
+def test_no_heldout_family_text_in_any_training_conversation(tasks):
+    """Across the whole midtrain mixture (other tasks reuse these tasks' questions: smalltalk, facts_mc)."""
+    frames = [_pattern(f) for name in ("arithmetic", "spelling", "facts", "lookup")
+              for fam in tasks[name].heldout_families
+              for f in _frames_of(tasks[name], fam)]
+    convs = mixture_conversations(tasks, MIDTRAIN_MIXTURE, 4000, 0, "train")
+    users = [m["content"] for c in convs for m in c["messages"] if m["role"] == "user"]
+    for f in frames:
+        assert not any(f.search(u) for u in users), f"held-out wording {f.pattern!r} in a training conversation"
+
+
+def test_no_heldout_layout_in_facts_mc_training(tasks):
+    t = tasks["facts_mc"]
+    for e in t.examples(2000, 11, "train"):
+        q = _user(e)
+        assert " Is it A) " not in q and not q.startswith("A. "), q
+    for e in t.examples(200, 11, "heldout"):
+        q = _user(e)
+        assert (" Is it A) " in q) != q.startswith("A. "), q
+
+
+def test_heldout_asks_test_items(tasks):
+    for e in tasks["arithmetic"].examples(300, 2, "heldout"):
+        expr = e["messages"][-1]["content"][0]["text"]
+        assert split_of(re.search(r'"expression": "([^"]+)"', expr).group(1)) == "test"
+    for e in tasks["spelling"].examples(300, 2, "heldout"):
+        w = e["messages"][-1]["content"].split(" #### ")[-1] if e["kind"] == "spell" else None
+        if w:
+            assert split_of("spell|" + w) == "test"
+    mc = tasks["facts_mc"]
+    test_values = {(f.relation, f.value) for f in mc.by_split["test"]}
+    for e in mc.examples(100, 2, "heldout"):
+        assert any(v == e["choices"][e["gold"]] for _, v in test_values)
+
+
+@pytest.mark.parametrize("name", FAMILY_TASKS)
+def test_reference_replies_grade_right_in_every_split(tasks, name):
+    t = tasks[name]
+    for split in ("train", "heldout"):
+        for e in t.examples(100, 4, split):
+            parts = e["messages"][-1]["content"]
+            text = parts if isinstance(parts, str) else "".join(p["text"] for p in parts if p["type"] == "text")
+            assert t.grade(text, e), (split, _user(e), text)
+
+
+def test_everyday_arithmetic_phrasings_compute_the_right_thing():
+    rng = random.Random(0)
+    seen = {}
+    for family in Arithmetic.families:
+        for _ in range(200):
+            q, e = Arithmetic.ask(family, rng)
+            seen.setdefault(family, []).append((q, e))
+    for q, e in seen["commands"]:
+        m = re.search(r"subtract (\d+) from (\d+)", q)
+        if m:
+            assert e == f"{m.group(2)} - {m.group(1)}"  # "subtract 9 from 20" is 20 - 9
+    halves = [(q, e) for q, e in seen["halves"] if re.search(r"half( of)? (\d+)", q)]
+    assert halves and all(e.endswith(" / 2") and e.split()[0] == re.search(r"half(?: of)? (\d+)", q).group(1)
+                          for q, e in halves)
+
+
+def test_facts_mc_checks_the_choices_then_gives_the_letter(tasks):
+    t = tasks["facts_mc"]
+    for e in t.examples(20, 0, "test"):
+        reply = e["messages"][-1]["content"]
+        checks, letter = reply.split(" #### ")
+        assert letter == e["answer"] and checks.endswith(f"{e['answer']}. {e['choices'][e['gold']]} - yes.")
+        assert checks.count(" - no.") == e["gold"]  # the choices before the right one, each judged wrong
+        wrong = "ABCD".replace(e["answer"], "")[0]
+        assert t.grade(reply, e) and not t.grade(f"{checks} #### {wrong}", e)
+        assert t.grade(e["answer"], e) and t.grade(f"The answer is {e['answer']}.", e)  # a bare letter still counts
+    assert set(MC_FAMILIES) == set(t.families)
+
+
+def test_number_grammar():
+    assert [number_words(n) for n in (0, 7, 21, 40, 100, 305, 1000, 1234)] == [
+        "zero", "seven", "twenty-one", "forty", "one hundred", "three hundred and five", "one thousand",
+        "one thousand two hundred and thirty-four"]
+    rng = random.Random(1)
+    said = {say_number(4321, rng) for _ in range(50)}
+    assert said == {"4321", "4,321"}
+    assert typo("12 plus 30", rng) == "12 plus 30" or "12" in typo("12 plus 30", rng)
+
+
+def test_generalisation_table():
+    ev = EvalSummary(stages={"sft": {"arithmetic_accuracy": 0.9, "arithmetic_n": 100, "arithmetic_heldout_accuracy": 0.6,
+                                     "arithmetic_heldout_n": 100, "facts_accuracy": 0.7, "facts_n": 100},
+                             "rl": {"arithmetic_accuracy": 0.92, "arithmetic_n": 100}})
+    table = "\n".join(generalisation_table(ev))
+    assert "| arithmetic | SFT | 90.0% (n=100) | 60.0% (n=100) | +30.0 |" in table
+    assert "facts" not in table.split("|---|")[-1] and "| RL |" not in table
+    assert generalisation_table(EvalSummary(stages={"sft": {"facts_accuracy": 0.5}})) == []
+
+
+def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
+    """chat_scores asks a task with held-out families twice: a model that answers right only in the wordings
+    it was trained on scores 100% seen and 0% held-out."""
+    import torch
+
+    from exocortex.config import EvalConfig
+    from exocortex.evals import chat_scores
+    from exocortex.infer.engine import Engine
+    from exocortex.model import GPT
+    from exocortex.tasks.base import prompt_ids
+    from scripted import Scripted
+
+    t = tasks["facts_mc"]
+    e = EvalConfig(chat_tasks={"facts_mc": 12}, heldout_n=8, pass_k=1, max_new_tokens=200)
+    examples = t.examples(12, e.seed, "test") + t.examples(8, e.seed, "heldout")
+    by_prompt = {tuple(prompt_ids(tok, x)): x for x in examples}
+
+    def reply(prompt):
+        x = by_prompt[tuple(prompt)]
+        text = x["messages"][-1]["content"] if x["family"] in t.seen_families else "No idea."
+        return tok.encode(text) + [tok.special["<|assistant_end|>"]]
+
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 512
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(reply, tok.vocab_size))
+    samples = []
+    out = chat_scores(eng, tok, {"facts_mc": t}, e, samples, "sft")
+    assert out == {"facts_mc_accuracy": 1.0, "facts_mc_n": 12, "facts_mc_heldout_accuracy": 0.0,
+                   "facts_mc_heldout_n": 8}
+    assert {s["task"] for s in samples} == {"facts_mc", "facts_mc (held-out family)"}
+    e.heldout_n = 0
+    assert "facts_mc_heldout_accuracy" not in chat_scores(eng, tok, {"facts_mc": t}, e, [], "sft")
