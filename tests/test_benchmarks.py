@@ -549,3 +549,16 @@ def test_core_bundle_zip_and_scoring(tmp_path, tok, small_cfg):
     assert all(0.0 <= scores[f"{k}_accuracy"] <= 1.0 for k in tasks)
     centred = [(scores[f"{k}_accuracy"] - t["chance"]) / (1 - t["chance"]) for k, t in tasks.items()]
     assert scores["core"] == pytest.approx(sum(centred) / len(centred))
+
+
+def test_a_file_of_one_split_joins_only_that_splits_draws(tmp_path):
+    """A training file (its name says train) has no test rows: validation draws come from the other tasks, and
+    a mixture with nothing to draw from says so in one line."""
+    from exocortex.tasks import mixture_conversations
+    path = write_jsonl(tmp_path / "mine_train.jsonl", USER_ROWS)
+    tasks = TaskSet()
+    mix = {f"jsonl:{path}": 0.5, "arithmetic": 0.5}
+    assert {c["task"] for c in mixture_conversations(tasks, mix, 40, 0, "train")} == {"jsonl", "arithmetic"}
+    assert {c["task"] for c in mixture_conversations(tasks, mix, 40, 0, "test")} == {"arithmetic"}
+    with pytest.raises(ExocortexError, match="no task in the mixture has 'test' rows"):
+        mixture_conversations(tasks, {f"jsonl:{path}": 1.0}, 4, 0, "test")

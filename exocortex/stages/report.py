@@ -53,7 +53,8 @@ def plot_losses(run_dir: Path) -> list[str]:
         fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
         steps = [r["step"] for r in rl]
         axes[0].plot(steps, [r["reward"] for r in rl], lw=0.8, label="train reward (mean of group samples)")
-        held = [(r["step"], r["heldout_accuracy"]) for r in rl if "heldout_accuracy" in r]
+        held = [(r["step"], r.get("test_accuracy", r.get("heldout_accuracy")))  # older runs: heldout_accuracy
+                for r in rl if "test_accuracy" in r or "heldout_accuracy" in r]
         if held:
             axes[0].plot(*zip(*held), "o-", label="held-out accuracy (greedy)")
         axes[0].set_title("RL reward")

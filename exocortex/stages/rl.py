@@ -213,10 +213,10 @@ class GuardHook:
     def __call__(self, step: int, record: dict) -> str | None:
         record.update({k: round(v, 4) for k, v in self.source.last_stats.items()})
         if self.eval_fn is not None and (step % self.r.eval_every == 0 or step == 1):
-            record["heldout_accuracy"] = self.eval_fn(step)
+            record["test_accuracy"] = self.eval_fn(step)
         print(f"rl: step {step} reward {record['reward']:.3f} len {record['length']:.1f} "
               f"entropy {record['entropy']:.2f} repeat {record['repeat_3gram']:.2f}"
-              + (f" heldout {record['heldout_accuracy']:.1%}" if "heldout_accuracy" in record else ""), flush=True)
+              + (f" test {record['test_accuracy']:.1%}" if "test_accuracy" in record else ""), flush=True)
         if self.guard is not None and self.guard.update(self.source.last_stats):
             print(f"rl: GUARD: {self.guard.reason}; stopping and keeping the checkpoint from before", flush=True)
             return self.guard.reason
@@ -272,7 +272,7 @@ def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSumma
         parent=parent, task=r.task, steps=res.steps, seconds=time.time() - t0, checkpoint=res.checkpoint,
         guard=tripped, reward_first=hist[0]["reward"] if hist else None,
         reward_last=sum(h["reward"] for h in hist[-5:]) / max(1, len(hist[-5:])) if hist else None,
-        heldout=[(h["step"], h["heldout_accuracy"]) for h in hist if "heldout_accuracy" in h])
+        heldout=[(h["step"], h["test_accuracy"]) for h in hist if "test_accuracy" in h])
     cfg.run.write_summary("rl", summary)
     print(f"rl: {res.steps} steps in {summary.seconds:.0f}s; reward {summary.reward_first:.3f} -> "
           f"{summary.reward_last:.3f}" + (f"; GUARD tripped at step {tripped['step']}" if tripped else ""))

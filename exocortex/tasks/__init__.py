@@ -17,7 +17,7 @@ import random
 from exocortex.data.world import World
 from exocortex.errors import ExocortexError
 from exocortex.tasks.arithmetic import Arithmetic, WordProblems
-from exocortex.tasks.base import Task
+from exocortex.tasks.base import DatasetTask, Task
 from exocortex.tasks.benchmarks import load_benchmark
 from exocortex.tasks.chat import SYSTEM_PROMPTS, Identity, SmallTalk
 from exocortex.tasks.functions import Functions
@@ -80,9 +80,14 @@ def mixture_conversations(tasks: TaskSet, mixture: dict[str, float], n: int, see
     """n examples drawn from the weighted mixture, deterministic in (mixture, n, seed, split)."""
     rng = random.Random(f"mixture-{seed}-{split}")
     names = [k for k, w in mixture.items() if w > 0]
-    weights = [mixture[k] for k in names]
     for name in names:
         tasks[name]  # build (and validate) every task before drawing
+    # a file with rows of one split only (say my_train.jsonl) joins the draws of that split, not the others'
+    names = [k for k in names if not (isinstance(tasks[k], DatasetTask) and not tasks[k].rows.get(split))]
+    if not names:
+        raise ExocortexError(f"no task in the mixture has {split!r} rows (a file named like *train* holds only "
+                             f"training rows): add a generated task to the mixture, or a file with {split} rows")
+    weights = [mixture[k] for k in names]
     out = []
     for _ in range(n):
         conv = dict(tasks[rng.choices(names, weights)[0]].example(rng, split))
