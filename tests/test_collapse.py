@@ -100,3 +100,15 @@ def test_ask_ten_times_counts_distinct_replies():
     r = ask_ten_times(_Engine(), None, [[1], [2], [3]], n=10)
     assert r["distinct_mean"] == pytest.approx(2.0) and r["distinct_min"] == 1 and r["prompts"] == 3
     assert r["distinct_fraction"] == pytest.approx(0.2)
+
+
+def test_ask_ten_times_takes_user_messages(tok):
+    seen = []
+
+    class Recording(_Engine):
+        def complete(self, prompts, num_samples, **kw):
+            seen.extend(prompts)
+            return super().complete(prompts, num_samples, **kw)
+
+    ask_ten_times(Recording(), tok, ["hello there", [5, 6]], n=3)
+    assert seen == [tok.render_for_completion([{"role": "user", "content": "hello there"}]), [5, 6]]
