@@ -139,8 +139,8 @@ def sample_collapse(cfg: RunConfig, engine: Engine, tok: Tokenizer, tasks, stage
                                          max_new_tokens=SAMPLE_TOKENS, seed=cfg.eval.seed)
     row["seconds"] = round(time.time() - t0, 2)
     a = row["ask_ten_times"]
-    print(f"eval {registry.LABELS[stage]}: samples distinct-2 {row['distinct_2']:.2f}, self-BLEU {row['self_bleu']:.2f}; "
-          f"asked ten times: {a['distinct_mean']:.1f} different replies on average (fewest {a['distinct_min']}) "
-          f"({row['seconds']:.0f}s)")
+    print(f"eval {registry.LABELS[stage]}: samples distinct-2 {row['distinct_2']:.2f}, self-BLEU "
+          f"{row['self_bleu']:.2f}; asked ten times: {a['distinct_mean']:.1f} different replies on average "
+          f"(fewest {a['distinct_min']}) ({row['seconds']:.0f}s)")
     _report_alarms(f"samples: {stage}", row)
     return row
