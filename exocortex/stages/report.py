@@ -209,7 +209,9 @@ def collapse_section(ev: EvalSummary | None, tok_s) -> list[str]:
     from exocortex.data.collapse import MIN_TEXTS, THRESHOLDS
 
     L = ["## Collapse: datasets and samples", ""]
-    rows = ev.collapse if ev else {}
+    order = {s: i for i, s in enumerate(registry.MODEL_STAGES)}
+    rows = dict(sorted((ev.collapse if ev else {}).items(),  # datasets first, each group in stage order
+                       key=lambda kv: (not kv[0].startswith("data"), order.get(kv[1].get("stage"), 99))))
     if rows:
         L += ["| set | " + " | ".join(h for _, h in COLLAPSE_COLUMNS) + " | asked ×10: distinct replies | alarm |",
               "|---" * (len(COLLAPSE_COLUMNS) + 3) + "|"]
