@@ -100,3 +100,35 @@ def test_ask_ten_times_counts_distinct_replies():
     r = ask_ten_times(_Engine(), None, [[1], [2], [3]], n=10)
     assert r["distinct_mean"] == pytest.approx(2.0) and r["distinct_min"] == 1 and r["prompts"] == 3
     assert r["distinct_fraction"] == pytest.approx(0.2)
+
+
+def test_ask_ten_times_takes_user_messages(tok):
+    seen = []
+
+    class Recording(_Engine):
+        def complete(self, prompts, num_samples, **kw):
+            seen.extend(prompts)
+            return super().complete(prompts, num_samples, **kw)
+
+    ask_ten_times(Recording(), tok, ["hello there", [5, 6]], n=3)
+    assert seen == [tok.render_for_completion([{"role": "user", "content": "hello there"}]), [5, 6]]
+
+
+def test_report_collapse_table_has_a_row_per_set_and_the_alarms(tmp_path):
+    from exocortex.config import save_config
+    from exocortex.run import EvalSummary, RunDir
+    from exocortex.stages.report import run_report
+
+    cfg = make_config("tiny", name="c")
+    cfg.runs_dir = str(tmp_path)
+    save_config(cfg)
+    collapsed = collapse_metrics(_collapsed(random.Random(0)))
+    rows = {"samples: sft": {**collapse_metrics(["a reply", "another reply"] * 20), "stage": "sft", "alarms": [],
+                             "ask_ten_times": {"n": 10, "distinct_mean": 7.5, "distinct_min": 3}},
+            "data: rl": {**collapsed, "stage": "rl", "alarms": collapse_alarms(collapsed)}}
+    RunDir(cfg.run_dir).write_summary("eval", EvalSummary(collapse=rows))
+    lines = run_report(cfg).read_text().splitlines()
+    table = [line for line in lines if line.startswith("| data: ") or line.startswith("| samples: ")]
+    assert [t.split("|")[1].strip() for t in table] == ["data: rl", "samples: sft"]  # datasets first
+    assert "⚠ distinct_2" in table[0] and table[1].endswith("| 7.5 of 10 (fewest 3) | — |")
+    assert any(line.startswith("- ⚠ **data: rl**: exact_duplicate_rate") for line in lines)

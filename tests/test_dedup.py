@@ -32,7 +32,8 @@ def _planted_corpus(n_unique=300, n_near=40, n_exact=10, seed=0):
     rng = random.Random(seed)
     docs = [_doc(rng, i) for i in range(n_unique)]
     originals = rng.sample(range(n_unique), n_near + n_exact)
-    pairs = [(docs[j], _edit(rng, docs[j])) for j in originals[:n_near]] + [(docs[j], docs[j]) for j in originals[n_near:]]
+    pairs = [(docs[j], _edit(rng, docs[j])) for j in originals[:n_near]]
+    pairs += [(docs[j], docs[j]) for j in originals[n_near:]]
     for _, c in pairs:
         docs.insert(rng.randrange(len(docs) + 1), c)
     return docs, pairs

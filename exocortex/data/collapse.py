@@ -176,12 +176,14 @@ def _normalised(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def ask_ten_times(engine, tok, prompts: list[list[int]], n: int = 10, temperature: float = 1.0,
+def ask_ten_times(engine, tok, prompts: list[list[int] | str], n: int = 10, temperature: float = 1.0,
                   max_new_tokens: int = 64, seed: int = 0) -> dict:
-    """Each prompt (token ids, e.g. tasks.base.prompt_ids) sampled n times at `temperature`: how many different
-    replies (case and spacing ignored) does the model give? distinct_mean / distinct_min: over the prompts;
-    distinct_fraction: distinct_mean / n (1.0: every sample different; 1/n: the same reply every time)."""
+    """Each prompt (token ids, e.g. tasks.base.prompt_ids, or a user message) sampled n times at `temperature`:
+    how many different replies (case and spacing ignored) does the model give? distinct_mean / distinct_min: over
+    the prompts; distinct_fraction: distinct_mean / n (1.0: every sample different; 1/n: the same reply always)."""
     t0 = time.time()
+    prompts = [tok.render_for_completion([{"role": "user", "content": p}]) if isinstance(p, str) else p
+               for p in prompts]
     outs = engine.complete(prompts, num_samples=n, max_tokens=max_new_tokens, temperature=temperature, seed=seed)
     distinct = [len({_normalised(engine.render(o)) for o in outs[p * n:(p + 1) * n]}) for p in range(len(prompts))]
     mean = sum(distinct) / max(1, len(distinct))

@@ -99,6 +99,7 @@ def dataset_collapse(cfg: RunConfig, tok: Tokenizer, tasks) -> dict:
     """Collapse metrics of each dataset the run trained on (the stages that have a checkpoint): a sample of the
     pretraining documents, the first conversations of the midtrain and sft mixtures (user and assistant text,
     as each stage draws them), and RL prompts (user text)."""
+    t0 = time.time()
     rows = {}
     trained = {s for s in registry.MODEL_STAGES if cfg.run.latest_checkpoint(s) is not None}
     if "pretrain" in trained:
@@ -111,6 +112,7 @@ def dataset_collapse(cfg: RunConfig, tok: Tokenizer, tasks) -> dict:
         rng = random.Random(f"rl-{cfg.rl.seed}-0")
         prompts = [tasks[cfg.rl.task].example(rng, "train")["messages"][:-1] for _ in range(DATASET_TEXTS // 2)]
         rows["data: rl"] = _collapse_row([conversation_text({"messages": m}, ("user",)) for m in prompts], stage="rl")
+    print(f"eval: collapse metrics of {len(rows)} datasets ({', '.join(rows)}) in {time.time() - t0:.1f}s")
     for name, row in rows.items():
         _report_alarms(name, row)
     return rows
@@ -128,16 +130,17 @@ def sample_collapse(cfg: RunConfig, engine: Engine, tok: Tokenizer, tasks, stage
         prompts = [prompt_ids(tok, ex) for ex in examples[:SAMPLE_PROMPTS]]
     else:
         val = read_split(cfg.run.data_dir, "val", tok.bos_id)
-        starts = val.starts.tolist()[:SAMPLE_PROMPTS]
-        prompts = [val.tokens[s:s + 8].tolist() for s in starts]  # <|bos|> and the document's first tokens
+        bounds = [*val.starts.tolist(), len(val.tokens)]
+        # <|bos|> and up to 7 of the document's first tokens
+        prompts = [val.tokens[a:min(a + 8, b)].tolist() for a, b in zip(bounds[:SAMPLE_PROMPTS], bounds[1:])]
     replies = engine.complete_many(prompts, max_tokens=SAMPLE_TOKENS, temperature=1.0, seed=cfg.eval.seed)
     row = _collapse_row([engine.render(o) for o in replies], stage=stage)
     row["ask_ten_times"] = ask_ten_times(engine, tok, prompts[:ASK_PROMPTS], n=10, temperature=1.0,
                                          max_new_tokens=SAMPLE_TOKENS, seed=cfg.eval.seed)
     row["seconds"] = round(time.time() - t0, 2)
     a = row["ask_ten_times"]
-    print(f"eval {registry.LABELS[stage]}: samples distinct-2 {row['distinct_2']:.2f}, self-BLEU {row['self_bleu']:.2f}; "
-          f"asked ten times: {a['distinct_mean']:.1f} different replies on average (fewest {a['distinct_min']}) "
-          f"({row['seconds']:.0f}s)")
+    print(f"eval {registry.LABELS[stage]}: samples distinct-2 {row['distinct_2']:.2f}, self-BLEU "
+          f"{row['self_bleu']:.2f}; asked ten times: {a['distinct_mean']:.1f} different replies on average "
+          f"(fewest {a['distinct_min']}) ({row['seconds']:.0f}s)")
     _report_alarms(f"samples: {stage}", row)
     return row

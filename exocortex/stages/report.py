@@ -224,9 +224,10 @@ def _samples(ev) -> list[str]:
     return L + [""]
 
 
-COLLAPSE_COLUMNS = (("n", "n"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("distinct_3", "distinct-3"),
-                    ("self_bleu", "self-BLEU"), ("compression_ratio", "zlib ratio"), ("exact_duplicate_rate", "exact dup"),
-                    ("near_duplicate_rate", "near dup"))
+COLLAPSE_COLUMNS = (("n", "n"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
+                    ("distinct_3", "distinct-3"), ("self_bleu", "self-BLEU"),
+                    ("template_distinct_2", "template distinct-2"), ("template_self_bleu", "template self-BLEU"), ("compression_ratio", "zlib ratio"),
+                    ("exact_duplicate_rate", "exact dup"), ("near_duplicate_rate", "near dup"))
 
 
 def collapse_section(ev: EvalSummary | None, tok_s) -> list[str]:
@@ -235,7 +236,9 @@ def collapse_section(ev: EvalSummary | None, tok_s) -> list[str]:
     from exocortex.data.collapse import MIN_TEXTS, THRESHOLDS
 
     L = ["## Collapse: datasets and samples", ""]
-    rows = ev.collapse if ev else {}
+    order = {s: i for i, s in enumerate(registry.MODEL_STAGES)}
+    rows = dict(sorted((ev.collapse if ev else {}).items(),  # datasets first, each group in stage order
+                       key=lambda kv: (not kv[0].startswith("data"), order.get(kv[1].get("stage"), 99))))
     if rows:
         L += ["| set | " + " | ".join(h for _, h in COLLAPSE_COLUMNS) + " | asked ×10: distinct replies | alarm |",
               "|---" * (len(COLLAPSE_COLUMNS) + 3) + "|"]
@@ -246,10 +249,11 @@ def collapse_section(ev: EvalSummary | None, tok_s) -> list[str]:
             alarm = "⚠ " + ", ".join(x.split()[0] for x in r["alarms"]) if r.get("alarms") else "—"
             L.append(f"| {name} | " + " | ".join(cells) + f" | {ask} | {alarm} |")
         limits = ", ".join(f"{k} {'≥' if side == 'min' else '≤'} {v}" for k, (side, v, _) in THRESHOLDS.items())
-        L += ["", "Datasets: a strided sample of the pretraining documents, the first conversations of each finetuning "
-              "mixture (user and assistant turns), RL prompts. Samples: one reply at temperature 1 to each of a stage's "
-              "held-out prompts (base: openings of val documents); asked ×10: the first few of those prompts sampled ten "
-              f"times each. Healthy when {limits} (docs/data.md says why; sets under {MIN_TEXTS} texts are not judged)."]
+        L += ["", "Datasets: a strided sample of the pretraining documents, the first conversations of each "
+              "finetuning mixture (user and assistant turns), RL prompts; template: numbers masked. Samples: one reply "
+              "at temperature 1 to each of a stage's held-out prompts (base: openings of val documents); asked ×10: "
+              f"the first few of those prompts sampled ten times each. Healthy when {limits} (docs/data.md says why; "
+              f"sets under {MIN_TEXTS} texts are not judged)."]
         L += [f"- ⚠ **{name}**: {a}" for name, r in rows.items() for a in r.get("alarms", [])]
         L.append("")
     d = getattr(tok_s, "duplicates", None) if tok_s else None
