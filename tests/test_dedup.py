@@ -5,7 +5,8 @@ import random
 import numpy as np
 
 from exocortex.config import make_config
-from exocortex.data.dedup import NearDuplicates, corpus_duplicates, dedup_texts
+from exocortex.data.dedup import NearDuplicates, dedup_texts
+from exocortex.data.tokens import corpus_duplicates
 from exocortex.data.sources import find_files, plan_tasks, split_train_val
 from exocortex.data.tokens import read_split
 from exocortex.tokenizer import Tokenizer

@@ -23,16 +23,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import multiprocessing as mp
 import re
-import sys
-import time
-from dataclasses import dataclass
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
 
-from exocortex.data.sources import Task, read_task
 
 WORD = re.compile(r"\w+")
 INDEX_LIMIT = 1_000_000  # documents in the near-duplicate index: ~4 GB
@@ -120,58 +115,3 @@ def dedup_texts(texts: list[str], threshold: float = 0.8, shingle: int = 5) -> t
     kept = [i for i, t in enumerate(texts) if not nd.check_and_add(t)]
     return kept, {"exact": nd.stats["exact"], "near": nd.stats["near"]}
 
-
-# ----------------------------------------------------------------------------- whole corpora
-@dataclass
-class CorpusDuplicates:
-    documents: int        # non-blank documents read, duplicates included
-    exact: int            # removed as exact duplicates of an earlier document
-    near: int             # removed as near duplicates
-    drop: np.ndarray      # corpus-order indices (among non-blank documents) of the removed ones, sorted
-    seconds: float
-    index_full: bool = False
-
-    def describe(self) -> str:
-        return (f"dedup: {self.documents:,} documents, removed {self.exact:,} exact and {self.near:,} near duplicates "
-                f"({(self.exact + self.near) / max(1, self.documents):.1%}) in {self.seconds:.1f}s")
-
-
-def _task_signatures(task: Task, num_perm: int = 128, shingle: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    docs = list(read_task(task))
-    keys = np.fromiter((exact_key(d) for d in docs), dtype=np.uint64, count=len(docs))
-    sigs = np.stack([signature(d, num_perm, shingle) for d in docs]) if docs else np.zeros((0, num_perm), np.uint32)
-    return keys, sigs
-
-
-def corpus_duplicates(tasks: list[Task], workers: int = 1, threshold: float = 0.8,
-                      index_limit: int = INDEX_LIMIT) -> CorpusDuplicates:
-    """Which documents of a corpus (reading tasks, data/sources.py) repeat an earlier one, exactly or nearly.
-    Worker processes read tasks and compute keys and signatures; this process keeps the index and decides in
-    corpus order, so the answer does not depend on the number of workers. Streams: only the index and the
-    dropped indices stay in memory."""
-    t0 = last_print = time.time()
-    nd = NearDuplicates(threshold=threshold, index_limit=index_limit)
-    drop: list[int] = []
-    n = 0
-    n_workers = min(workers, len(tasks))
-    if n_workers <= 1:
-        results = map(_task_signatures, tasks)
-        pool = None
-    else:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ctx.Pool(n_workers)
-        results = pool.imap(_task_signatures, tasks, chunksize=1)
-    try:
-        for done, (keys, sigs) in enumerate(results, 1):
-            for key, sig in zip(keys.tolist(), sigs):
-                if nd.check_signature(key, sig):
-                    drop.append(n)
-                n += 1
-            if time.time() - last_print > 30:
-                last_print = time.time()
-                print(f"dedup: {done}/{len(tasks)} chunks, {n:,} documents, {len(drop):,} duplicates", flush=True)
-    finally:
-        if pool is not None:
-            pool.terminate()
-    return CorpusDuplicates(n, nd.stats["exact"], nd.stats["near"], np.array(drop, dtype=np.int64),
-                            time.time() - t0, nd.full_warning is not None)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from exocortex.config import DataConfig
+from exocortex.data.dedup import dedup_texts
 from exocortex.errors import ExocortexError
 
 SUPPORTED = (".txt", ".md", ".jsonl", ".parquet")
@@ -237,8 +238,6 @@ def split_train_val(docs: list[str], val_fraction: float, dedup: bool = True) ->
     occurrence stays), so that no document has a copy on the other side; then every k-th document goes to
     val (at least one each side). The tokenizer stage splits streamed corpora the same way (data/tokens.py)."""
     if dedup:
-        from exocortex.data.dedup import dedup_texts  # dedup reads tasks of this module
-
         docs = [docs[i] for i in dedup_texts(docs)[0]]
     if len(docs) < 2:
         # a single long document: split its text instead

@@ -57,7 +57,9 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
         engine = Engine(model, tok, device, dtype, tools=tools)
         if registry.BY_NAME[stage].chat:
             r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage))
-        results.collapse[f"samples: {stage}"] = sample_collapse(cfg, engine, tok, tasks, stage)
+        row = sample_collapse(cfg, engine, tok, tasks, stage)
+        if row:
+            results.collapse[f"samples: {stage}"] = row
         r["seconds"] = time.time() - ts
         results.stages[stage] = r
         shown = ", ".join(f"{k.replace('_accuracy', '')} {v:.1%}" if "accuracy" in k or "@" in k else f"{k} {v:.3f}"
@@ -133,6 +135,11 @@ def sample_collapse(cfg: RunConfig, engine: Engine, tok: Tokenizer, tasks, stage
         bounds = [*val.starts.tolist(), len(val.tokens)]
         # <|bos|> and up to 7 of the document's first tokens
         prompts = [val.tokens[a:min(a + 8, b)].tolist() for a, b in zip(bounds[:SAMPLE_PROMPTS], bounds[1:])]
+    room = engine.model.rope_cos.shape[0] - SAMPLE_TOKENS  # a prompt must leave room for its reply
+    prompts = [p for p in prompts if len(p) <= room]
+    if not prompts:
+        print(f"eval {registry.LABELS[stage]}: no sample prompt fits the model's context; no sample collapse metrics")
+        return {}
     replies = engine.complete_many(prompts, max_tokens=SAMPLE_TOKENS, temperature=1.0, seed=cfg.eval.seed)
     row = _collapse_row([engine.render(o) for o in replies], stage=stage)
     row["ask_ten_times"] = ask_ten_times(engine, tok, prompts[:ASK_PROMPTS], n=10, temperature=1.0,

@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 
 from exocortex.config import RunConfig, save_config
-from exocortex.data.dedup import corpus_duplicates
+from exocortex.data.tokens import corpus_duplicates
 from exocortex.data.sources import corpus_tasks, read_task, val_every
 from exocortex.data.tokens import default_workers, write_token_data
 from exocortex.data.world import corpus_stats
