@@ -19,8 +19,7 @@ not the FLOPs, is the cost:
   (PyTorch's CPU BLAS runs a one-row matmul on one thread); the weights' shapes are marked static so the
   kernels are specialized to them. On CPU the steps (one row, and several rows) are moreover compiled ahead
   of time (AheadOfTimeStep: AOTInductor), which drops torch.compile's per-call guards and Python wrapper and
-  lets a new process load the compiled step instead of tracing it again; where the weights never change
-  (serve, chat) the several-row step is built with them in, for oneDNN's prepacked matmuls.
+  lets a new process load the compiled step instead of tracing it again.
 
 Prefill (a whole prompt at once) is the same computation with T tokens in one row and causal attention.
 """
@@ -274,18 +273,12 @@ class AheadOfTimeStep:
     loads it (~1 s). The cache length and the attended span are dynamic and the weights are inputs (not baked
     in), so one package serves every checkpoint of a shape: it is built once (~30 s on 2 cores) and kept on
     disk under a key of the shapes, dtypes, thread count, CPU instruction set and torch version
-    ($EXOCORTEX_CACHE, default ~/.cache/exocortex).
-
-    `frozen`: the weights are built into the package as constants instead (inductor's freezing), one package
-    per checkpoint (its key holds a digest of the values). Inductor then prepacks each matrix for oneDNN,
-    whose matmuls of several rows are faster than BLAS on unpacked weights (the tiny model's 8- and 16-row
-    steps ~1.6x, 1 thread, docs/benchmarks.md); for one row the multiply-and-sum step stays faster, so only
-    the several-row step is frozen, and only where the weights never change (serve, chat)."""
+    ($EXOCORTEX_CACHE, default ~/.cache/exocortex)."""
 
     def __init__(self, key: str, w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float, limit: int,
-                 one_row: bool = True, frozen: bool = False):
+                 one_row: bool = True):
         path = os.path.join(aot_cache_dir(), hashlib.sha256(key.encode()).hexdigest()[:24] + ".pt2")
-        args = (w, k_cache, (n_heads, n_kv, eps), limit, path, one_row, frozen)
+        args = (w, k_cache, (n_heads, n_kv, eps), limit, path, one_row)
         if not os.path.exists(path):
             self._build(*args)
         try:
@@ -294,47 +287,30 @@ class AheadOfTimeStep:
             self._build(*args)
             self.runner = torch._inductor.aoti_load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
-        self.frozen_for = w if frozen else None  # the weights built into the package (see Decoder.step)
         self._w, self._flat = None, None
 
     @staticmethod
-    def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str, one_row: bool, frozen: bool) -> None:
+    def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str, one_row: bool) -> None:
+        class Step(torch.nn.Module):
+            def forward(self, tokens, pos, keys, weights, ks, vs):
+                return decode_step(_unflatten(like, weights), ks, vs, tokens, pos, keys.shape[0], *args, one_row)
+
         flat, (_, kv, _, hd) = _flatten(like), k_cache[0].shape
-        if frozen:
-            class Step(torch.nn.Module):
-                def __init__(self):
-                    super().__init__()
-                    for i, t in enumerate(flat):  # constants: inductor prepacks the matrices for oneDNN
-                        self.register_buffer(f"w{i}", t)
-
-                def forward(self, tokens, pos, keys, ks, vs):
-                    weights = _unflatten(like, [getattr(self, f"w{i}") for i in range(len(flat))])
-                    return decode_step(weights, ks, vs, tokens, pos, keys.shape[0], *args, False)
-        else:
-            class Step(torch.nn.Module):
-                def forward(self, tokens, pos, keys, weights, ks, vs):
-                    return decode_step(_unflatten(like, weights), ks, vs, tokens, pos, keys.shape[0], *args, one_row)
-
         span, length = torch.export.Dim("span", min=2, max=limit), torch.export.Dim("length", min=3, max=limit)
         n = 1 if one_row else 2  # several rows: 2 stands for any number (0 and 1 would be specialized)
         rows = None if one_row else torch.export.Dim("rows", min=2, max=max(limit, 2))
         shapes = {"tokens": {0: rows} if rows else None, "pos": {0: rows} if rows else None, "keys": {0: span},
-                  "ks": [{0: rows, 2: length} if rows else {2: length}] * len(k_cache)}
+                  "weights": [None] * len(flat), "ks": [{0: rows, 2: length} if rows else {2: length}] * len(k_cache)}
         shapes["vs"] = shapes["ks"]
         ks = [torch.zeros(n, kv, 8, hd, dtype=k_cache[0].dtype) for _ in k_cache]
-        example = [torch.zeros(n, dtype=torch.long), torch.full((n,), 3), torch.arange(4), ks,
-                   [torch.zeros_like(t) for t in ks]]
-        if not frozen:
-            shapes = {**dict(list(shapes.items())[:3]), "weights": [None] * len(flat), "ks": shapes["ks"],
-                      "vs": shapes["vs"]}
-            example.insert(3, flat)
-        program = torch.export.export(Step().eval(), tuple(example), dynamic_shapes=shapes)
+        example = (torch.zeros(n, dtype=torch.long), torch.full((n,), 3), torch.arange(4), flat, ks,
+                   [torch.zeros_like(t) for t in ks])
+        program = torch.export.export(Step(), example, dynamic_shapes=shapes)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".pt2", dir=os.path.dirname(path))
         os.close(fd)
         try:
-            with torch._inductor.config.patch(freezing=frozen):
-                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
             os.replace(tmp, path)  # atomic: a concurrent or interrupted build never leaves half a package
         finally:
             if os.path.exists(tmp):
@@ -342,8 +318,6 @@ class AheadOfTimeStep:
 
     def __call__(self, w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos: torch.Tensor,
                  span: int) -> torch.Tensor:
-        if self.frozen_for is not None:
-            return self.runner(tokens, pos, self.keys[:span], k_cache, v_cache)
         if w is not self._w:  # flattened once per weights build, not every step
             self._w, self._flat = w, _flatten(w)
         return self.runner(tokens, pos, self.keys[:span], self._flat, k_cache, v_cache)
@@ -353,39 +327,24 @@ _ahead_of_time: dict = {}
 
 
 def _ahead_of_time_step(w: dict, k_cache: list, n_heads: int, n_kv: int, eps: float,
-                        limit: int, one_row: bool = True, frozen: bool = False) -> AheadOfTimeStep | None:
-    """The shared AheadOfTimeStep for these shapes (one row, or several; frozen: with these weights built in),
-    built on first use; None where AOTInductor cannot build one here (no C++ compiler, an unsupported torch):
-    the caller then uses the torch.compile'd step."""
+                        limit: int, one_row: bool = True) -> AheadOfTimeStep | None:
+    """The shared AheadOfTimeStep for these shapes (one row, or several), built on first use; None where
+    AOTInductor cannot build one here (no C++ compiler, an unsupported torch): the caller then uses the
+    torch.compile'd step."""
     # everything the .so was specialized to; the CPU's instruction set too (a shared home directory on a
     # cluster of mixed machines must not hand an AVX-512 build to an AVX2 machine)
     key = repr(([(tuple(t.shape), t.stride(), str(t.dtype)) for t in _flatten(w)], k_cache[0].shape[1],
                 k_cache[0].shape[3], str(k_cache[0].dtype), len(k_cache), n_heads, n_kv, eps, limit,
                 torch.get_num_threads(), torch.backends.cpu.get_cpu_capability(), torch.__version__,
-                sys.version_info[:2]) + (() if one_row else ("rows",)) + ((weights_digest(w),) if frozen else ()))
+                sys.version_info[:2]) + (() if one_row else ("rows",)))
     if key not in _ahead_of_time:
         try:
-            _ahead_of_time[key] = AheadOfTimeStep(key, w, k_cache, n_heads, n_kv, eps, limit, one_row, frozen)
+            _ahead_of_time[key] = AheadOfTimeStep(key, w, k_cache, n_heads, n_kv, eps, limit, one_row)
         except Exception as e:  # noqa: BLE001 - any failure to build leaves the (slower) compiled step
             warnings.warn(f"ahead-of-time decode step unavailable ({type(e).__name__}: {str(e)[:200]}); "
                           "using torch.compile", stacklevel=2)
             _ahead_of_time[key] = None
-    step = _ahead_of_time[key]
-    if frozen and step is not None:
-        step.frozen_for = w  # the same values (the key holds their digest): valid for this weights build too
-    return step
-
-
-def weights_digest(w: dict) -> str:
-    """A hash of the weights' values (a frozen step's package is only valid for the weights built into it)."""
-    h = hashlib.sha256()
-    for t in _flatten(w):
-        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:24]
-
-
-# Several-row steps with the weights built in (frozen) only up to this size: the package holds a second copy.
-FROZEN_MAX_BYTES = 512 * 2**20
+    return _ahead_of_time[key]
 
 
 def aot_cache_dir() -> str:
@@ -406,8 +365,7 @@ def warm_up_note(device: torch.device) -> str:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
         where = f"torch inductor's cache, {cache_dir()}"
     return (f"compiling the decode step (the first time for a model shape takes a minute or more: ~70 s on 2 "
-            f"CPU cores for the tiny model, and ~30 s more for each new checkpoint on CPU; then it is cached in "
-            f"{where}; --no-compile skips it) ...")
+            f"CPU cores for the tiny model; then it is cached in {where}; --no-compile skips it) ...")
 
 
 _compile_status: dict = {}
@@ -466,7 +424,7 @@ class Decoder:
     Python so limits are checked without synchronizing with the device."""
 
     def __init__(self, model: GPT, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 compile: bool = False, weights: FusedWeights | None = None, frozen: bool = False):
+                 compile: bool = False, weights: FusedWeights | None = None):
         limit = model.rope_cos.shape[0]
         if not 0 < max_len <= limit:
             raise ValueError(f"cache length {max_len} is outside 1..{limit} (the rotary table)")
@@ -483,11 +441,7 @@ class Decoder:
         self.cuda_graphs = compile and self.device.type == "cuda"
         self.gemv = compile and self.device.type == "cpu"  # one-row steps as multiply-and-sum (see _mm) ...
         self._one_row = None  # ... run by an AheadOfTimeStep where one can be built (first one-row step)
-        self._several_rows = None  # steps of several rows too (their own AheadOfTimeStep) ...
-        # ... with the weights built in where they never change (serve, chat: `frozen`): inductor then prepacks
-        # the matrices for oneDNN, whose several-row matmuls are faster than BLAS on unpacked ones
-        self.frozen = frozen and self.gemv and sum(
-            p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size() <= FROZEN_MAX_BYTES
+        self._several_rows = None  # steps of several rows too (their own AheadOfTimeStep)
         self._views: dict = {}
 
     @torch.inference_mode()
@@ -553,14 +507,11 @@ class Decoder:
 
     def _ahead_of_time(self, w: dict, k: list, one_row: bool) -> AheadOfTimeStep | None:
         attr = "_one_row" if one_row else "_several_rows"
-        step = getattr(self, attr)
-        # a frozen step is for the weights built into it: other weights (a parameter changed) get a new one
-        if step is None or (step and step.frozen_for is not None and step.frozen_for is not w):
+        if getattr(self, attr) is None:
             c = self.model.cfg
-            step = _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps, self.model.rope_cos.shape[0],
-                                       one_row, frozen=self.frozen and not one_row) or False
-            setattr(self, attr, step)
-        return step or None
+            setattr(self, attr, _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
+                                                    self.model.rope_cos.shape[0], one_row) or False)
+        return getattr(self, attr) or None
 
     def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:
         """Views of the caches and positions of rows 0..n-1, made once per n (CUDA graphs need their inputs at

@@ -97,11 +97,9 @@ class Engine:
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, device: torch.device | None = None,
                  dtype: torch.dtype = torch.float32, tools: dict[str, Callable[[dict], str]] | None = None,
-                 compile: bool = False, decoder: Callable[[int, int], DecoderLike] | None = None,
-                 frozen: bool = False):
+                 compile: bool = False, decoder: Callable[[int, int], DecoderLike] | None = None):
         self.model = model.eval()
         self.compile = compile  # torch.compile the decode step (worth it for long runs: the first one compiles)
-        self.frozen = frozen  # the weights never change (serve, chat): compiled steps may build them in
         self.weights = FusedWeights(model, dtype)  # shared by this engine's decoders: fused once per update
         self.make_decoder = decoder if decoder is not None else self._static_decoder
         self.tok = tokenizer
@@ -207,7 +205,7 @@ class Engine:
     def _static_decoder(self, batch_size: int, max_len: int) -> Decoder:
         if self.compile and self.device.type == "cuda":  # a few cache lengths, so a few CUDA graphs serve all calls
             max_len = min(self.model.rope_cos.shape[0], max(MIN_SPAN, 1 << (max_len - 1).bit_length()))
-        return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights, self.frozen)
+        return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights)
 
     def complete(self, prompt: list[int] | list[list[int]], num_samples: int = 1, **kw) -> list[list[int]]:
         """Finished completions (without the stop token), one list of token ids per row (see generate)."""
@@ -701,10 +699,9 @@ def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None
                 compile: bool = False) -> Engine:
     """A run's chat model (its `stage` checkpoint, default the newest chat stage) with its tools: calculator,
     python, and lookup (over `docs`, or the generated world). `compile`: the compiled decode step where it can
-    run here (decode.compile_status says why not; the caller tells the user). The weights never change in
-    these processes (serve, chat), so compiled steps may build them in (Decoder `frozen`)."""
+    run here (decode.compile_status says why not; the caller tells the user)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)
     model, _ = load_model(cfg.run.chat_checkpoint(stage), device)
     return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools_for_run(cfg, docs),
-                  compile=compile and compile_status(device)[0], frozen=True)
+                  compile=compile and compile_status(device)[0])
