@@ -36,7 +36,8 @@ class Server:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off",
-                             **server_options(app.state.limits))  # as `exocortex serve` runs it
+                             **(server_options(app.state.limits) if getattr(app.state, "limits", None) else {}))
+        # ^ as `exocortex serve` runs it; a plain FastAPI app (a fake endpoint) runs with uvicorn's defaults
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=lambda: self.server.run(sockets=[self.sock]), daemon=True)
         self.thread.start()

@@ -4,8 +4,6 @@ from a run's own samples (rejection sampling), and a synth file training through
 import json
 import os
 import socket
-import threading
-import time
 
 import pytest
 import torch
@@ -16,7 +14,7 @@ uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
 from exocortex import cli  # noqa: E402
-from exocortex.apps.serve import create_app, server_options  # noqa: E402
+from exocortex.apps.serve import create_app  # noqa: E402
 from exocortex.checkpoint import save_checkpoint  # noqa: E402
 from exocortex.config import load_config, make_config, save_config  # noqa: E402
 from exocortex.errors import ExocortexError  # noqa: E402
@@ -30,6 +28,7 @@ from exocortex.synth.teacher import TeacherConfig  # noqa: E402
 from exocortex.tasks import TaskSet, task_set  # noqa: E402
 from exocortex.tasks.benchmarks import load_benchmark  # noqa: E402
 from scripted import Scripted  # noqa: E402
+import test_serve  # noqa: E402
 
 MODEL_ARGS = ["model.depth=2", "model.width=64", "model.head_dim=16", "model.mlp_ratio=2.0", "model.seq_len=64",
               "device=cpu", "sft.dtype=float32"]
@@ -98,27 +97,12 @@ def test_a_kill_mid_line_is_repaired_on_resume(tmp_path, capsys):
 
 # ----------------------------------------------------------------------------- teacher
 
-class Server:
-    """uvicorn serving `app` on a free loopback port in a daemon thread (as tests/test_serve.py does)."""
+class Server(test_serve.Server):
+    """tests/test_serve.py's server; `url` is the /v1 base a teacher is given."""
 
     def __init__(self, app):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
-        config = uvicorn.Config(app, host="127.0.0.1", log_level="warning", lifespan="off",
-                                **(server_options(app.state.limits) if app.state.limits else {}))
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: self.server.run(sockets=[self.sock]), daemon=True)
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(5)
-        self.sock.close()
+        super().__init__(app)
+        self.url += "/v1"
 
 
 def answer_key(seed, n, tasks, calls=False):
