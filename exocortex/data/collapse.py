@@ -44,7 +44,8 @@ COMPRESS_BYTES = 4_000_000
 # slot values reads distinct-2 < 0.01, self-BLEU 1.0, zlib 0.03-0.07, duplicates > 90%. Each threshold sits between
 # the two, nearer the collapsed end: a varied set never trips it, a generator stuck on a template does. With numbers
 # masked the whole mixtures read distinct-2 0.19-0.24, self-BLEU 0.63-0.66, but some tasks' own sets are one
-# wording: sft's arithmetic 0.013 / 0.999, word problems (and so RL's prompts) 0.08 / 0.89; those alarms are real.
+# wording: word problems (and so RL's prompts) 0.08 / 0.82-0.89, and arithmetic 0.013 / 0.999 before it had phrasing
+# families; those alarms are real.
 THRESHOLDS: dict[str, tuple[str, float, str]] = {
     "distinct_2": ("min", 0.10, "fewer than 1 in 10 word pairs new: a handful of templates"),
     "self_bleu": ("max", 0.80, "texts share most of their 4-grams with each other"),
