@@ -381,3 +381,61 @@ def test_streamed_text_equals_engine_render_for_replies_cut_inside_a_tool_part(e
             streamed = "".join(d["content"] for t in tokens for d in r.push(t)) + "".join(
                 d["content"] for d in r.finish())
             assert streamed.strip() == engine.render(tokens), tokens
+
+
+def test_tokens_held_back_between_wake_ups_all_arrive(engine, monkeypatch):
+    """The batcher hands tokens to the event loop in batches (serve._Outbox: a first token and an end at once,
+    other tokens at most every `interval` seconds, everything held back when the batcher is about to sleep).
+    With an interval no reply lasts, a stream still arrives whole and in order, and the loop is woken a few
+    times, not once per token."""
+    import exocortex.apps.serve as serve_module
+
+    app = create_app(engine, MODEL)
+    app.state.exocortex.outbox.interval = 3600.0
+    wakes = []
+    run_calls = serve_module._run_calls
+    monkeypatch.setattr(serve_module, "_run_calls", lambda batch: (wakes.append(len(batch)), run_calls(batch)))
+    server = Server(app)
+    try:
+        c = server.client()
+        full = c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0)
+        wakes.clear()
+        chunks = list(c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=40, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == full.choices[0].message.content and chunks[-1].usage.completion_tokens >= 20
+        assert 2 <= len(wakes) <= 4, wakes  # the first token, the end (and the slot's release with it)
+    finally:
+        server.stop()
+
+
+def test_tokens_held_back_reach_the_client_while_a_tool_runs(tok):
+    """A row waiting for its tool leaves nothing runnable: the batcher sleeps, and what the outbox held back (the
+    call's text) must reach the client first. The tool here returns only once the client has seen the whole
+    call."""
+    sp = tok.special
+    call = '{"name": "calculator", "arguments": {"expression": "347 * 29"}}'
+    script = [sp["<tool_call>"], *tok.encode(f"\n{call}\n"), sp["</tool_call>"], *tok.encode("It is 10063."),
+              sp["<|assistant_end|>"]]
+    seen = threading.Event()
+
+    def calculator(arguments: dict) -> str:
+        return "10063" if seen.wait(10) else "the client never saw the call"
+
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=1.0)
+    eng = Engine(GPT(cfg), tok, torch.device("cpu"), tools={"calculator": calculator},
+                 decoder=Scripted(script, tok.vocab_size))
+    app = create_app(eng, MODEL)
+    app.state.exocortex.outbox.interval = 3600.0
+    server = Server(app)
+    try:
+        chunks = []
+        for ch in server.client().chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "What is 347 * 29?"}], temperature=0,
+                stream=True):
+            chunks.append(ch)
+            if any(p["type"] == "tool_call" and p["text"] == call for p in streamed_parts(chunks)):
+                seen.set()
+        assert "[tool output: 10063] It is 10063." in "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    finally:
+        server.stop()

@@ -288,6 +288,9 @@ class AheadOfTimeStep:
             self.runner = torch._inductor.aoti_load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
         self._w, self._flat = None, None
+        # the loader's flat entry point (inputs in the order the package's pytree flattens them), where this torch
+        # has one
+        self._run = getattr(getattr(self.runner, "loader", None), "boxed_run", None)
 
     @staticmethod
     def _build(like: dict, k_cache: list, args: tuple, limit: int, path: str, one_row: bool) -> None:
@@ -320,7 +323,9 @@ class AheadOfTimeStep:
                  span: int) -> torch.Tensor:
         if w is not self._w:  # flattened once per weights build, not every step
             self._w, self._flat = w, _flatten(w)
-        return self.runner(tokens, pos, self.keys[:span], self._flat, k_cache, v_cache)
+        if self._run is None:  # the package's own __call__ flattens every argument again (pytree) on every step
+            return self.runner(tokens, pos, self.keys[:span], self._flat, k_cache, v_cache)
+        return self._run([tokens, pos, self.keys[:span], *self._flat, *k_cache, *v_cache])[0]
 
 
 _ahead_of_time: dict = {}
@@ -499,6 +504,8 @@ class Decoder:
             logits = logits.clone()  # the graph's output buffer is overwritten by the next replay
         if advance is None:
             self.pos += 1
+        elif len(moving) == n:  # rows 0..n-1 all moved (the usual case): one in-place add on their view
+            pos += 1
         else:
             self.pos += torch.tensor(advance, device=self.device)
         for r in moving:

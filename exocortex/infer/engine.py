@@ -379,8 +379,9 @@ class Batcher:
         self.jobs: deque[tuple[Callable, Future]] = deque()  # see call()
         self.compile_error: BaseException | None = None  # why the step could not be compiled (then: eager)
         # called on the batcher's thread after each round of on_token/on_end callbacks (the tokens of one step),
-        # so a consumer can be woken once for all of them rather than once per token
-        self.after_callbacks: Callable[[], None] | None = None
+        # so a consumer can be woken once for all of them rather than once per token; force=False after a step
+        # (the consumer may hold them back a little longer), True when the batcher is about to sleep
+        self.after_callbacks: Callable[[bool], None] | None = None
 
     def submit(self, req: Request) -> None:
         with self.cv:
@@ -447,6 +448,8 @@ class Batcher:
             broken = e
         self.ready.set()
         while True:
+            if not (self.closed or self.pending or self.jobs or self._runnable()):
+                self._after_callbacks()  # about to sleep: nothing the consumer holds back may wait for the next step
             with self.cv:
                 self.cv.wait_for(lambda: self.closed or self.pending or self.jobs or self._runnable())
                 if self.closed:
@@ -468,10 +471,10 @@ class Batcher:
                 if row is not None and row.req.cancelled.is_set():
                     self._end(slot, None)
             self._decide()
-            self._after_callbacks()  # before the step: the consumer takes this step's tokens while it runs
+            self._after_callbacks(False)  # before the step: the consumer takes this step's tokens while it runs
             if any(row is not None and row.feed is not None for row in self.rows):
                 self._step()
-                self._after_callbacks()  # a failed step ended its rows
+                self._after_callbacks(False)  # a failed step ended its rows
         for slot, row in enumerate(self.rows):
             if row is not None:
                 self._end(slot, None)
@@ -557,7 +560,8 @@ class Batcher:
                   and row.tool is None]
         picks = {}
         if greedy:  # one argmax (and one device->host copy) for all greedy rows
-            best = torch.stack([row.logits for _, row in greedy]).argmax(dim=-1).tolist()
+            best = ([greedy[0][1].logits.argmax().item()] if len(greedy) == 1
+                    else torch.stack([row.logits for _, row in greedy]).argmax(dim=-1).tolist())
             picks = {slot: t for (slot, _), t in zip(greedy, best)}
         for slot, row in waiting:
             if row.tool is not None:
@@ -660,9 +664,9 @@ class Batcher:
             row.tool.cancel()
         self._call(row.req.on_end, finish, row.steps, error)
 
-    def _after_callbacks(self) -> None:
+    def _after_callbacks(self, force: bool = True) -> None:
         if self.after_callbacks is not None:
-            self._call(self.after_callbacks)
+            self._call(self.after_callbacks, force)
 
     @staticmethod
     def _call(fn, *args) -> None:
