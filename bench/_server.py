@@ -26,6 +26,11 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
+def checkout_env(root: Path) -> dict:
+    """The environment that makes a `python -m exocortex` started in `root` import the checkout at `root`."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+
+
 @contextlib.contextmanager
 def serving(run: str | None, *args: str, preset: str = "tiny", root: Path = ROOT):
     """Yields (base URL, server pid, run) for `exocortex serve --run <run> <args>` from the checkout at `root`
@@ -38,10 +43,13 @@ def serving(run: str | None, *args: str, preset: str = "tiny", root: Path = ROOT
             run = str(synthetic_run(Path(tmp), preset))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+        env = checkout_env(root)
         log = open(Path(tmp) / "server.log", "w+")  # a file, not a pipe: access logs must never block the server
-        cmd = [sys.executable, "-m", "exocortex", "serve", "--run", run, "--port", str(port), *args]
-        server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        cmd = [sys.executable, "-m", "exocortex", "serve", "--run", str(Path(run).resolve()), "--port", str(port),
+               *args]
+        # started in `root`: `python -m` puts the working directory ahead of PYTHONPATH, so from another checkout
+        # a baseline would import that checkout's exocortex, not its own
+        server = subprocess.Popen(cmd, env=env, cwd=root, stdout=log, stderr=subprocess.STDOUT, text=True)
         try:
             try:
                 wait_healthy(server, log, base + "/health", 300, "the server", need_200=False)
