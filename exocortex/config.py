@@ -165,10 +165,10 @@ class TrainConfig:
 # so 6% of conversations is ~15% of midtrain's tokens, and the steps are what the time budget buys.
 MIDTRAIN_MIXTURE = {"arithmetic": 0.11, "word_problems": 0.15, "spelling": 0.11, "facts": 0.15, "facts_mc": 0.1,
                     "lookup": 0.15, "smalltalk": 0.09, "identity": 0.08, "functions": 0.06}
-# facts_mc is in sft too (6%, from lookup and identity): its recall-then-letter replies are a habit that sft
-# without it wore off (issue #14)
+# facts_mc is in sft too (6%): its check-each-choice replies are a habit that sft without it wore off (issue
+# #14); smalltalk gave identity back the 2% it had lent facts_mc (identity read 80-85% at 4%, 100% at 6%)
 SFT_MIXTURE = {"word_problems": 0.28, "lookup": 0.15, "arithmetic": 0.11, "facts": 0.11, "spelling": 0.09,
-               "smalltalk": 0.09, "identity": 0.04, "functions": 0.07, "facts_mc": 0.06}
+               "smalltalk": 0.07, "identity": 0.06, "functions": 0.07, "facts_mc": 0.06}
 
 
 @dataclass

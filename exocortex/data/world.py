@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import random
 import re
+import weakref
 import zlib
 from dataclasses import dataclass, field
 
@@ -31,7 +32,8 @@ import numpy as np
 __all__ = [
     "Fact", "Person", "Place", "Thing", "Region", "World",
     "generate_documents", "corpus_stats",
-    "encyclopedia_doc", "story_doc", "dialogue_doc", "arithmetic_doc", "descriptive_doc",
+    "encyclopedia_doc", "story_doc", "dialogue_doc", "arithmetic_doc", "descriptive_doc", "wordplay_doc",
+    "spelling_words", "COMMON_WORDS",
     "DOC_FAMILIES",
 ]
 
@@ -2069,15 +2071,83 @@ def descriptive_doc(world: World, rng: random.Random) -> str:
 # Target share of the corpus *bytes* per family.  Families differ in document length (a dialogue
 # is ~3x an arithmetic drill), so documents are drawn with probability share / mean size, the mean
 # being a running average of what the family has produced so far in this call.
+# ----------------------------------------------------------------------------------------------
+# wordplay: words spelled out and their letters counted, as word games, spelling lists and dictionaries
+# do in real text. A token hides its letters, and a model can only spell a token whose letters it has seen
+# written out; without these documents the tiny model could not spell about half the spelling task's
+# held-out words (tasks/spelling.py), whose single tokens no training text ever spelled.
+
+COMMON_WORDS = """apple banana strawberry mississippi committee balloon bookkeeper coffee letter little pepper
+success address bottle cherry dinner engineer grammar happiness illness jelly kettle ladder mirror needle
+occurrence parallel question raccoon scissors tomorrow umbrella village window yellow zipper tennis puzzle
+giraffe hippopotamus assessment accommodate broccoli cinnamon dilemma embarrass fulfill guarantee harass
+independent jewellery knowledge liaison millennium necessary occasion possession receive separate threshold
+vacuum weird acquaintance beginning calendar definitely existence foreign government humorous immediately""".split()
+
+
+def spelling_words(world: "World | None" = None) -> list[str]:
+    """The words the spelling task asks about and wordplay documents spell: COMMON_WORDS, the world's names and
+    every word of its facts (~1,700 for the default world), 3 to 12 letters."""
+    words = set(COMMON_WORDS)
+    if world is not None:
+        for e in world.entities:
+            words.update(e.name.lower().split())
+        for f in world.facts():
+            words.update(re.findall(r"[a-z]+", f"{f.question} {f.answer} {f.value}".lower()))
+    return sorted(w for w in words if re.fullmatch(r"[a-z]{3,12}", w))
+
+
+def _counted(word: str, letter: str) -> tuple[str, int]:
+    """'s-t-r(1)-a-w-b-e-r(2)-r(3)-y', 3: each occurrence of `letter` numbered (the spelling task's reply)."""
+    n, shown = 0, []
+    for ch in word:
+        if ch == letter:
+            n += 1
+            shown.append(f"{ch}({n})")
+        else:
+            shown.append(ch)
+    return "-".join(shown), n
+
+
+_WORDPLAY_TITLES = ("Spelling list", "Words and their letters", "Spelling practice", "Word list", "Letter games",
+                    "A page from a spelling book", "Dictionary notes", "How to spell them")
+_WORDPLAY_LINES = (
+    lambda w, l, rng: f"{w}: {'-'.join(w)}",
+    lambda w, l, rng: f"{w} - {', '.join(w)}",
+    lambda w, l, rng: f"The word {w} is spelled {'-'.join(w)}.",
+    lambda w, l, rng: f"{_cap(w)} is written {'-'.join(w)}, {len(w)} letters.",
+    lambda w, l, rng: f"To spell '{w}': {'-'.join(w)}.",
+    lambda w, l, rng: "In '{w}' the letter '{l}' appears {n} time{s}: {c}.".format(
+        w=w, l=l, c=_counted(w, l)[0], n=_counted(w, l)[1], s="" if _counted(w, l)[1] == 1 else "s"),
+    lambda w, l, rng: "{w}: {c}. That is {n} {l}{s}.".format(
+        w=w, l=l, c=_counted(w, l)[0], n=_counted(w, l)[1], s="" if _counted(w, l)[1] == 1 else "'s"),
+)
+
+
+_WORDS_OF: "weakref.WeakKeyDictionary[World, list[str]]" = weakref.WeakKeyDictionary()
+
+
+def wordplay_doc(world: World, rng: random.Random) -> str:
+    if world not in _WORDS_OF:  # computed once per world, not per document
+        _WORDS_OF[world] = spelling_words(world)
+    words = _WORDS_OF[world]
+    lines = [_ch(rng, _WORDPLAY_TITLES) + ":"]
+    for _ in range(rng.randint(4, 12)):
+        w = _ch(rng, words)
+        lines.append(_ch(rng, _WORDPLAY_LINES)(w, _ch(rng, w), rng))
+    return "\n".join(lines)
+
+
 DOC_FAMILIES = {
     "encyclopedia": 0.25,
     "story": 0.25,
     "dialogue": 0.20,
     "arithmetic": 0.15,
-    "descriptive": 0.15,
+    "descriptive": 0.11,
+    "wordplay": 0.04,
 }
 _FAMILY_FNS = {"story": story_doc, "dialogue": dialogue_doc, "arithmetic": arithmetic_doc,
-               "descriptive": descriptive_doc}
+               "descriptive": descriptive_doc, "wordplay": wordplay_doc}
 
 
 def generate_documents(seed: int, n_docs: int | None = None, target_bytes: int | None = None,

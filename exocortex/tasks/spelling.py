@@ -4,8 +4,10 @@ The reference answer spells the word letter by letter and numbers each occurrenc
 it goes (`s-t-r(1)-a-w-b-e-r(2)-r(3)-y`), so counting becomes copying plus incrementing, which a small model
 can learn; the final answer follows `####`.
 
-Which words: the common words below, the world's names, and every word of the world's facts (its lexicon),
-~1,700 words; a test word is held out as a word. Measured on the tiny tokenizer: a word is often one token
+Which words: common English words, the world's names, and every word of the world's facts (its lexicon),
+~1,700 words (exocortex/data/world.py: spelling_words); a test word is held out as a word here (no
+spelling conversation of train asks it), though the pretraining corpus spells every word of the list (its
+"wordplay" documents), as real text spells words now and then. Measured on the tiny tokenizer: a word is often one token
 (" zanthorn"), and the model can only spell a token whose letters it was shown, so the more words train
 spells, the more of the held-out words' tokens it knows (with only the common words and names, 44 of the
 97 test words had every token spelled somewhere in train; with the lexicon 95 of 182).
@@ -17,15 +19,9 @@ from __future__ import annotations
 import random
 import re
 
+from exocortex.data.world import spelling_words
 from exocortex.tasks.base import Task, grade_hash_answer, item_split, split_of
 from exocortex.tasks.phrasing import noisy, polite
-
-COMMON = """apple banana strawberry mississippi committee balloon bookkeeper coffee letter little pepper
-success address bottle cherry dinner engineer grammar happiness illness jelly kettle ladder mirror needle
-occurrence parallel question raccoon scissors tomorrow umbrella village window yellow zipper tennis puzzle
-giraffe hippopotamus assessment accommodate broccoli cinnamon dilemma embarrass fulfill guarantee harass
-independent jewellery knowledge liaison millennium necessary occasion possession receive separate threshold
-vacuum weird acquaintance beginning calendar definitely existence foreign government humorous immediately""".split()
 
 # phrasing families: (spell frames, count frames); {w} the word, {l} the letter. The held-out ones ask the
 # same two things in frames of their own ("what letters make up ...", the word first).
@@ -51,23 +47,13 @@ SPELL_FAMILIES = {
 HELDOUT_FAMILIES = ("letters_of", "word_first")
 
 
-def word_list(world=None) -> list[str]:
-    words = set(COMMON)
-    if world is not None:  # the world's invented names and its lexicon: the words the model has read
-        for e in world.entities:
-            words.update(e.name.lower().split())
-        for f in world.facts():
-            words.update(re.findall(r"[a-z]+", f"{f.question} {f.answer} {f.value}".lower()))
-    return sorted(w for w in words if re.fullmatch(r"[a-z]{3,12}", w))
-
-
 class Spelling(Task):
     name = "spelling"
     families = tuple(SPELL_FAMILIES)
     heldout_families = HELDOUT_FAMILIES
 
     def __init__(self, world=None):
-        self.words = word_list(world)
+        self.words = spelling_words(world)
 
     def example(self, rng: random.Random, split: str) -> dict:
         family, items = self.family(rng, split), item_split(split)

@@ -1,14 +1,16 @@
 """Questions about the generated world.
 
 - facts: about places and things the model read during pretraining; answered from memory.
-- facts_mc: questions about people, places and things as multiple choice. The reference reply checks the
-  choices in order until the right one, then gives its letter ("A. Vavgard - no. B. Broford - yes. #### B"):
-  the letter alone left the tiny model at chance (25-29%), and so did recalling the answer first and then
-  its letter ("Broford - B.": it recalled the right value 4 times in 60 — most questions are about people,
-  whose questions it is taught to look up — and never copied the letter in front of it). Judging one choice
-  at a time is recognition, which the base model does well (world_cloze, 4-way by likelihood, ~65%), and
-  the letter is then the one just written. The grader reads the letter after `####` (or the reply's letter).
-  The choices are laid out in phrasing families (MC_FAMILIES), two of them held out.
+- facts_mc: the facts task's questions (places and things, answered from memory) as multiple choice. The
+  reference reply checks the choices in order until the right one, then gives its letter ("A. Vavgard - no.
+  B. Broford - yes. #### B"): the letter alone left the tiny model at chance (25-29%), and so did recalling
+  the answer first and then its letter ("Broford - B.": it recalled the right value 4 times in 60 and never
+  copied the letter in front of it). Judging one choice at a time is recognition, which the base model does
+  well (world_cloze, 4-way by likelihood, ~65%), and the letter is then the one just written. The grader
+  reads the letter after `####` (or the reply's letter). The choices are laid out in phrasing families
+  (MC_FAMILIES), two of them held out. Questions about people are not asked: 71% of the items were about
+  them, and a person's facts are what the model is taught to look up (lookup), never to recall, so those
+  items measured a recall it was trained out of (27% with them in, seen families, tiny speedrun).
 - lookup: every question about a person is answered by calling `lookup` with no query — which searches the question
   itself — and reading the passage it returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
   neither the person nor their facts were ever seen, so accuracy there measures looking up, not remembering.
@@ -87,8 +89,9 @@ class FactsMC(MultipleChoiceTask):
     def __init__(self, world):
         self.world = world
         self.by_split = {"train": [], "test": []}
+        people = {p.name for p in world.people}
         for f in world.facts():
-            if not world.is_held_out(f.subject):
+            if f.subject not in people:  # the facts task's items: the same train/test split
                 self.by_split[split_of(f.subject + "|" + f.relation)].append(f)
         self.values: dict[str, list[str]] = {}
         for f in world.facts():
