@@ -46,6 +46,9 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "seed": [(("--seed",), dict(dest="seed", type=int, default=None))],
     "docs": [(("--docs",), dict(dest="docs", action="append", default=None, metavar="PATH",
                                 help="your documents (file or directory, repeatable): the lookup tool searches them"))],
+    "index": [(("--index",), dict(dest="index", nargs="?", const="", default=None, metavar="FILE",
+                                  help="lookup searches your document index (built by `exocortex index`; FILE "
+                                       "defaults to ~/.exocortex/documents.sqlite) and replies cite file and lines"))],
     "host": [(("--host",), dict(dest="host", default="127.0.0.1"))],
     "port": [(("--port",), dict(dest="port", type=int, default=8000))],
     "max_concurrent": [(("--max-concurrent",), dict(dest="max_concurrent", type=int, default=16,
@@ -97,7 +100,65 @@ def build_parser() -> argparse.ArgumentParser:
                 s.add_argument(*flags, **kw)
     _data_parser(sub)
     _synth_parser(sub)
+    _index_parser(sub)
     return p
+
+
+def _index_parser(sub) -> None:
+    """`exocortex index`: your documents in an on-disk index that `lookup` searches (infer/docstore.py)."""
+    from exocortex.infer.docstore import default_index_path
+
+    s = sub.add_parser("index", help="index your text and markdown files for the lookup tool (incremental: run it "
+                       "again after editing them)", description="Builds or updates the document index (SQLite "
+                       "FTS5) that chat and serve search with --index. Unchanged files are skipped, changed ones "
+                       "re-read, removed ones dropped. Replies cite the passages they read (file, lines).")
+    s.add_argument("paths", nargs="*", metavar="PATH", help="files or folders (.txt, .md) to add or refresh")
+    s.add_argument("--index", dest="index", default=None,
+                   help=f"the index file (default {default_index_path()}; $EXOCORTEX_HOME moves it)")
+    s.add_argument("--search", default=None, metavar="QUERY", help="print the best passages for QUERY")
+    s.add_argument("-k", type=int, default=3, help="passages --search prints (default 3)")
+
+
+def run_index(args) -> None:
+    from exocortex.infer.docstore import DocumentStore, default_index_path
+
+    if not args.paths and args.search is None:
+        raise ExocortexError("usage: exocortex index PATH... (to add or refresh files) or --search QUERY")
+    if args.k < 1:
+        raise ExocortexError(f"-k must be at least 1 (got {args.k})")
+    store = DocumentStore(args.index or default_index_path())
+    try:
+        if args.paths:
+            summary = store.update(args.paths, progress=_index_progress())
+            for why in summary.skipped:
+                print(f"warning: skipped {why}", file=sys.stderr)
+            st = store.stats()
+            print(f"index {store.path}: {summary.line()}; now {st['files']} files, {st['passages']} passages")
+        if args.search is not None:
+            hits = store.search(args.search, args.k)
+            if not hits:
+                print("no results")
+            for h in hits:
+                print(f"[{h.source}] {h.text}")
+    finally:
+        store.close()
+
+
+def _index_progress():
+    """A bar over the files of an update on a terminal; nothing elsewhere."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    bar = None
+
+    def update(i: int, total: int, path: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="index", unit="file", dynamic_ncols=True, leave=False)
+        bar.update(1)
+        if i + 1 == total:
+            bar.close()
+    return update
 
 
 def _data_parser(sub) -> None:
@@ -277,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
             run_data(args)
         elif args.command == "synth":
             run_synth(args)
+        elif args.command == "index":
+            run_index(args)
         else:
             run_stage(registry.BY_NAME[args.command], args)
         parallel.shutdown()

@@ -12,6 +12,7 @@ import torch
 from exocortex.config import RunConfig
 from exocortex.errors import ExocortexError
 from exocortex.infer.decode import compile_status, warm_up_note
+from exocortex.infer.docstore import citation
 from exocortex.infer.engine import Engine, StreamDecoder, load_engine, unwrap
 from exocortex.infer.sandbox import python_tool_status
 
@@ -26,6 +27,7 @@ def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **samplin
     tokens: list[int] = []
     inside: list[int] | None = None  # the tokens of the call or response being written
     shown = {engine.call_end: "\n  [tool call: {}]", engine.out_end: " -> {}\n"}
+    sources = []  # passages of the document index the reply read: cited after it
     for column, forced in engine.generate(prompt, **sampling):
         t = column[0]
         if t in engine.stop_ids:
@@ -34,7 +36,11 @@ def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **samplin
         if t in (engine.call_start, engine.out_start):
             inside = []
         elif t in shown and inside is not None:
-            out.write(shown[t].format(unwrap(tok.decode(inside))))
+            text = unwrap(tok.decode(inside))
+            out.write(shown[t].format(text))
+            cited = citation(text) if t == engine.out_end else None
+            if cited and cited["source"] not in sources:
+                sources.append(cited["source"])
             inside = None
         elif inside is not None:
             inside.append(t)
@@ -44,6 +50,8 @@ def stream_reply(engine: Engine, messages: list[dict], out=sys.stdout, **samplin
     if inside:  # cut short inside a call: show what there was
         out.write("\n  [" + unwrap(tok.decode(inside)))
     out.write("\n")
+    if sources:
+        out.write(f"  sources: {'; '.join(sources)}\n")
     out.flush()
     return tokens
 
@@ -76,10 +84,10 @@ def warm_up_decoder(engine: Engine, compile: bool, out=None) -> None:
 def run_chat(cfg: RunConfig, prompt: str | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, max_tokens: int | None = None, system: str | None = None,
              seed: int | None = None, stage: str | None = None, docs: list[str] | None = None,
-             compile: bool = True) -> None:
+             compile: bool = True, index: str | None = None) -> None:
     """Sampling settings left out come from the run's config (`sampling` section). `compile`: decode with the
     compiled step (compiled before the first reply; eager where it cannot run, saying why)."""
-    engine = load_engine(cfg, stage, docs, compile=compile)
+    engine = load_engine(cfg, stage, docs, compile=compile, index=index)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so, once
     if note:
         print(note, file=sys.stderr, flush=True)

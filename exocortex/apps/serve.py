@@ -48,6 +48,7 @@ from exocortex.errors import ExocortexError
 from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable, json_object_constraint,
                                        json_schema_constraint)
 from exocortex.infer.decode import compile_status, warm_up_note
+from exocortex.infer.docstore import citation
 from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
@@ -861,6 +862,9 @@ class _Service:
             for i, (deltas, finish, used) in enumerate(await self.collect(request, gens)):
                 content, parts = _assemble(deltas)
                 message = {"role": "assistant", "content": content, "refusal": None, "parts": parts}
+                cited = [c for p in parts if p["type"] == "tool_output" and (c := citation(p["text"]))]
+                if cited:  # the document passages the reply read (lookup over `exocortex index`): file and lines
+                    message["citations"] = cited
                 calls = tool_calls.tool_calls_of(deltas)
                 if calls:  # OpenAI's shape: the text before the calls, or null
                     message.update(content=content or None, tool_calls=calls)
@@ -1041,7 +1045,7 @@ def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int
 def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 16, max_queue: int = 64,
           max_prompt_tokens: int | None = None, stage: str | None = None, log_level: str = "info",
           docs: list[str] | None = None, compile: bool = True, api_key: str | None = None,
-          allowed_hosts: str | None = None, insecure_no_api_key: bool = False) -> None:
+          allowed_hosts: str | None = None, insecure_no_api_key: bool = False, index: str | None = None) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
     import uvicorn
@@ -1051,7 +1055,7 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     limits = serve_limits(host, api_key, allowed_hosts, insecure_no_api_key)
     bound_memory()  # the CLI did it already; serve() may also be called from Python
     checkpoint = cfg.run.chat_checkpoint(stage)
-    engine = load_engine(cfg, stage, docs, compile=compile)
+    engine = load_engine(cfg, stage, docs, compile=compile, index=index)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
     if note:
         print(note, flush=True)

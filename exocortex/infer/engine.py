@@ -700,12 +700,13 @@ class StreamDecoder:
 
 
 def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None,
-                compile: bool = False) -> Engine:
+                compile: bool = False, index: str | None = None) -> Engine:
     """A run's chat model (its `stage` checkpoint, default the newest chat stage) with its tools: calculator,
-    python, and lookup (over `docs`, or the generated world). `compile`: the compiled decode step where it can
+    python, and lookup (over `docs`, the document `index`, or the generated world: lookup.tools_for_run). `compile`: the compiled decode step where it can
     run here (decode.compile_status says why not; the caller tells the user)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)
+    tools = tools_for_run(cfg, docs, index)  # before the model: a wrong --index fails fast
     model, _ = load_model(cfg.run.chat_checkpoint(stage), device)
-    return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools_for_run(cfg, docs),
+    return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools,
                   compile=compile and compile_status(device)[0])

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from exocortex.data.sources import iter_documents
 from exocortex.data.world import World
+from exocortex.errors import ExocortexError
+from exocortex.infer.docstore import DocumentStore, default_index_path
 from exocortex.infer.tools import TOOLS, search_tool
 
 _WORD = re.compile(r"\w+")
@@ -105,11 +107,19 @@ def world_index(world) -> DocumentIndex:
     return DocumentIndex(passages, titles)
 
 
-def tools_for_run(cfg, docs: list[str] | None = None) -> dict:
-    """The tools a run's chat model gets: calculator, python, and lookup over the user's documents (`docs`)
-    or, for a run on the generated world, over the world's encyclopedia."""
+def tools_for_run(cfg, docs: list[str] | None = None, index: str | None = None) -> dict:
+    """The tools a run's chat model gets: calculator, python, and lookup over the user's documents: `docs`
+    (files read into memory now) or `index` (the on-disk index `exocortex index` keeps; "" = its default
+    place), else, for a run on the generated world, over the world's encyclopedia."""
     tools = dict(TOOLS)
-    if docs:
+    if docs and index is not None:
+        raise ExocortexError("give --docs (files read now) or --index (the index `exocortex index` keeps), not both")
+    if index is not None:
+        path = Path(index) if index else default_index_path()
+        if not path.exists():
+            raise ExocortexError(f"no document index at {path}: build it with `exocortex index PATH...`")
+        tools["lookup"] = search_tool(DocumentStore(path))
+    elif docs:
         tools["lookup"] = search_tool(DocumentIndex.from_paths(docs))
     elif not cfg.data.path:
         tools["lookup"] = search_tool(world_index(World(seed=cfg.data.world_seed)))
