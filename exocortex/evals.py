@@ -130,6 +130,47 @@ def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
     return correct / max(1, len(examples))
 
 
+def document_scores(engine, tok: Tokenizer, task, n: int, seed: int, max_new_tokens: int) -> dict:
+    """The lookup task's held-out questions (people the model never read about) answered from a document index
+    (infer/docstore.py) that holds the world's encyclopedia as files, one per entity, lines of ~80 characters:
+    `documents_accuracy`, the share of replies that cited a passage (`documents_cited`), and of those the
+    share whose cited passage holds the answer (`documents_citation_correct`)."""
+    import tempfile
+    import textwrap
+    from pathlib import Path
+
+    from exocortex.infer.docstore import DocumentStore, citation
+    from exocortex.infer.tools import search_tool
+
+    examples = task.examples(n, seed, "test")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "encyclopedia"
+        folder.mkdir()
+        for title, passage in zip(task.index.titles, task.index.passages):
+            name = "-".join(title.lower().split()) or "untitled"
+            (folder / f"{name}.md").write_text(textwrap.fill(passage, 80) + "\n")
+        store = DocumentStore(Path(tmp) / "index.sqlite")
+        store.update([folder])
+        saved = engine.tools
+        engine.tools = {**saved, "lookup": search_tool(store)}
+        try:
+            outs = engine.complete_many([prompt_ids(tok, ex) for ex in examples], max_tokens=max_new_tokens,
+                                        temperature=0.0)
+        finally:
+            engine.tools = saved
+            store.close()
+    correct = cited = cited_right = 0
+    for ex, out in zip(examples, outs):
+        parts = engine.to_parts(out)
+        correct += task.grade_reply(parts, ex)
+        sources = [c for p in parts if p["type"] == "tool_output" and (c := citation(p["text"]))]
+        cited += bool(sources)
+        cited_right += any(ex["answer"].lower() in c["text"].lower() for c in sources)
+    m = max(1, len(examples))
+    return {"documents_accuracy": correct / m, "documents_cited": cited / m,
+            "documents_citation_correct": cited_right / max(1, cited), "documents_n": len(examples)}
+
+
 def pass_at_k(engine, tok: Tokenizer, task, n: int, k: int, seed: int, max_new_tokens: int) -> float:
     """Fraction of n held-out questions where at least one of k samples (temperature 1) is correct."""
     hits = 0
@@ -160,6 +201,7 @@ def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str) ->
             engine.tools = {k: v for k, v in saved.items() if k != "lookup"}
             out["lookup_no_tool_accuracy"] = task_accuracy(engine, tok, tasks[name], n, e.seed, e.max_new_tokens)
             engine.tools = saved
+            out.update(document_scores(engine, tok, tasks[name], n, e.seed, e.max_new_tokens))
     if e.pass_k > 1 and "word_problems" in counts:
         out[f"word_problems_pass@{e.pass_k}"] = pass_at_k(engine, tok, tasks["word_problems"], e.pass_k_n, e.pass_k,
                                                            e.seed, e.max_new_tokens)

@@ -229,3 +229,37 @@ def test_replies_cite_the_passages_they_read(tmp_path, tok):
         assert "blue cheese" in " ".join(lines)  # the cited lines hold the passage
     finally:
         server.stop()
+
+
+def test_the_document_eval_scores_answers_and_citations(tok):
+    """evals.document_scores: the lookup task's held-out questions against an index of the world's
+    encyclopedia written as files. A scripted model looks every question up, then answers half right:
+    accuracy 1/2, every reply cites a passage, and the cited passages hold the answers."""
+    from exocortex.config import ModelConfig
+    from exocortex.data.world import World
+    from exocortex.evals import document_scores
+    from exocortex.infer.engine import Engine
+    from exocortex.model import GPT
+    from exocortex.tasks.base import prompt_ids
+    from exocortex.tasks.world import Lookup
+    from exocortex.tokenizer import tool_call_json
+    from scripted import Scripted
+
+    task = Lookup(World(seed=0))
+    examples = task.examples(6, 3, "test")
+    # each reply opens with a character no tool output holds: the scripted decoder takes a forced token that
+    # matches its next script token as its own, so a reply starting with words of the passage would be eaten
+    answers = {tuple(prompt_ids(tok, ex)): "» " + (ex["answer"] if i % 2 == 0 else "I could not say.")
+               for i, ex in enumerate(examples)}
+    sp = tok.special
+
+    def script(prompt):
+        return [sp["<tool_call>"], *tok.encode("\n" + tool_call_json("lookup", {}) + "\n"), sp["</tool_call>"],
+                *tok.encode(answers[tuple(prompt)]), sp["<|assistant_end|>"]]
+
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=512, mlp_ratio=1.0)
+    eng = Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
+    scores = document_scores(eng, tok, task, 6, 3, 1500)  # a 400-token vocabulary: long tool outputs
+    assert scores["documents_accuracy"] == 0.5 and scores["documents_cited"] == 1.0
+    assert scores["documents_citation_correct"] >= 5 / 6 and scores["documents_n"] == 6
+    assert "lookup" not in eng.tools  # the engine's own tools are back

@@ -34,7 +34,8 @@ def default_index_path() -> Path:
 PASSAGE_CHARS = 500
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
-    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL);
+    id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, shown TEXT NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS passages (
     id INTEGER PRIMARY KEY, file_id INTEGER NOT NULL REFERENCES files(id), start_line INTEGER NOT NULL,
     end_line INTEGER NOT NULL, text TEXT NOT NULL);
@@ -145,7 +146,7 @@ class DocumentStore:
         """Bring the index up to date with the text and markdown files under `roots` (files or folders). Files
         indexed earlier under these roots and gone now are removed; files under other roots are left alone."""
         summary = UpdateSummary()
-        found: dict[str, Path] = {}
+        found: dict[str, tuple[Path, str]] = {}  # absolute path -> (file, how sources show it)
         scopes = []
         for root in roots:
             p = Path(root).expanduser().resolve()
@@ -156,17 +157,19 @@ class DocumentStore:
                 f for f in p.rglob("*") if f.is_file() and not any(x.startswith(".") for x in f.relative_to(p).parts))
             for f in files:
                 if f.suffix.lower() in TEXT_SUFFIXES:
-                    found[str(f)] = f
+                    # shown from the folder given, by its name: short enough for a small model's context
+                    found[str(f)] = (f, f.name if p.is_file() else f"{p.name}/{f.relative_to(p).as_posix()}")
                 elif p.is_file():
                     raise ExocortexError(f"{root}: only {', '.join(TEXT_SUFFIXES)} files can be indexed")
         with self.lock:
             return self._update(found, scopes, summary, progress)
 
-    def _update(self, found: dict[str, Path], scopes: list[Path], summary: UpdateSummary, progress) -> UpdateSummary:
+    def _update(self, found: dict[str, tuple[Path, str]], scopes: list[Path], summary: UpdateSummary,
+                progress) -> UpdateSummary:
         known = {path: (fid, size, mtime) for fid, path, size, mtime in
                  self.db.execute("SELECT id, path, size, mtime_ns FROM files")}
         with self.db:  # one transaction: all of it or nothing
-            for i, (path, f) in enumerate(sorted(found.items())):
+            for i, (path, (f, shown)) in enumerate(sorted(found.items())):
                 if progress:
                     progress(i, len(found), path)
                 st = f.stat()
@@ -187,8 +190,8 @@ class DocumentStore:
                     summary.changed += 1
                 else:
                     summary.added += 1
-                fid = self.db.execute("INSERT INTO files(path, size, mtime_ns) VALUES (?, ?, ?)",
-                                      (path, st.st_size, st.st_mtime_ns)).lastrowid
+                fid = self.db.execute("INSERT INTO files(path, shown, size, mtime_ns) VALUES (?, ?, ?, ?)",
+                                      (path, shown, st.st_size, st.st_mtime_ns)).lastrowid
                 for first, last, passage in split_passages(text, self.passage_chars):
                     pid = self.db.execute("INSERT INTO passages(file_id, start_line, end_line, text) "
                                           "VALUES (?, ?, ?, ?)", (fid, first, last, passage)).lastrowid
@@ -218,20 +221,13 @@ class DocumentStore:
             return []
         with self.lock:
             rows = self._rows(match, k)
-        return [Passage(text, self._shown(path), a, b, -rank) for text, path, a, b, rank in rows]
+        return [Passage(text, shown, a, b, -rank) for text, shown, a, b, rank in rows]
 
     def _rows(self, match: str, k: int) -> list[tuple]:
         return self.db.execute(
-            "SELECT p.text, f.path, p.start_line, p.end_line, bm25(passages_fts, 1.0, ?) AS rank "
+            "SELECT p.text, f.shown, p.start_line, p.end_line, bm25(passages_fts, 1.0, ?) AS rank "
             "FROM passages_fts JOIN passages p ON p.id = passages_fts.rowid JOIN files f ON f.id = p.file_id "
             "WHERE passages_fts MATCH ? ORDER BY rank, p.id LIMIT ?", (TITLE_WEIGHT, match, k)).fetchall()
-
-    def _shown(self, path: str) -> str:
-        """A path as the owner reads it: relative to the working directory when inside it."""
-        try:
-            return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
-        except ValueError:  # another drive (Windows)
-            return path
 
     def __call__(self, query: str) -> str:
         """The `lookup` tool: the best passage under its source line, cut to max_chars."""

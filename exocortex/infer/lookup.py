@@ -30,7 +30,7 @@ class DocumentIndex:
                  max_chars: int = 600, title_weight: int = 3):
         titles = titles or [""] * len(passages)
         kept = [(p.strip(), t) for p, t in zip(passages, titles) if p.strip()]
-        self.passages = [p for p, _ in kept]
+        self.passages, self.titles = [p for p, _ in kept], [t for _, t in kept]
         self.k1, self.b, self.max_chars = k1, b, max_chars
         # a title (an entity's name, a file's name) counts as title_weight extra mentions: the passage *about*
         # something outranks passages that merely mention it
