@@ -10,6 +10,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from exocortex import registry
@@ -49,6 +50,13 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "index": [(("--index",), dict(dest="index", nargs="?", const="", default=None, metavar="FILE",
                                   help="lookup searches your document index (built by `exocortex index`; FILE "
                                        "defaults to ~/.exocortex/documents.sqlite) and replies cite file and lines"))],
+    "memory": [(("--memory",), dict(dest="memory", action=argparse.BooleanOptionalAction, default=True,
+                                    help="the model keeps notes about its user across sessions with its remember / "
+                                         "recall / forget tools (default; ~/.exocortex/notes.sqlite, see `exocortex "
+                                         "memory`); --no-memory: no notes read or written"))],
+    "user": [(("--user",), dict(dest="user", default="local",
+                                help="whose notes the model reads and writes (default: local, the same as the server "
+                                     "uses for requests without a `user` field)"))],
     "host": [(("--host",), dict(dest="host", default="127.0.0.1"))],
     "port": [(("--port",), dict(dest="port", type=int, default=8000))],
     "max_concurrent": [(("--max-concurrent",), dict(dest="max_concurrent", type=int, default=16,
@@ -101,7 +109,56 @@ def build_parser() -> argparse.ArgumentParser:
     _data_parser(sub)
     _synth_parser(sub)
     _index_parser(sub)
+    _memory_parser(sub)
     return p
+
+
+def _memory_parser(sub) -> None:
+    """`exocortex memory`: the notes the model keeps about its users, for the person who owns them."""
+    m = sub.add_parser("memory", help="see and change the notes the model keeps across sessions: list | add | edit | "
+                       "forget", description="The notes the model wrote with its remember tool (infer/notes.py), in "
+                       "$EXOCORTEX_HOME/notes.sqlite (default ~/.exocortex).")
+    m.add_argument("action", choices=["list", "add", "edit", "forget"])
+    m.add_argument("args", nargs="*", metavar="ARG", help="add: TEXT; edit: ID TEXT; forget: ID...")
+    m.add_argument("--user", default="local", help="whose notes (default: local)")
+    m.add_argument("--all", action="store_true", help="list: every user's notes")
+
+
+def run_memory(args) -> None:
+    from exocortex.infer.notes import NoteStore, default_notes_path
+    from exocortex.infer.tools import ToolError
+
+    usage = {"list": 0, "add": 1, "edit": 2, "forget": 1}
+    if len(args.args) < usage[args.action] or (args.action in ("list",) and args.args):
+        raise ExocortexError("usage: exocortex memory list | add TEXT | edit ID TEXT | forget ID... [--user NAME]")
+    store = NoteStore(default_notes_path())
+    try:
+        if args.action == "list":
+            notes = store.list(None if args.all else args.user)
+            for n in notes:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(n.updated))
+                print(f"{n.id:>5}  {n.user if args.all else ''}{'  ' if args.all else ''}{when}  ({n.source})  {n.text}")
+            print(f"{len(notes)} notes" + ("" if args.all else f" of user {args.user!r}"), file=sys.stderr)
+        elif args.action == "add":
+            print(f"saved as note {store.add(args.user, ' '.join(args.args), 'cli')}")
+        else:
+            ids = [_note_id(a) for a in (args.args[:1] if args.action == "edit" else args.args)]
+            for nid in ids:
+                if args.action == "edit":
+                    store.edit(args.user, nid, " ".join(args.args[1:]))
+                    print(f"note {nid} edited")
+                else:
+                    print(f"forgot note {nid}: {store.forget(args.user, nid).text}")
+    except ToolError as e:
+        raise ExocortexError(f"{e} (user {args.user!r}; `exocortex memory list` shows the ids)") from None
+    finally:
+        store.close()
+
+
+def _note_id(text: str) -> int:
+    if not text.isdigit():
+        raise ExocortexError(f"{text!r} is not a note id (a number: `exocortex memory list` shows them)")
+    return int(text)
 
 
 def _index_parser(sub) -> None:
@@ -340,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
             run_synth(args)
         elif args.command == "index":
             run_index(args)
+        elif args.command == "memory":
+            run_memory(args)
         else:
             run_stage(registry.BY_NAME[args.command], args)
         parallel.shutdown()

@@ -163,12 +163,14 @@ class TrainConfig:
 # proportion to their weights (each keeps ~93% of its share, rounded to 0.01; their balance, which was measured,
 # stays). Modest, because its conversations are long: the tools block makes them ~2.5x an average one's tokens,
 # so 6% of conversations is ~15% of midtrain's tokens, and the steps are what the time budget buys.
+# memory (remember / recall / forget, issue #15) takes 5% of both, from smalltalk and identity in midtrain and from
+# smalltalk, functions and facts_mc in sft
 MIDTRAIN_MIXTURE = {"arithmetic": 0.11, "word_problems": 0.15, "spelling": 0.11, "facts": 0.15, "facts_mc": 0.1,
-                    "lookup": 0.15, "smalltalk": 0.09, "identity": 0.08, "functions": 0.06}
+                    "lookup": 0.15, "smalltalk": 0.06, "identity": 0.06, "functions": 0.06, "memory": 0.05}
 # facts_mc is in sft too (6%): its check-each-choice replies are a habit that sft without it wore off (issue
 # #14); smalltalk gave identity back the 2% it had lent facts_mc (identity read 80-85% at 4%, 100% at 6%)
 SFT_MIXTURE = {"word_problems": 0.28, "lookup": 0.15, "arithmetic": 0.11, "facts": 0.11, "spelling": 0.09,
-               "smalltalk": 0.07, "identity": 0.06, "functions": 0.07, "facts_mc": 0.06}
+               "smalltalk": 0.04, "identity": 0.06, "functions": 0.06, "facts_mc": 0.05, "memory": 0.05}
 
 
 @dataclass
@@ -207,7 +209,7 @@ class EvalConfig:
     # held-out questions per chat task (name=count); lookup is also scored with its tool switched off
     chat_tasks: dict[str, int] = field(default_factory=lambda: {
         "arithmetic": 100, "word_problems": 200, "spelling": 100, "facts": 100, "facts_mc": 100, "lookup": 100,
-        "identity": 20, "functions": 100})
+        "identity": 20, "functions": 100, "memory": 40})
     # questions per task asked in its held-out phrasing families (exocortex/tasks/phrasing.py): -1 = as many as
     # chat_tasks gives the task, 0 = none (no `<task>_heldout_accuracy`)
     heldout_n: Annotated[int, Range(-1, 2**20)] = -1

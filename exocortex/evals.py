@@ -171,6 +171,50 @@ def document_scores(engine, tok: Tokenizer, task, n: int, seed: int, max_new_tok
             "documents_citation_correct": cited_right / max(1, cited), "documents_n": len(examples)}
 
 
+def memory_scores(engine, tok: Tokenizer, task, n: int, seed: int, max_new_tokens: int) -> dict:
+    """Memory through a real note store (infer/notes.py), two sessions per item: the user tells a fact (test
+    split values) and, in a fresh conversation, asks for it. `memory_saved`: a note holding the value was
+    written; `memory_recalled`: the later answer has it; `memory_other_user`: the same question from another
+    user got it (must stay 0: notes are per user)."""
+    import random
+    import tempfile
+    from pathlib import Path
+
+    from exocortex.infer.notes import NoteStore
+    from exocortex.tasks.memory import RELATIONS
+
+    rng = random.Random(seed)
+    items = []
+    while len(items) < n:
+        ex = task.example(rng, "test")
+        if ex["kind"] == "recall":  # its value and relation; the conversations are made below
+            rel = next(r for r in RELATIONS if ex["messages"][0]["content"] in r[2])
+            items.append((rel, ex["answer"]))
+    saved = recalled = leaked = 0
+    tools = engine.tools
+    with tempfile.TemporaryDirectory() as tmp:
+        store = NoteStore(Path(tmp) / "notes.sqlite")
+        try:
+            for i, (rel, value) in enumerate(items):
+                me, other = f"user{i}", f"other{i}"
+                tell = [{"role": "user", "content": task.told(rel, value, rng)}]
+                ask = [{"role": "user", "content": rng.choice(rel[2])}]
+                engine.tools = {**tools, **store.tools(me, "eval")}
+                engine.complete(tok.render_for_completion(tell), max_tokens=max_new_tokens, temperature=0.0)
+                saved += any(value.lower() in note.text.lower() for note in store.list(me))
+                out = engine.complete(tok.render_for_completion(ask), max_tokens=max_new_tokens, temperature=0.0)[0]
+                recalled += task.grade_reply(engine.to_parts(out), {"kind": "recall", "answer": value})
+                engine.tools = {**tools, **store.tools(other, "eval")}
+                out = engine.complete(tok.render_for_completion(ask), max_tokens=max_new_tokens, temperature=0.0)[0]
+                leaked += task.grade_reply(engine.to_parts(out), {"kind": "recall", "answer": value})
+        finally:
+            engine.tools = tools
+            store.close()
+    m = max(1, n)
+    return {"memory_saved": saved / m, "memory_recalled": recalled / m, "memory_other_user": leaked / m,
+            "memory_n": n}
+
+
 def pass_at_k(engine, tok: Tokenizer, task, n: int, k: int, seed: int, max_new_tokens: int) -> float:
     """Fraction of n held-out questions where at least one of k samples (temperature 1) is correct."""
     hits = 0
@@ -189,6 +233,9 @@ def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str) ->
     counts = e.chat_tasks
     for name, n in counts.items():
         n = int(n)
+        if name == "memory":  # two sessions through a real store, not one graded reply
+            out.update(memory_scores(engine, tok, tasks[name], n, e.seed, e.max_new_tokens))
+            continue
         out[f"{name}_accuracy"] = task_accuracy(engine, tok, tasks[name], n, e.seed, e.max_new_tokens, samples, stage)
         out[f"{name}_n"] = n
         if tasks[name].heldout_families and e.heldout_n != 0:

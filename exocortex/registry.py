@@ -49,10 +49,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("speedrun", "exocortex.stages.speedrun:run_speedrun",
           "every stage in order (tiny preset: ~15 min on a CPU)", config="new", options=("data", "resume", "force", "sandbox")),
     Stage("chat", "exocortex.apps.chat:run_chat", "talk to your model", config="recent",
-          options=("chat_checkpoint", "prompt", "sampling", "system", "seed", "docs", "index", "compile", "sandbox")),
+          options=("chat_checkpoint", "prompt", "sampling", "system", "seed", "docs", "index", "memory", "user", "compile", "sandbox")),
     Stage("serve", "exocortex.apps.serve:serve",
           "serve the chat model: OpenAI-compatible API (/v1) and a web chat page (/)", config="recent",
-          options=("chat_checkpoint", "host", "port", "max_concurrent", "max_queue", "compile", "max_prompt_tokens", "docs", "index", "sandbox",
+          options=("chat_checkpoint", "host", "port", "max_concurrent", "max_queue", "compile", "max_prompt_tokens", "docs", "index", "memory", "sandbox",
                    "api_key", "allowed_hosts")),
     Stage("export", "exocortex.apps.export:run_export", "write a Hugging Face transformers (Qwen3) directory, or a "
           "GGUF file for llama.cpp / Ollama (--format gguf): weights, tokenizer, chat template",

@@ -34,3 +34,18 @@ def small_cfg():
 def _seed():
     torch.manual_seed(0)
     random.seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def exocortex_home(tmp_path_factory):
+    """The owner's files (notes, document index: $EXOCORTEX_HOME) in a temporary place, for every test and the
+    commands they start: tests never read or write ~/.exocortex."""
+    import os
+    home = tmp_path_factory.mktemp("exocortex-home")
+    old = os.environ.get("EXOCORTEX_HOME")
+    os.environ["EXOCORTEX_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("EXOCORTEX_HOME", None)
+    else:
+        os.environ["EXOCORTEX_HOME"] = old

@@ -13,6 +13,7 @@ from exocortex.config import RunConfig
 from exocortex.errors import ExocortexError
 from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.docstore import citation
+from exocortex.infer.notes import LOCAL_USER, NoteStore, default_notes_path
 from exocortex.infer.engine import Engine, StreamDecoder, load_engine, unwrap
 from exocortex.infer.sandbox import python_tool_status
 
@@ -84,10 +85,12 @@ def warm_up_decoder(engine: Engine, compile: bool, out=None) -> None:
 def run_chat(cfg: RunConfig, prompt: str | None = None, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, max_tokens: int | None = None, system: str | None = None,
              seed: int | None = None, stage: str | None = None, docs: list[str] | None = None,
-             compile: bool = True, index: str | None = None) -> None:
+             compile: bool = True, index: str | None = None, memory: bool = True, user: str = LOCAL_USER) -> None:
     """Sampling settings left out come from the run's config (`sampling` section). `compile`: decode with the
     compiled step (compiled before the first reply; eager where it cannot run, saying why)."""
     engine = load_engine(cfg, stage, docs, compile=compile, index=index)
+    if memory:  # notes the model keeps about `user` across sessions (infer/notes.py; `exocortex memory`)
+        engine.tools = {**engine.tools, **NoteStore(default_notes_path()).tools(user, "chat")}
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so, once
     if note:
         print(note, file=sys.stderr, flush=True)

@@ -49,6 +49,7 @@ from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUn
                                        json_schema_constraint)
 from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.docstore import citation
+from exocortex.infer.notes import LOCAL_USER, NoteStore, default_notes_path
 from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
@@ -638,6 +639,17 @@ class _Service:
         self.max_prompt_tokens = min(cap, max_prompt_tokens) if max_prompt_tokens else cap
         self.defaults = sampling  # for what a request leaves out: the same as `exocortex chat`
         self.created = int(time.time())
+        self.notes: NoteStore | None = None
+
+    @staticmethod
+    def user_key(user: str | None) -> str:
+        """Whose notes a request reads and writes: its `user` field (as OpenAI's: the id of the end user, set by
+        the holder of the API key), else "local", the same owner `exocortex chat` runs as by default."""
+        if user is None:
+            return LOCAL_USER
+        if not 0 < len(user) <= 256 or not user.isprintable():
+            raise APIError(400, "user must be 1 to 256 printable characters.", param="user", code="invalid_value")
+        return user
 
     # ---------------------------------------------------------------- request -> prompt and sampling
     async def parse(self, request: Request, model_cls):
@@ -846,6 +858,8 @@ class _Service:
     async def chat(self, request: Request) -> Response:
         req = await self.parse(request, ChatCompletionRequest)
         tools = req.tool_plan()
+        if self.notes is not None and tools.builtin:  # the memory tools, bound to this request's user
+            tools.own = {**self.engine.tools, **self.notes.tools(self.user_key(req.user), "api")}
         prompt = self.chat_prompt(req, tools.specs)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = scoring.chat_top_logprobs(req.logprobs, req.top_logprobs)
@@ -980,11 +994,13 @@ class _Service:
 
 def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int = 64,
                max_prompt_tokens: int | None = None, sampling: SamplingConfig | None = None,
-               limits: Limits | None = None) -> FastAPI:
+               limits: Limits | None = None, notes: NoteStore | None = None) -> FastAPI:
     """The HTTP app around an Engine. `max_prompt_tokens` caps prompts below the model's context
     (rotary table length); `sampling` holds the defaults for what a request leaves out (a run's config
-    section); `limits` what clients may send (run it with uvicorn.Config(..., **server_options(limits)))."""
+    section); `limits` what clients may send (run it with uvicorn.Config(..., **server_options(limits)));
+    `notes`: the model's memory, each chat request's tools bound to its user (the `user` field, else "local")."""
     svc = _Service(engine, model_name, max_concurrent, max_queue, max_prompt_tokens, sampling or SamplingConfig())
+    svc.notes = notes
     # no /docs or /redoc: their pages load scripts from a CDN, and this server fetches nothing from the internet
     app = FastAPI(title="exocortex", docs_url=None, redoc_url=None)
     app.state.exocortex = svc
@@ -1045,7 +1061,8 @@ def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int
 def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 16, max_queue: int = 64,
           max_prompt_tokens: int | None = None, stage: str | None = None, log_level: str = "info",
           docs: list[str] | None = None, compile: bool = True, api_key: str | None = None,
-          allowed_hosts: str | None = None, insecure_no_api_key: bool = False, index: str | None = None) -> None:
+          allowed_hosts: str | None = None, insecure_no_api_key: bool = False, index: str | None = None,
+          memory: bool = True) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
     import uvicorn
@@ -1059,8 +1076,9 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
     if note:
         print(note, flush=True)
+    notes = NoteStore(default_notes_path()) if memory else None
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
-                     max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling, limits=limits)
+                     max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling, limits=limits, notes=notes)
     warm_up_decoder(app.state.exocortex.batcher, compile)  # before listening: no request waits for the compiler
     shown = f"[{host}]" if ":" in host else host
     print(f"exocortex serve — model '{cfg.name}' ({checkpoint.parent.name}, {checkpoint.name}) from {cfg.run_dir}\n"

@@ -47,6 +47,7 @@ class ToolPlan:
     choice: str = "auto"
     parallel: bool = True
     builtin: bool = True
+    own: dict | None = None  # the server's tools for this request beside the engine's (memory bound to its user)
 
     @property
     def names(self) -> frozenset[str]:
@@ -56,7 +57,9 @@ class ToolPlan:
     def engine_tools(self) -> dict | None:
         """The tools the engine runs for this request: none, or (None) all of its own. A client's tool of a
         built-in's name needs nothing here: the engine hands every call to a client's name back unrun."""
-        return None if self.builtin else {}
+        if not self.builtin:
+            return {}
+        return self.own  # None: the engine's own
 
     def constraint(self, tok) -> "Constraint | None":
         """The token mask tool_choice asks for. Compiles a grammar for required/named (can take a while: run it

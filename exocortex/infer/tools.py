@@ -203,10 +203,14 @@ def parse_tool_call(text: str) -> tuple[str, dict]:
     return name, arguments
 
 
+# tools whose empty argument means "the user's last message": their one string argument
+ASK_BY_CONTEXT = {"lookup": "query", "recall": "query", "forget": "query", "remember": "note"}
+
+
 def run_tool_call(text: str, tools: dict[str, Tool] | None = None, context: str = "") -> str:
     """Run one tool call (the text between the markers); never raises: errors come back as text the model can read.
 
-    `lookup` with no (or an empty) query searches for `context`, the user's last message: a small model can
+    `lookup` (and `recall`, `forget`; `remember` its note) with no (or an empty) query searches for `context`, the user's last message: a small model can
     decide *when* to look something up without having to copy an unfamiliar name into the query (which it does
     badly)."""
     tools = TOOLS if tools is None else tools
@@ -214,9 +218,10 @@ def run_tool_call(text: str, tools: dict[str, Tool] | None = None, context: str 
         name, arguments = parse_tool_call(text)
         if name not in tools:
             raise ToolError(f"unknown tool '{name}'")
-        query = arguments.get("query", "")
-        if name == "lookup" and context and (query is None or (isinstance(query, str) and not query.strip())):
-            arguments = {**arguments, "query": context}
+        key = ASK_BY_CONTEXT.get(name)
+        query = arguments.get(key, "") if key else ""
+        if key and context and (query is None or (isinstance(query, str) and not query.strip())):
+            arguments = {**arguments, key: context}
         return tools[name](arguments)
     except ToolError as e:
         return f"error: {e}"

