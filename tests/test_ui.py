@@ -94,3 +94,36 @@ def test_chat_page_asks_for_the_api_key(tok):
     finally:
         server.stop()
     assert len(asked) == 1 and "API key" in asked[0]
+
+
+def test_chat_page_shows_the_sources_a_reply_read(tok, tmp_path):
+    """A reply that looked something up in the document index ends with a "Sources:" line naming file and lines."""
+    from exocortex.infer.docstore import DocumentStore
+    from exocortex.infer.tools import search_tool
+    from exocortex.tokenizer import tool_call_json
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "trip.md").write_text("# Trip\n\nThe market in Tarsk sells blue cheese.\n")
+    store = DocumentStore(tmp_path / "index.sqlite")
+    store.update([tmp_path / "notes"])
+    sp = tok.special
+    script = [sp["<tool_call>"], *tok.encode("\n" + tool_call_json("lookup", {"query": "market Tarsk"}) + "\n"),
+              sp["</tool_call>"], *tok.encode("»Blue cheese."), sp["<|assistant_end|>"]]
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=1.0)
+    engine = Engine(GPT(cfg), tok, torch.device("cpu"), tools={"lookup": search_tool(store)},
+                    decoder=Scripted(script, tok.vocab_size))
+    server = Server(create_app(engine, MODEL))
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                         "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#input", "What does the market in Tarsk sell?")
+            page.click("#send")
+            sources = page.locator(".msg.assistant .sources").last
+            sources.wait_for(timeout=10_000)
+            assert sources.inner_text() == "Sources: notes/trip.md, lines 1-3"
+            browser.close()
+    finally:
+        server.stop()

@@ -85,6 +85,18 @@ class Reply {
   }
   done() {
     this.bubble.classList.remove("cursor");
+    // the document passages lookup read (`serve --index`): their first line is "file, lines a-b:"
+    const sources = [];
+    for (const p of this.parts) {
+      const m = p && p.type === "tool_output" && /^([^\n]+, lines? \d+(?:-\d+)?):\n/.exec(p.text);
+      if (m && !sources.includes(m[1])) sources.push(m[1]);
+    }
+    if (sources.length) {
+      const el = document.createElement("div");
+      el.className = "sources";
+      el.textContent = "Sources: " + sources.join("; ");
+      this.bubble.appendChild(el);
+    }
   }
 }
 
