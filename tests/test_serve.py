@@ -376,7 +376,10 @@ def test_streamed_text_equals_engine_render_for_replies_cut_inside_a_tool_part(e
     for marker, end in ((engine.out_start, engine.out_end), (engine.call_start, engine.call_end)):
         for tokens in (tok.encode("hi ") + [marker] + tok.encode("\n12 ]x"),
                        tok.encode("hi ") + [marker] + tok.encode("\n12\n") + [end] + tok.encode(" ok"),
-                       [marker] + tok.encode("\n{")):
+                       [marker] + tok.encode("\n{"),
+                       # cut right after the marker (the speedrun's eval once crashed on one of these)
+                       tok.encode("hi ") + [marker], [marker],
+                       [engine.out_start] + tok.encode("\n7\n") + [engine.out_end] + [marker]):
             r = _Renderer(engine)
             streamed = "".join(d["content"] for t in tokens for d in r.push(t)) + "".join(
                 d["content"] for d in r.finish())

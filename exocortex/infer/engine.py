@@ -269,10 +269,13 @@ class Engine:
     def render(self, tokens: list[int]) -> str:
         """Readable text of a completion: tool calls and outputs shown inline in brackets."""
         shown = {"text": "{}", "tool_call": "[tool call: {}]", "tool_output": " [tool output: {}] "}
-        parts = [shown[kind].format(text) for kind, text in self.segments(tokens)]
-        markers = [t for t in tokens if t in (self.call_start, self.out_start, self.call_end, self.out_end)]
-        if parts and markers and markers[-1] in (self.call_start, self.out_start):
+        segments = self.segments(tokens)
+        parts = [shown[kind].format(text) for kind, text in segments]
+        at = [i for i, t in enumerate(tokens) if t in (self.call_start, self.out_start, self.call_end, self.out_end)]
+        if at and tokens[at[-1]] in (self.call_start, self.out_start):
             # a reply cut inside a call or output: no closing bracket, as the server streams it
+            if all(self.tok.is_special(t) for t in tokens[at[-1] + 1:]):  # cut right after the marker: an empty part
+                parts.append(shown["tool_call" if tokens[at[-1]] == self.call_start else "tool_output"].format(""))
             parts[-1] = parts[-1][:parts[-1].rindex("]")]
         return "".join(parts).strip()
 
