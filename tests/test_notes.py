@@ -37,7 +37,9 @@ def test_notes_are_per_user_and_persist(tmp_path):
     assert out.splitlines()[0] == "note 1: " + told
     assert "locker" not in run_tool_call(call("recall", query="locker"), alice)  # bob's note: never alice's
     assert run_tool_call(call("recall", query="locker"), bob) == "note 3: my locker is 12"
-    assert run_tool_call(call("recall", query="dog"), bob) == "no notes"  # nothing of his about a dog
+    # nothing of his about a dog: his latest notes (the model judges), never alice's
+    assert run_tool_call(call("recall", query="dog"), bob) == "note 3: my locker is 12"
+    assert again.search("bob", "dog", latest=False) == []
     assert "dog" not in run_tool_call(call("recall"), bob, context="What is my dog called?")
     assert [n.source for n in again.list("alice")] == ["chat", "chat"] and again.list("bob")[0].source == "api"
     with pytest.raises(ToolError, match="no note 1"):

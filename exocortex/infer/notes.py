@@ -91,8 +91,10 @@ class NoteStore:
             self.db.execute("INSERT INTO notes_fts(rowid, text) VALUES (?, ?)", (nid, text))
         return nid
 
-    def search(self, user: str, query: str, k: int = RECALL_K) -> list[Note]:
-        """The user's notes best matching `query` (BM25 over their words); with no words to go by, the latest."""
+    def search(self, user: str, query: str, k: int = RECALL_K, latest: bool = True) -> list[Note]:
+        """The user's notes best matching `query` (BM25 over their words); with no words to go by, or (latest)
+        none matching, the latest: a question need not share a word with the note that answers it ("What is
+        my job?" and "I work as a pilot"), and the model reads the notes and judges."""
         terms = [w for w in dict.fromkeys(w.lower() for w in _WORD.findall(query)) if w not in _STOP]
         with self.lock:
             if not terms:
@@ -103,6 +105,8 @@ class NoteStore:
                     "SELECT n.* FROM notes_fts JOIN notes n ON n.id = notes_fts.rowid WHERE notes_fts MATCH ? "
                     "AND n.user = ? ORDER BY bm25(notes_fts), n.id DESC LIMIT ?",
                     (" OR ".join(f'"{t}"' for t in terms), user, k)).fetchall()
+        if not rows and terms and latest:
+            return self.search(user, "", k)
         return [Note(*r) for r in rows]
 
     def list(self, user: str | None = None) -> list[Note]:
@@ -150,7 +154,7 @@ class NoteStore:
             return "\n".join(f"note {n.id}: {n.text}" for n in notes) if notes else "no notes"
 
         def forget(arguments: dict) -> str:
-            notes = self.search(user, string_arg(arguments, "query", "forget", default=""), k=1)
+            notes = self.search(user, string_arg(arguments, "query", "forget", default=""), k=1, latest=False)
             if not notes:
                 return "no notes"
             gone = self.forget(user, notes[0].id)

@@ -22,31 +22,53 @@ import random
 from exocortex.tasks.base import Task, grade_contains, item_split, split_of
 from exocortex.tokenizer import tool_call_json
 
-# (what it is, how it is told, how it is asked, how it is answered, its values)
+_SYL = "ka lo ri ma te su ni bo ra fe li do ve mi to ha ze nu pa ro".split()
+
+
+def _name(rng: random.Random) -> str:
+    return "".join(rng.choice(_SYL) for _ in range(rng.randint(2, 3))).capitalize()
+
+
+def _town(rng: random.Random) -> str:
+    return _name(rng) + rng.choice(("ford", "ton", "wick", "mere", "by", "stead", "vale"))
+
+
+_COLOURS = ("green blue red yellow purple orange teal silver black white pink brown grey violet amber crimson "
+            "navy olive maroon cyan").split()
+_JOBS = ("nurse baker teacher plumber pilot chemist farmer writer carpenter dentist tailor librarian gardener "
+         "welder painter cook driver engineer judge sailor potter miner singer").split()
+_FOODS = ("pasta curry sushi soup pancakes tacos risotto dumplings porridge salad noodles stew pie omelette "
+          "couscous ramen falafel lasagne paella goulash").split()
+_MONTHS = "January February March April May June July August September October November December".split()
+
+# (what it is, how it is told, how it is asked, how it is answered, a value drawn at random). Most values are
+# made up on the spot (names, towns, numbers): a value is seen once, if ever, so the reply has to copy it from
+# the note it recalled; with a few fixed values per relation the model learned the values, not the copying
+# (memory_recalled 0% on test values in the first speedrun with this task).
 RELATIONS = [
     ("dog", "my dog is called {v}", ("What is my dog called?", "What's my dog's name?", "Do you remember my dog's name?"),
-     "Your dog is called {v}.", "Pip Rex Bella Milo Luna Biscuit Toby Daisy Max Rosie Juno Pepper Scout Maple Otis".split()),
+     "Your dog is called {v}.", _name),
     ("sister", "my sister's name is {v}", ("What is my sister's name?", "What's my sister called?", "Who is my sister?"),
-     "Your sister's name is {v}.", "Ada Nora Leah Iris Maya Clara Elena Ruth Tessa Zoe Hana Vera Lucia Anya Greta".split()),
+     "Your sister's name is {v}.", _name),
     ("colour", "my favourite colour is {v}", ("What is my favourite colour?", "Which colour do I like best?",
                                                "Do you remember my favourite colour?"),
-     "Your favourite colour is {v}.", "green blue red yellow purple orange teal silver black white pink brown".split()),
+     "Your favourite colour is {v}.", lambda rng: rng.choice(_COLOURS)),
     ("town", "I live in {v}", ("Where do I live?", "Which town do I live in?", "Do you remember where I live?"),
-     "You live in {v}.", "Leeds Porto Lyon Tarsk Hiswick Bergen Malmo Ghent Turin Bristol Graz Cork Utrecht Kobe".split()),
+     "You live in {v}.", _town),
     ("job", "I work as a {v}", ("What is my job?", "What do I do for a living?", "What do I work as?"),
-     "You work as a {v}.", "nurse baker teacher plumber pilot chemist farmer writer carpenter dentist tailor "
-                           "librarian gardener welder".split()),
+     "You work as a {v}.", lambda rng: rng.choice(_JOBS)),
     ("birthday", "my birthday is on {v}", ("When is my birthday?", "What day is my birthday?",
                                           "Do you remember my birthday?"),
-     "Your birthday is on {v}.", [f"{m} {d}" for m in ("March", "May", "July", "October", "January")
-                                  for d in (3, 9, 14, 21, 28)]),
+     "Your birthday is on {v}.", lambda rng: f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}"),
     ("locker", "my locker number is {v}", ("What is my locker number?", "Which locker is mine?",
                                           "Do you remember my locker number?"),
-     "Your locker number is {v}.", [str(n) for n in range(11, 99, 3)]),
+     "Your locker number is {v}.", lambda rng: str(rng.randint(10, 999))),
     ("food", "my favourite food is {v}", ("What is my favourite food?", "What food do I like best?",
                                          "Do you remember my favourite food?"),
-     "Your favourite food is {v}.", "pasta curry sushi soup pancakes tacos risotto dumplings porridge salad "
-                                    "noodles stew".split()),
+     "Your favourite food is {v}.", lambda rng: rng.choice(_FOODS)),
+    ("friend", "my best friend is {v}", ("Who is my best friend?", "What's my best friend's name?",
+                                        "Do you remember my best friend?"),
+     "Your best friend is {v}.", _name),
 ]
 TELL = ("Please remember that {s}.", "Remember: {s}.", "Can you remember that {s}?", "Note that {s}.",
         "Keep in mind that {s}.", "For future reference, {s}.", "Don't forget: {s}.", "Please make a note: {s}.")
@@ -56,7 +78,8 @@ UNKNOWN = ("I don't know that yet. Tell me and I'll remember it.", "You haven't 
 FORGET = ("Please forget {what}.", "Forget what I told you about {what}.", "Delete your note about {what}.")
 FORGOTTEN = ("Done, I've forgotten it.", "Forgotten.", "I've deleted that note.")
 FORGET_WHAT = {"dog": "my dog", "sister": "my sister", "colour": "my favourite colour", "town": "where I live",
-               "job": "my job", "birthday": "my birthday", "locker": "my locker", "food": "my favourite food"}
+               "job": "my job", "birthday": "my birthday", "locker": "my locker", "food": "my favourite food",
+               "friend": "my best friend"}
 
 
 def _call(name: str) -> dict:
@@ -70,7 +93,7 @@ class Memory(Task):
     def _item(self, rng: random.Random, split: str) -> tuple[tuple, str]:
         while True:
             rel = rng.choice(RELATIONS)
-            value = rng.choice(rel[4])
+            value = rel[4](rng)
             if split_of(f"memory|{rel[0]}|{value}") == item_split(split):
                 return rel, value
 
@@ -80,7 +103,7 @@ class Memory(Task):
 
     def _other_notes(self, rng: random.Random, rel: tuple, split: str) -> list[str]:
         others = [r for r in RELATIONS if r is not rel]
-        return [self.told(r, rng.choice(r[4]), rng) for r in rng.sample(others, rng.randint(0, 2))]
+        return [self.told(r, r[4](rng), rng) for r in rng.sample(others, rng.randint(0, 2))]
 
     def example(self, rng: random.Random, split: str) -> dict:
         rel, value = self._item(rng, split)
