@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exocortex.errors import ExocortexError
+from exocortex.infer.docstore import STOPWORDS
 from exocortex.infer.tools import Tool, ToolError, string_arg
 
 LOCAL_USER = "local"  # whose notes `exocortex chat` keeps, and the server's for requests without a `user`
@@ -39,9 +40,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS notes_fts USING fts5(text, content='notes', c
 _WORD = re.compile(r"\w+")
 # words too common to find a note by (a question's "what is my ..."): without them "What is my dog called?"
 # finds the note about the dog, not every note with "is" in it
-_STOP = frozenset("a an and are as at be by did do does for from has have how i in is it its me my of on or so "
-                  "that the their them they this to was we were what when where which who why will with you your "
-                  "please tell remember forget recall know".split())
+_STOP = STOPWORDS | frozenset("please tell remember forget recall know".split())
 
 
 def default_notes_path() -> Path:
