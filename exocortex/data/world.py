@@ -33,7 +33,7 @@ __all__ = [
     "Fact", "Person", "Place", "Thing", "Region", "World",
     "generate_documents", "corpus_stats",
     "encyclopedia_doc", "story_doc", "dialogue_doc", "arithmetic_doc", "descriptive_doc", "wordplay_doc",
-    "spelling_words", "COMMON_WORDS",
+    "spelling_words", "counted_letters", "COMMON_WORDS",
     "DOC_FAMILIES",
 ]
 
@@ -2097,7 +2097,7 @@ def spelling_words(world: "World | None" = None) -> list[str]:
     return sorted(w for w in words if re.fullmatch(r"[a-z]{3,12}", w))
 
 
-def _counted(word: str, letter: str) -> tuple[str, int]:
+def counted_letters(word: str, letter: str) -> tuple[str, int]:
     """'s-t-r(1)-a-w-b-e-r(2)-r(3)-y', 3: each occurrence of `letter` numbered (the spelling task's reply)."""
     n, shown = 0, []
     for ch in word:
@@ -2118,9 +2118,9 @@ _WORDPLAY_LINES = (
     lambda w, l, rng: f"{_cap(w)} is written {'-'.join(w)}, {len(w)} letters.",
     lambda w, l, rng: f"To spell '{w}': {'-'.join(w)}.",
     lambda w, l, rng: "In '{w}' the letter '{l}' appears {n} time{s}: {c}.".format(
-        w=w, l=l, c=_counted(w, l)[0], n=_counted(w, l)[1], s="" if _counted(w, l)[1] == 1 else "s"),
+        w=w, l=l, c=counted_letters(w, l)[0], n=counted_letters(w, l)[1], s="" if counted_letters(w, l)[1] == 1 else "s"),
     lambda w, l, rng: "{w}: {c}. That is {n} {l}{s}.".format(
-        w=w, l=l, c=_counted(w, l)[0], n=_counted(w, l)[1], s="" if _counted(w, l)[1] == 1 else "'s"),
+        w=w, l=l, c=counted_letters(w, l)[0], n=counted_letters(w, l)[1], s="" if counted_letters(w, l)[1] == 1 else "'s"),
 )
 
 

@@ -237,15 +237,7 @@ class DocumentStore:
 
     def __call__(self, query: str) -> str:
         """The `lookup` tool: the best passage under its source line, cut to max_chars."""
-        query = query.strip().strip("'\"")
-        if not query:
-            return "error: empty query"
-        hits = self.search(query, 1)
-        if not hits:
-            return "no results"
-        hit = hits[0]
-        text = hit.text if len(hit.text) <= self.max_chars else hit.text[: self.max_chars].rsplit(" ", 1)[0] + " ..."
-        return f"{hit.source}:\n{text}"
+        return tool_answer(query, lambda q: [(f"{h.source}:\n", h.text) for h in self.search(q, 1)], self.max_chars)
 
     def stats(self) -> dict:
         files, passages = (self.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("files", "passages"))
@@ -265,6 +257,19 @@ def citation(tool_output: str) -> dict | None:
     last = int(m["last"] or first)
     return {"source": tool_output.split("\n", 1)[0][:-1], "path": m["path"], "start_line": first,
             "end_line": last, "text": m["text"]}
+
+
+def tool_answer(query: str, search, max_chars: int) -> str:
+    """What a lookup tool says for `query`: the best hit of search(query) -> [(heading, passage)], its passage
+    cut at a word to max_chars (tool output has to fit a small model's context), or why there is none."""
+    query = query.strip().strip("'\"")
+    if not query:
+        return "error: empty query"
+    hits = search(query)
+    if not hits:
+        return "no results"
+    heading, text = hits[0]
+    return heading + (text if len(text) <= max_chars else text[:max_chars].rsplit(" ", 1)[0] + " ...")
 
 
 def _title(path: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from exocortex.data.sources import iter_documents
 from exocortex.data.world import World
 from exocortex.errors import ExocortexError
-from exocortex.infer.docstore import DocumentStore, default_index_path
+from exocortex.infer.docstore import DocumentStore, default_index_path, tool_answer
 from exocortex.infer.tools import TOOLS, search_tool
 
 _WORD = re.compile(r"\w+")
@@ -57,14 +57,7 @@ class DocumentIndex:
 
     def __call__(self, query: str) -> str:
         """The tool: the best passage, cut to max_chars (tool output has to fit the model's context)."""
-        query = query.strip().strip("'\"")
-        if not query:
-            return "error: empty query"
-        hits = self.search(query, 1)
-        if not hits:
-            return "no results"
-        text = hits[0][1]
-        return text if len(text) <= self.max_chars else text[: self.max_chars].rsplit(" ", 1)[0] + " ..."
+        return tool_answer(query, lambda q: [("", p) for _, p in self.search(q, 1)], self.max_chars)
 
     @classmethod
     def from_paths(cls, paths: list[str | Path], passage_chars: int = 500) -> "DocumentIndex":

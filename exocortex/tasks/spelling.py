@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 import re
 
-from exocortex.data.world import spelling_words
+from exocortex.data.world import counted_letters, spelling_words
 from exocortex.tasks.base import Task, grade_hash_answer, item_split, split_of
 from exocortex.tasks.phrasing import noisy, polite
 
@@ -70,15 +70,9 @@ class Spelling(Task):
             return {"task": self.name, "answer": w, "kind": "spell", "family": family,
                     "messages": [{"role": "user", "content": q},
                                  {"role": "assistant", "content": f"{'-'.join(w)} #### {w}"}]}
-        n, shown = 0, []
-        for ch in w:
-            if ch == letter:
-                n += 1
-                shown.append(f"{ch}({n})")
-            else:
-                shown.append(ch)
+        shown, n = counted_letters(w, letter)
         q = noisy(polite(rng.choice(count_frames), rng), rng, lower_rate=0.1).format(w=w, l=letter)
-        a = f"{'-'.join(shown)}. The letter '{letter}' appears {n} time{'s' if n != 1 else ''}. #### {n}"
+        a = f"{shown}. The letter '{letter}' appears {n} time{'s' if n != 1 else ''}. #### {n}"
         return {"task": self.name, "answer": str(n), "kind": "count", "family": family,
                 "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
