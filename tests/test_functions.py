@@ -209,12 +209,14 @@ def test_the_longest_conversation_fits_the_tiny_context(monkeypatch):
     lengths = [len(tok.render_conversation(c)[0]) for c in convs]
     prompts = [len(prompt_ids(tok, c)) for c in convs]
     replies = [n - p for n, p in zip(lengths, prompts)]
-    assert max(lengths) <= cfg.model.seq_len - 16, max(lengths)
+    # 12 tokens to spare: the wordplay documents' spelled words (x-y-z) took some of the BPE's merges, and the
+    # longest conversation grew from ~238 to 242 tokens
+    assert max(lengths) <= cfg.model.seq_len - 12, max(lengths)
     assert max(prompts) <= cfg.model.seq_len - 64 and max(replies) <= 80, (max(prompts), max(replies))
     for name in ("arithmetic", "word_problems"):
         offered = [c for c in mixture_conversations(TaskSet(world), {name: 1.0}, 2000, 0) if c.get("tools")]
         assert 0.08 < len(offered) / 2000 < 0.3
-        assert max(len(tok.render_conversation(c)[0]) for c in offered) <= cfg.model.seq_len - 16, name
+        assert max(len(tok.render_conversation(c)[0]) for c in offered) <= cfg.model.seq_len - 12, name
     # without the specs' words in the BPE's training text, they would not fit
     monkeypatch.setattr(tokenizer, "FORMAT_TOOLS", [])
     spelled = Tokenizer.train(docs, cfg.tokenizer.vocab_size)

@@ -340,8 +340,9 @@ def test_self_keeps_the_correct_samples_of_a_run(tmp_path, tok, monkeypatch):
 
 def test_self_on_a_random_run_keeps_nothing(tmp_path, tok):
     cfg = make_run(tmp_path, tok, stages=("sft",))  # a context of 256 tokens: some prompts do not fit
-    ds = run_synth(cfg, SynthJob("self", tmp_path / "s.jsonl", n=12, tasks={"arithmetic": 1}, k=2, max_tokens=8))
-    assert ds.counts["kept"] == 0 and ds.counts["rejected"] == 12
+    # 24 draws: enough that both kinds of prompt come up (the calculator's spec makes some too long)
+    ds = run_synth(cfg, SynthJob("self", tmp_path / "s.jsonl", n=24, tasks={"arithmetic": 1}, k=2, max_tokens=8))
+    assert ds.counts["kept"] == 0 and ds.counts["rejected"] == 24
     reasons = [r["reason"] for r in rows_of(tmp_path / "s.rejected.jsonl")]
     assert set(reasons) == {"none of 2 samples correct", "prompt longer than the model's context"}
 

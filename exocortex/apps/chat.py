@@ -88,9 +88,9 @@ def run_chat(cfg: RunConfig, prompt: str | None = None, temperature: float | Non
              compile: bool = True, index: str | None = None, memory: bool = True, user: str = LOCAL_USER) -> None:
     """Sampling settings left out come from the run's config (`sampling` section). `compile`: decode with the
     compiled step (compiled before the first reply; eager where it cannot run, saying why)."""
-    engine = load_engine(cfg, stage, docs, compile=compile, index=index)
-    if memory:  # notes the model keeps about `user` across sessions (infer/notes.py; `exocortex memory`)
-        engine.tools = {**engine.tools, **NoteStore(default_notes_path()).tools(user, "chat")}
+    # memory: notes the model keeps about `user` across sessions (infer/notes.py; `exocortex memory`)
+    notes = NoteStore(default_notes_path()).tools(user, "chat") if memory else None
+    engine = load_engine(cfg, stage, docs, compile=compile, index=index, extra_tools=notes)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so, once
     if note:
         print(note, file=sys.stderr, flush=True)

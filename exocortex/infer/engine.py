@@ -703,13 +703,13 @@ class StreamDecoder:
 
 
 def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None,
-                compile: bool = False, index: str | None = None) -> Engine:
+                compile: bool = False, index: str | None = None, extra_tools: dict | None = None) -> Engine:
     """A run's chat model (its `stage` checkpoint, default the newest chat stage) with its tools: calculator,
     python, and lookup (over `docs`, the document `index`, or the generated world: lookup.tools_for_run). `compile`: the compiled decode step where it can
     run here (decode.compile_status says why not; the caller tells the user)."""
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.sft.dtype, device)
-    tools = tools_for_run(cfg, docs, index)  # before the model: a wrong --index fails fast
+    tools = {**tools_for_run(cfg, docs, index), **(extra_tools or {})}  # before the model: a bad --index fails fast
     model, _ = load_model(cfg.run.chat_checkpoint(stage), device)
     return Engine(model, Tokenizer.load(cfg.run.tokenizer_dir), device, dtype, tools=tools,
                   compile=compile and compile_status(device)[0])
