@@ -9,6 +9,10 @@
   the skill is tied to the training wordings); graded on the assistant's own words (a task
   about calling a client's functions also on its calls: Task.grade_reply), with the functions an example offers
   in the prompt and run as its client would (Task.client_tools).
+- calibration: every graded reply of those tasks (seen and held-out families) is also described by the scores
+  of the tokens the model chose (infer/confidence.py); a logistic fit on half of them predicts whether a reply
+  is right, and `escalation_auroc` / `escalation_ece` measure that prediction on the other half. The fit on all
+  of them is what `exocortex serve --escalate-to` uses to decide when to ask a stronger model.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import torch
 
 from exocortex.config import EvalConfig
 from exocortex.device import autocast
+from exocortex.infer.confidence import Calibration, auroc, calibration_error, reply_features
 from exocortex.tasks.base import prompt_ids
 from exocortex.tokenizer import Tokenizer
 
@@ -111,9 +116,11 @@ def offering(engine, task):
 
 
 def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_tokens: int,
-                  samples: list | None = None, stage: str = "", split: str = "test") -> float:
+                  samples: list | None = None, stage: str = "", split: str = "test",
+                  replies: list | None = None) -> float:
     """Greedy accuracy on n held-out examples of a task (prompts batched by length): split "test" asks them in
-    the phrasing families trained on, "heldout" in the held-out families."""
+    the phrasing families trained on, "heldout" in the held-out families. `replies`, if given, gets one
+    {"task", "split", "index", "ok", **features} per reply (infer/confidence.py) for the calibration."""
     examples = task.examples(n, seed, split)
     prompts = [prompt_ids(tok, ex) for ex in examples]
     with offering(engine, task):
@@ -122,6 +129,9 @@ def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
     for i, (ex, out) in enumerate(zip(examples, outs)):
         ok = task.grade_reply(engine.to_parts(out), ex)
         correct += ok
+        if replies is not None:
+            replies.append({"task": task.name, "split": split, "index": i, "ok": bool(ok),
+                            **reply_features(engine, prompts[i], out)})
         if samples is not None and i < 2:
             q = ex["messages"][-2]["content"]
             samples.append({"stage": stage, "task": task.name + (" (held-out family)" if split == "heldout" else ""),
@@ -226,22 +236,48 @@ def pass_at_k(engine, tok: Tokenizer, task, n: int, k: int, seed: int, max_new_t
     return hits / max(1, n)
 
 
-def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str) -> dict:
+def calibration_scores(replies: list[dict]) -> tuple[dict, dict]:
+    """Fit P(right) on the even-numbered replies of each task and split, measure it on the odd ones: metrics
+    (AUROC for telling right from wrong, expected calibration error, per task AUROC where a task has both), and
+    what the report and the server keep: the fit on every reply, and the measured half with its predictions."""
+    fit_on = [r for r in replies if r["index"] % 2 == 0]
+    held = [r for r in replies if r["index"] % 2 == 1]
+    if not fit_on or not held:
+        return {}, {}
+    half = Calibration.fit(fit_on, [r["ok"] for r in fit_on])
+    p = [half.p_correct(r) for r in held]
+    ok = [r["ok"] for r in held]
+    out = {"escalation_auroc": auroc(p, ok), "escalation_ece": calibration_error(p, ok), "escalation_n": len(held)}
+    for name in dict.fromkeys(r["task"] for r in held):
+        pick = [i for i, r in enumerate(held) if r["task"] == name]
+        a = auroc([p[i] for i in pick], [ok[i] for i in pick])
+        if a is not None:
+            out[f"escalation_auroc_{name}"] = a
+    out = {k: v for k, v in out.items() if v is not None}
+    keep = {"calibration": vars(Calibration.fit(replies, [r["ok"] for r in replies])),
+            "replies": [[r["task"], r["split"], r["index"], r["ok"], q] for r, q in zip(held, p)]}
+    return out, keep
+
+
+def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str,
+                calibration: dict | None = None) -> dict:
     """Every chat task of e.chat_tasks on n held-out questions (and, for a task with held-out phrasing families,
-    on e.heldout_n or n questions in those); lookup also with its tool off; pass@k."""
-    out = {}
+    on e.heldout_n or n questions in those); lookup also with its tool off; pass@k; the calibration of P(right)
+    over all those replies (what it keeps for the report and the server goes into `calibration`)."""
+    out, replies = {}, []
     counts = e.chat_tasks
     for name, n in counts.items():
         n = int(n)
         if name == "memory":  # two sessions through a real store, not one graded reply
             out.update(memory_scores(engine, tok, tasks[name], n, e.seed, e.max_new_tokens))
             continue
-        out[f"{name}_accuracy"] = task_accuracy(engine, tok, tasks[name], n, e.seed, e.max_new_tokens, samples, stage)
+        out[f"{name}_accuracy"] = task_accuracy(engine, tok, tasks[name], n, e.seed, e.max_new_tokens, samples, stage,
+                                                replies=replies)
         out[f"{name}_n"] = n
         if tasks[name].heldout_families and e.heldout_n != 0:
             m = n if e.heldout_n < 0 else e.heldout_n
             out[f"{name}_heldout_accuracy"] = task_accuracy(engine, tok, tasks[name], m, e.seed, e.max_new_tokens,
-                                                            samples, stage, split="heldout")
+                                                            samples, stage, split="heldout", replies=replies)
             out[f"{name}_heldout_n"] = m
         if name == "lookup":  # the same held-out questions with the tool switched off
             saved = engine.tools
@@ -253,4 +289,8 @@ def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str) ->
         out[f"word_problems_pass@{e.pass_k}"] = pass_at_k(engine, tok, tasks["word_problems"], e.pass_k_n, e.pass_k,
                                                            e.seed, e.max_new_tokens)
         out[f"word_problems_pass@{e.pass_k}_n"] = e.pass_k_n
+    metrics, keep = calibration_scores(replies)
+    out.update(metrics)
+    if calibration is not None:
+        calibration.update(keep)
     return out

@@ -117,6 +117,9 @@ class EvalSummary:
     # collapse metrics (data/collapse.py), "data: <stage>" per dataset trained on and "samples: <stage>" per stage's
     # samples (with "ask_ten_times"): {metric: value, "stage": stage, "alarms": [one line per alarm]}
     collapse: dict = field(default_factory=dict)
+    # per chat stage: {"calibration": the fitted P(right) (infer/confidence.Calibration's fields), "replies":
+    # [[task, split, index, right, predicted P(right)], ...] on the half it was measured on} (evals.calibration_scores)
+    calibration: dict = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 

@@ -46,7 +46,8 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
     previous = cfg.run.summary("eval") or EvalSummary()
     results = EvalSummary(stages={s: v for s, v in previous.stages.items() if s not in present},
                           samples=[s for s in previous.samples if s.get("stage") not in present],
-                          collapse={k: v for k, v in previous.collapse.items() if v.get("stage") not in present})
+                          collapse={k: v for k, v in previous.collapse.items() if v.get("stage") not in present},
+                          calibration={s: v for s, v in previous.calibration.items() if s not in present})
     results.collapse.update(dataset_collapse(cfg, tok, tasks))
     for stage in present:
         ts = time.time()
@@ -56,7 +57,8 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
         r.update(core_scores(model, tok, incontext, device, dtype))
         engine = Engine(model, tok, device, dtype, tools=tools)
         if registry.BY_NAME[stage].chat:
-            r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage))
+            kept = results.calibration[stage] = {}
+            r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage, kept))
         row = sample_collapse(cfg, engine, tok, tasks, stage)
         if row:
             results.collapse[f"samples: {stage}"] = row

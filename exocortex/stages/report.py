@@ -93,7 +93,8 @@ def stage_table(ev: EvalSummary) -> list[str]:
     cols = [ev.stages[s] for s in stages]
     keys: list[str] = []
     for c in cols:
-        keys += [k for k in c if k not in keys and k != "seconds" and not k.endswith("_n")]
+        keys += [k for k in c if k not in keys and k != "seconds" and not k.endswith("_n")
+                 and not k.startswith("escalation_")]  # those have their own section
     L = ["| metric | " + " | ".join(registry.LABELS[s] for s in stages) + " |", "|---" * (len(stages) + 1) + "|"]
     for k in keys:
         nk = k.replace("_accuracy", "_n") if k.endswith("_accuracy") else k + "_n"
@@ -131,6 +132,72 @@ def generalisation_table(ev: EvalSummary) -> list[str]:
             L.append(f"| {t} | {registry.LABELS[s]} | {seen:.1%} (n={r.get(f'{t}_n', '?')}) | "
                      f"{held:.1%} (n={r.get(f'{t}_heldout_n', '?')}) | {(seen - held) * 100:+.1f} |")
     return L + [""]
+
+
+ESCALATION_PAIR = ("sft", "rl")  # the curve: SFT answers, RL is the stronger model it may escalate to
+
+
+def escalation_section(ev: EvalSummary | None, run_dir: Path) -> list[str]:
+    """How well each chat stage knows when it is wrong (infer/confidence.py, evals.calibration_scores), and the
+    quality/cost curve of escalating SFT's unsure replies to RL on the same questions."""
+    stages = [s for s in registry.MODEL_STAGES if ev and "escalation_auroc" in ev.stages.get(s, {})]
+    if not stages:
+        return []
+    L = ["## Knowing when it doesn't know: escalation", "",
+         "P(reply is right) from the scores of the tokens the model chose, fitted on half of the eval's graded "
+         "replies (every chat task, seen and held-out families) and measured on the other half. AUROC: the "
+         "chance a right reply gets a higher P than a wrong one (0.5 = no signal). ECE: expected calibration "
+         "error. `exocortex serve --escalate-to URL --threshold T` sends a request on when P < T.", "",
+         "| stage | AUROC (n) | ECE | AUROC per task |", "|---|---|---|---|"]
+    for s in stages:
+        r = ev.stages[s]
+        per = ", ".join(f"{k[len('escalation_auroc_'):]} {v:.2f}" for k, v in r.items()
+                        if k.startswith("escalation_auroc_"))
+        L.append(f"| {registry.LABELS[s]} | {r['escalation_auroc']:.3f} ({r.get('escalation_n', '?')}) | "
+                 f"{r['escalation_ece']:.3f} | {per or '—'} |")
+    L.append("")
+    local, remote = (ev.calibration.get(s, {}).get("replies") for s in ESCALATION_PAIR)
+    if not local or not remote:
+        return L
+    from exocortex.infer.confidence import best_point, escalation_curve
+
+    theirs = {tuple(r[:3]): r[3] for r in remote}
+    both = [r for r in local if tuple(r[:3]) in theirs]
+    if not both:
+        return L
+    curve = escalation_curve([r[4] for r in both], [r[3] for r in both], [theirs[tuple(r[:3])] for r in both])
+    best = best_point(curve)
+    a, b = (registry.LABELS[s] for s in ESCALATION_PAIR)
+    L += [f"Escalating {a}'s unsure replies to {b} ({len(both)} questions both answered): always {a} "
+          f"{curve[0]['accuracy']:.1%}, always {b} {curve[-1]['accuracy']:.1%}."
+          + (f" Answering {best['local_share']:.0%} locally (threshold {best['threshold']:.2f}) keeps "
+             f"{best['accuracy']:.1%}, {best['accuracy'] / max(1e-9, curve[-1]['accuracy']):.0%} of always-{b}."
+             if best else ""), "",
+          "| threshold | answered by " + a + " | accuracy |", "|---|---|---|"]
+    L += [f"| {row['threshold']:.2f} | {row['local_share']:.0%} | {row['accuracy']:.1%} |"
+          for row in curve if round(row["threshold"] * 20) % 2 == 0 or row["threshold"] > 1]
+    L.append("")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return L
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([r["local_share"] for r in curve], [r["accuracy"] for r in curve], "o-", ms=3, label="by threshold")
+    ax.axhline(curve[-1]["accuracy"], ls="--", lw=1, color="gray", label=f"always {b}")
+    ax.axhline(0.95 * curve[-1]["accuracy"], ls=":", lw=1, color="gray", label=f"95% of always {b}")
+    ax.set_xlabel(f"share answered by {a} (locally)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("escalation: quality vs cost")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    (run_dir / "plots").mkdir(exist_ok=True)
+    fig.savefig(run_dir / "plots" / "escalation.png", dpi=110)
+    plt.close(fig)
+    return L + ["![plots/escalation.png](plots/escalation.png)", ""]
 
 
 def rl_gain_line(ev: EvalSummary | None, task: str) -> str:
@@ -288,6 +355,7 @@ def run_report(cfg: RunConfig) -> Path:
     if ev and ev.stages:
         L += ["## Evaluation: every stage", ""] + stage_table(ev) + ["", EVAL_NOTE, ""]
         L += generalisation_table(ev)
+        L += escalation_section(ev, run.path)
     L += collapse_section(ev, summaries["tokenizer"])
     if summaries["rl"]:
         L += _rl(summaries["rl"], ev)
