@@ -57,6 +57,16 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
     "user": [(("--user",), dict(dest="user", default="local",
                                 help="whose notes the model reads and writes (default: local, the same as the server "
                                      "uses for requests without a `user` field)"))],
+    "escalate": [(("--escalate-to",), dict(dest="escalate_to", default=None, metavar="URL",
+                                           help="send chat requests the model is unsure of to this OpenAI-compatible "
+                                                "endpoint (base URL, e.g. http://host:8000/v1); needs `exocortex eval` "
+                                                "to have calibrated the model (docs/serve.md: escalation)")),
+                 (("--escalate-model",), dict(dest="escalate_model", default=None, metavar="NAME",
+                                              help="the model name to ask for there (default: the request's)")),
+                 (("--threshold",), dict(dest="threshold", type=float, default=0.5,
+                                         help="escalate when the calibrated chance that the local reply is right is "
+                                              "below this (0-1, default 0.5); the endpoint's key comes from "
+                                              "$EXOCORTEX_ESCALATE_API_KEY"))],
     "host": [(("--host",), dict(dest="host", default="127.0.0.1"))],
     "port": [(("--port",), dict(dest="port", type=int, default=8000))],
     "max_concurrent": [(("--max-concurrent",), dict(dest="max_concurrent", type=int, default=16,

@@ -53,7 +53,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("serve", "exocortex.apps.serve:serve",
           "serve the chat model: OpenAI-compatible API (/v1) and a web chat page (/)", config="recent",
           options=("chat_checkpoint", "host", "port", "max_concurrent", "max_queue", "compile", "max_prompt_tokens", "docs", "index", "memory", "sandbox",
-                   "api_key", "allowed_hosts")),
+                   "api_key", "allowed_hosts", "escalate")),
     Stage("export", "exocortex.apps.export:run_export", "write a Hugging Face transformers (Qwen3) directory, or a "
           "GGUF file for llama.cpp / Ollama (--format gguf): weights, tokenizer, chat template",
           options=("format", "out", "checkpoint", "dtype", "verify")),

@@ -127,3 +127,49 @@ def test_chat_page_shows_the_sources_a_reply_read(tok, tmp_path):
             browser.close()
     finally:
         server.stop()
+
+
+def test_chat_page_says_when_a_stronger_model_answered(tok):
+    """`serve --escalate-to`: the page shows the other model's streamed reply (plain OpenAI deltas, no parts) and
+    says who answered."""
+    import json as _json
+
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    from exocortex.apps.escalate import Escalation
+    from exocortex.infer.confidence import Calibration
+
+    stub = FastAPI()
+
+    @stub.post("/v1/chat/completions")
+    async def _reply():
+        def events():
+            for piece in ["Paris is ", "the capital."]:
+                yield "data: " + _json.dumps({"id": "x", "object": "chat.completion.chunk", "model": "big-model",
+                                              "choices": [{"index": 0, "delta": {"content": piece}}]}) + "\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    strong = Server(stub)
+    sp = tok.special
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=1.0)
+    engine = Engine(GPT(cfg), tok, torch.device("cpu"),
+                    decoder=Scripted([*tok.encode("Lyon?"), sp["<|assistant_end|>"]], tok.vocab_size))
+    server = Server(create_app(engine, MODEL, escalation=Escalation(strong.url + "/v1", Calibration(bias=-50.0))))
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                         "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.fill("#input", "What is the capital of France?")
+            page.click("#send")
+            note = page.locator(".msg.assistant .note").last
+            note.wait_for(timeout=10_000)
+            assert note.inner_text().startswith("answered by big-model (escalated:")
+            assert "Paris is the capital." in page.locator(".msg.assistant .bubble").last.inner_text()
+            browser.close()
+    finally:
+        server.stop()
+        strong.stop()

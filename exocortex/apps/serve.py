@@ -25,6 +25,9 @@ answer them, and `tool_choice` is honoured by masking tokens. The built-ins abov
 `response_format` json_object / json_schema (both endpoints) is honoured by constrained decoding
 (exocortex/infer/constrain.py): each token of the reply is masked to what the schema allows, so such a reply is
 JSON only (no tool calls); a format this server cannot honour is a 400, never ignored.
+
+Escalation (`--escalate-to URL`, exocortex/apps/escalate.py): a chat request the model is unsure of is answered
+by a stronger model behind another OpenAI-compatible endpoint; the reply says who answered.
 """
 from __future__ import annotations
 
@@ -41,12 +44,14 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from exocortex.apps import scoring, tool_calls
+from exocortex.apps.escalate import API_KEY_ENV, Escalation, EscalationFailed, load_calibration
 from exocortex.apps.guard import APIError, Guard, Limits, missing_extra, serve_limits, server_options
 from exocortex.config import RunConfig, SamplingConfig, load_config
 from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
 from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable, json_object_constraint,
                                        json_schema_constraint)
+from exocortex.infer.confidence import TOP_K, ConfidenceMeter
 from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.docstore import citation
 from exocortex.infer.notes import LOCAL_USER, NoteStore, default_notes_path
@@ -182,6 +187,8 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Optional[Any] = None
     parallel_tool_calls: Optional[bool] = None
     builtin_tools: Optional[bool] = None  # exocortex's: false turns the server-side tools off for this request
+    # exocortex's, with --escalate-to: "auto" (by the model's confidence), "never" (this model answers), "always"
+    escalation: Optional[Literal["auto", "never", "always"]] = None
     functions: Optional[Any] = None  # OpenAI's deprecated names for tools / tool_choice: refused, not ignored
     function_call: Optional[Any] = None
 
@@ -423,12 +430,13 @@ class _Generation:
     def __init__(self, engine, ticket: _Ticket, prompt: list[int], sampling: dict, stops: list[str],
                  batcher: Batcher, outbox: "_Outbox", constraint: Constraint | None = None,
                  tools: tool_calls.ToolPlan | None = None, logprobs: int | None = None,
-                 with_stop_token: bool = False):
+                 with_stop_token: bool = False, meter: ConfidenceMeter | None = None):
         self.engine, self.ticket, self.prompt, self.sampling, self.stops = engine, ticket, prompt, sampling, stops
         self.batcher, self.outbox, self.request, self.constraint = batcher, outbox, None, constraint
         self.tools = tools
         self.logprobs = logprobs
         self.scores = scoring.ScoreTracker(with_stop_token) if logprobs is not None else None
+        self.meter = meter  # escalation: how sure the model is of this reply (infer/confidence.py)
         self.cancelled = threading.Event()
         self.started = False
 
@@ -508,6 +516,14 @@ class _Generation:
                                   client_tools=plan.names, parallel_calls=plan.parallel, **self.sampling)
         if scores is not None:
             self.request.logprobs, self.request.on_logprobs = self.logprobs, scores.scored
+        if self.meter is not None:  # it needs TOP_K alternatives per token; the client gets the k it asked for
+            k, meter = self.logprobs, self.meter
+
+            def scored(token, logprob, top):
+                meter.push(token, logprob, top)
+                if scores is not None:
+                    scores.scored(token, logprob, top[:k])
+            self.request.logprobs, self.request.on_logprobs = max(TOP_K, k or 0), scored
         self.batcher.submit(self.request)
 
 
@@ -552,9 +568,9 @@ class _EventStream(StreamingResponse):
     """An SSE response that always cleans up: cancels the generation when the client goes away, even when the
     body was never started."""
 
-    def __init__(self, body: AsyncIterator[str], on_close):
+    def __init__(self, body: AsyncIterator[str], on_close, headers: dict | None = None):
         super().__init__(body, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **(headers or {})})
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -564,6 +580,21 @@ class _EventStream(StreamingResponse):
             self._on_close()
             with contextlib.suppress(Exception):
                 await self.body_iterator.aclose()
+
+
+class _Replay:
+    """A generation that already ended (held back while escalation decided): its events again, for a stream."""
+
+    def __init__(self, deltas: list[dict], finish: str | None, steps: int):
+        self.items = [("deltas", deltas)] if deltas else []
+        self.items.append(("done", finish, steps))
+
+    async def events(self) -> AsyncIterator[tuple]:
+        for item in self.items:
+            yield item
+
+    def close(self) -> None:
+        pass
 
 
 class _Nothing:
@@ -640,6 +671,7 @@ class _Service:
         self.defaults = sampling  # for what a request leaves out: the same as `exocortex chat`
         self.created = int(time.time())
         self.notes: NoteStore | None = None
+        self.escalation: Escalation | None = None
 
     @staticmethod
     def user_key(user: str | None) -> str:
@@ -756,13 +788,13 @@ class _Service:
 
     def start(self, choices: list[tuple[list[int], dict]], stop, logprobs: int | None = None,
               with_stop_token: bool = False, constraint: Constraint | None = None,
-              tools: tool_calls.ToolPlan | None = None) -> list[_Generation]:
+              tools: tool_calls.ToolPlan | None = None, meter: ConfidenceMeter | None = None) -> list[_Generation]:
         """One generation per (prompt, sampling), in the order given (the choices' order); each gets the request's
-        constraint and tools."""
+        constraint and tools (and the first, `meter`)."""
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         return [_Generation(self.engine, ticket, prompt, sampling, stops, self.batcher, self.outbox, constraint, tools,
-                            logprobs, with_stop_token)
-                for ticket, (prompt, sampling) in zip(self.reserve(len(choices)), choices)]
+                            logprobs, with_stop_token, meter if i == 0 else None)
+                for i, (ticket, (prompt, sampling)) in enumerate(zip(self.reserve(len(choices)), choices))]
 
     async def score_prompts(self, prompts: list[list[int]], k: int) -> list[list[scoring.TokenScore]]:
         """Each prompt's token scores (echo), computed on the batcher's thread between two decode steps."""
@@ -866,14 +898,24 @@ class _Service:
         n, _ = scoring.choice_counts(req.n, None, bool(req.stream), 1, self.capacity)
         sampling = self.check_common(req, prompt, max_tokens, "messages")
         constraint = await self.constraint(req, tools)
+        escalating = self.escalating(req, n)
+        meter = ConfidenceMeter(self.engine) if escalating else None
         gens = self.start([(prompt, _seeded(sampling, j)) for j in range(n)], req.stop, top,
-                          constraint=constraint, tools=tools)
+                          constraint=constraint, tools=tools, meter=meter)
+        results, info, headers = None, None, {}
+        if escalating:  # the reply is held back until it ends: then it goes out, or the request goes on
+            results = await self.collect(request, gens)
+            escalated, info = await self.escalate(request, req, meter)
+            if escalated is not None:
+                return escalated
+            headers = {"X-Exocortex-Answered-By": self.model_name, "X-Exocortex-Escalated": "false",
+                       "X-Exocortex-P-Correct": f"{info['p_correct']:.4f}"}
         tok = self.engine.tok
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": self.model_name, "system_fingerprint": None}
         if not req.stream:
             choices, steps = [], 0
-            for i, (deltas, finish, used) in enumerate(await self.collect(request, gens)):
+            for i, (deltas, finish, used) in enumerate(results or await self.collect(request, gens)):
                 content, parts = _assemble(deltas)
                 message = {"role": "assistant", "content": content, "refusal": None, "parts": parts}
                 cited = [c for p in parts if p["type"] == "tool_output" and (c := citation(p["text"]))]
@@ -885,8 +927,10 @@ class _Service:
                 logprobs = scoring.chat_logprobs(tok, scoring.scores_of(deltas)) if top is not None else None
                 choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
                 steps += used
-            return JSONResponse({**base, "object": "chat.completion", "choices": choices,
-                                 "usage": self.usage(len(prompt), steps)})
+            body = {**base, "object": "chat.completion", "choices": choices, "usage": self.usage(len(prompt), steps)}
+            if info is not None:
+                body["exocortex"] = info
+            return JSONResponse(body, headers=headers)
 
         def chunk(kind, value, index):
             head = {**base, "object": "chat.completion.chunk"}
@@ -905,7 +949,58 @@ class _Service:
                                          "finish_reason": value if kind == "finish" else None}]}
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return _EventStream(self.stream(gens, len(prompt), chunk, include_usage), partial(_close_all, gens))
+        if results is not None:
+            gens = [_Replay(*r) for r in results]
+        return _EventStream(self.stream(gens, len(prompt), chunk, include_usage), partial(_close_all, gens), headers)
+
+    def escalating(self, req: ChatCompletionRequest, n: int) -> bool:
+        """Whether this request's reply waits for the escalation decision (a 400 for what cannot be)."""
+        mode = req.escalation or "auto"
+        if self.escalation is None:
+            if mode != "never" and req.escalation is not None:
+                raise APIError(400, "this server does not escalate (start it with --escalate-to URL).",
+                               param="escalation", code="invalid_value")
+            return False
+        if mode == "never":
+            return False
+        if n > 1:
+            if mode == "always":
+                raise APIError(400, "escalation 'always' is for one choice (n=1).", param="n", code="invalid_value")
+            return False  # n choices: each is sampled here, as asked
+        return True
+
+    async def escalate(self, request: Request, req: ChatCompletionRequest, meter: ConfidenceMeter):
+        """After the local reply: (the stronger model's response, info) when it should answer, else (None, info
+        for the local reply)."""
+        esc = self.escalation
+        p = esc.calibration.p_correct(meter.features())
+        info = {"answered_by": self.model_name, "escalated": False, "p_correct": round(p, 4),
+                "threshold": esc.threshold}
+        if req.escalation != "always" and p >= esc.threshold:
+            esc.counts["answered_locally"] += 1
+            return None, info
+        import httpx
+
+        body = json.loads(await request.body())
+        try:
+            if req.stream:
+                upstream = await esc.open_stream(body)
+                esc.counts["escalated"] += 1
+                answered = upstream.model or esc.model or "the endpoint's model"
+                return StreamingResponse(upstream.relay(), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Exocortex-Answered-By": answered,
+                                                  "X-Exocortex-Escalated": "true", "X-Exocortex-P-Correct": f"{p:.4f}"}), info
+            reply = await esc.complete(body)
+        except (httpx.HTTPError, EscalationFailed) as e:
+            esc.counts["escalation_failed"] += 1
+            esc.counts["answered_locally"] += 1
+            why = str(e) or type(e).__name__
+            return None, {**info, "escalation_error": f"{esc.url}: {why}"[:400]}
+        esc.counts["escalated"] += 1
+        answered = reply.get("model") or esc.model or "the endpoint's model"
+        reply["exocortex"] = {**info, "answered_by": answered, "escalated": True}
+        return JSONResponse(reply, headers={"X-Exocortex-Answered-By": str(answered), "X-Exocortex-Escalated": "true",
+                                            "X-Exocortex-P-Correct": f"{p:.4f}"}), info
 
     async def completions(self, request: Request) -> Response:
         req = await self.parse(request, CompletionRequest)
@@ -994,13 +1089,15 @@ class _Service:
 
 def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int = 64,
                max_prompt_tokens: int | None = None, sampling: SamplingConfig | None = None,
-               limits: Limits | None = None, notes: NoteStore | None = None) -> FastAPI:
+               limits: Limits | None = None, notes: NoteStore | None = None,
+               escalation: Escalation | None = None) -> FastAPI:
     """The HTTP app around an Engine. `max_prompt_tokens` caps prompts below the model's context
     (rotary table length); `sampling` holds the defaults for what a request leaves out (a run's config
     section); `limits` what clients may send (run it with uvicorn.Config(..., **server_options(limits)));
-    `notes`: the model's memory, each chat request's tools bound to its user (the `user` field, else "local")."""
+    `notes`: the model's memory, each chat request's tools bound to its user (the `user` field, else "local");
+    `escalation`: where unsure chat replies go instead (apps/escalate.py)."""
     svc = _Service(engine, model_name, max_concurrent, max_queue, max_prompt_tokens, sampling or SamplingConfig())
-    svc.notes = notes
+    svc.notes, svc.escalation = notes, escalation
     # no /docs or /redoc: their pages load scripts from a CDN, and this server fetches nothing from the internet
     app = FastAPI(title="exocortex", docs_url=None, redoc_url=None)
     app.state.exocortex = svc
@@ -1047,8 +1144,12 @@ def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int
     @app.get("/health")
     async def health():
         lim = svc.limiter
-        return {"status": "ok", "model": svc.model_name, "active": lim.active, "queued": lim.waiting,
-                "max_concurrent": lim.max_concurrent, "max_queue": lim.max_queue, "context_length": svc.context}
+        out = {"status": "ok", "model": svc.model_name, "active": lim.active, "queued": lim.waiting,
+               "max_concurrent": lim.max_concurrent, "max_queue": lim.max_queue, "context_length": svc.context}
+        if svc.escalation is not None:  # who answered the chat requests so far
+            out["escalation"] = {"to": svc.escalation.url, "threshold": svc.escalation.threshold,
+                                 **svc.escalation.counts}
+        return out
 
     @app.get("/", include_in_schema=False)
     async def index():
@@ -1062,7 +1163,8 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
           max_prompt_tokens: int | None = None, stage: str | None = None, log_level: str = "info",
           docs: list[str] | None = None, compile: bool = True, api_key: str | None = None,
           allowed_hosts: str | None = None, insecure_no_api_key: bool = False, index: str | None = None,
-          memory: bool = True) -> None:
+          memory: bool = True, escalate_to: str | None = None, escalate_model: str | None = None,
+          threshold: float = 0.5) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
     import uvicorn
@@ -1072,18 +1174,26 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     limits = serve_limits(host, api_key, allowed_hosts, insecure_no_api_key)
     bound_memory()  # the CLI did it already; serve() may also be called from Python
     checkpoint = cfg.run.chat_checkpoint(stage)
+    escalation = None
+    if escalate_to:
+        import os
+
+        escalation = Escalation(escalate_to, load_calibration(cfg.run, checkpoint.parent.name), threshold,
+                                escalate_model, os.environ.get(API_KEY_ENV) or None)
     engine = load_engine(cfg, stage, docs, compile=compile, index=index)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
     if note:
         print(note, flush=True)
     notes = NoteStore(default_notes_path()) if memory else None
     app = create_app(engine, model_name=cfg.name, max_concurrent=max_concurrent, max_queue=max_queue,
-                     max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling, limits=limits, notes=notes)
+                     max_prompt_tokens=max_prompt_tokens, sampling=cfg.sampling, limits=limits, notes=notes,
+                     escalation=escalation)
     warm_up_decoder(app.state.exocortex.batcher, compile)  # before listening: no request waits for the compiler
     shown = f"[{host}]" if ":" in host else host
     print(f"exocortex serve — model '{cfg.name}' ({checkpoint.parent.name}, {checkpoint.name}) from {cfg.run_dir}\n"
           f"  chat page:  http://{shown}:{port}/\n  OpenAI API: http://{shown}:{port}/v1  "
-          f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)")
+          f"(limits: {max_concurrent} concurrent generations, {max_queue} queued)"
+          + (f"\n  escalation: to {escalation.url} when P(right) < {escalation.threshold}" if escalation else ""))
     # on Ctrl-C, replies still streaming get 5 s; their generations are then cancelled
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **server_options(limits))
 

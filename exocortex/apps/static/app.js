@@ -83,6 +83,12 @@ class Reply {
     this.parts[part.index].text += part.text;
     el.textContent = this.parts[part.index].text;
   }
+  // plain content without parts (a reply from the stronger model escalation sent the question to)
+  appendText(text) {
+    const last = this.parts.length - 1;
+    const index = last >= 0 && this.parts[last].type === "text" ? last : last + 1;
+    this.apply({ index, type: "text", text });
+  }
   done() {
     this.bubble.classList.remove("cursor");
     // the document passages lookup read (`serve --index`): their first line is "file, lines a-b:"
@@ -161,18 +167,31 @@ async function send(text) {
       try { message = (await res.json()).error.message; } catch (e) { /* not JSON */ }
       throw new Error(message);
     }
+    // `serve --escalate-to`: which model answered (this one, or the stronger one it asked)
+    const answeredBy = res.headers.get("X-Exocortex-Answered-By");
+    let withParts = false;  // exocortex sends every piece of the reply as a part (text, tool call, tool output)
     await readEvents(res, (data) => {
       if (data === "[DONE]") return false;
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) return true;
-      if (choice.delta && choice.delta.part) reply.apply(choice.delta.part);
+      if (choice.delta && choice.delta.part) {
+        reply.apply(choice.delta.part);
+        withParts = true;
+      } else if (!withParts && choice.delta && choice.delta.content) {
+        reply.appendText(choice.delta.content);  // a server that sends no parts: its text is the reply
+      }
       if (choice.finish_reason) finish = choice.finish_reason;
       scrollDown(false);
       return true;
     });
     if (finish === "length") addNote(bubble, "(cut off: max tokens reached)");
+    if (res.headers.get("X-Exocortex-Escalated") === "true") {
+      const p = res.headers.get("X-Exocortex-P-Correct");
+      addNote(bubble, "answered by " + answeredBy + " (escalated: " + (modelName || "this model")
+        + " put its own chance of being right at " + Math.round(parseFloat(p) * 100) + "%)");
+    }
   } catch (e) {
     if (e.name === "AbortError") {
       addNote(bubble, "(stopped)");
