@@ -12,16 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from exocortex.apps.guard import APIError
 from exocortex.device import autocast
-from exocortex.infer.engine import token_logprobs
+from exocortex.infer.confidence import sequence_logprobs
 
 MAX_TOP_LOGPROBS = 20  # chat's top_logprobs (OpenAI's limit)
 MAX_LEGACY_LOGPROBS = 5  # completions' logprobs (OpenAI's limit)
 MAX_N = 128  # choices per prompt (OpenAI's limit for n)
-SCORE_ROWS = 256  # prompt positions whose logits exist at once: a long prompt never holds T x vocab floats
 
 
 @dataclass
@@ -37,26 +34,12 @@ class TokenScore:
 
 # ----------------------------------------------------------------------------- the prompt's scores
 
-@torch.inference_mode()
 def score_prompt(engine, prompt: list[int], k: int) -> list[TokenScore]:
     """Each prompt token's log-probability under the model given the tokens before it, by one forward pass
-    (run it on the batcher's thread: Batcher.call). The hidden states are computed as GPT.forward computes them;
-    the output head runs SCORE_ROWS positions at a time, so memory stays small for long prompts."""
-    model, device = engine.model, engine.device
-    ids = torch.tensor([prompt], device=device)
-    with autocast(device, engine.dtype):
-        n = len(prompt)
-        cos, sin = model.rope_cos[:n], model.rope_sin[:n]
-        x = model.model.embed_tokens(ids)
-        for block in model.model.layers:
-            x = block(x, cos, sin)
-        x = model.model.norm(x)[0]
-        out = [TokenScore(prompt[0], None, [])]
-        for i in range(0, n - 1, SCORE_ROWS):
-            j = min(i + SCORE_ROWS, n - 1)
-            top, chosen = token_logprobs(model.lm_head(x[i:j]), prompt[i + 1:j + 1], k)
-            out += [TokenScore(t, lp, tp) for t, lp, tp in zip(prompt[i + 1:j + 1], chosen, top)]
-    return out
+    (infer/confidence.sequence_logprobs; run it on the batcher's thread: Batcher.call)."""
+    with autocast(engine.device, engine.dtype):
+        chosen, tops = sequence_logprobs(engine.model, prompt, k)
+    return [TokenScore(prompt[0], None, [])] + [TokenScore(t, lp, tp) for t, lp, tp in zip(prompt[1:], chosen, tops)]
 
 
 # ----------------------------------------------------------------------------- generated tokens' scores

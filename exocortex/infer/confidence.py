@@ -29,7 +29,7 @@ from exocortex.infer.engine import token_logprobs
 
 FEATURES = ("min_call", "min_text", "mean", "entropy", "length")
 TOP_K = 5           # alternatives per token the entropy is taken over (the batcher computes them for us)
-SCORE_ROWS = 256    # positions per output-head call when scoring a whole sequence: memory stays small
+SCORE_ROWS = 256    # positions whose logits exist at once: a long sequence never holds T x vocab floats
 
 
 class ConfidenceMeter:
