@@ -190,8 +190,10 @@ def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
     eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(reply, tok.vocab_size))
     samples = []
     out = chat_scores(eng, tok, {"facts_mc": t}, e, samples, "sft")
+    calibration = {k: out.pop(k) for k in list(out) if k.startswith("escalation_")}  # see test_escalation.py
     assert out == {"facts_mc_accuracy": 1.0, "facts_mc_n": 12, "facts_mc_heldout_accuracy": 0.0,
                    "facts_mc_heldout_n": 8}
+    assert calibration["escalation_n"] == 10  # the half not fitted on: both families
     assert {s["task"] for s in samples} == {"facts_mc", "facts_mc (held-out family)"}
     e.heldout_n = 0
     assert "facts_mc_heldout_accuracy" not in chat_scores(eng, tok, {"facts_mc": t}, e, [], "sft")
