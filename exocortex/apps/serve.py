@@ -989,7 +989,8 @@ class _Service:
                 answered = upstream.model or esc.model or "the endpoint's model"
                 return StreamingResponse(upstream.relay(), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Exocortex-Answered-By": answered,
-                                                  "X-Exocortex-Escalated": "true", "X-Exocortex-P-Correct": f"{p:.4f}"}), info
+                                                  "X-Exocortex-Escalated": "true",
+                                                  "X-Exocortex-P-Correct": f"{p:.4f}"}), info
             reply = await esc.complete(body)
         except (httpx.HTTPError, EscalationFailed) as e:
             esc.counts["escalation_failed"] += 1
