@@ -207,7 +207,8 @@ def test_a_sure_reply_streams_from_here_and_always_sends_it_on(servers):
         assert r.headers["x-exocortex-answered-by"] == "tiny" and events[-1] == "[DONE]"
         assert {json.loads(e)["model"] for e in events[:-1]} == {"tiny"}
         sent = httpx.post(local.url + "/v1/chat/completions", json={**ASK, "escalation": "always"}, timeout=60)
-        assert sent.json()["model"] == "strong"
+        assert sent.json()["model"] == "strong" and sent.json()["exocortex"]["p_correct"] is None  # not asked here
+        assert "x-exocortex-p-correct" not in sent.headers
     finally:
         local.stop()
 
@@ -225,7 +226,10 @@ def test_an_endpoint_that_fails_leaves_the_local_answer(servers):
         assert dead in body["exocortex"]["escalation_error"]
         s = httpx.post(local.url + "/v1/chat/completions", json={**ASK, "stream": True}, timeout=60)
         assert s.status_code == 200 and s.text.rstrip().endswith("data: [DONE]")
-        assert local.health()["escalation"]["escalation_failed"] == 2
+        always = httpx.post(local.url + "/v1/chat/completions", json={**ASK, "escalation": "always"}, timeout=60)
+        assert always.status_code == 200 and always.json()["model"] == "tiny"  # answered here after all
+        assert dead in always.json()["exocortex"]["escalation_error"]
+        assert local.health()["escalation"]["escalation_failed"] == 3
     finally:
         local.stop()
 

@@ -899,17 +899,26 @@ class _Service:
         sampling = self.check_common(req, prompt, max_tokens, "messages")
         constraint = await self.constraint(req, tools)
         escalating = self.escalating(req, n)
+        info = None
+        if escalating and req.escalation == "always":  # no local reply to weigh: straight on (or, failing, here)
+            escalated, info = await self.escalate(request, req, None)
+            if escalated is not None:
+                return escalated
+            escalating = False
         meter = ConfidenceMeter(self.engine) if escalating else None
         gens = self.start([(prompt, _seeded(sampling, j)) for j in range(n)], req.stop, top,
                           constraint=constraint, tools=tools, meter=meter)
-        results, info, headers = None, None, {}
+        results = None
         if escalating:  # the reply is held back until it ends: then it goes out, or the request goes on
             results = await self.collect(request, gens)
             escalated, info = await self.escalate(request, req, meter)
             if escalated is not None:
                 return escalated
-            headers = {"X-Exocortex-Answered-By": self.model_name, "X-Exocortex-Escalated": "false",
-                       "X-Exocortex-P-Correct": f"{info['p_correct']:.4f}"}
+        headers = {}
+        if info is not None:
+            headers = {"X-Exocortex-Answered-By": self.model_name, "X-Exocortex-Escalated": "false"}
+            if info["p_correct"] is not None:
+                headers["X-Exocortex-P-Correct"] = f"{info['p_correct']:.4f}"
         tok = self.engine.tok
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "created": created, "model": self.model_name, "system_fingerprint": None}
@@ -969,19 +978,20 @@ class _Service:
             return False  # n choices: each is sampled here, as asked
         return True
 
-    async def escalate(self, request: Request, req: ChatCompletionRequest, meter: ConfidenceMeter):
-        """After the local reply: (the stronger model's response, info) when it should answer, else (None, info
-        for the local reply)."""
+    async def escalate(self, request: Request, req: ChatCompletionRequest, meter: ConfidenceMeter | None):
+        """(the stronger model's response, info) when it should answer, else (None, info for the local reply).
+        `meter`: the local reply's, already generated; None with escalation "always" (nothing local to weigh)."""
         esc = self.escalation
-        p = esc.calibration.p_correct(meter.features())
-        info = {"answered_by": self.model_name, "escalated": False, "p_correct": round(p, 4),
+        p = esc.calibration.p_correct(meter.features()) if meter is not None else None
+        info = {"answered_by": self.model_name, "escalated": False, "p_correct": None if p is None else round(p, 4),
                 "threshold": esc.threshold}
-        if req.escalation != "always" and p >= esc.threshold:
+        if p is not None and p >= esc.threshold:
             esc.counts["answered_locally"] += 1
             return None, info
         import httpx
 
         body = json.loads(await request.body())
+        sent = {"X-Exocortex-Escalated": "true"} | ({} if p is None else {"X-Exocortex-P-Correct": f"{p:.4f}"})
         try:
             if req.stream:
                 upstream = await esc.open_stream(body)
@@ -989,8 +999,7 @@ class _Service:
                 answered = upstream.model or esc.model or "the endpoint's model"
                 return StreamingResponse(upstream.relay(), media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Exocortex-Answered-By": answered,
-                                                  "X-Exocortex-Escalated": "true",
-                                                  "X-Exocortex-P-Correct": f"{p:.4f}"}), info
+                                                  **sent}), info
             reply = await esc.complete(body)
         except (httpx.HTTPError, EscalationFailed) as e:
             esc.counts["escalation_failed"] += 1
@@ -1000,8 +1009,7 @@ class _Service:
         esc.counts["escalated"] += 1
         answered = reply.get("model") or esc.model or "the endpoint's model"
         reply["exocortex"] = {**info, "answered_by": answered, "escalated": True}
-        return JSONResponse(reply, headers={"X-Exocortex-Answered-By": str(answered), "X-Exocortex-Escalated": "true",
-                                            "X-Exocortex-P-Correct": f"{p:.4f}"}), info
+        return JSONResponse(reply, headers={"X-Exocortex-Answered-By": str(answered), **sent}), info
 
     async def completions(self, request: Request) -> Response:
         req = await self.parse(request, CompletionRequest)

@@ -188,9 +188,9 @@ async function send(text) {
     });
     if (finish === "length") addNote(bubble, "(cut off: max tokens reached)");
     if (res.headers.get("X-Exocortex-Escalated") === "true") {
-      const p = res.headers.get("X-Exocortex-P-Correct");
-      addNote(bubble, "answered by " + answeredBy + " (escalated: " + (modelName || "this model")
-        + " put its own chance of being right at " + Math.round(parseFloat(p) * 100) + "%)");
+      const p = res.headers.get("X-Exocortex-P-Correct");  // absent when the request asked for "always"
+      addNote(bubble, "answered by " + answeredBy + (p === null ? " (escalated)" : " (escalated: "
+        + (modelName || "this model") + " put its own chance of being right at " + Math.round(parseFloat(p) * 100) + "%)"));
     }
   } catch (e) {
     if (e.name === "AbortError") {
