@@ -2138,87 +2138,16 @@ def wordplay_doc(world: World, rng: random.Random) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# look-back: a value written down, then needed again further on. Every name and number is made up for
-# the document and never seen again, so the only way to predict it the second time is to find it earlier
-# in the text and copy it: what a chat model does with a tool's output (lookup, recall) and with the
-# letters of multiple-choice options. The world's own names are fixed, so a small model learned *them*
-# and answered a recalled note with a name it had memorised ("Your dog is called Tolo" after reading
-# "my dog is called Toha"): memory_recalled 10%.
-
-_LB_SYL = "ka lo ri ma te su ni bo ra fe li do ve mi to ha ze nu pa ro gi va sel mor tan bri col dun".split()
-_LB_THINGS = (("dog", "is called"), ("cat", "is called"), ("boat", "is named"), ("horse", "is called"),
-              ("sister", "is called"), ("teacher", "is called"), ("neighbour", "is called"))
-_LB_PLACES = ("ford", "ton", "wick", "mere", "by", "stead", "vale", "holm", "port")
-
-
-def _lb_name(rng: random.Random) -> str:
-    return "".join(rng.choice(_LB_SYL) for _ in range(rng.randint(2, 3))).capitalize()
-
-
-def _lb_value(rng: random.Random, kind: str) -> str:
-    return (_lb_name(rng) if kind == "thing" else _lb_name(rng) + rng.choice(_LB_PLACES) if kind == "town"
-            else str(rng.randint(10, 999)) if kind == "number" else str(rng.randint(1100, 1299)))
-
-
-def _lb_facts(rng: random.Random, n: int) -> list[tuple[str, str, str, str, str]]:
-    """n (kind, subject, statement, question, value) with fresh values, e.g. ("thing", "the dog", "the dog is
-    called Toha", "What is the dog called?", "Toha"); no two about the same subject."""
-    kinds = rng.sample(("thing", "thing", "thing", "town", "number", "year"), n)
-    things = iter(rng.sample(_LB_THINGS, 3))
-    out = []
-    for kind in kinds:
-        v = _lb_value(rng, kind)
-        if kind == "thing":
-            what, verb = next(things)
-            out.append((kind, f"the {what}", f"the {what} {verb} {v}", f"What {verb.split()[0]} the {what} "
-                        f"{verb.split()[1]}?", v))
-        elif kind == "town":
-            out.append((kind, "the town", f"the meeting is in {v}", "Where is the meeting?", v))
-        elif kind == "number":
-            out.append((kind, "the locker", f"the locker number is {v}", "What is the locker number?", v))
-        else:
-            out.append((kind, "the year", f"the bridge was built in {v}", "When was the bridge built?", v))
-    return out
-
-
-def lookback_doc(world: World, rng: random.Random) -> str:
-    kind = rng.randrange(4)
-    facts = _lb_facts(rng, rng.randint(2, 4))
-    owner = _lb_name(rng)
-    if kind == 0:  # numbered notes, then questions answered from them
-        lines = [f"{owner}'s notes:"] + [f"note {i + 1}: {f[2]}." for i, f in enumerate(facts)] + [""]
-        lines += [f"Q: {f[3]} A: {f[4]}." for f in rng.sample(facts, len(facts))]
-        return "\n".join(lines)
-    if kind == 1:  # a quoted record, restated in prose
-        quote = " ".join(_cap(f[2]) + "." for f in facts)
-        _, subj, st, q, v = rng.choice(facts)
-        return f"From {owner}'s letter: \"{quote}\" {q} The letter says {v}. So {st}."
-    if kind == 2:  # multiple choice: find the option that holds the value, copy its letter
-        k, subj, st, q, v = rng.choice(facts)
-        options = [o for o in dict.fromkeys(_lb_value(rng, k) for _ in range(6)) if o != v][:3]
-        pos = rng.randrange(len(options) + 1)
-        options.insert(pos, v)
-        shown = " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options))
-        return (f"{owner} said that {st}. {q} {shown}. {owner} said {v}, and {v} is option {'ABCD'[pos]}. "
-                f"The answer is {'ABCD'[pos]}.")
-    # a card, then a form filled in from it
-    card = "; ".join(f"{f[1].split()[1]}: {f[4]}" for f in facts)
-    filled = ", ".join(f"{f[1]} {f[4]}" for f in rng.sample(facts, len(facts)))
-    return f"Card {rng.randint(1, 99)} ({owner}) - {card}.\nCopied into the book: {filled}."
-
-
 DOC_FAMILIES = {
     "encyclopedia": 0.25,
-    "story": 0.22,
+    "story": 0.25,
     "dialogue": 0.20,
     "arithmetic": 0.15,
-    "descriptive": 0.08,
+    "descriptive": 0.11,
     "wordplay": 0.04,
-    "lookback": 0.06,
 }
 _FAMILY_FNS = {"story": story_doc, "dialogue": dialogue_doc, "arithmetic": arithmetic_doc,
-               "descriptive": descriptive_doc, "wordplay": wordplay_doc, "lookback": lookback_doc}
+               "descriptive": descriptive_doc, "wordplay": wordplay_doc}
 
 
 def generate_documents(seed: int, n_docs: int | None = None, target_bytes: int | None = None,

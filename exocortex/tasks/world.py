@@ -148,12 +148,7 @@ class Lookup(Task):
         q = self.world.ask(f, rng, last_wording=family == "last_wording")
         # `lookup` without a query searches the question itself (the engine passes the user's message): no
         # name to copy, and the shortest call to write
-        found = self.index(q)
-        if rng.random() < 0.5 and not found.startswith(("no results", "error")):
-            # as `exocortex index` cites a passage (infer/docstore.py): the source line first, then the text
-            folder = rng.choice(("notes", "docs", "encyclopedia", "wiki", "people", "archive"))
-            found = f"{folder}/{'-'.join(f.subject.lower().split())}.md, lines 1-{rng.randint(2, 9)}:\n{found}"
-        parts = [{"type": "tool_call", "text": tool_call_json("lookup", {})}, {"type": "tool_output", "text": found},
+        parts = [{"type": "tool_call", "text": tool_call_json("lookup", {})}, {"type": "tool_output", "text": self.index(q)},
                  {"type": "text", "text": f.answer}]
         return {"task": self.name, "answer": f.value, "family": family,
                 "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
