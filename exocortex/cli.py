@@ -63,7 +63,7 @@ OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
                                                 "to have calibrated the model (docs/serve.md: escalation)")),
                  (("--escalate-model",), dict(dest="escalate_model", default=None, metavar="NAME",
                                               help="the model name to ask for there (default: the request's)")),
-                 (("--threshold",), dict(dest="threshold", type=float, default=0.5,
+                 (("--threshold",), dict(dest="threshold", type=float, default=None,
                                          help="escalate when the calibrated chance that the local reply is right is "
                                               "below this (0-1, default 0.5); the endpoint's key comes from "
                                               "$EXOCORTEX_ESCALATE_API_KEY"))],

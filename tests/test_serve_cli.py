@@ -140,3 +140,25 @@ def test_a_compile_that_fails_falls_back_to_eager(run_dir, monkeypatch, capsys):
     assert replies[0].compile is False
     assert "decoding eagerly: compiling the decode step failed (RuntimeError" in capsys.readouterr().err
 
+
+
+def test_escalation_options_reach_the_app_or_say_what_is_missing(run_dir, monkeypatch, capsys):
+    """--escalate-to needs the stage's calibration (from `exocortex eval`); the options without it are an error."""
+    from exocortex.infer.confidence import Calibration
+    from exocortex.run import EvalSummary
+
+    for args, said in ((["--threshold", "0.3"], "add --escalate-to"),
+                       (["--escalate-to", "http://127.0.0.1:9/v1"], "run `exocortex eval --run r --stages sft`")):
+        with pytest.raises(SystemExit):
+            served(monkeypatch, "--run", str(run_dir), "--no-compile", *args)
+        assert said in capsys.readouterr().err
+    run = load_config(run_dir).run
+    run.write_summary("eval", EvalSummary(calibration={"sft": {"calibration": vars(Calibration(bias=2.0))}}))
+    try:
+        svc = served(monkeypatch, "--run", str(run_dir), "--escalate-to", "http://127.0.0.1:9/v1", "--threshold",
+                     "0.3", "--escalate-model", "big", "--no-compile")
+        esc = svc.escalation
+        assert (esc.url, esc.threshold, esc.model, esc.calibration.bias) == ("http://127.0.0.1:9/v1", 0.3, "big", 2.0)
+        assert "escalation: to http://127.0.0.1:9/v1 when P(right) < 0.3" in capsys.readouterr().out
+    finally:
+        (run.logs_dir / "eval_summary.json").unlink()

@@ -1173,7 +1173,7 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
           docs: list[str] | None = None, compile: bool = True, api_key: str | None = None,
           allowed_hosts: str | None = None, insecure_no_api_key: bool = False, index: str | None = None,
           memory: bool = True, escalate_to: str | None = None, escalate_model: str | None = None,
-          threshold: float = 0.5) -> None:
+          threshold: float | None = None) -> None:
     """Load a run's chat model (its `stage` checkpoint) and serve it until interrupted (Ctrl-C).
     `run` is a run directory or an already loaded RunConfig (the CLI passes one, with --set overrides)."""
     import uvicorn
@@ -1184,10 +1184,13 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
     bound_memory()  # the CLI did it already; serve() may also be called from Python
     checkpoint = cfg.run.chat_checkpoint(stage)
     escalation = None
+    if not escalate_to and (escalate_model or threshold is not None):
+        raise ExocortexError("--escalate-model and --threshold are for escalation: add --escalate-to URL")
     if escalate_to:
         import os
 
-        escalation = Escalation(escalate_to, load_calibration(cfg.run, checkpoint.parent.name), threshold,
+        escalation = Escalation(escalate_to, load_calibration(cfg.run, checkpoint.parent.name),
+                                0.5 if threshold is None else threshold,
                                 escalate_model, os.environ.get(API_KEY_ENV) or None)
     engine = load_engine(cfg, stage, docs, compile=compile, index=index)
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
