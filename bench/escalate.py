@@ -101,6 +101,8 @@ def main() -> None:
     always = curve[-1]["accuracy"]
     print(f"\n| threshold | answered by {a.local} | accuracy | vs always {a.remote} |\n|---|---|---|---|")
     for row in curve:
+        if round(row["threshold"] * 100) % 5 and row is not best and row is not even:
+            continue
         print(f"| {row['threshold']:.2f} | {row['local_share']:.0%} | {row['accuracy']:.1%} | "
               f"{row['accuracy'] / max(1e-9, always):.0%} |")
     print(f"\nlive, threshold {threshold:.2f}: {share:.0%} answered by {a.local}, accuracy {acc:.1%} "

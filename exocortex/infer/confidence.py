@@ -174,7 +174,7 @@ def calibration_error(p: list[float], correct: list[bool], bins: int = 10) -> fl
     return err
 
 
-THRESHOLDS = tuple(i / 20 for i in range(21)) + (1.01,)  # 1.01: always escalate
+THRESHOLDS = tuple(i / 100 for i in range(101)) + (1.01,)  # 1.01: always escalate
 
 
 def escalation_curve(p_local: list[float], local_ok: list[bool], remote_ok: list[bool],

@@ -175,7 +175,7 @@ def escalation_section(ev: EvalSummary | None, run_dir: Path) -> list[str]:
              if best else ""), "",
           "| threshold | answered by " + a + " | accuracy |", "|---|---|---|"]
     L += [f"| {row['threshold']:.2f} | {row['local_share']:.0%} | {row['accuracy']:.1%} |"
-          for row in curve if round(row["threshold"] * 20) % 2 == 0 or row["threshold"] > 1]
+          for row in curve if round(row["threshold"] * 100) % 10 == 0 or row["threshold"] > 1 or row is best]
     L.append("")
     try:
         import matplotlib
