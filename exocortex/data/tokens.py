@@ -82,18 +82,23 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+def pool_context():
+    """Worker processes from a fork server where the OS has one, else spawned. Not a plain fork: this process may
+    already run threads (pyarrow's readers, tiktoken's encoders), and a child forked while one of them holds a lock
+    waits on it forever (a hub-data tokenizer run hung that way, once in a CI run)."""
+    return mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+
+
 def encoded_tasks(tok: Tokenizer, tasks: list[Task], workers: int = 0) -> Iterator[tuple]:
-    """encode_docs of each task's documents, in task order. workers > 1: that many processes; 1: this
-    process, threads inside tiktoken. Workers are forked where the OS can (no re-import of the caller's
-    script, instant start; they only run tiktoken, numpy and pyarrow, never torch); spawned elsewhere."""
+    """encode_docs of each task's documents, in task order. workers > 1: that many processes (pool_context);
+    1: this process, threads inside tiktoken."""
     n = min(workers or default_workers(), len(tasks))
     if n <= 1:
         dtype = token_dtype(tok.vocab_size)
         for task in tasks:
             yield encode_docs(tok, list(read_task(task)), dtype, num_threads=0)
         return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(n, initializer=_init_worker, initargs=(tok.mergeable_ranks,)) as pool:
+    with pool_context().Pool(n, initializer=_init_worker, initargs=(tok.mergeable_ranks,)) as pool:
         # ordered results; chunksize 1 keeps the head of the line moving when tasks differ in size
         yield from pool.imap(_encode_task, tasks, chunksize=1)
 
@@ -285,8 +290,7 @@ def corpus_duplicates(tasks: list[Task], workers: int = 1, threshold: float = 0.
         results = map(_task_signatures, tasks)
         pool = None
     else:
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ctx.Pool(n_workers)
+        pool = pool_context().Pool(n_workers)
         results = pool.imap(_task_signatures, tasks, chunksize=1)
     try:
         for done, (keys, sigs) in enumerate(results, 1):
