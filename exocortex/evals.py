@@ -2,7 +2,9 @@
 
 - bits per byte: summed loss over the bytes the target tokens stand for, comparable across tokenizers.
 - in-context: few-shot multiple choice scored by the lowest mean loss of each option, and exact-match
-  generation; each task's accuracy is centred, (acc - chance) / (1 - chance), and CORE is their mean.
+  generation; each task's accuracy is centred, (acc - chance) / (1 - chance), and CORE is their mean. One more
+  exact-match item, copy_em (a list of made-up words read back), probes in-context copying and stays out of
+  the mean: it is what lookup, memory and multiple choice rest on.
 - chat tasks: held-out questions of a task, greedy, tools on; a task with phrasing families (exocortex/tasks/
   phrasing.py) is measured twice: `<task>_accuracy` on its test items asked in the families it trained on, and
   `<task>_heldout_accuracy` on the same kind of items asked in families it never saw (the gap is how much of
@@ -95,9 +97,9 @@ def core_scores(model, tok: Tokenizer, tasks: dict[str, dict], device, dtype) ->
     centred = []
     for name, task in tasks.items():
         acc = incontext_accuracy(model, tok, task, device, dtype)
-        c = (acc - task["chance"]) / (1 - task["chance"])
         out[f"{name}_accuracy"] = acc
-        centred.append(c)
+        if task.get("in_core", True):  # a probe (copy_em) is reported beside CORE, not averaged into it
+            centred.append((acc - task["chance"]) / (1 - task["chance"]))
     out["core"] = sum(centred) / max(1, len(centred))
     return out
 

@@ -562,3 +562,48 @@ def test_a_file_of_one_split_joins_only_that_splits_draws(tmp_path):
     assert {c["task"] for c in mixture_conversations(tasks, mix, 40, 0, "test")} == {"arithmetic"}
     with pytest.raises(ExocortexError, match="no task in the mixture has 'test' rows"):
         mixture_conversations(tasks, {f"jsonl:{path}": 1.0}, 4, 0, "test")
+
+
+class _InductionHead(torch.nn.Module):
+    """A perfect in-context copier: predicts the token that followed the earlier position whose preceding
+    tokens match the current ones longest (else token 0). What copy_em is meant to detect."""
+
+    def __init__(self, vocab: int, seq_len: int):
+        super().__init__()
+        self.vocab = vocab
+        self.cfg = type("Cfg", (), {"seq_len": seq_len})()
+
+    def forward(self, idx):
+        B, T = idx.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            row = idx[b].tolist()
+            for t in range(T):
+                best, nxt = 0, 0
+                for j in range(t):
+                    n = 0
+                    while n <= j and row[j - n] == row[t - n]:
+                        n += 1
+                    if n > best:
+                        best, nxt = n, row[j + 1]
+                logits[b, t, nxt] = 1.0
+        return logits
+
+
+def test_copy_probe_tells_a_copier_from_a_model_that_cannot_copy(tok, small_cfg):
+    """copy_em (tasks/core.py) is 1.0 for a perfect copier and 0 for an untrained model, and it is reported
+    beside CORE without entering its mean."""
+    import random
+
+    from exocortex.evals import core_scores
+    from exocortex.model import GPT
+    from exocortex.tasks.core import copy_items
+
+    tasks = {"copy_em": {"kind": "em", "chance": 0.0, "in_core": False, "items": copy_items(20, random.Random(3))}}
+    copier = _InductionHead(tok.vocab_size, 512)
+    assert core_scores(copier, tok, tasks, torch.device("cpu"), torch.float32)["copy_em_accuracy"] == 1.0
+    scores = core_scores(GPT(small_cfg).eval(), tok, tasks, torch.device("cpu"), torch.float32)
+    assert scores["copy_em_accuracy"] == 0.0 and scores["core"] == 0.0  # no task counted in the mean
+    tasks["sure"] = {"kind": "em", "chance": 0.0, "items": copy_items(5, random.Random(4))}
+    both = core_scores(copier, tok, tasks, torch.device("cpu"), torch.float32)
+    assert both["core"] == pytest.approx(both["sure_accuracy"])  # the mean is over the other task alone

@@ -78,6 +78,7 @@ def plot_losses(run_dir: Path) -> list[str]:
 
 ROW_NAMES = {"val_bpb": "val bits per byte ↓", "core": "CORE-style in-context (centred) ↑",
              "world_cloze_accuracy": "in-context: world cloze (4-way)", "arithmetic_em_accuracy": "in-context: arithmetic exact match",
+             "copy_em_accuracy": "in-context: copying a list read before",
              "lookup_no_tool_accuracy": "lookup — same questions, tool off",
              "documents_accuracy": "lookup — same questions, your-documents index (exocortex index)",
              "documents_cited": "  replies citing a passage (file, lines)",

@@ -215,6 +215,7 @@ def world_incontext_tasks(world, n: int, seed: int) -> dict[str, dict]:
     """Offline CORE-style tasks from the generated world: {name: {"kind", "chance", "items"}}.
 
     world_cloze: "<subject> lives in" -> which of 4 values (mc). arithmetic_em: few-shot "a + b = " -> exact match.
+    copy_em: a list of made-up words read back (exact match of its last two words).
     Item formats (shared with tasks/core.py's DCLM bundle loader): mc {"context", "choices", "gold"} or
     schema-style mc {"contexts", "continuation", "gold"}; em {"context", "continuation"}.
     """
@@ -244,4 +245,25 @@ def world_incontext_tasks(world, n: int, seed: int) -> dict[str, dict]:
         q, a = pair()
         em.append({"context": f"{demo}\n{q}", "continuation": " " + a})
     return {"world_cloze": {"kind": "mc", "chance": 0.25, "items": cloze},
-            "arithmetic_em": {"kind": "em", "chance": 0.0, "items": em}}
+            "arithmetic_em": {"kind": "em", "chance": 0.0, "items": em},
+            "copy_em": {"kind": "em", "chance": 0.0, "in_core": False, "items": copy_items(n, rng)}}
+
+
+_SYLLABLES = [c + v for c in "b d f g k l m n p r s t v z".split() + ["br", "st", "kr", "th"] for v in "a e i o u".split()]
+_COPY_INTROS = ("The note said:", "She wrote down", "The code words were", "On the list:", "He read out")
+_COPY_AGAIN = ("Later, reading it back:", "Again:", "Once more, slowly:", "Copied out:", "In the same order:")
+
+
+def copy_items(n: int, rng: random.Random) -> list[dict]:
+    """In-context copying (what an induction head does): a list of made-up words, then the list again; the model
+    must finish the second pass with the list's last two words, which it can only take from the first pass.
+    Lookup, memory, citations and multiple choice all need this: the answer is in the context, not in the weights."""
+    def word() -> str:
+        return "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+    items = []
+    for _ in range(n):
+        seq = [word() for _ in range(rng.randint(4, 7))]
+        items.append({"context": f"{rng.choice(_COPY_INTROS)} {' '.join(seq)}. {rng.choice(_COPY_AGAIN)} "
+                                 f"{' '.join(seq[:-2])}",
+                      "continuation": " " + " ".join(seq[-2:])})
+    return items
