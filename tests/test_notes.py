@@ -165,3 +165,73 @@ def test_the_memory_eval_runs_two_sessions_through_a_store(tok):
     scores = memory_scores(eng, tok, Memory(), 5, 0, 600)
     assert scores["memory_saved"] == 1.0 and scores["memory_other_user"] == 0.0 and scores["memory_n"] == 5
     assert set(eng.tools) == {"calculator", "python"}  # the engine's own tools are back
+
+
+def test_the_owner_sees_and_changes_the_memory_over_http(tok, tmp_path):
+    """/v1/memory: list, add, edit and forget one user's notes (what the chat page's memory panel uses), the
+    model's own notes among them; another user's notes are never listed, edited or forgotten; every request we
+    do not serve is a 4xx that says why; with --no-memory the endpoints say memory is off."""
+    import httpx
+
+    from exocortex.apps.serve import create_app
+    from exocortex.config import ModelConfig
+    from exocortex.infer.engine import Engine
+    from exocortex.model import GPT
+    from scripted import Scripted
+    from test_serve import MODEL, Server
+
+    sp = tok.special
+    script = lambda prompt: [sp["<tool_call>"], *tok.encode("\n" + call("remember") + "\n"), sp["</tool_call>"],
+                             *tok.encode("»ok"), sp["<|assistant_end|>"]]
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=1.0)
+    store = NoteStore(tmp_path / "notes.sqlite", max_notes=3, note_chars=40)
+    eng = Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
+    server = Server(create_app(eng, MODEL, notes=store))
+    url = server.url + "/v1/memory"
+    try:
+        server.client().chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "I am Ann."}],
+                                                user="ann")
+        listed = httpx.get(url, params={"user": "ann"}).json()
+        assert listed["user"] == "ann" and [(n["text"], n["source"]) for n in listed["data"]] == [("I am Ann.", "api")]
+        added = httpx.post(url, params={"user": "ann"}, json={"text": "  likes   tea "}).json()
+        assert added["text"] == "likes tea" and added["object"] == "memory.note"
+        edited = httpx.patch(f"{url}/{added['id']}", params={"user": "ann"}, json={"text": "likes coffee"}).json()
+        assert edited["text"] == "likes coffee" and store.get("ann", added["id"]).text == "likes coffee"
+        assert httpx.get(url).json()["data"] == []  # no ?user=: "local", as the chat page and `exocortex chat`
+        bob = httpx.post(url, params={"user": "bob"}, json={"text": "secret"}).json()
+        for r in (httpx.delete(f"{url}/{bob['id']}", params={"user": "ann"}),
+                  httpx.patch(f"{url}/{bob['id']}", params={"user": "ann"}, json={"text": "x"}),
+                  httpx.delete(f"{url}/999", params={"user": "ann"})):
+            assert r.status_code == 404 and r.json()["error"]["code"] == "note_not_found", r.text
+        evil = httpx.delete(f"{url}/{bob['id']}", params={"user": "bob"}, headers={"origin": "http://evil.example"})
+        assert evil.status_code == 403 and store.get("bob", bob["id"]) is not None  # another site's page
+        assert store.get("bob", bob["id"]).text == "secret"
+        assert "secret" not in httpx.get(url, params={"user": "ann"}).text
+        gone = httpx.delete(f"{url}/{added['id']}", params={"user": "ann"})
+        assert gone.json() == {"id": added["id"], "object": "memory.note.deleted", "deleted": True}
+        assert [n["text"] for n in httpx.get(url, params={"user": "ann"}).json()["data"]] == ["I am Ann."]
+        bad = [(httpx.post(url, json={"text": "x" * 41}), "text", "at most 40 characters"),
+               (httpx.post(url, json={"text": "   "}), "text", "empty"),
+               (httpx.post(url, json={"note": "x"}), "text", "JSON object"),
+               (httpx.post(url, json={"text": "x", "user": "ann"}), "user", "Unknown field"),
+               (httpx.post(url, content=b"{oops", headers={"content-type": "application/json"}), None, "could not parse"),
+               (httpx.get(url, params={"user": "x" * 300}), "user", "printable"),
+               (httpx.get(url, params={"owner": "ann"}), "owner", "Unknown query parameter"),
+               (httpx.delete(f"{url}/abc"), None, "")]
+        for r, param, words in bad:
+            assert r.status_code == 400, (r.status_code, r.text)
+            assert words in r.json()["error"]["message"] and (param is None or r.json()["error"]["param"] == param)
+        for text in ("one", "two"):
+            httpx.post(url, params={"user": "cy"}, json={"text": text})
+        httpx.post(url, params={"user": "cy"}, json={"text": "three"})
+        full = httpx.post(url, params={"user": "cy"}, json={"text": "four"})
+        assert full.status_code == 400 and "memory is full" in full.json()["error"]["message"]
+    finally:
+        server.stop()
+    off = Server(create_app(Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size)),
+                            MODEL, notes=None))
+    try:
+        r = httpx.get(off.url + "/v1/memory")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "memory_off" and "--no-memory" in r.text
+    finally:
+        off.stop()

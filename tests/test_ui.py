@@ -173,3 +173,46 @@ def test_chat_page_says_when_a_stronger_model_answered(tok):
     finally:
         server.stop()
         strong.stop()
+
+
+def test_chat_page_shows_and_forgets_what_the_model_remembers(tok, tmp_path):
+    """The Memory panel lists the page user's notes, shows the one the model saves during a reply, adds one
+    typed in, and forgets one: the store changes with it."""
+    from exocortex.infer.notes import NoteStore
+    from exocortex.tokenizer import tool_call_json
+
+    sp = tok.special
+    script = [sp["<tool_call>"], *tok.encode("\n" + tool_call_json("remember", {}) + "\n"), sp["</tool_call>"],
+              *tok.encode("»Noted."), sp["<|assistant_end|>"]]
+    cfg = ModelConfig(depth=1, width=16, head_dim=16, vocab_size=tok.vocab_size, seq_len=256, mlp_ratio=1.0)
+    store = NoteStore(tmp_path / "notes.sqlite")
+    store.add("local", "I live in Tarsk.", "chat")
+    store.add("someone else", "not for this page", "api")
+    engine = Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
+    server = Server(create_app(engine, MODEL, notes=store))
+    try:
+        with sync_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                         "--disable-dev-shm-usage"])
+            page = browser.new_page()
+            page.goto(server.url + "/")
+            page.click("#memory summary")
+            notes = page.locator("#notes li span")
+            notes.first.wait_for(timeout=10_000)
+            assert notes.all_inner_texts() == ["I live in Tarsk."]
+            page.fill("#input", "My cat is called Pip.")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('#notes li span').length === 2", timeout=10_000)
+            assert notes.all_inner_texts() == ["I live in Tarsk.", "My cat is called Pip."]
+            page.fill("#note-text", "I prefer tea.")
+            page.click("#note-form button")
+            page.wait_for_function("document.querySelectorAll('#notes li span').length === 3", timeout=10_000)
+            page.locator("#notes li", has_text="I live in Tarsk.").locator("button").click()
+            page.wait_for_function("document.querySelectorAll('#notes li span').length === 2", timeout=10_000)
+            assert notes.all_inner_texts() == ["My cat is called Pip.", "I prefer tea."]
+            page.screenshot(path=str(ARTIFACTS / "ui_memory.png"))
+            browser.close()
+        assert [n.text for n in store.list("local")] == ["My cat is called Pip.", "I prefer tea."]
+        assert [n.text for n in store.list("someone else")] == ["not for this page"]
+    finally:
+        server.stop()

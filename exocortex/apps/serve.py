@@ -58,6 +58,7 @@ from exocortex.infer.notes import LOCAL_USER, NoteStore, default_notes_path
 from exocortex.infer.engine import Batcher, load_engine, unwrap
 from exocortex.infer.engine import Request as GenRequest
 from exocortex.infer.sandbox import python_tool_status
+from exocortex.infer.tools import ToolError
 
 try:
     from fastapi import FastAPI, Request
@@ -1096,6 +1097,75 @@ class _Service:
                 "context_length": self.context}
 
 
+def _memory_routes(app, svc: _Service) -> None:
+    """/v1/memory: the model's notes for their owner, what `exocortex memory list|add|edit|forget` does, for the
+    chat page and API clients; `?user=` says whose notes, as a chat request's `user` field does."""
+    def notes_of(request: Request) -> tuple[NoteStore, str]:
+        if svc.notes is None:
+            raise APIError(404, "This server keeps no memory (it was started with --no-memory).",
+                           type="not_found_error", code="memory_off")
+        extra = sorted(set(request.query_params) - {"user"})
+        if extra:
+            raise APIError(400, f"Unknown query parameter {extra[0]!r}; the memory endpoints take only 'user'.",
+                           param=extra[0], code="unknown_parameter")
+        return svc.notes, svc.user_key(request.query_params.get("user"))
+
+    async def note_text(request: Request) -> str:
+        try:
+            data = json.loads((await request.body()).decode("utf-8"))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json")
+        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+            raise APIError(400, 'The body must be a JSON object {"text": "..."}.', param="text", code="invalid_value")
+        if set(data) != {"text"}:
+            other = sorted(set(data) - {"text"})[0]
+            raise APIError(400, f"Unknown field {other!r}; a note is {{\"text\": ...}} (whose: ?user=).",
+                           param=other, code="unknown_parameter")
+        return data["text"]
+
+    def note_json(n) -> dict:
+        return {"id": n.id, "object": "memory.note", "text": n.text, "source": n.source,
+                "created_at": int(n.created), "updated_at": int(n.updated)}
+
+    def missing_note(note_id: int, user: str) -> APIError:
+        return APIError(404, f"No note {note_id} in the memory of user {user!r}.", type="not_found_error",
+                        param="note_id", code="note_not_found")
+
+    @app.get("/v1/memory")
+    async def memory_list(request: Request):
+        store, user = notes_of(request)
+        return {"object": "list", "user": user, "data": [note_json(n) for n in store.list(user)]}
+
+    @app.post("/v1/memory")
+    async def memory_add(request: Request):
+        store, user = notes_of(request)
+        text = await note_text(request)
+        try:
+            return note_json(store.get(user, store.add(user, text, "api")))
+        except ToolError as e:  # empty, too long, memory full: the limits the model's own tool meets
+            raise APIError(400, f"{e}.", param="text", code="invalid_value")
+
+    @app.patch("/v1/memory/{note_id}")
+    async def memory_edit(note_id: int, request: Request):
+        store, user = notes_of(request)
+        text = await note_text(request)
+        if store.get(user, note_id) is None:
+            raise missing_note(note_id, user)
+        try:
+            store.edit(user, note_id, text)
+        except ToolError as e:
+            raise APIError(400, f"{e}.", param="text", code="invalid_value")
+        return note_json(store.get(user, note_id))
+
+    @app.delete("/v1/memory/{note_id}")
+    async def memory_forget(note_id: int, request: Request):
+        store, user = notes_of(request)
+        if store.get(user, note_id) is None:
+            raise missing_note(note_id, user)
+        store.forget(user, note_id)
+        return {"id": note_id, "object": "memory.note.deleted", "deleted": True}
+
+
 def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int = 64,
                max_prompt_tokens: int | None = None, sampling: SamplingConfig | None = None,
                limits: Limits | None = None, notes: NoteStore | None = None,
@@ -1159,6 +1229,8 @@ def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int
             out["escalation"] = {"to": svc.escalation.url, "threshold": svc.escalation.threshold,
                                  **svc.escalation.counts}
         return out
+
+    _memory_routes(app, svc)
 
     @app.get("/", include_in_schema=False)
     async def index():

@@ -215,7 +215,49 @@ async function send(text) {
     }
     scrollDown(false);
     input.focus();
+    loadNotes();
   }
+}
+
+// the model's memory of this page's user ("local", as `exocortex chat`): listed when the panel is open, after
+// every reply (the model may have saved a note), and changed through /v1/memory
+async function memoryRequest(method, path, body) {
+  const res = await fetch("/v1/memory" + path, {
+    method,
+    headers: body ? { "Content-Type": "application/json", ...authHeaders() } : authHeaders(),
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  if (res.status === 401) askForKey();
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error((data.error && data.error.message) || res.status + " " + res.statusText);
+  return data;
+}
+
+async function loadNotes() {
+  const list = $("notes");
+  if (!$("memory").open) return;
+  let notes;
+  try {
+    notes = (await memoryRequest("GET", "")).data;
+  } catch (e) {
+    list.replaceChildren(Object.assign(document.createElement("li"), { className: "error", textContent: e.message }));
+    return;
+  }
+  list.replaceChildren(...notes.map((n) => {
+    const li = document.createElement("li");
+    li.dataset.id = n.id;
+    const text = Object.assign(document.createElement("span"), { textContent: n.text });
+    text.title = "saved from " + n.source + ", " + new Date(n.updated_at * 1000).toLocaleString();
+    const forget = Object.assign(document.createElement("button"), { type: "button", textContent: "Forget" });
+    forget.addEventListener("click", async () => {
+      try { await memoryRequest("DELETE", "/" + n.id); } catch (e) { alert(e.message); }
+      loadNotes();
+    });
+    li.append(text, forget);
+    return li;
+  }));
+  if (!notes.length) list.replaceChildren(Object.assign(document.createElement("li"), {
+    className: "empty-notes", textContent: "No notes yet." }));
 }
 
 function stop() {
@@ -254,5 +296,16 @@ input.addEventListener("input", autosize);
 document.addEventListener("keydown", (ev) => { if (ev.key === "Escape") stop(); });
 stopBtn.addEventListener("click", stop);
 $("new-chat").addEventListener("click", newChat);
+$("memory").addEventListener("toggle", loadNotes);
+$("note-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const text = $("note-text").value.trim();
+  if (!text) return;
+  try {
+    await memoryRequest("POST", "", { text });
+    $("note-text").value = "";
+  } catch (e) { alert(e.message); }
+  loadNotes();
+});
 
 loadModel();
