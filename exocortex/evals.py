@@ -3,7 +3,7 @@
 - bits per byte: summed loss over the bytes the target tokens stand for, comparable across tokenizers.
 - in-context: few-shot multiple choice scored by the lowest mean loss of each option, and exact-match
   generation; each task's accuracy is centred, (acc - chance) / (1 - chance), and CORE is their mean. One more
-  exact-match item, copy_em (a list of made-up words read back), probes in-context copying and stays out of
+  exact-match task, copy_em (a list of made-up words read back), probes in-context copying and stays out of
   the mean: it is what lookup, memory and multiple choice rest on.
 - chat tasks: held-out questions of a task, greedy, tools on; a task with phrasing families (exocortex/tasks/
   phrasing.py) is measured twice: `<task>_accuracy` on its test items asked in the families it trained on, and

@@ -602,8 +602,11 @@ def test_copy_probe_tells_a_copier_from_a_model_that_cannot_copy(tok, small_cfg)
     tasks = {"copy_em": {"kind": "em", "chance": 0.0, "in_core": False, "items": copy_items(20, random.Random(3))}}
     copier = _InductionHead(tok.vocab_size, 512)
     assert core_scores(copier, tok, tasks, torch.device("cpu"), torch.float32)["copy_em_accuracy"] == 1.0
+    small_cfg.seq_len = 256  # the whole item in view: a model that copied could score
     scores = core_scores(GPT(small_cfg).eval(), tok, tasks, torch.device("cpu"), torch.float32)
-    assert scores["copy_em_accuracy"] == 0.0 and scores["core"] == 0.0  # no task counted in the mean
-    tasks["sure"] = {"kind": "em", "chance": 0.0, "items": copy_items(5, random.Random(4))}
+    assert scores["copy_em_accuracy"] == 0.0
+    # beside a task the copier cannot do (its answer is not in the context), CORE is that task's score alone
+    unseen = [{"context": it["context"], "continuation": " zzqx"} for it in copy_items(4, random.Random(4))]
+    tasks["unseen"] = {"kind": "em", "chance": 0.0, "items": unseen}
     both = core_scores(copier, tok, tasks, torch.device("cpu"), torch.float32)
-    assert both["core"] == pytest.approx(both["sure_accuracy"])  # the mean is over the other task alone
+    assert both["copy_em_accuracy"] == 1.0 and both["unseen_accuracy"] == 0.0 and both["core"] == 0.0

@@ -205,6 +205,9 @@ def test_the_owner_sees_and_changes_the_memory_over_http(tok, tmp_path):
             assert r.status_code == 404 and r.json()["error"]["code"] == "note_not_found", r.text
         evil = httpx.delete(f"{url}/{bob['id']}", params={"user": "bob"}, headers={"origin": "http://evil.example"})
         assert evil.status_code == 403 and store.get("bob", bob["id"]) is not None  # another site's page
+        for huge in (2**63, 10**30, 0, -1):  # past sqlite's integers: not a note, not a crash
+            for r in (httpx.delete(f"{url}/{huge}"), httpx.patch(f"{url}/{huge}", json={"text": "x"})):
+                assert r.status_code == 404 and r.json()["error"]["code"] == "note_not_found", r.text
         assert store.get("bob", bob["id"]).text == "secret"
         assert "secret" not in httpx.get(url, params={"user": "ann"}).text
         gone = httpx.delete(f"{url}/{added['id']}", params={"user": "ann"})
@@ -217,6 +220,11 @@ def test_the_owner_sees_and_changes_the_memory_over_http(tok, tmp_path):
                (httpx.post(url, content=b"{oops", headers={"content-type": "application/json"}), None, "could not parse"),
                (httpx.get(url, params={"user": "x" * 300}), "user", "printable"),
                (httpx.get(url, params={"owner": "ann"}), "owner", "Unknown query parameter"),
+               (httpx.post(url, content=b'{"text": "\\ud800"}', headers={"content-type": "application/json"}),
+                "text", "lone surrogate"),
+               (httpx.get(url, params=[("user", "ann"), ("user", "local")]), "user", "once"),
+               (httpx.request("DELETE", f"{url}/{bob['id']}", params={"user": "bob"}, json={"text": "x"}), None,
+                "no body"),
                (httpx.delete(f"{url}/abc"), None, "")]
         for r, param, words in bad:
             assert r.status_code == 400, (r.status_code, r.text)

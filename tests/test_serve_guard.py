@@ -165,6 +165,13 @@ def test_cross_origin_and_non_json_posts_are_refused(engine):
                 assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", ctype
             r = c.post(CHAT, content=raw, headers={"Content-Type": "Application/JSON; charset=utf-8"})
             assert r.status_code == 200
+            # a DELETE without a body has no type to check (past the guard: this server keeps no memory)
+            assert c.delete("/v1/memory/1").json()["error"]["code"] == "memory_off"
+            assert c.delete("/v1/memory/1", headers={"Origin": "http://evil.example"}).status_code == 403
+            r = c.request("DELETE", "/v1/memory/1", content=b"x", headers={"Content-Type": "text/plain"})
+            assert r.status_code == 415
+            r = c.request("DELETE", "/v1/memory/1", content=iter([b"x"]))  # chunked, no type
+            assert r.status_code == 415 and r.request.headers.get("transfer-encoding") == "chunked"
     finally:
         server.stop()
 

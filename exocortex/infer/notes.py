@@ -1,11 +1,12 @@
 """The model's notes about its user, kept across sessions: the `remember`, `recall` and `forget` tools.
 
 One SQLite database (`$EXOCORTEX_HOME/notes.sqlite`, default ~/.exocortex) holds every user's notes; a note
-belongs to one user key (the chat CLI's `--user`, or for the server the request's API key and `user` field,
-apps/serve.py) and no tool ever reads or changes another key's notes. Each note keeps where it came from
+belongs to one user key (the chat CLI's `--user`, or for the server the request's `user` field, apps/serve.py)
+and no tool ever reads or changes another key's notes. Each note keeps where it came from
 (`source`: chat, api, cli) and when it was written or last edited. Limits: NOTE_CHARS per note and
 MAX_NOTES per user; past them the tool answers with an error the model reads (and the owner can `exocortex
-memory forget`). The owner sees and changes everything with `exocortex memory list|edit|forget`.
+memory forget`). The owner sees and changes everything with `exocortex memory list|edit|forget`, or on the
+server's /v1/memory and its chat page's Memory panel.
 
 Like lookup, `recall` and `forget` with no query use the user's last message (a small model decides *when*
 to recall; copying the right words into a query is what it does badly). A note's text is data to the model,

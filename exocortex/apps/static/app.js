@@ -227,22 +227,26 @@ async function memoryRequest(method, path, body) {
     headers: body ? { "Content-Type": "application/json", ...authHeaders() } : authHeaders(),
     body: body ? JSON.stringify(body) : undefined,
   });
-  if (res.status === 401) askForKey();
-  const data = await res.json().catch(() => ({}));
+  const data = await res.json().catch(() => ({}));  // a 401 shows in the panel: Send asks for the key
   if (!res.ok) throw new Error((data.error && data.error.message) || res.status + " " + res.statusText);
   return data;
 }
 
+let notesLoad = 0;  // only the latest listing is shown (an earlier one may answer last)
+
 async function loadNotes() {
   const list = $("notes");
   if (!$("memory").open) return;
+  const mine = ++notesLoad;
   let notes;
   try {
     notes = (await memoryRequest("GET", "")).data;
   } catch (e) {
-    list.replaceChildren(Object.assign(document.createElement("li"), { className: "error", textContent: e.message }));
+    if (mine === notesLoad) list.replaceChildren(Object.assign(document.createElement("li"), {
+      className: "error", textContent: e.message }));
     return;
   }
+  if (mine !== notesLoad) return;
   list.replaceChildren(...notes.map((n) => {
     const li = document.createElement("li");
     li.dataset.id = n.id;
@@ -250,6 +254,7 @@ async function loadNotes() {
     text.title = "saved from " + n.source + ", " + new Date(n.updated_at * 1000).toLocaleString();
     const forget = Object.assign(document.createElement("button"), { type: "button", textContent: "Forget" });
     forget.addEventListener("click", async () => {
+      forget.disabled = true;
       try { await memoryRequest("DELETE", "/" + n.id); } catch (e) { alert(e.message); }
       loadNotes();
     });
