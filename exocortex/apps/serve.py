@@ -1098,95 +1098,103 @@ class _Service:
                 "context_length": self.context}
 
 
+# ----------------------------------------------------------------------------- the model's memory, for its owner
+
+def _notes_of(svc: _Service, request: Request) -> tuple[NoteStore, str]:
+    if svc.notes is None:
+        raise APIError(404, "This server keeps no memory (it was started with --no-memory).",
+                       type="not_found_error", code="memory_off")
+    extra = sorted(set(request.query_params) - {"user"})
+    if extra:
+        raise APIError(400, f"Unknown query parameter {extra[0]!r}; the memory endpoints take only 'user'.",
+                       param=extra[0], code="unknown_parameter")
+    if len(request.query_params.getlist("user")) > 1:
+        raise APIError(400, "Give 'user' once.", param="user", code="invalid_value")
+    return svc.notes, svc.user_key(request.query_params.get("user"))
+
+
+async def _note_text(request: Request) -> str:
+    try:
+        data = json.loads((await request.body()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json")
+    if not isinstance(data, dict) or not isinstance(data.get("text"), str):
+        raise APIError(400, 'The body must be a JSON object {"text": "..."}.', param="text", code="invalid_value")
+    if set(data) != {"text"}:
+        other = sorted(set(data) - {"text"})[0]
+        raise APIError(400, f"Unknown field {other!r}; a note is {{\"text\": ...}} (whose: ?user=).",
+                       param=other, code="unknown_parameter")
+    try:
+        data["text"].encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): not text sqlite can store
+        raise APIError(400, "The note's text is not valid Unicode (it holds a lone surrogate).", param="text",
+                       code="invalid_value") from None
+    return data["text"]
+
+
+def _note_json(n) -> dict:
+    return {"id": n.id, "object": "memory.note", "text": n.text, "source": n.source,
+            "created_at": int(n.created), "updated_at": int(n.updated)}
+
+
+def _missing_note(note_id: int, user: str) -> APIError:
+    return APIError(404, f"No note {note_id} in the memory of user {user!r}.", type="not_found_error",
+                    param="note_id", code="note_not_found")
+
+
+def _change_note(store: NoteStore, user: str, note_id: int, act) -> dict:
+    """Run `act` on note `note_id` of `user`: 404 when there is no such note (also when it went between the
+    check and the change), 400 with the store's reason when the change breaks a limit."""
+    if not 0 < note_id < INT64 or store.get(user, note_id) is None:  # sqlite's integers are 64-bit
+        raise _missing_note(note_id, user)
+    try:
+        act()
+    except ToolError as e:
+        if store.get(user, note_id) is None:
+            raise _missing_note(note_id, user) from None
+        raise APIError(400, f"{e}.", param="text", code="invalid_value") from None
+    note = store.get(user, note_id)
+    return _note_json(note) if note else {"id": note_id, "object": "memory.note.deleted", "deleted": True}
+
+
+def _add_note(store: NoteStore, user: str, text: str) -> dict:
+    try:
+        nid = store.add(user, text, "api")  # the same text again: the note it already has
+    except ToolError as e:  # empty, too long, memory full: the limits the model's own tool meets
+        raise APIError(400, f"{e}.", param="text", code="invalid_value") from None
+    note = store.get(user, nid)
+    if note is None:  # forgotten by another request in between
+        raise _missing_note(nid, user)
+    return _note_json(note)
+
+
 def _memory_routes(app, svc: _Service) -> None:
     """/v1/memory: the model's notes for their owner, what `exocortex memory list|add|edit|forget` does, for the
     chat page and API clients; `?user=` says whose notes, as a chat request's `user` field does. The store's
     work runs in a worker thread (sqlite blocks), each check and change in one call."""
-    def notes_of(request: Request) -> tuple[NoteStore, str]:
-        if svc.notes is None:
-            raise APIError(404, "This server keeps no memory (it was started with --no-memory).",
-                           type="not_found_error", code="memory_off")
-        extra = sorted(set(request.query_params) - {"user"})
-        if extra:
-            raise APIError(400, f"Unknown query parameter {extra[0]!r}; the memory endpoints take only 'user'.",
-                           param=extra[0], code="unknown_parameter")
-        if len(request.query_params.getlist("user")) > 1:
-            raise APIError(400, "Give 'user' once.", param="user", code="invalid_value")
-        return svc.notes, svc.user_key(request.query_params.get("user"))
-
-    async def note_text(request: Request) -> str:
-        try:
-            data = json.loads((await request.body()).decode("utf-8"))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise APIError(400, f"We could not parse the JSON body of your request: {e}", code="invalid_json")
-        if not isinstance(data, dict) or not isinstance(data.get("text"), str):
-            raise APIError(400, 'The body must be a JSON object {"text": "..."}.', param="text", code="invalid_value")
-        if set(data) != {"text"}:
-            other = sorted(set(data) - {"text"})[0]
-            raise APIError(400, f"Unknown field {other!r}; a note is {{\"text\": ...}} (whose: ?user=).",
-                           param=other, code="unknown_parameter")
-        try:
-            data["text"].encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate ("\ud800"): not text sqlite can store
-            raise APIError(400, "The note's text is not valid Unicode (it holds a lone surrogate).", param="text",
-                           code="invalid_value") from None
-        return data["text"]
-
-    def note_json(n) -> dict:
-        return {"id": n.id, "object": "memory.note", "text": n.text, "source": n.source,
-                "created_at": int(n.created), "updated_at": int(n.updated)}
-
-    def missing_note(note_id: int, user: str) -> APIError:
-        return APIError(404, f"No note {note_id} in the memory of user {user!r}.", type="not_found_error",
-                        param="note_id", code="note_not_found")
-
-    def change(store: NoteStore, user: str, note_id: int, act) -> dict:
-        """Run `act` on note `note_id` of `user`: 404 when there is no such note (also when it went between the
-        check and the change), 400 with the store's reason when the change breaks a limit."""
-        if not 0 < note_id < INT64 or store.get(user, note_id) is None:  # sqlite's integers are 64-bit
-            raise missing_note(note_id, user)
-        try:
-            act()
-        except ToolError as e:
-            if store.get(user, note_id) is None:
-                raise missing_note(note_id, user) from None
-            raise APIError(400, f"{e}.", param="text", code="invalid_value") from None
-        note = store.get(user, note_id)
-        return note_json(note) if note else {"id": note_id, "object": "memory.note.deleted", "deleted": True}
-
-    def add(store: NoteStore, user: str, text: str) -> dict:
-        try:
-            nid = store.add(user, text, "api")  # the same text again: the note it already has
-        except ToolError as e:  # empty, too long, memory full: the limits the model's own tool meets
-            raise APIError(400, f"{e}.", param="text", code="invalid_value") from None
-        note = store.get(user, nid)
-        if note is None:  # forgotten by another request in between
-            raise missing_note(nid, user)
-        return note_json(note)
-
     @app.get("/v1/memory")
     async def memory_list(request: Request):
-        store, user = notes_of(request)
+        store, user = _notes_of(svc, request)
         notes = await run_in_threadpool(store.list, user)
-        return {"object": "list", "user": user, "data": [note_json(n) for n in notes]}
+        return {"object": "list", "user": user, "data": [_note_json(n) for n in notes]}
 
     @app.post("/v1/memory")
     async def memory_add(request: Request):
-        store, user = notes_of(request)
-        return await run_in_threadpool(add, store, user, await note_text(request))
+        store, user = _notes_of(svc, request)
+        return await run_in_threadpool(_add_note, store, user, await _note_text(request))
 
     @app.patch("/v1/memory/{note_id}")
     async def memory_edit(note_id: int, request: Request):
-        store, user = notes_of(request)
-        text = await note_text(request)
-        return await run_in_threadpool(change, store, user, note_id, lambda: store.edit(user, note_id, text))
+        store, user = _notes_of(svc, request)
+        text = await _note_text(request)
+        return await run_in_threadpool(_change_note, store, user, note_id, lambda: store.edit(user, note_id, text))
 
     @app.delete("/v1/memory/{note_id}")
     async def memory_forget(note_id: int, request: Request):
-        store, user = notes_of(request)
+        store, user = _notes_of(svc, request)
         if await request.body():
             raise APIError(400, "DELETE /v1/memory/{id} takes no body (whose note: ?user=).", code="invalid_value")
-        return await run_in_threadpool(change, store, user, note_id, lambda: store.forget(user, note_id))
+        return await run_in_threadpool(_change_note, store, user, note_id, lambda: store.forget(user, note_id))
 
 
 def create_app(engine, model_name: str, max_concurrent: int = 16, max_queue: int = 64,

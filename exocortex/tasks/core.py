@@ -249,7 +249,7 @@ def world_incontext_tasks(world, n: int, seed: int) -> dict[str, dict]:
             "copy_em": {"kind": "em", "chance": 0.0, "in_core": False, "items": copy_items(n, rng)}}
 
 
-_SYLLABLES = [c + v for c in "b d f g k l m n p r s t v z".split() + ["br", "st", "kr", "th"] for v in "a e i o u".split()]
+_SYLLABLES = [c + v for c in "b d f g k l m n p r s t v z br st kr th".split() for v in "aeiou"]
 _COPY_INTROS = ("The note said:", "She wrote down", "The code words were", "On the list:", "He read out")
 _COPY_AGAIN = ("Later, reading it back:", "Again:", "Once more, slowly:", "Copied out:", "In the same order:")
 
