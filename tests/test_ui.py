@@ -3,6 +3,7 @@
 Needs Debian's `chromium` and the `playwright` Python package (its own browser download is not used);
 skipped when either is missing. The screenshot is kept as a test artifact in test-artifacts/ui_chat.png.
 """
+import contextlib
 import os
 import shutil
 import time
@@ -25,6 +26,18 @@ from exocortex.model import GPT  # noqa: E402
 from exocortex.apps.serve import Limits, create_app  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("EXOCORTEX_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+
+
+@contextlib.contextmanager
+def browser_page():
+    """A page in headless Chromium (Debian's), closed with the browser afterwards."""
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
+                                                                     "--disable-dev-shm-usage"])
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
 
 
 def test_chat_page_streams_reply_with_tool_call(tok):
@@ -80,17 +93,13 @@ def test_chat_page_asks_for_the_api_key(tok):
     server = Server(create_app(engine, MODEL, limits=Limits(api_key="page-key")))
     asked = []
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                         "--disable-dev-shm-usage"])
-            page = browser.new_page()
+        with browser_page() as page:
             page.on("dialog", lambda d: (asked.append(d.message), d.accept("page-key")))
             page.goto(server.url + "/")
             page.locator("#model", has_text=MODEL).wait_for(timeout=10_000)
             page.fill("#input", "hi")
             page.click("#send")
             page.locator(".msg.assistant .bubble", has_text="Hello there.").wait_for(timeout=10_000)
-            browser.close()
     finally:
         server.stop()
     assert len(asked) == 1 and "API key" in asked[0]
@@ -114,17 +123,13 @@ def test_chat_page_shows_the_sources_a_reply_read(tok, tmp_path):
                     decoder=Scripted(script, tok.vocab_size))
     server = Server(create_app(engine, MODEL))
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                         "--disable-dev-shm-usage"])
-            page = browser.new_page()
+        with browser_page() as page:
             page.goto(server.url + "/")
             page.fill("#input", "What does the market in Tarsk sell?")
             page.click("#send")
             sources = page.locator(".msg.assistant .sources").last
             sources.wait_for(timeout=10_000)
             assert sources.inner_text() == "Sources: notes/trip.md, lines 1-3"
-            browser.close()
     finally:
         server.stop()
 
@@ -158,10 +163,7 @@ def test_chat_page_says_when_a_stronger_model_answered(tok):
                     decoder=Scripted([*tok.encode("Lyon?"), sp["<|assistant_end|>"]], tok.vocab_size))
     server = Server(create_app(engine, MODEL, escalation=Escalation(strong.url + "/v1", Calibration(bias=-50.0))))
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                         "--disable-dev-shm-usage"])
-            page = browser.new_page()
+        with browser_page() as page:
             page.goto(server.url + "/")
             page.fill("#input", "What is the capital of France?")
             page.click("#send")
@@ -169,7 +171,6 @@ def test_chat_page_says_when_a_stronger_model_answered(tok):
             note.wait_for(timeout=10_000)
             assert note.inner_text().startswith("answered by big-model (escalated:")
             assert "Paris is the capital." in page.locator(".msg.assistant .bubble").last.inner_text()
-            browser.close()
     finally:
         server.stop()
         strong.stop()
@@ -191,10 +192,7 @@ def test_chat_page_shows_and_forgets_what_the_model_remembers(tok, tmp_path):
     engine = Engine(GPT(cfg), tok, torch.device("cpu"), decoder=Scripted(script, tok.vocab_size))
     server = Server(create_app(engine, MODEL, notes=store))
     try:
-        with sync_api.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu",
-                                                                         "--disable-dev-shm-usage"])
-            page = browser.new_page()
+        with browser_page() as page:
             page.goto(server.url + "/")
             page.click("#memory summary")
             notes = page.locator("#notes li span")
@@ -211,7 +209,6 @@ def test_chat_page_shows_and_forgets_what_the_model_remembers(tok, tmp_path):
             page.wait_for_function("document.querySelectorAll('#notes li span').length === 2", timeout=10_000)
             assert notes.all_inner_texts() == ["My cat is called Pip.", "I prefer tea."]
             page.screenshot(path=str(ARTIFACTS / "ui_memory.png"))
-            browser.close()
         assert [n.text for n in store.list("local")] == ["My cat is called Pip.", "I prefer tea."]
         assert [n.text for n in store.list("someone else")] == ["not for this page"]
     finally:
