@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from exocortex.checkpoint import load_model  # noqa: E402
 from exocortex.config import load_config  # noqa: E402
 from exocortex.data.world import World, spelling_words  # noqa: E402
+from exocortex.errors import ExocortexError  # noqa: E402
 from exocortex.evals import incontext_accuracy  # noqa: E402
 from exocortex.model import GPT  # noqa: E402
 from exocortex.tasks.core import copy_items  # noqa: E402
@@ -138,4 +139,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ExocortexError as e:  # no such run, a damaged checkpoint: one line, as the CLI says it
+        sys.exit(f"error: {e}")
