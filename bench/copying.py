@@ -9,7 +9,10 @@ Probes, per checkpoint:
 - copy_em: the base eval's probe (tasks/core.py): a list of made-up words read back, exact match of the last two;
 - world list: 12 words of the world's lexicon, then the same 12 again; next-token accuracy on the first pass and
   on the second (a model that copies gets the second right; one that does not is as lost as the first time);
-- random tokens: 40 random token ids twice; next-token accuracy on the second pass (chance ~0).
+- random tokens: 40 random token ids twice; next-token accuracy on the second pass (chance ~0);
+- heads: on those repeated lists, the attention mass the strongest head of each layer puts on the previous
+  token (a previous-token head) and, on the second pass, on the token after the earlier occurrence of the
+  current one (an induction head). Copying takes both, in that order of layers.
 --train N: N steps of nothing but repeated random token lists (rows of 96, lists of 8-40 tokens), with the run's
 pretraining optimizer and learning rates, starting from the pretrained checkpoint (or a fresh model); it prints
 the loss and the second-pass accuracy every 25 steps: the step where copying forms. The last line is one JSON
@@ -34,7 +37,7 @@ from exocortex.config import load_config  # noqa: E402
 from exocortex.data.world import World, spelling_words  # noqa: E402
 from exocortex.errors import ExocortexError  # noqa: E402
 from exocortex.evals import incontext_accuracy  # noqa: E402
-from exocortex.model import GPT  # noqa: E402
+from exocortex.model import GPT, apply_rotary  # noqa: E402
 from exocortex.tasks.core import copy_items  # noqa: E402
 from exocortex.tokenizer import Tokenizer  # noqa: E402
 from exocortex.train.optim import build_optimizers  # noqa: E402
@@ -67,6 +70,39 @@ def probe(model, tok: Tokenizer, words: list[str]) -> dict:
     g = torch.Generator().manual_seed(0)
     rand = torch.randint(300, min(4000, tok.vocab_size), (32, 40), generator=g)
     out["random_second"] = second_pass_accuracy(model, torch.cat([rand, rand], 1).tolist(), [40] * 32)[1]
+    out["heads"] = attention_roles(model, torch.cat([rand[:8], rand[:8]], 1))
+    return out
+
+
+@torch.no_grad()
+def attention_roles(model, lists: torch.Tensor) -> dict[str, list[float]]:
+    """Per layer, the largest mean attention of any head on the previous token, and on the second pass of
+    `lists` (each row a list read twice) on the token that followed the current token's first occurrence."""
+    n = lists.shape[1] // 2
+    maps: list[torch.Tensor] = []
+
+    def keep(attn, inputs, _out):
+        x, cos, sin = inputs
+        B, T, _ = x.shape
+        q = attn.q_norm(attn.q_proj(x).view(B, T, attn.n_heads, attn.hd)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x).view(B, T, attn.n_kv, attn.hd)).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k = k.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
+        scores = (q @ k.transpose(-1, -2)) / attn.hd ** 0.5
+        maps.append(scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).softmax(-1))
+
+    hooks = [layer.self_attn.register_forward_hook(keep) for layer in model.model.layers]
+    try:
+        model(lists)
+    finally:
+        for h in hooks:
+            h.remove()
+    pos = torch.arange(1, lists.shape[1])
+    later = torch.arange(n + 1, 2 * n - 1)
+    out = {"previous_token": [], "induction": []}
+    for a in maps:  # (B, H, T, T)
+        out["previous_token"].append(round(a[:, :, pos, pos - 1].mean((0, 2)).max().item(), 3))
+        out["induction"].append(round(a[:, :, later, later - n + 1].mean((0, 2)).max().item(), 3))
     return out
 
 
@@ -124,9 +160,10 @@ def main() -> None:
             print(f"{stage}: not trained in this run")
             continue
         r = probe(load_model(trained[stage])[0], tok, words)
-        result["probes"][stage] = {k: round(v, 3) for k, v in r.items()}
+        result["probes"][stage] = {k: v if k == "heads" else round(v, 3) for k, v in r.items()}
         print(f"{stage:9s} copy_em {r['copy_em']:.2f} | world list {r['world_list_first']:.2f} -> "
-              f"{r['world_list_second']:.2f} | random tokens, 2nd pass {r['random_second']:.2f}")
+              f"{r['world_list_second']:.2f} | random tokens, 2nd pass {r['random_second']:.2f} | per layer: "
+              f"previous-token head {r['heads']['previous_token']}, induction head {r['heads']['induction']}")
     if args.train:
         if args.from_scratch:
             model = GPT(cfg.model)
