@@ -88,6 +88,8 @@ class ModelConfig:
     seq_len: Annotated[int, Range(2, 2**20)] = 512
     rope_theta: Annotated[float, Range(1, 1e12)] = 10000.0
     norm_eps: Annotated[float, Range(1e-12, 1)] = 1e-6
+    # start with a copying circuit wired in (GPT.wire_copying): at the tiny preset's 300 steps none forms on its own
+    induction_init: bool = False
 
     @property
     def n_embd(self) -> int:
@@ -113,6 +115,10 @@ class ModelConfig:
             raise ExocortexError(f"n_kv_heads={self.kv_heads} must divide the number of heads {self.n_heads}")
         if self.head_dim % 2:
             raise ExocortexError("head_dim must be even for rotary embeddings")
+        if self.induction_init and (self.depth < 2 or self.kv_heads < 2 or self.head_dim < 16
+                                    or self.n_embd < 2 * self.head_dim):
+            raise ExocortexError("model.induction_init needs depth >= 2, 2 or more key/value heads, head_dim >= 16 "
+                                 "and width >= 2 * head_dim; set model.induction_init=false for this shape")
 
 
 @dataclass
@@ -278,7 +284,8 @@ class RunConfig:
 def _tiny() -> RunConfig:
     """Fits a 2-core CPU: the whole speedrun in ~15 minutes. Shape chosen by measurement (docs/tiny.md)."""
     c = RunConfig(name="tiny", preset="tiny")
-    c.model = ModelConfig(depth=4, width=256, head_dim=64, vocab_size=4096, seq_len=256, mlp_ratio=3.0)
+    c.model = ModelConfig(depth=4, width=256, head_dim=64, vocab_size=4096, seq_len=256, mlp_ratio=3.0,
+                          induction_init=True)
     c.tokenizer.vocab_size = 4096
     c.tokenizer.train_bytes = 8_000_000
     c.data.world_bytes = 20_000_000

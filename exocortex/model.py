@@ -134,6 +134,67 @@ class GPT(nn.Module):
             else:
                 bound = math.sqrt(3.0 / d)  # uniform with std 1/sqrt(fan_in)
                 p.uniform_(-bound, bound, generator=g)
+        if self.cfg.induction_init:
+            self.wire_copying(g)
+
+    @torch.no_grad()
+    def wire_copying(self, g: torch.Generator | None = None) -> None:
+        """Wire one in-context copying circuit into the fresh weights (ModelConfig.induction_init).
+
+        A tiny model trained for a few hundred steps never learns to copy from its context on its own, and
+        reading a tool's output, a note or a multiple-choice option needs exactly that (docs/tiny.md). The
+        residual stream is split into lanes: token content | a constant | the token one back | two back |
+        copy-out. Layer 0, heads 0 and 1, attend one and two positions back (their queries and keys read only
+        the constant lane, with rotary phases that differ by that offset) and write a fingerprint (12 numbers) of
+        that token into its lane. Layer 1, head 0, matches the fingerprints of the current and the previous
+        token against every earlier position's two lanes, in rotary pairs that turn too slowly to see
+        distance, and writes what followed the match into the copy-out lane, which the unembedding reads.
+        Untrained, this copies any list it has seen (tests/test_model.py); pretraining keeps it and tunes the
+        rest around it. The weights are plain Qwen3 weights: exports are unaffected.
+        """
+        d, hd = self.cfg.n_embd, self.cfg.head_dim
+        half = hd // 2
+        fp = min(12, hd // 4) // 2 * 2  # fingerprint size (even: half of it in each of a query's two matches)
+        content = d - 2 * fp - hd - 1
+        const = content
+        back1, back2 = slice(content + 1, content + 1 + fp), slice(content + 1 + fp, content + 1 + 2 * fp)
+        out = slice(content + 1 + 2 * fp, d)
+        emb = self.model.embed_tokens.weight
+        emb[:, content:] = 0.0
+        emb[:, const] = 4.0
+        fingerprint = torch.randn(fp, content, generator=g) / math.sqrt(content)
+        readout = torch.randn(hd, content, generator=g) / math.sqrt(content)
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+        fast = list(range(min(8, half - fp)))  # the fastest-turning rotary pairs: a sharp peak at the offset
+        slow = list(range(half - fp, half))  # the slowest: a match regardless of distance
+        look_back, match = self.model.layers[0].self_attn, self.model.layers[1].self_attn
+        group = self.cfg.n_heads // self.cfg.kv_heads  # query heads per key/value head
+        for kv, (offset, lane) in enumerate(((1, back1), (2, back2))):
+            q, k = kv * group * hd, kv * hd  # first row of the query head, and of its key/value head
+            look_back.q_proj.weight[q:q + hd] = 0.0
+            look_back.k_proj.weight[k:k + hd] = look_back.v_proj.weight[k:k + hd] = 0.0
+            for p in fast:
+                look_back.q_proj.weight[q + p, const] = 1.0
+                look_back.k_proj.weight[k + p, const] = math.cos(offset * inv_freq[p])
+                look_back.k_proj.weight[k + p + half, const] = math.sin(offset * inv_freq[p])
+            look_back.v_proj.weight[k:k + fp, :content] = fingerprint
+            look_back.o_proj.weight[lane, q:q + fp] = torch.eye(fp)
+        now = slow[:fp // 2] + [p + half for p in slow[:fp // 2]]
+        before = slow[fp // 2:] + [p + half for p in slow[fp // 2:]]
+        for proj in (match.q_proj, match.k_proj, match.v_proj):
+            proj.weight[:hd] = 0.0
+        match.q_proj.weight[now, :content] = fingerprint
+        match.q_proj.weight[before, back1] = torch.eye(fp)
+        match.k_proj.weight[now, back1] = torch.eye(fp)
+        match.k_proj.weight[before, back2] = torch.eye(fp)
+        match.v_proj.weight[:hd, :content] = readout
+        match.o_proj.weight[out, :hd] = torch.eye(hd)
+        sharp = fast + [p + half for p in fast]
+        look_back.q_norm.weight[sharp] = look_back.k_norm.weight[sharp] = 1.5
+        match.q_norm.weight[now + before] = match.k_norm.weight[now + before] = 2.0
+        # a weak vote at the start: a strong one is wrong so often on ordinary text that training tears it down
+        self.lm_head.weight.zero_()
+        self.lm_head.weight[:, out] = 0.04 * emb[:, :content] @ readout.T
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

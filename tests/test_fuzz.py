@@ -240,7 +240,7 @@ def test_a_tokenizer_file_missing_its_last_ranks_is_refused(run_copy):
 def test_a_corpus_too_small_for_one_val_row_says_how_much_is_needed(tmp_path):
     (tmp_path / "a.txt").write_text("The river town sells glimmerfern at market. " * 40)
     sets = ["tokenizer.vocab_size=300", "model.width=32", "model.depth=1", "model.head_dim=16", "model.seq_len=64",
-            "pretrain.max_steps=1", "pretrain.compile=false", "pretrain.device_batch=2", "logging.tensorboard=off"]
+            "model.induction_init=false", "pretrain.max_steps=1", "pretrain.compile=false", "pretrain.device_batch=2", "logging.tensorboard=off"]
     code, err = invoke(["pretrain", "--runs-dir", str(tmp_path), "--run", "s", "--data", str(tmp_path / "a.txt"),
                         *[a for kv in sets for a in ("--set", kv)]])
     assert_one_line_failure(code, err, "tiny corpus")

@@ -1,5 +1,10 @@
+import dataclasses
+
+import pytest
 import torch
 
+from exocortex.config import ModelConfig
+from exocortex.errors import ExocortexError
 from exocortex.model import GPT
 
 
@@ -49,3 +54,30 @@ def test_batch_without_targets_is_zero_loss_not_nan(small_cfg):
     y[0] = -1
     mean = model(x, y)
     torch.testing.assert_close(mean, model(x, y, reduction="none").view(2, 8)[1].mean())
+
+
+def _second_pass_accuracy(model, n: int = 30):
+    """Next-token accuracy over the second reading of random lists read twice (first reading too, for contrast)."""
+    lists = torch.randint(8, model.cfg.vocab_size, (8, n))
+    ids = torch.cat([lists, lists], 1)
+    with torch.no_grad():
+        hit = (model(ids).argmax(-1)[:, :-1] == ids[:, 1:]).float()
+    return hit[:, :n - 1].mean().item(), hit[:, n:].mean().item()
+
+
+# narrower models get fingerprints too short to tell tokens apart; (256, 64, 2): grouped-query attention
+@pytest.mark.parametrize("width,head_dim,kv_heads", [(256, 64, 0), (128, 32, 0), (256, 64, 2)])
+def test_the_wired_copying_circuit_copies_before_any_training(width, head_dim, kv_heads):
+    cfg = ModelConfig(depth=2, width=width, head_dim=head_dim, n_kv_heads=kv_heads, vocab_size=2048, seq_len=128,
+                      induction_init=True)
+    first, second = _second_pass_accuracy(GPT(cfg))
+    assert second > 0.9 and first < 0.05  # it copies what it read; it does not know what comes first
+    plain = GPT(dataclasses.replace(cfg, induction_init=False))
+    assert _second_pass_accuracy(plain)[1] < 0.05
+
+
+@pytest.mark.parametrize("change", [dict(depth=1), dict(n_kv_heads=1), dict(head_dim=8, width=64)])
+def test_induction_init_on_a_shape_it_cannot_wire_is_an_error(change):
+    cfg = ModelConfig(**{**dict(depth=2, width=256, head_dim=64, induction_init=True), **change})
+    with pytest.raises(ExocortexError, match="induction_init=false"):
+        cfg.validate()
