@@ -21,6 +21,7 @@ object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -98,7 +99,7 @@ def attention_roles(model, lists: torch.Tensor) -> dict[str, list[float]]:
         for h in hooks:
             h.remove()
     pos = torch.arange(1, lists.shape[1])
-    later = torch.arange(n + 1, 2 * n - 1)
+    later = torch.arange(n + 1, 2 * n)
     out = {"previous_token": [], "induction": []}
     for a in maps:  # (B, H, T, T)
         out["previous_token"].append(round(a[:, :, pos, pos - 1].mean((0, 2)).max().item(), 3))
@@ -165,8 +166,8 @@ def main() -> None:
               f"{r['world_list_second']:.2f} | random tokens, 2nd pass {r['random_second']:.2f} | per layer: "
               f"previous-token head {r['heads']['previous_token']}, induction head {r['heads']['induction']}")
     if args.train:
-        if args.from_scratch:
-            model = GPT(cfg.model)
+        if args.from_scratch:  # unwired: how long copying takes to form on its own
+            model = GPT(dataclasses.replace(cfg.model, induction_init=False))
         else:
             model, _ = load_model(cfg.run.require_checkpoint("pretrain"))
         print(f"copy training, {args.train} steps from {'scratch' if args.from_scratch else 'pretrain'}:")

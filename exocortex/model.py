@@ -144,13 +144,15 @@ class GPT(nn.Module):
         A tiny model trained for a few hundred steps never learns to copy from its context on its own, and
         reading a tool's output, a note or a multiple-choice option needs exactly that (docs/tiny.md). The
         residual stream is split into lanes: token content | a constant | the token one back | two back |
-        copy-out. Layer 0, heads 0 and 1, attend one and two positions back (their queries and keys read only
-        the constant lane, with rotary phases that differ by that offset) and write a fingerprint (12 numbers) of
-        that token into its lane. Layer 1, head 0, matches the fingerprints of the current and the previous
-        token against every earlier position's two lanes, in rotary pairs that turn too slowly to see
-        distance, and writes what followed the match into the copy-out lane, which the unembedding reads.
-        Untrained, this copies any list it has seen (tests/test_model.py); pretraining keeps it and tunes the
-        rest around it. The weights are plain Qwen3 weights: exports are unaffected.
+        copy-out. In layer 0 two heads (on different key/value heads) attend one and two positions back: their
+        queries and keys read only the constant lane, with rotary phases that differ by that offset. Each
+        writes a fingerprint of that token (12 numbers; fewer below head_dim 48) into its lane. In layer 1 one
+        head matches the fingerprints of the current and the previous token against every earlier position's
+        two lanes, in the slowest rotary pairs (at head_dim 64 they stay in phase for some 600 tokens; the
+        match fades beyond), and writes what followed into the copy-out lane, which the unembedding reads.
+        Untrained, it copies a list read twice (tests/test_model.py; below width 128 the fingerprints are too
+        short to tell tokens apart). The QK-norm gains it raises are shared by the other heads of layers 0 and
+        1, whose outputs start at zero. The weights are plain Qwen3 weights: exports are unaffected.
         """
         d, hd = self.cfg.n_embd, self.cfg.head_dim
         half = hd // 2
@@ -166,7 +168,7 @@ class GPT(nn.Module):
         readout = torch.randn(hd, content, generator=g) / math.sqrt(content)
         inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
         fast = list(range(min(8, half - fp)))  # the fastest-turning rotary pairs: a sharp peak at the offset
-        slow = list(range(half - fp, half))  # the slowest: a match regardless of distance
+        slow = list(range(half - fp, half))  # the slowest: a match that hardly depends on distance
         look_back, match = self.model.layers[0].self_attn, self.model.layers[1].self_attn
         group = self.cfg.n_heads // self.cfg.kv_heads  # query heads per key/value head
         for kv, (offset, lane) in enumerate(((1, back1), (2, back2))):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.slow
 
 SETS = ["--set", "data.world_bytes=400000", "--set", "tokenizer.train_bytes=300000", "--set", "tokenizer.vocab_size=512",
-        "--set", "model.width=64", "--set", "model.depth=2", "--set", "model.seq_len=64",
+        "--set", "model.width=64", "--set", "model.induction_init=false", "--set", "model.depth=2", "--set", "model.seq_len=64",
         "--set", "pretrain.max_steps=5", "--set", "pretrain.time_minutes=0", "--set", "pretrain.compile=false",
         "--set", "pretrain.dtype=float32", "--set", "pretrain.device_batch=4", "--set", "pretrain.batch_tokens=512",
         "--set", "pretrain.eval_every=5", "--set", "pretrain.checkpoint_every=0"]

@@ -11,7 +11,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 SMALL = ["--set", "data.world_bytes=1500000", "--set", "tokenizer.train_bytes=1000000",
-         "--set", "tokenizer.vocab_size=1024", "--set", "model.width=64", "--set", "model.depth=2",
+         "--set", "tokenizer.vocab_size=1024", "--set", "model.width=64", "--set", "model.induction_init=false", "--set", "model.depth=2",
          "--set", "model.seq_len=128", "--set", "pretrain.max_steps=12", "--set", "pretrain.time_minutes=0",
          "--set", "pretrain.compile=false", "--set", "sft.compile=false", "--set", "pretrain.device_batch=8",
          "--set", "pretrain.batch_tokens=1024", "--set", "sft.device_batch=8", "--set", "sft.batch_tokens=1024",

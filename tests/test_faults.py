@@ -26,7 +26,7 @@ from exocortex.errors import ExocortexError
 from exocortex.run import RunDir
 from exocortex.tokenizer import Tokenizer
 
-SETS = ["data.world_bytes=200000", "tokenizer.train_bytes=150000", "tokenizer.vocab_size=512", "model.width=64",
+SETS = ["data.world_bytes=200000", "tokenizer.train_bytes=150000", "tokenizer.vocab_size=512", "model.width=64", "model.induction_init=false",
         "model.depth=2", "model.seq_len=64", "pretrain.max_steps=6", "pretrain.time_minutes=0",
         "pretrain.compile=false", "pretrain.dtype=float32", "pretrain.device_batch=4", "pretrain.batch_tokens=256",
         "pretrain.eval_every=3", "pretrain.eval_tokens=1024", "pretrain.checkpoint_every=2",

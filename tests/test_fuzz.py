@@ -23,7 +23,7 @@ from exocortex.config import BUDGETS, RunConfig, apply_override, check_budget, c
 from exocortex.errors import ExocortexError
 
 TINY = {"data.world_bytes": 150000, "tokenizer.train_bytes": 100000, "tokenizer.vocab_size": 300,
-        "model.width": 32, "model.depth": 1, "model.head_dim": 16, "model.seq_len": 32, "pretrain.max_steps": 2,
+        "model.width": 32, "model.depth": 1, "model.head_dim": 16, "model.induction_init": "false", "model.seq_len": 32, "pretrain.max_steps": 2,
         "pretrain.time_minutes": 0, "pretrain.compile": "false", "pretrain.device_batch": 2,
         "pretrain.batch_tokens": 64, "pretrain.eval_tokens": 64, "sft.compile": "false", "sft.device_batch": 4,
         "sft.batch_tokens": 128, "sft.max_steps": 1, "sft.time_minutes": 0, "sft.eval_tokens": 64,

@@ -76,7 +76,7 @@ def test_the_wired_copying_circuit_copies_before_any_training(width, head_dim, k
     assert _second_pass_accuracy(plain)[1] < 0.05
 
 
-@pytest.mark.parametrize("change", [dict(depth=1), dict(n_kv_heads=1), dict(head_dim=8, width=64)])
+@pytest.mark.parametrize("change", [dict(depth=1), dict(n_kv_heads=1), dict(head_dim=8, width=64), dict(width=64)])
 def test_induction_init_on_a_shape_it_cannot_wire_is_an_error(change):
     cfg = ModelConfig(**{**dict(depth=2, width=256, head_dim=64, induction_init=True), **change})
     with pytest.raises(ExocortexError, match="induction_init=false"):
