@@ -245,3 +245,23 @@ def test_compiled_one_row_step_falls_back_when_ahead_of_time_build_fails(monkeyp
     assert (first - eager.step([9])).abs().max() < 1e-4
     for token in [10, 11, 12]:
         assert (compiled.step([token]) - eager.step([token])).abs().max() < 1e-4
+
+
+@pytest.mark.slow  # loads the ahead-of-time steps the test above builds (built here if run alone)
+def test_ahead_of_time_steps_leave_nothing_in_tmpdir(monkeypatch, tmp_path):
+    """AOTInductor unpacks each package into a folder under $TMPDIR that only its loader's destructor removes;
+    a server killed by a signal used to leave one per start. Ours is gone once the step is loaded."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    m = random_gpt(400, 2)
+    eager, compiled = Decoder(m, 4, 40), Decoder(m, 4, 40, compile=True)
+    for dec in (eager, compiled):
+        dec.prefill([5, 6, 7], [0]), dec.prefill([8, 9], [1])
+    one = compiled.step([10, 0, 0, 0], [True, False, False, False])  # the one-row step, then several rows
+    several = compiled.step([11, 12, 0, 0], [True, True, False, False])
+    assert isinstance(compiled._one_row, AheadOfTimeStep) and isinstance(compiled._several_rows, AheadOfTimeStep)
+    assert list(tmp.iterdir()) == []
+    assert (one[0] - eager.step([10, 0, 0, 0], [True, False, False, False])[0]).abs().max() < 1e-4
+    assert (several[:2] - eager.step([11, 12, 0, 0], [True, True, False, False])[:2]).abs().max() < 1e-4
+    assert __import__("os").environ["TMPDIR"] == str(tmp)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -260,6 +261,23 @@ def _unflatten(like: dict, flat: list) -> dict:
     return rebuild(like)
 
 
+def _load_package(path: str):
+    """AOTInductor unpacks a package's library into a new folder under $TMPDIR and deletes it only when the
+    loader is destroyed, which a process killed by a signal (a stopped server) never does: one folder left per
+    start. Unpacked into a folder of our own instead and deleted at once; the loaded library stays mapped."""
+    own = tempfile.mkdtemp(prefix="exocortex-aoti-")
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = own  # the loader (C++) reads it when it unpacks
+    try:
+        return torch._inductor.aoti_load_package(path)
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved
+        shutil.rmtree(own, ignore_errors=True)
+
+
 class AheadOfTimeStep:
     """A CPU decode step compiled ahead of time with AOTInductor (torch.export + a C++ .so): the one-row step
     (multiply-and-sum matmuls, see _mm), or the step of several rows (BLAS matmuls; the number of rows is
@@ -282,10 +300,10 @@ class AheadOfTimeStep:
         if not os.path.exists(path):
             self._build(*args)
         try:
-            self.runner = torch._inductor.aoti_load_package(path)
+            self.runner = _load_package(path)
         except Exception:  # noqa: BLE001 - a damaged cache file: build it again, once
             self._build(*args)
-            self.runner = torch._inductor.aoti_load_package(path)
+            self.runner = _load_package(path)
         self.keys = torch.arange(limit)  # the span reaches the .so as the length of keys[:span]
         self._w, self._flat = None, None
         # the loader's flat entry point (inputs in the order the package's pytree flattens them), where this torch
