@@ -241,7 +241,9 @@ def pass_at_k(engine, tok: Tokenizer, task, n: int, k: int, seed: int, max_new_t
 def calibration_scores(replies: list[dict]) -> tuple[dict, dict]:
     """Fit P(right) on the even-numbered replies of each task and split, measure it on the odd ones: metrics
     (AUROC for telling right from wrong, expected calibration error, per task AUROC where a task has both), and
-    what the report and the server keep: the fit on every reply, and the measured half with its predictions."""
+    what the report and the server keep: the fit on every reply, and the measured half with its predictions.
+    `escalation_auroc_unseen_task` measures each task's replies with a fit on the other tasks only (pooled):
+    how the signal does on a kind of question the calibration never saw, as a user's own may be."""
     fit_on = [r for r in replies if r["index"] % 2 == 0]
     held = [r for r in replies if r["index"] % 2 == 1]
     if not fit_on or not held:
@@ -255,6 +257,15 @@ def calibration_scores(replies: list[dict]) -> tuple[dict, dict]:
         a = auroc([p[i] for i in pick], [ok[i] for i in pick])
         if a is not None:
             out[f"escalation_auroc_{name}"] = a
+    unseen_p, unseen_ok = [], []
+    for name in dict.fromkeys(r["task"] for r in replies):
+        others = [r for r in replies if r["task"] != name]
+        if len({r["ok"] for r in others}) == 2:
+            fit = Calibration.fit(others, [r["ok"] for r in others])
+            mine = [r for r in replies if r["task"] == name]
+            unseen_p += [fit.p_correct(r) for r in mine]
+            unseen_ok += [r["ok"] for r in mine]
+    out["escalation_auroc_unseen_task"] = auroc(unseen_p, unseen_ok)
     out = {k: v for k, v in out.items() if v is not None}
     keep = {"calibration": vars(Calibration.fit(replies, [r["ok"] for r in replies])),
             "replies": [[r["task"], r["split"], r["index"], r["ok"], q] for r, q in zip(held, p)]}

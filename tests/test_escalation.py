@@ -10,7 +10,7 @@ import torch
 
 from exocortex.evals import calibration_scores
 from exocortex.infer.confidence import (FEATURES, TOP_K, Calibration, ConfidenceMeter, auroc, best_point,
-                                        calibration_error, escalation_curve, reply_features)
+                                        calibration_error, escalation_curve, reply_features, reply_hidden)
 from exocortex.infer.engine import Batcher, Engine, Request
 
 # ----------------------------------------------------------------------------- the signal
@@ -42,6 +42,37 @@ def test_calibration_learns_which_way_confidence_points_and_is_calibrated():
     assert calibration_error([1.0] * len(right), right) > 0.3  # always sure is badly calibrated here
     # what the eval saves is what the server loads
     assert Calibration(**json.loads(json.dumps(vars(cal)))).p_correct(sure) == cal.p_correct(sure)
+
+
+def test_calibration_reads_the_hidden_state_when_fitted_with_it():
+    """Token scores that say nothing, a hidden state whose direction says right or wrong: the probe finds it on
+    replies it was not fitted on; without the hidden state the fit has nothing to go on."""
+    g = torch.Generator().manual_seed(1)
+    direction = torch.randn(32, generator=g)
+
+    def replies(n):
+        out, right = [], []
+        for _ in range(n):
+            h = torch.randn(32, generator=g)
+            out.append({"min_call": 0.0, "min_text": -1.0, "mean": -0.3, "entropy": 0.5, "length": 2.0,
+                        "hidden": (h * 3 + 1).tolist()})  # any offset and scale: the fit standardises
+            right.append(bool(float(h @ direction) + 0.3 * float(torch.randn(1, generator=g)) > 0))
+        return out, right
+    fit_on, fit_ok = replies(400)
+    held, held_ok = replies(400)
+    cal = Calibration.fit(fit_on, fit_ok)
+    assert cal.reads_hidden and len(cal.hidden_weights) == 32
+    assert auroc([cal.p_correct(f) for f in held], held_ok) > 0.9
+    blind = Calibration.fit(fit_on, fit_ok, hidden=False)
+    assert not blind.reads_hidden and abs(auroc([blind.p_correct(f) for f in held], held_ok) - 0.5) < 0.1
+    again = Calibration(**json.loads(json.dumps(vars(cal))))  # what the eval saves is what the server loads
+    assert again.p_correct(held[0]) == cal.p_correct(held[0])
+    no_hidden = {k: v for k, v in held[0].items() if k != "hidden"}
+    with pytest.raises(ValueError, match="hidden state"):
+        cal.p_correct(no_hidden)
+    with pytest.raises(ValueError, match="hidden state"):
+        cal.p_correct({**no_hidden, "hidden": [0.0] * 8})
+    assert blind.p_correct(no_hidden) == blind.p_correct(held[0])  # a fit without it never asks for it
 
 
 def test_fit_survives_one_class_only():
@@ -84,9 +115,10 @@ def test_eval_measures_on_the_half_it_did_not_fit():
             ok = i % 4 < 2
             replies.append({"task": task, "split": "test", "index": i, "ok": ok, "min_call": 0.0,
                             "min_text": -0.1 if ok else -3.0, "mean": -0.05 if ok else -0.8,
-                            "entropy": 0.1 if ok else 1.0, "length": 2.0})
+                            "entropy": 0.1 if ok else 1.0, "length": 2.0, "hidden": [float(i % 3), 1.0]})
     metrics, kept = calibration_scores(replies)
     assert metrics["escalation_auroc"] == 1.0 and metrics["escalation_n"] == 40
+    assert metrics["escalation_auroc_unseen_task"] == 1.0  # each task measured by a fit on the other alone
     assert {"escalation_auroc_a", "escalation_auroc_b", "escalation_ece"} <= set(metrics)
     assert all(r[2] % 2 == 1 for r in kept["replies"])  # the measured half: odd indices
     assert Calibration(**kept["calibration"]).n == 80  # the server's fit: every reply
@@ -110,6 +142,9 @@ def test_streamed_scores_give_the_same_features_as_rescoring(tok):
     streamed, rescored = meter.features(), reply_features(engine, prompt, got)
     for k in FEATURES:
         assert streamed[k] == pytest.approx(rescored[k], abs=2e-3), k
+    assert meter.tokens == got  # what the server's probe reads: the same reply, the same hidden state
+    assert reply_hidden(engine, prompt, meter.tokens) == pytest.approx(rescored["hidden"], abs=1e-4)
+    assert len(rescored["hidden"]) == engine.model.cfg.width
 
 
 # ----------------------------------------------------------------------------- the report
@@ -122,11 +157,12 @@ def test_report_shows_auroc_and_the_curve(tmp_path):
     replies_sft = [["t", "test", 2 * i + 1, i % 2 == 0, 0.9 if i % 2 == 0 else 0.2] for i in range(20)]
     replies_rl = [["t", "test", 2 * i + 1, True, 0.8] for i in range(20)]
     ev = EvalSummary(stages={"sft": {"escalation_auroc": 0.91, "escalation_ece": 0.04, "escalation_n": 20,
-                                     "escalation_auroc_t": 0.91},
+                                     "escalation_auroc_t": 0.91, "escalation_auroc_unseen_task": 0.7},
                              "rl": {"escalation_auroc": 0.85, "escalation_ece": 0.05, "escalation_n": 20}},
                      calibration={"sft": {"replies": replies_sft}, "rl": {"replies": replies_rl}})
     text = "\n".join(escalation_section(ev, tmp_path))
-    assert "| SFT | 0.910 (20) | 0.040 | t 0.91 |" in text
+    assert "| SFT | 0.910 (20) | 0.700 | 0.040 | t 0.91 |" in text
+    assert "| RL | 0.850 (20) | — | 0.050 | — |" in text
     assert "always SFT 50.0%, always RL 100.0%" in text
     assert "Answering 50% locally" in text and (tmp_path / "plots" / "escalation.png").exists()
 
@@ -156,6 +192,33 @@ def _escalation(url, sure: bool, threshold=0.5):
 
 
 ASK = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "temperature": 0}
+
+
+def test_the_server_reads_the_reply_hidden_state_when_the_calibration_does(servers, tok):
+    """A calibration fitted with the hidden state: the server scores the held-back reply once more for it, and
+    its P(right) is the one the eval's rescoring gives the same reply."""
+    from test_serve import tiny_model
+
+    from exocortex.apps.escalate import Escalation
+
+    strong, make = servers
+    engine = Engine(tiny_model(tok), tok, torch.device("cpu"))  # the local server's weights (seeded)
+    prompt = tok.render_for_completion(ASK["messages"])
+    reply = engine.complete(prompt, max_tokens=ASK["max_tokens"], temperature=0)[0]
+    feats = reply_features(engine, prompt, reply)
+    h = torch.tensor(feats["hidden"])
+    width = len(h)
+    cal = Calibration(bias=0.3, hidden_mean=[0.0] * width, hidden_scale=[1.0] * width,
+                      hidden_weights=(1.5 * h / h.dot(h)).tolist())  # this reply's hidden state adds 1.5 to z
+    expected = cal.p_correct(feats)
+    assert expected == pytest.approx(1 / (1 + math.exp(-1.8)), abs=1e-6)
+    local = make(Escalation(strong.url + "/v1", cal, threshold=0.0))
+    try:
+        body = httpx.post(local.url + "/v1/chat/completions", json=ASK, timeout=60).json()
+        assert body["model"] == "tiny" and body["exocortex"]["escalated"] is False
+        assert body["exocortex"]["p_correct"] == pytest.approx(expected, abs=2e-3)
+    finally:
+        local.stop()
 
 
 def test_a_sure_reply_is_answered_here(servers):

@@ -51,7 +51,7 @@ from exocortex.device import bound_memory
 from exocortex.errors import ExocortexError
 from exocortex.infer.constrain import (Constraint, ConstraintError, ConstraintUnavailable, json_object_constraint,
                                        json_schema_constraint)
-from exocortex.infer.confidence import TOP_K, ConfidenceMeter
+from exocortex.infer.confidence import TOP_K, ConfidenceMeter, reply_hidden
 from exocortex.infer.decode import compile_status, warm_up_note
 from exocortex.infer.docstore import citation
 from exocortex.infer.notes import LOCAL_USER, NoteStore, default_notes_path
@@ -903,7 +903,7 @@ class _Service:
         escalating = self.escalating(req, n)
         info = None
         if escalating and req.escalation == "always":  # no local reply to weigh: straight on (or, failing, here)
-            escalated, info = await self.escalate(request, req, None)
+            escalated, info = await self.escalate(request, req, None, prompt)
             if escalated is not None:
                 return escalated
             escalating = False
@@ -913,7 +913,7 @@ class _Service:
         results = None
         if escalating:  # the reply is held back until it ends: then it goes out, or the request goes on
             results = await self.collect(request, gens)
-            escalated, info = await self.escalate(request, req, meter)
+            escalated, info = await self.escalate(request, req, meter, prompt)
             if escalated is not None:
                 return escalated
         headers = {}
@@ -980,11 +980,21 @@ class _Service:
             return False  # n choices: each is sampled here, as asked
         return True
 
-    async def escalate(self, request: Request, req: ChatCompletionRequest, meter: ConfidenceMeter | None):
+    async def escalate(self, request: Request, req: ChatCompletionRequest, meter: ConfidenceMeter | None,
+                       prompt: list[int]):
         """(the stronger model's response, info) when it should answer, else (None, info for the local reply).
         `meter`: the local reply's, already generated; None with escalation "always" (nothing local to weigh)."""
         esc = self.escalation
-        p = esc.calibration.p_correct(meter.features()) if meter is not None else None
+        p = None
+        if meter is not None:
+            features = meter.features()
+            if esc.calibration.reads_hidden:  # one forward pass over the reply, between two decode steps
+                job = self.batcher.call(partial(reply_hidden, self.engine, prompt, meter.tokens))
+                try:
+                    features["hidden"] = await asyncio.wrap_future(job)
+                except Exception as e:  # noqa: BLE001 - the model failed: a server error, as a generation's
+                    raise _server_error(e)
+            p = esc.calibration.p_correct(features)
         info = {"answered_by": self.model_name, "escalated": False, "p_correct": None if p is None else round(p, 4),
                 "threshold": esc.threshold}
         if p is not None and p >= esc.threshold:

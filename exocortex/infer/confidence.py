@@ -13,9 +13,14 @@ tokens at its place (the raw model's, as the batcher reports them for `logprobs`
   length     log(1 + tokens chosen)
 One feature alone is a weak signal on a mix of tasks (AUROC ~0.73 on the tiny run: a reply's first word after a
 tool's output is often a free choice between two openers, so the minimum over everything sees phrasing, not
-doubt); a logistic regression over these five (`Calibration`, fitted by the eval on half of its graded
-replies) reaches ~0.82 on the other half. Its output is P(reply is right), so a threshold reads "escalate when
-the chance of being right is below T".
+doubt); a logistic regression over these five reaches ~0.74-0.77 on the graded replies it was not fitted on.
+With the model's own hidden state beside them (the final norm's output averaged over the positions that chose
+the reply: a linear probe, as in "language models mostly know what they know") it reaches ~0.84. The probe
+also learns which kinds of question the model gets wrong, which helps less on a kind the fit never saw; the
+eval measures that too (`escalation_auroc_unseen_task`: each task scored by a fit on the others), and the
+penalty on the probe is set so that it beats the token scores alone there as well (~0.67-0.73 against ~0.64-0.68).
+`Calibration`'s output is P(reply is right), so a threshold reads "escalate
+when the chance of being right is below T".
 """
 from __future__ import annotations
 
@@ -41,11 +46,14 @@ class ConfidenceMeter:
         self.call_start, self.call_end = engine.call_start, engine.call_end
         self.out_start, self.out_end = engine.out_start, engine.out_end
         self.in_call = self.in_output = False
+        self.tokens: list[int] = []  # the reply as generated (tool outputs too, not the stop token): reply_hidden's
         self.call: list[float] = []
         self.text: list[float] = []
         self.entropies: list[float] = []
 
     def push(self, token: int, logprob: float, top: list[tuple[int, float]]) -> None:
+        if token not in self.stop_ids or self.in_output:
+            self.tokens.append(token)
         if self.in_output:  # a tool's output, forced in
             self.in_output = token != self.out_end
             return
@@ -71,10 +79,11 @@ class ConfidenceMeter:
 
 
 @torch.inference_mode()
-def sequence_logprobs(model, tokens: list[int], k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """For positions 1..n-1 of `tokens`: each token's log-probability given the ones before it, and the k most
-    likely tokens there [(id, logprob)], best first. One forward pass (the hidden states as GPT.forward computes
-    them; the output head SCORE_ROWS positions at a time). Call it under the engine's autocast."""
+def sequence_scores(model, tokens: list[int], k: int):
+    """For positions 1..n-1 of `tokens`: each token's log-probability given the ones before it, the k most
+    likely tokens there [(id, logprob)], best first, and the hidden states the output head reads (n, width). One
+    forward pass (the hidden states as GPT.forward computes them; the output head SCORE_ROWS positions at a
+    time). Call it under the engine's autocast."""
     device = next(model.parameters()).device
     ids = torch.tensor([tokens], device=device)
     n = len(tokens)
@@ -89,48 +98,94 @@ def sequence_logprobs(model, tokens: list[int], k: int) -> tuple[list[float], li
         top, lp = token_logprobs(model.lm_head(x[i:j]), tokens[i + 1:j + 1], k)
         chosen += lp
         tops += top
+    return chosen, tops, x
+
+
+def sequence_logprobs(model, tokens: list[int], k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """sequence_scores without the hidden states."""
+    chosen, tops, _ = sequence_scores(model, tokens, k)
     return chosen, tops
 
 
-def reply_features(engine, prompt: list[int], reply: list[int]) -> dict[str, float]:
+def _mean_hidden(x: torch.Tensor, n_prompt: int, n_reply: int) -> list[float]:
+    """The mean hidden state over the positions that chose the reply's tokens (the prompt's last position
+    onwards; for an empty reply, the one that chose to stop)."""
+    return x[n_prompt - 1:n_prompt - 1 + max(1, n_reply)].float().mean(0).tolist()
+
+
+def reply_features(engine, prompt: list[int], reply: list[int]) -> dict:
     """The features of a finished reply (token ids after the prompt, as Engine.complete returns them), by
-    scoring prompt + reply in one forward pass: the same numbers the batcher's scores give while it streams."""
+    scoring prompt + reply in one forward pass: the same numbers the batcher's scores give while it streams;
+    and under "hidden" the reply's mean hidden state (reply_hidden)."""
     meter = ConfidenceMeter(engine)
-    if reply:
-        with autocast(engine.device, engine.dtype):
-            chosen, tops = sequence_logprobs(engine.model, prompt + reply, TOP_K)
-        for token, lp, top in zip(reply, chosen[len(prompt) - 1:], tops[len(prompt) - 1:]):
-            meter.push(token, lp, top)
-    return meter.features()
+    with autocast(engine.device, engine.dtype):
+        chosen, tops, x = sequence_scores(engine.model, prompt + reply, TOP_K)
+    for token, lp, top in zip(reply, chosen[len(prompt) - 1:], tops[len(prompt) - 1:]):
+        meter.push(token, lp, top)
+    return {**meter.features(), "hidden": _mean_hidden(x, len(prompt), len(reply))}
+
+
+def reply_hidden(engine, prompt: list[int], reply: list[int]) -> list[float]:
+    """The reply's mean hidden state (what the calibration's probe reads), by one forward pass over prompt +
+    reply; the server runs it on the batcher's thread (Batcher.call) once a held-back reply has ended."""
+    with torch.inference_mode(), autocast(engine.device, engine.dtype):
+        *_, x = sequence_scores(engine.model, prompt + reply, 0)
+    return _mean_hidden(x, len(prompt), len(reply))
+
+
+# L2 penalties on the standardised inputs: light on the five token features, heavy on the hidden state's many
+# numbers. Chosen on the tiny run's SFT and RL replies: a hidden-state penalty of 10 fits the task mix best but
+# does worse than the token scores alone on a task the fit never saw; 300 does better on both.
+RIDGE, HIDDEN_RIDGE = 1.0, 300.0
 
 
 @dataclass
 class Calibration:
-    """P(reply is right) = sigmoid(weights . (features - mean) / scale + bias): a logistic regression of graded
-    replies' correctness on their features (standardised, so the weights compare)."""
+    """P(reply is right) = sigmoid(weights . (features - mean) / scale + hidden_weights . (hidden - hidden_mean) /
+    hidden_scale + bias): a logistic regression of graded replies' correctness on their features and, when it
+    was fitted with them, their mean hidden state (standardised, so the weights compare)."""
     mean: list[float] = field(default_factory=lambda: [0.0] * len(FEATURES))
     scale: list[float] = field(default_factory=lambda: [1.0] * len(FEATURES))
     weights: list[float] = field(default_factory=lambda: [0.0] * len(FEATURES))
     bias: float = 0.0
     n: int = 0  # replies it was fitted on
+    hidden_mean: list[float] = field(default_factory=list)  # empty: the token scores alone
+    hidden_scale: list[float] = field(default_factory=list)
+    hidden_weights: list[float] = field(default_factory=list)
 
-    def p_correct(self, features: dict[str, float]) -> float:
+    @property
+    def reads_hidden(self) -> bool:
+        return bool(self.hidden_weights)
+
+    def p_correct(self, features: dict) -> float:
         z = self.bias + sum(w * (features[f] - m) / s
                             for f, w, m, s in zip(FEATURES, self.weights, self.mean, self.scale))
+        if self.reads_hidden:
+            hidden = features.get("hidden")
+            if hidden is None or len(hidden) != len(self.hidden_weights):
+                raise ValueError(f"this calibration reads the reply's hidden state ({len(self.hidden_weights)} "
+                                 f"numbers: reply_hidden), got {None if hidden is None else len(hidden)}")
+            z += sum(w * (h - m) / s for h, w, m, s in zip(hidden, self.hidden_weights, self.hidden_mean,
+                                                           self.hidden_scale))
         return 1 / (1 + math.exp(-max(-60.0, min(60.0, z))))
 
     @classmethod
-    def fit(cls, features: list[dict[str, float]], correct: list[bool], ridge: float = 1.0) -> "Calibration":
+    def fit(cls, features: list[dict], correct: list[bool], ridge: float = RIDGE, hidden_ridge: float = HIDDEN_RIDGE,
+            hidden: bool = True) -> "Calibration":
         """Newton's method on the L2-penalised log-likelihood (the penalty keeps weights finite when the replies
-        are separable, and steadies them on a few hundred replies)."""
+        are separable, and steadies them when there are fewer replies than inputs). The hidden state is used
+        when `hidden` and every reply has one."""
         if not features:
             raise ValueError("no graded replies to calibrate on")
         X = torch.tensor([[f[k] for k in FEATURES] for f in features], dtype=torch.float64)
+        n_tokens = X.shape[1]
+        if hidden and all(f.get("hidden") is not None for f in features):
+            X = torch.cat([X, torch.tensor([f["hidden"] for f in features], dtype=torch.float64)], 1)
         mean, scale = X.mean(0), X.std(0, unbiased=False).clamp_min(1e-6)
         X = torch.cat([(X - mean) / scale, torch.ones(len(X), 1, dtype=torch.float64)], 1)
         y = torch.tensor([float(c) for c in correct], dtype=torch.float64)
-        penalty = ridge * torch.eye(X.shape[1], dtype=torch.float64)
-        penalty[-1, -1] = 0.0  # not the bias: it carries the base rate
+        penalty = torch.diag(torch.tensor([ridge] * n_tokens + [hidden_ridge] * (X.shape[1] - n_tokens - 1) + [0.0],
+                                          dtype=torch.float64))  # not the bias: it carries the base rate
         w = torch.zeros(X.shape[1], dtype=torch.float64)
         for _ in range(100):
             p = torch.sigmoid(X @ w)
@@ -140,7 +195,9 @@ class Calibration:
             w -= step
             if float(step.abs().max()) < 1e-10:
                 break
-        return cls(mean.tolist(), scale.tolist(), w[:-1].tolist(), float(w[-1]), len(features))
+        t = n_tokens
+        return cls(mean[:t].tolist(), scale[:t].tolist(), w[:t].tolist(), float(w[-1]), len(features),
+                   mean[t:].tolist(), scale[t:].tolist(), w[t:-1].tolist())
 
 
 def auroc(scores: list[float], positives: list[bool]) -> float | None:

@@ -145,17 +145,20 @@ def escalation_section(ev: EvalSummary | None, run_dir: Path) -> list[str]:
     if not stages:
         return []
     L = ["## Knowing when it doesn't know: escalation", "",
-         "P(reply is right) from the scores of the tokens the model chose, fitted on half of the eval's graded "
-         "replies (every chat task, seen and held-out families) and measured on the other half. AUROC: the "
-         "chance a right reply gets a higher P than a wrong one (0.5 = no signal). ECE: expected calibration "
-         "error. `exocortex serve --escalate-to URL --threshold T` sends a request on when P < T.", "",
-         "| stage | AUROC (n) | ECE | AUROC per task |", "|---|---|---|---|"]
+         "P(reply is right) from the scores of the tokens the model chose and its own hidden state, fitted on "
+         "half of the eval's graded replies (every chat task, seen and held-out families) and measured on the "
+         "other half. AUROC: the chance a right reply gets a higher P than a wrong one (0.5 = no signal). "
+         "Unseen task: each task's replies measured by a fit on the other tasks only, as a user's own kind of "
+         "question would be. ECE: expected calibration error. `exocortex serve --escalate-to URL --threshold T` "
+         "sends a request on when P < T.", "",
+         "| stage | AUROC (n) | unseen task | ECE | AUROC per task |", "|---|---|---|---|---|"]
     for s in stages:
         r = ev.stages[s]
         per = ", ".join(f"{k[len('escalation_auroc_'):]} {v:.2f}" for k, v in r.items()
-                        if k.startswith("escalation_auroc_"))
+                        if k.startswith("escalation_auroc_") and k != "escalation_auroc_unseen_task")
+        unseen = r.get("escalation_auroc_unseen_task")
         L.append(f"| {registry.LABELS[s]} | {r['escalation_auroc']:.3f} ({r.get('escalation_n', '?')}) | "
-                 f"{r['escalation_ece']:.3f} | {per or '—'} |")
+                 f"{'—' if unseen is None else f'{unseen:.3f}'} | {r['escalation_ece']:.3f} | {per or '—'} |")
     L.append("")
     local, remote = (ev.calibration.get(s, {}).get("replies") for s in ESCALATION_PAIR)
     if not local or not remote:
