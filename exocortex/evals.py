@@ -12,9 +12,10 @@
   about calling a client's functions also on its calls: Task.grade_reply), with the functions an example offers
   in the prompt and run as its client would (Task.client_tools).
 - calibration: every graded reply of those tasks (seen and held-out families) is also described by the scores
-  of the tokens the model chose (infer/confidence.py); a logistic fit on half of them predicts whether a reply
-  is right, and `escalation_auroc` / `escalation_ece` measure that prediction on the other half. The fit on all
-  of them is what `exocortex serve --escalate-to` uses to decide when to ask a stronger model.
+  of the tokens the model chose and its mean hidden state (infer/confidence.py); a logistic fit on half of them
+  predicts whether a reply is right, and `escalation_auroc` / `escalation_ece` measure that prediction on the
+  other half (`escalation_auroc_unseen_task`: each task by a fit on the others). The fit on all of them is what
+  `exocortex serve --escalate-to` uses to decide when to ask a stronger model.
 """
 from __future__ import annotations
 

@@ -251,9 +251,16 @@ def test_compiled_one_row_step_falls_back_when_ahead_of_time_build_fails(monkeyp
 def test_ahead_of_time_steps_leave_nothing_in_tmpdir(monkeypatch, tmp_path):
     """AOTInductor unpacks each package into a folder under $TMPDIR that only its loader's destructor removes;
     a server killed by a signal used to leave one per start. Ours is gone once the step is loaded."""
+    import tempfile
+
+    import exocortex.infer.decode as decode
+
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
+    monkeypatch.setattr(decode, "_ahead_of_time", {})  # loaded here, not reused from an earlier test
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(mkdtemp(*a, **k)) or made[-1])
     m = random_gpt(400, 2)
     eager, compiled = Decoder(m, 4, 40), Decoder(m, 4, 40, compile=True)
     for dec in (eager, compiled):
@@ -262,6 +269,8 @@ def test_ahead_of_time_steps_leave_nothing_in_tmpdir(monkeypatch, tmp_path):
     several = compiled.step([11, 12, 0, 0], [True, True, False, False])
     assert isinstance(compiled._one_row, AheadOfTimeStep) and isinstance(compiled._several_rows, AheadOfTimeStep)
     assert list(tmp.iterdir()) == []
+    ours = [d for d in made if "exocortex-aoti-" in d]
+    assert len(ours) == 2 and not any(__import__("os").path.exists(d) for d in ours)  # one per step, gone
     assert (one[0] - eager.step([10, 0, 0, 0], [True, False, False, False])[0]).abs().max() < 1e-4
     assert (several[:2] - eager.step([11, 12, 0, 0], [True, True, False, False])[:2]).abs().max() < 1e-4
     assert __import__("os").environ["TMPDIR"] == str(tmp)

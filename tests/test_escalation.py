@@ -95,6 +95,7 @@ def test_meter_skips_tool_output_and_stop_token():
     assert f["min_text"] == -0.5  # the tool's output (-20) and the stop token (-7) are not the model's choices
     assert f["mean"] == pytest.approx((-0.1 - 2.0 - 0.1 - 0.5) / 4)
     assert f["length"] == pytest.approx(math.log1p(4))
+    assert m.tokens == [10, 50, 11, 12, 60, 13, 70]  # the reply the probe reads: the output in, the stop out
 
 
 def test_curve_runs_from_always_local_to_always_escalate():
@@ -148,6 +149,21 @@ def test_streamed_scores_give_the_same_features_as_rescoring(tok):
 
 
 # ----------------------------------------------------------------------------- the report
+
+
+def test_unseen_task_auroc_fits_on_the_other_tasks_only():
+    """Two tasks whose scores point opposite ways, told apart by the hidden state: a fit that sees both ranks
+    well; a fit on one task alone ranks the other backwards, and the unseen-task AUROC says so."""
+    replies = []
+    for task, sign in (("a", 1.0), ("b", -1.0)):
+        for i in range(60):
+            ok = i % 4 < 2
+            x = (1.0 if ok else -1.0) * sign + 0.1 * (i % 5)
+            replies.append({"task": task, "split": "test", "index": i, "ok": ok, "min_call": 0.0, "min_text": x,
+                            "mean": x, "entropy": 0.5, "length": 2.0, "hidden": [sign, x * sign]})
+    metrics, _ = calibration_scores(replies)
+    assert metrics["escalation_auroc"] > 0.9
+    assert metrics["escalation_auroc_unseen_task"] < 0.2
 
 
 def test_report_shows_auroc_and_the_curve(tmp_path):

@@ -160,5 +160,11 @@ def test_escalation_options_reach_the_app_or_say_what_is_missing(run_dir, monkey
         esc = svc.escalation
         assert (esc.url, esc.threshold, esc.model, esc.calibration.bias) == ("http://127.0.0.1:9/v1", 0.3, "big", 2.0)
         assert "escalation: to http://127.0.0.1:9/v1 when P(right) < 0.3" in capsys.readouterr().out
+        # a probe fitted on another width (an eval of an older model of the run): said at start, not per request
+        run.write_summary("eval", EvalSummary(calibration={"sft": {"calibration": vars(Calibration(
+            hidden_mean=[0.0] * 3, hidden_scale=[1.0] * 3, hidden_weights=[0.1] * 3))}}))
+        with pytest.raises(SystemExit):
+            served(monkeypatch, "--run", str(run_dir), "--escalate-to", "http://127.0.0.1:9/v1", "--no-compile")
+        assert "reads a hidden state of 3 numbers" in capsys.readouterr().err
     finally:
         (run.logs_dir / "eval_summary.json").unlink()

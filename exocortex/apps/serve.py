@@ -1306,6 +1306,12 @@ def serve(run, host: str = "127.0.0.1", port: int = 8000, max_concurrent: int = 
                                 0.5 if threshold is None else threshold,
                                 escalate_model, os.environ.get(API_KEY_ENV) or None)
     engine = load_engine(cfg, stage, docs, compile=compile, index=index)
+    if escalation is not None and escalation.calibration.reads_hidden and \
+            len(escalation.calibration.hidden_weights) != engine.model.cfg.width:
+        raise ExocortexError(f"the {checkpoint.parent.name} calibration reads a hidden state of "
+                             f"{len(escalation.calibration.hidden_weights)} numbers, the model has "
+                             f"{engine.model.cfg.width}: run `exocortex eval --run {cfg.name} --stages "
+                             f"{checkpoint.parent.name}` again")
     note = python_tool_status()[1]  # the python tool off (or degraded) on this kernel: say so at start
     if note:
         print(note, flush=True)

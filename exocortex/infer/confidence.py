@@ -1,8 +1,10 @@
-"""How likely the model's own reply is to be right, from the scores of the tokens it chose.
+"""How likely the model's own reply is to be right, from the scores of the tokens it chose and its hidden state.
 
 Escalation (`exocortex serve --escalate-to`) and the eval's calibration read it. A reply's *answer span* is
 every token the model chose: a tool call's arguments (the operands it picked) as much as its final words. A
-tool's output is forced in by the engine, not chosen, so it is left out, and so is the stop token.
+tool's output is forced in by the engine, not chosen, so the token features leave it out, and the stop token
+too; the hidden state is averaged over every position after the prompt (reading a tool's output is part of
+answering).
 
 Features of the span (ConfidenceMeter), each measured from the token's log-probability and the k most likely
 tokens at its place (the raw model's, as the batcher reports them for `logprobs`):
@@ -14,8 +16,8 @@ tokens at its place (the raw model's, as the batcher reports them for `logprobs`
 One feature alone is a weak signal on a mix of tasks (AUROC ~0.73 on the tiny run: a reply's first word after a
 tool's output is often a free choice between two openers, so the minimum over everything sees phrasing, not
 doubt); a logistic regression over these five reaches ~0.74-0.77 on the graded replies it was not fitted on.
-With the model's own hidden state beside them (the final norm's output averaged over the positions that chose
-the reply: a linear probe, as in "language models mostly know what they know") it reaches ~0.84. The probe
+With the model's own hidden state beside them (the final norm's output averaged over the positions from the
+prompt's last on, each of which chose the next token of the reply: a linear probe, as in "language models mostly know what they know") it reaches ~0.84. The probe
 also learns which kinds of question the model gets wrong, which helps less on a kind the fit never saw; the
 eval measures that too (`escalation_auroc_unseen_task`: each task scored by a fit on the others), and the
 penalty on the probe is set so that it beats the token scores alone there as well (~0.67-0.73 against ~0.64-0.68).
@@ -79,11 +81,11 @@ class ConfidenceMeter:
 
 
 @torch.inference_mode()
-def sequence_scores(model, tokens: list[int], k: int):
+def sequence_scores(model, tokens: list[int], k: int, scores: bool = True):
     """For positions 1..n-1 of `tokens`: each token's log-probability given the ones before it, the k most
     likely tokens there [(id, logprob)], best first, and the hidden states the output head reads (n, width). One
     forward pass (the hidden states as GPT.forward computes them; the output head SCORE_ROWS positions at a
-    time). Call it under the engine's autocast."""
+    time; with scores=False the head is skipped: empty lists). Call it under the engine's autocast."""
     device = next(model.parameters()).device
     ids = torch.tensor([tokens], device=device)
     n = len(tokens)
@@ -93,7 +95,7 @@ def sequence_scores(model, tokens: list[int], k: int):
         x = block(x, cos, sin)
     x = model.model.norm(x)[0]
     chosen, tops = [], []
-    for i in range(0, n - 1, SCORE_ROWS):
+    for i in range(0, n - 1 if scores else 0, SCORE_ROWS):
         j = min(i + SCORE_ROWS, n - 1)
         top, lp = token_logprobs(model.lm_head(x[i:j]), tokens[i + 1:j + 1], k)
         chosen += lp
@@ -108,8 +110,8 @@ def sequence_logprobs(model, tokens: list[int], k: int) -> tuple[list[float], li
 
 
 def _mean_hidden(x: torch.Tensor, n_prompt: int, n_reply: int) -> list[float]:
-    """The mean hidden state over the positions that chose the reply's tokens (the prompt's last position
-    onwards; for an empty reply, the one that chose to stop)."""
+    """The mean hidden state over the positions whose next token is the reply's (the prompt's last position
+    onwards, a tool's forced output included; for an empty reply, the one that chose to stop)."""
     return x[n_prompt - 1:n_prompt - 1 + max(1, n_reply)].float().mean(0).tolist()
 
 
@@ -129,7 +131,7 @@ def reply_hidden(engine, prompt: list[int], reply: list[int]) -> list[float]:
     """The reply's mean hidden state (what the calibration's probe reads), by one forward pass over prompt +
     reply; the server runs it on the batcher's thread (Batcher.call) once a held-back reply has ended."""
     with torch.inference_mode(), autocast(engine.device, engine.dtype):
-        *_, x = sequence_scores(engine.model, prompt + reply, 0)
+        *_, x = sequence_scores(engine.model, prompt + reply, 0, scores=False)
     return _mean_hidden(x, len(prompt), len(reply))
 
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import warnings
 from typing import Protocol
 
@@ -261,21 +262,28 @@ def _unflatten(like: dict, flat: list) -> dict:
     return rebuild(like)
 
 
+_UNPACK_LOCK = threading.Lock()
+
+
 def _load_package(path: str):
     """AOTInductor unpacks a package's library into a new folder under $TMPDIR and deletes it only when the
     loader is destroyed, which a process killed by a signal (a stopped server) never does: one folder left per
-    start. Unpacked into a folder of our own instead and deleted at once; the loaded library stays mapped."""
-    own = tempfile.mkdtemp(prefix="exocortex-aoti-")
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = own  # the loader (C++) reads it when it unpacks
-    try:
-        return torch._inductor.aoti_load_package(path)
-    finally:
-        if saved is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved
-        shutil.rmtree(own, ignore_errors=True)
+    start. Unpacked into a folder of our own instead and deleted at once: the loader reads every file while it
+    loads (the weights are inputs, not files), and the library stays mapped. $TMPDIR is the process's, so this
+    runs once per step at start-up, under a lock. (A torch whose loader ignores $TMPDIR unpacks into /tmp as
+    before.)"""
+    with _UNPACK_LOCK:
+        own = tempfile.mkdtemp(prefix="exocortex-aoti-")
+        saved = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = own  # the loader (C++) reads it when it unpacks
+        try:
+            return torch._inductor.aoti_load_package(path)
+        finally:
+            if saved is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = saved
+            shutil.rmtree(own, ignore_errors=True)
 
 
 class AheadOfTimeStep:

@@ -145,7 +145,8 @@ def escalation_section(ev: EvalSummary | None, run_dir: Path) -> list[str]:
     if not stages:
         return []
     L = ["## Knowing when it doesn't know: escalation", "",
-         "P(reply is right) from the scores of the tokens the model chose and its own hidden state, fitted on "
+         "P(reply is right) from the scores of the tokens the model chose (and its own hidden state, where the "
+         "eval fitted it), fitted on "
          "half of the eval's graded replies (every chat task, seen and held-out families) and measured on the "
          "other half. AUROC: the chance a right reply gets a higher P than a wrong one (0.5 = no signal). "
          "Unseen task: each task's replies measured by a fit on the other tasks only, as a user's own kind of "
