@@ -17,12 +17,12 @@ One feature alone is a weak signal on a mix of tasks (AUROC ~0.73 on the tiny ru
 tool's output is often a free choice between two openers, so the minimum over everything sees phrasing, not
 doubt); a logistic regression over these five reaches ~0.74-0.77 on the graded replies it was not fitted on.
 With the model's own hidden state beside them (the final norm's output averaged over the positions from the
-prompt's last on, each of which chose the next token of the reply: a linear probe, as in "language models mostly know what they know") it reaches ~0.84. The probe
-also learns which kinds of question the model gets wrong, which helps less on a kind the fit never saw; the
-eval measures that too (`escalation_auroc_unseen_task`: each task scored by a fit on the others), and the
-penalty on the probe is set so that it beats the token scores alone there as well (~0.67-0.73 against ~0.64-0.68).
-`Calibration`'s output is P(reply is right), so a threshold reads "escalate
-when the chance of being right is below T".
+prompt's last on, each of which chose the next token of the reply: a linear probe, as in "language models
+mostly know what they know") it reaches ~0.84-0.86. The probe also learns which kinds of question the model
+gets wrong, which helps less on a kind the fit never saw; the eval measures that too
+(`escalation_auroc_unseen_task`: each task scored by a fit on the others), and the penalty on the probe is set
+so that it beats the token scores alone there as well (~0.67-0.77 against ~0.64-0.68). `Calibration`'s output
+is P(reply is right), so a threshold reads "escalate when the chance of being right is below T".
 """
 from __future__ import annotations
 
