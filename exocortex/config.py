@@ -173,10 +173,12 @@ class TrainConfig:
 # smalltalk, functions and facts_mc in sft
 MIDTRAIN_MIXTURE = {"arithmetic": 0.11, "word_problems": 0.15, "spelling": 0.11, "facts": 0.15, "facts_mc": 0.1,
                     "lookup": 0.15, "smalltalk": 0.06, "identity": 0.06, "functions": 0.06, "memory": 0.05}
-# facts_mc is in sft too (6%): its check-each-choice replies are a habit that sft without it wore off (issue
-# #14); smalltalk gave identity back the 2% it had lent facts_mc (identity read 80-85% at 4%, 100% at 6%)
+# facts_mc is in sft too: its recall-then-check replies are a habit that sft wears off (issue #14; one fixed-step
+# run: 49% at a weight of 0.05, 58% at 0.10, and copy_em 6% against 15%: the checks keep the induction head in
+# use); smalltalk gave identity back the 2% it had lent facts_mc (identity read 80-85% at 4%, 100% at 6%).
+# Weights, drawn in proportion (they sum to 1.05).
 SFT_MIXTURE = {"word_problems": 0.28, "lookup": 0.15, "arithmetic": 0.11, "facts": 0.11, "spelling": 0.09,
-               "smalltalk": 0.04, "identity": 0.06, "functions": 0.06, "facts_mc": 0.05, "memory": 0.05}
+               "smalltalk": 0.04, "identity": 0.06, "functions": 0.06, "facts_mc": 0.10, "memory": 0.05}
 
 
 @dataclass

@@ -131,12 +131,15 @@ def test_everyday_arithmetic_phrasings_compute_the_right_thing():
                           for q, e in halves)
 
 
-def test_facts_mc_checks_the_choices_then_gives_the_letter(tasks):
+def test_facts_mc_recalls_checks_the_choices_then_gives_the_letter(tasks):
     t = tasks["facts_mc"]
     for e in t.examples(20, 0, "test"):
         reply = e["messages"][-1]["content"]
         checks, letter = reply.split(" #### ")
-        assert letter == e["answer"] and checks.endswith(f"{e['answer']}. {e['choices'][e['gold']]} - yes.")
+        gold = e["choices"][e["gold"]]
+        # the recalled value first, then each check: "value - yes" is the same text as the recall (a copy)
+        assert checks.startswith(f"It is {gold} - yes. ")
+        assert letter == e["answer"] and checks.endswith(f"{e['answer']}. {gold} - yes.")
         assert checks.count(" - no.") == e["gold"]  # the choices before the right one, each judged wrong
         wrong = "ABCD".replace(e["answer"], "")[0]
         assert t.grade(reply, e) and not t.grade(f"{checks} #### {wrong}", e)

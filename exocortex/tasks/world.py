@@ -2,15 +2,17 @@
 
 - facts: about places and things the model read during pretraining; answered from memory.
 - facts_mc: the facts task's questions (places and things, answered from memory) as multiple choice. The
-  reference reply checks the choices in order until the right one, then gives its letter ("A. Vavgard - no.
-  B. Broford - yes. #### B"): the letter alone left the tiny model at chance (25-29%), and so did recalling
-  the answer first and then its letter ("Broford - B.": it recalled the right value 4 times in 60 and never
-  copied the letter in front of it). Judging one choice at a time is recognition, which the base model does
-  well (world_cloze, 4-way by likelihood, ~65%), and the letter is then the one just written. The grader
-  reads the letter after `####` (or the reply's letter). The choices are laid out in phrasing families
-  (MC_FAMILIES), two of them held out. Questions about people are not asked: 71% of the items were about
-  them, and a person's facts are what the model is taught to look up (lookup), never to recall, so those
-  items measured a recall it was trained out of (27% with them in, seen families, tiny speedrun).
+  reference reply recalls the answer, then checks the choices in order until the right one and gives its
+  letter ("It is Broford - yes. A. Vavgard - no. B. Broford - yes. #### B"). Each check is then a copy, not
+  a judgement: the model's induction head (model.induction_init) sees "Broford -" once already, followed by
+  "yes", and predicts "yes" again; a choice it has not seen before gets "no". The letter is the one just
+  written. Measured (tiny, fixed steps from one pretrain, n=100): the letter alone and "Broford - B." left
+  the model at chance (25-29%), checks without the recall at 25-31% (a yes/no judgement of each choice is
+  beyond it); with the recall 58% after sft (66% after midtrain), 75-87% of the replies that recalled the
+  right value. The grader reads the letter after `####` (or the reply's letter). The choices are laid out
+  in phrasing families (MC_FAMILIES), two of them held out. Questions about people are not asked: 71% of
+  the items were about them, and a person's facts are what the model is taught to look up (lookup), never
+  to recall, so those items measured a recall it was trained out of (27% with them in, seen families).
 - lookup: every question about a person is answered by calling `lookup` with no query — which searches the question
   itself — and reading the passage it returns. Its test split is half of the people held out of the pretraining corpus (World.held_out_names):
   neither the person nor their facts were ever seen, so accuracy there measures looking up, not remembering.
@@ -116,7 +118,7 @@ class FactsMC(MultipleChoiceTask):
         checks = " ".join(f"{LETTERS[i]}. {c} - {'yes' if i == gold else 'no'}." for i, c in enumerate(choices[:gold + 1]))
         return {"task": self.name, "answer": letter, "choices": choices, "gold": gold, "family": family,
                 "messages": [{"role": "user", "content": prompt},
-                             {"role": "assistant", "content": f"{checks} #### {letter}"}]}
+                             {"role": "assistant", "content": f"It is {f.value} - yes. {checks} #### {letter}"}]}
 
     def grade(self, answer_text: str, example: dict) -> bool:
         """The letter after `####` when the reply has one (after its checks), else the reply's letter."""
