@@ -209,6 +209,9 @@ class RLConfig:
     eval_n: STEPS = 100            # held-out prompts for the periodic eval
     checkpoint_every: STEPS = 10
     guard: bool = True           # stop and keep the last good checkpoint when rewards rise while samples degenerate
+    # the compiled decode step for rollouts and the held-out eval (infer/engine.py decode_compile): auto = on a CPU
+    # where it can be built, when the stage's sampling is big enough to repay building it
+    compile: Literal["auto", "on", "off"] = "auto"
     seed: SEED = 7
 
 
@@ -226,6 +229,7 @@ class EvalConfig:
     core_n: STEPS = 100            # in-context items per base-eval (CORE-style) task
     core_bundle: Annotated[str, ExistingPath()] = ""  # path to a DCLM CORE eval bundle (core.yaml + eval_data/) to add its tasks
     max_new_tokens: NEW_TOKENS = 128
+    compile: Literal["auto", "on", "off"] = "auto"  # the compiled decode step for the replies (as rl.compile)
     seed: SEED = 12345
 
 

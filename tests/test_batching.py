@@ -55,9 +55,14 @@ def test_decoder_rows_at_different_positions_match_full_forward(n_kv_heads, comp
         assert isinstance(dec._one_row, AheadOfTimeStep) and isinstance(dec._several_rows, AheadOfTimeStep)
 
 
-def test_fused_weights_follow_parameter_updates():
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_fused_weights_follow_parameter_updates(compile, monkeypatch):
+    """RL samples with the engine after every update: eager, and in the compiled steps (weights are inputs)."""
+    ran, call = [], AheadOfTimeStep.__call__
+    monkeypatch.setattr(AheadOfTimeStep, "__call__", lambda self, *a: ran.append(1) or call(self, *a))
     m = random_gpt(400)
-    eng = Engine(m, _Tok(), torch.device("cpu"))
+    eng = Engine(m, _Tok(), torch.device("cpu"), compile=compile)
+    eng.warm_up()  # what RL does before its clock starts: the steps are built, and no parameter changed
     eng.stop_ids = {-1}
     before = eng.complete([5, 6, 7], max_tokens=8, temperature=0)[0]
     with torch.no_grad():
@@ -68,6 +73,25 @@ def test_fused_weights_follow_parameter_updates():
     m2.load_state_dict(m.state_dict())
     assert after == Engine(m2, _Tok(), torch.device("cpu")).complete([5, 6, 7], max_tokens=8, temperature=0)[0]
     assert after != before
+    if compile:  # and the rows of a batch, as RL's rollouts run them
+        rows = eng.complete([[5, 6, 7], [8, 9]], max_tokens=8, temperature=0)
+        assert rows[0] == after and rows[1] == Engine(m2, _Tok(), torch.device("cpu")).complete(
+            [8, 9], max_tokens=8, temperature=0)[0]
+    assert bool(ran) == compile  # the compiled steps ran, not a fallback
+
+
+def test_decode_compile_decides_by_setting_device_and_size(monkeypatch):
+    import exocortex.infer.engine as engine
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(engine, "compile_status", lambda device: (True, None))
+    big, small = engine.COMPILE_PAYS_TOKENS, engine.COMPILE_PAYS_TOKENS - 1
+    assert engine.decode_compile("auto", cpu, big) and not engine.decode_compile("auto", cpu, small)
+    assert not engine.decode_compile("auto", cuda, big)  # eager batches are fast there; graphs unmeasured for RL
+    assert engine.decode_compile("on", cpu, 1) and engine.decode_compile("on", cuda, 1)
+    assert not engine.decode_compile("off", cpu, big)
+    monkeypatch.setattr(engine, "compile_status", lambda device: (False, "no C++ compiler"))
+    assert not engine.decode_compile("on", cpu, big) and not engine.decode_compile("auto", cpu, big)
 
 
 class _Tok:  # the special tokens an Engine needs; ids below those the tests use for text

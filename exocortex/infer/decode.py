@@ -384,7 +384,7 @@ def aot_cache_dir() -> str:
     return os.path.join(root, "decode")
 
 
-def warm_up_note(device: torch.device) -> str:
+def warm_up_note(device: torch.device, skip: str = "--no-compile skips it") -> str:
     """The line shown before a process compiles its decode step: what it costs and where the result is kept.
     On CPU the steps are compiled ahead of time into our cache (aot_cache_dir), so a later process only loads
     them (~3 s for the tiny model); elsewhere torch.compile traces again in every process and inductor's
@@ -396,7 +396,7 @@ def warm_up_note(device: torch.device) -> str:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
         where = f"torch inductor's cache, {cache_dir()}"
     return (f"compiling the decode step (the first time for a model shape takes a minute or more: ~70 s on 2 "
-            f"CPU cores for the tiny model; then it is cached in {where}; --no-compile skips it) ...")
+            f"CPU cores for the tiny model; then it is cached in {where}; {skip}) ...")
 
 
 _compile_status: dict = {}

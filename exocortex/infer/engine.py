@@ -207,6 +207,16 @@ class Engine:
             max_len = min(self.model.rope_cos.shape[0], max(MIN_SPAN, 1 << (max_len - 1).bit_length()))
         return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights)
 
+    def warm_up(self) -> None:
+        """Build (or load from the cache) the compiled decode steps, for one row and for several, now: a timed
+        loop (RL's budget) then spends its time on its work."""
+        if not self.compile:
+            return
+        d = self.decoder(2, 8)
+        d.prefill([0, 0])
+        d.step([0, 0])
+        d.step([0, 0], [True, False])
+
     def complete(self, prompt: list[int] | list[list[int]], num_samples: int = 1, **kw) -> list[list[int]]:
         """Finished completions (without the stop token), one list of token ids per row (see generate)."""
         n_rows = num_samples * (len(prompt) if prompt and isinstance(prompt[0], list) else 1)
@@ -700,6 +710,23 @@ class StreamDecoder:
 
     def push(self, token: int) -> str:
         return self.dec.decode(self.tok.decode_bytes([token]))
+
+
+# new tokens below which "auto" decodes eagerly: ~1 min of eager batched decoding, about what building the compiled
+# steps costs the first time for a model shape (later processes load them in seconds)
+COMPILE_PAYS_TOKENS = 100_000
+
+
+def decode_compile(setting: str, device: torch.device, new_tokens: int) -> bool:
+    """Whether a batch job (eval's replies, RL's rollouts) that samples about `new_tokens` tokens should use the
+    compiled decode step. "on": wherever it can run (decode.compile_status); "off": never; "auto": on a CPU
+    where it can run and the job is big enough to repay the first build. The tiny model on 2 CPU cores,
+    batches of 32 (`python bench/decode.py` has the one-row numbers): eager ~1,600 tokens/s, compiled ~4,200.
+    Not auto on CUDA, where eager decoding of a batch is already fast and the compiled step replays CUDA
+    graphs, whose copies of weights that RL changes every step have not been measured."""
+    if setting == "off" or not compile_status(device)[0]:
+        return False
+    return setting == "on" or (device.type == "cpu" and new_tokens >= COMPILE_PAYS_TOKENS)
 
 
 def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None,

@@ -17,7 +17,8 @@ from exocortex.data.tokens import read_split
 from exocortex.device import resolve_device, resolve_dtype
 from exocortex.errors import ExocortexError
 from exocortex.evals import bits_per_byte, chat_scores, core_scores
-from exocortex.infer.engine import Engine
+from exocortex.infer.decode import warm_up_note
+from exocortex.infer.engine import Engine, decode_compile
 from exocortex.infer.lookup import tools_for_run
 from exocortex.run import EvalSummary
 from exocortex.tasks import mixture_conversations, task_set
@@ -49,13 +50,19 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
                           collapse={k: v for k, v in previous.collapse.items() if v.get("stage") not in present},
                           calibration={s: v for s, v in previous.calibration.items() if s not in present})
     results.collapse.update(dataset_collapse(cfg, tok, tasks))
+    e = cfg.eval  # the new tokens a chat stage's replies may take: each task's questions, held-out families, pass@k
+    chat_stages = [s for s in present if registry.BY_NAME[s].chat]
+    per_stage = (2 * sum(int(n) for n in e.chat_tasks.values()) + e.pass_k * e.pass_k_n) * e.max_new_tokens
+    compiled = decode_compile(e.compile, device, per_stage * len(chat_stages))
+    if compiled:
+        print(f"eval: {warm_up_note(device, '--set eval.compile=off skips it')}", flush=True)
     for stage in present:
         ts = time.time()
         model, _ = load_model(cfg.run.latest_checkpoint(stage), device)
         val = val_batches(cfg, model.cfg.seq_len, cfg.pretrain.device_batch, cfg.pretrain.eval_tokens * 4)
         r = {"val_bpb": bits_per_byte(model, tok, val, device, dtype)}
         r.update(core_scores(model, tok, incontext, device, dtype))
-        engine = Engine(model, tok, device, dtype, tools=tools)
+        engine = Engine(model, tok, device, dtype, tools=tools, compile=compiled)
         if registry.BY_NAME[stage].chat:
             kept = results.calibration[stage] = {}
             r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage, kept))

@@ -24,7 +24,8 @@ from exocortex.checkpoint import load_model
 from exocortex.config import RLConfig, RunConfig, TrainConfig, check_budget, save_config
 from exocortex.device import release_freed_memory, resolve_device, resolve_dtype
 from exocortex.evals import task_accuracy
-from exocortex.infer.engine import Engine
+from exocortex.infer.decode import warm_up_note
+from exocortex.infer.engine import Engine, decode_compile
 from exocortex.infer.lookup import tools_for_run
 from exocortex.run import RLSummary, RunDir
 from exocortex.tasks import task_set
@@ -224,11 +225,14 @@ class GuardHook:
 
 
 def rl_train(model, tok: Tokenizer, task, r: RLConfig, t: TrainConfig, run_dir, device, dtype, tools=None,
-             eval_fn=None, resume: bool = False, meta: dict | None = None, ref_model=None, metrics=None):
+             eval_fn=None, resume: bool = False, meta: dict | None = None, ref_model=None, metrics=None,
+             compile: bool = False):
     """Run GRPO on `task`'s rewards. eval_fn(step) -> float is called every r.eval_every steps (held-out
     accuracy). Returns (train result, guard report or None); when the guard trips, the stage is rolled back to
-    its newest checkpoint from before the degenerate window."""
-    engine = Engine(model, tok, device, dtype, tools=tools)
+    its newest checkpoint from before the degenerate window. `compile`: rollouts by the compiled decode step
+    (its weights are inputs, rebuilt after each update), built before the budget's clock starts."""
+    engine = Engine(model, tok, device, dtype, tools=tools, compile=compile)
+    engine.warm_up()
     source = RolloutSource(engine, task, r, ref_model, chunks=t.batch_tokens // (t.device_batch * model.cfg.seq_len))
     hook = GuardHook(source, r, eval_fn)
     res = train(model, t, "rl", run_dir, source, [], device, dtype, total_steps=t.max_steps or None, resume=resume,
@@ -253,7 +257,13 @@ def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSumma
     task = task_set(cfg)[r.task]
     tools = {**tools_for_run(cfg), **task.client_tools}  # a task's client functions answer as in eval
     t = rl_train_config(cfg.sft, r, r.prompts_per_step * r.samples_per_prompt, model.cfg.seq_len)
-    eval_engine = Engine(model, tok, device, dtype, tools=tools)
+    # rollouts and held-out evals sample about this many new tokens (a time budget: at eager speed, ~1,600/s)
+    sampled = ((r.steps or 0) * r.prompts_per_step * r.samples_per_prompt * r.max_new_tokens
+               + r.time_minutes * 60 * 1600)
+    compiled = decode_compile(r.compile, device, int(sampled))
+    if compiled:
+        print(f"rl: {warm_up_note(device, '--set rl.compile=off skips it')}", flush=True)
+    eval_engine = Engine(model, tok, device, dtype, tools=tools, compile=compiled)
 
     def eval_fn(step: int) -> float:
         return task_accuracy(eval_engine, tok, task, r.eval_n, cfg.eval.seed + 1, r.max_new_tokens)
@@ -266,7 +276,7 @@ def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSumma
     metrics = MetricsSink.from_config(cfg.logging, cfg.run_dir, cfg.name, "rl", cfg.to_dict())
     res, tripped = rl_train(model, tok, task, r, t, cfg.run_dir, device, dtype, tools=tools, eval_fn=eval_fn,
                             resume=resume, meta={"base": str(parent_ckpt), "task": r.task}, ref_model=ref,
-                            metrics=metrics)
+                            metrics=metrics, compile=compiled)
     hist = res.history
     summary = RLSummary(
         parent=parent, task=r.task, steps=res.steps, seconds=time.time() - t0, checkpoint=res.checkpoint,
