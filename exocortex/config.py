@@ -210,7 +210,8 @@ class RLConfig:
     checkpoint_every: STEPS = 10
     guard: bool = True           # stop and keep the last good checkpoint when rewards rise while samples degenerate
     # the compiled decode step for rollouts and the held-out eval (infer/engine.py decode_compile): auto = on a CPU
-    # where it can be built, when the stage's sampling is big enough to repay building it
+    # where it can be built, when the stage's sampling is big enough to repay building it; "on" on CUDA replays
+    # CUDA graphs with weights rebuilt after every update, which has not been measured
     compile: Literal["auto", "on", "off"] = "auto"
     seed: SEED = 7
 

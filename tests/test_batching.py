@@ -86,12 +86,25 @@ def test_decode_compile_decides_by_setting_device_and_size(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(engine, "compile_status", lambda device: (True, None))
     big, small = engine.COMPILE_PAYS_TOKENS, engine.COMPILE_PAYS_TOKENS - 1
-    assert engine.decode_compile("auto", cpu, big) and not engine.decode_compile("auto", cpu, small)
-    assert not engine.decode_compile("auto", cuda, big)  # eager batches are fast there; graphs unmeasured for RL
-    assert engine.decode_compile("on", cpu, 1) and engine.decode_compile("on", cuda, 1)
-    assert not engine.decode_compile("off", cpu, big)
+    assert engine.decode_compile("auto", cpu, big) == (True, None)
+    assert engine.decode_compile("auto", cpu, small) == (False, None)
+    assert engine.decode_compile("auto", cuda, big) == (False, None)  # eager batches are fast there
+    assert engine.decode_compile("on", cpu, 1) == (True, None) and engine.decode_compile("on", cuda, 1)[0]
+    assert engine.decode_compile("off", cpu, big) == (False, None)
     monkeypatch.setattr(engine, "compile_status", lambda device: (False, "no C++ compiler"))
-    assert not engine.decode_compile("on", cpu, big) and not engine.decode_compile("auto", cpu, big)
+    assert engine.decode_compile("auto", cpu, big) == (False, None)
+    assert engine.decode_compile("on", cpu, big) == (False, "decoding eagerly: no C++ compiler")  # never silent
+
+
+def test_warm_up_falls_back_to_eager_when_the_step_cannot_be_built(capsys):
+    eng = Engine(random_gpt(400), _Tok(), torch.device("cpu"), compile=True)
+
+    def broken(batch_size, max_len):
+        raise RuntimeError("no C++ compiler")
+
+    eng.make_decoder = broken
+    eng.warm_up()
+    assert eng.compile is False and "decoding eagerly" in capsys.readouterr().out
 
 
 class _Tok:  # the special tokens an Engine needs; ids below those the tests use for text

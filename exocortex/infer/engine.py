@@ -209,13 +209,19 @@ class Engine:
 
     def warm_up(self) -> None:
         """Build (or load from the cache) the compiled decode steps, for one row and for several, now: a timed
-        loop (RL's budget) then spends its time on its work."""
+        loop (RL's budget) then spends its time on its work. If they cannot be built, the engine decodes eagerly
+        from then on, and says why."""
         if not self.compile:
             return
-        d = self.decoder(2, 8)
-        d.prefill([0, 0])
-        d.step([0, 0])
-        d.step([0, 0], [True, False])
+        try:
+            d = self.decoder(2, 8)
+            d.prefill([0, 0])
+            d.step([0, 0])
+            d.step([0, 0], [True, False])
+        except Exception as e:  # noqa: BLE001 - any failure to compile leaves the eager step, which always runs
+            self.compile = False
+            print(f"could not compile the decode step ({type(e).__name__}: {str(e)[:200]}); decoding eagerly",
+                  flush=True)
 
     def complete(self, prompt: list[int] | list[list[int]], num_samples: int = 1, **kw) -> list[list[int]]:
         """Finished completions (without the stop token), one list of token ids per row (see generate)."""
@@ -717,16 +723,20 @@ class StreamDecoder:
 COMPILE_PAYS_TOKENS = 100_000
 
 
-def decode_compile(setting: str, device: torch.device, new_tokens: int) -> bool:
-    """Whether a batch job (eval's replies, RL's rollouts) that samples about `new_tokens` tokens should use the
-    compiled decode step. "on": wherever it can run (decode.compile_status); "off": never; "auto": on a CPU
-    where it can run and the job is big enough to repay the first build. The tiny model on 2 CPU cores,
-    batches of 32 (`python bench/decode.py` has the one-row numbers): eager ~1,600 tokens/s, compiled ~4,200.
-    Not auto on CUDA, where eager decoding of a batch is already fast and the compiled step replays CUDA
-    graphs, whose copies of weights that RL changes every step have not been measured."""
-    if setting == "off" or not compile_status(device)[0]:
-        return False
-    return setting == "on" or (device.type == "cpu" and new_tokens >= COMPILE_PAYS_TOKENS)
+def decode_compile(setting: str, device: torch.device, new_tokens: int) -> tuple[bool, str | None]:
+    """Whether a batch job (eval's replies, RL's rollouts) that samples up to `new_tokens` tokens should use the
+    compiled decode step, and a line to show when "on" cannot be honoured. "on": wherever it can run
+    (decode.compile_status); "off": never; "auto": on a CPU where it can run and the job is big enough to
+    repay the first build. The tiny model on 2 CPU cores, batches of 32 (`python bench/eval_decode.py`):
+    eager ~1,600 tokens/s, compiled ~4,200. Not auto on CUDA, where eager decoding of a batch is already fast
+    and the compiled step replays CUDA graphs, whose handling of the weights RL rebuilds after every update
+    has not been measured."""
+    if setting == "off":
+        return False, None
+    ok, why = compile_status(device)
+    if not ok:
+        return False, f"decoding eagerly: {why}" if setting == "on" else None
+    return setting == "on" or (device.type == "cpu" and new_tokens >= COMPILE_PAYS_TOKENS), None
 
 
 def load_engine(cfg: RunConfig, stage: str | None = None, docs: list[str] | None = None,

@@ -50,10 +50,12 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
                           collapse={k: v for k, v in previous.collapse.items() if v.get("stage") not in present},
                           calibration={s: v for s, v in previous.calibration.items() if s not in present})
     results.collapse.update(dataset_collapse(cfg, tok, tasks))
-    e = cfg.eval  # the new tokens a chat stage's replies may take: each task's questions, held-out families, pass@k
+    e = cfg.eval  # at most this many new tokens per chat stage: each task's questions, held-out families, pass@k
     chat_stages = [s for s in present if registry.BY_NAME[s].chat]
-    per_stage = (2 * sum(int(n) for n in e.chat_tasks.values()) + e.pass_k * e.pass_k_n) * e.max_new_tokens
-    compiled = decode_compile(e.compile, device, per_stage * len(chat_stages))
+    asked = sum(int(n) for n in e.chat_tasks.values()) * (1 if e.heldout_n == 0 else 2) + e.pass_k * e.pass_k_n
+    compiled, note = decode_compile(e.compile, device, asked * e.max_new_tokens * len(chat_stages))
+    if note:
+        print(f"eval: {note}", flush=True)
     if compiled:
         print(f"eval: {warm_up_note(device, '--set eval.compile=off skips it')}", flush=True)
     for stage in present:
@@ -63,6 +65,8 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
         r = {"val_bpb": bits_per_byte(model, tok, val, device, dtype)}
         r.update(core_scores(model, tok, incontext, device, dtype))
         engine = Engine(model, tok, device, dtype, tools=tools, compile=compiled)
+        engine.warm_up()
+        compiled = engine.compile  # False from now on if it could not be built
         if registry.BY_NAME[stage].chat:
             kept = results.calibration[stage] = {}
             r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage, kept))

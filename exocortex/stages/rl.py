@@ -257,10 +257,12 @@ def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSumma
     task = task_set(cfg)[r.task]
     tools = {**tools_for_run(cfg), **task.client_tools}  # a task's client functions answer as in eval
     t = rl_train_config(cfg.sft, r, r.prompts_per_step * r.samples_per_prompt, model.cfg.seq_len)
-    # rollouts and held-out evals sample about this many new tokens (a time budget: at eager speed, ~1,600/s)
-    sampled = ((r.steps or 0) * r.prompts_per_step * r.samples_per_prompt * r.max_new_tokens
-               + r.time_minutes * 60 * 1600)
-    compiled = decode_compile(r.compile, device, int(sampled))
+    # rollouts sample up to this many new tokens (steps win over a time budget; a budget at eager speed, ~1,600/s)
+    sampled = (r.steps * r.prompts_per_step * r.samples_per_prompt * r.max_new_tokens if r.steps
+               else int(r.time_minutes * 60 * 1600))
+    compiled, note = decode_compile(r.compile, device, sampled)
+    if note:
+        print(f"rl: {note}", flush=True)
     if compiled:
         print(f"rl: {warm_up_note(device, '--set rl.compile=off skips it')}", flush=True)
     eval_engine = Engine(model, tok, device, dtype, tools=tools, compile=compiled)
