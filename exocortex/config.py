@@ -289,7 +289,7 @@ class RunConfig:
 # ----------------------------------------------------------------------------- presets
 
 def _tiny() -> RunConfig:
-    """Fits a 2-core CPU: the whole speedrun in ~15 minutes. Shape chosen by measurement (docs/tiny.md)."""
+    """Fits a 2-core CPU: the whole speedrun in ~18-20 minutes. Shape chosen by measurement (docs/tiny.md)."""
     c = RunConfig(name="tiny", preset="tiny")
     c.model = ModelConfig(depth=4, width=256, head_dim=64, vocab_size=4096, seq_len=256, mlp_ratio=3.0,
                           induction_init=True)
