@@ -146,11 +146,33 @@ class Guard:
 
         try:
             self.check(scope)
+        except _Refused as e:
+            if e.error.status != 413:
+                await self.drain(receive)
+            return await e.error.response()(scope, receive, send)
+        try:
             await self.app(scope, _BodyReader(receive, self.limits), tracked_send)
         except _Refused as e:
             if started:  # too late to answer: the connection is closed instead
                 raise
             await e.error.response()(scope, receive, send)
+
+    async def drain(self, receive) -> None:
+        """Read and drop a refused request's body (up to the size cap, for at most a second) before answering:
+        a connection closed with unread bytes is reset, and the reset can reach the client before the answer
+        (it saw 'connection reset by peer' instead of its 415)."""
+        loop = asyncio.get_running_loop()
+        deadline, size = loop.time() + min(1.0, self.limits.body_timeout), 0
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if size > self.limits.max_body_bytes or not message.get("more_body", False):
+                return
 
     def check(self, scope) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
