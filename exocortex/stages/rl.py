@@ -266,6 +266,8 @@ def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSumma
     if compiled:
         print(f"rl: {warm_up_note(device, '--set rl.compile=off skips it')}", flush=True)
     eval_engine = Engine(model, tok, device, dtype, tools=tools, compile=compiled)
+    eval_engine.warm_up()  # before the budget's clock; if the steps cannot be built, both engines decode eagerly
+    compiled = eval_engine.compile
 
     def eval_fn(step: int) -> float:
         return task_accuracy(eval_engine, tok, task, r.eval_n, cfg.eval.seed + 1, r.max_new_tokens)
