@@ -96,9 +96,8 @@ def test_heldout_asks_test_items(tasks):
         expr = e["messages"][-1]["content"][0]["text"]
         assert split_of(re.search(r'"expression": "([^"]+)"', expr).group(1)) == "test"
     for e in tasks["spelling"].examples(300, 2, "heldout"):
-        w = e["messages"][-1]["content"].split(" #### ")[-1] if e["kind"] == "spell" else None
-        if w:
-            assert split_of("spell|" + w) == "test"
+        if e["kind"] == "spell":
+            assert split_of("spell|" + e["word"]) == "test"
     mc = tasks["facts_mc"]
     test_values = {(f.relation, f.value) for f in mc.by_split["test"]}
     for e in mc.examples(100, 2, "heldout"):

@@ -111,16 +111,34 @@ def test_story_problems_keep_books_right():
         assert 3 <= len(steps) <= 5
 
 
-def test_spelling_counts_are_right(tasks):
+def test_spelling_copies_the_word_into_python_token_for_token(tasks, world):
+    """The reply's code holds the word as the question's tokens have it (after a space: ' word'), so writing the
+    call is a copy; what the sandbox prints is the tool output the reply was trained on, and the reply grades."""
+    from exocortex.infer.tools import sandboxed_python
+    from exocortex.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(generate_documents(0, n_docs=400, world=world), 1500)
     t = tasks["spelling"]
-    for ex in t.examples(300, 0, "train"):
-        reply = ex["messages"][-1]["content"]
-        assert t.grade(reply, ex)
-        if ex["kind"] == "count":
-            import re
-            word = re.sub(r"\(\d+\)|-", "", reply.split(".")[0])
-            letter = reply.split("The letter '")[1][0]
-            assert word in _user(ex) and hash_answer(reply) == ex["answer"] == str(word.count(letter))
+    examples = t.examples(300, 0, "train")
+    assert {e["kind"] for e in examples} == {"spell", "count"}
+    spaced = 0
+    for ex in examples:
+        call, output, text = ex["messages"][-1]["content"]
+        name, args = parse_tool_call(call["text"])
+        assert name == "python" and output["type"] == "tool_output"
+        literal = re.search(r"'( ?[a-z]+)'\.(count|strip)", args["code"]).group(1)
+        assert literal.strip() == ex["word"]
+        spaced += literal.startswith(" ")
+        q, w = tok.encode(_user(ex)), tok.encode(literal)
+        assert any(q[i:i + len(w)] == w for i in range(len(q))), (_user(ex), args["code"])
+        letter = re.search(r"count\('([a-z])'\)", args["code"])
+        want = "-".join(ex["word"]) if ex["kind"] == "spell" else str(ex["word"].count(letter.group(1)))
+        assert output["text"] == want and t.grade(text["text"], ex)
+        assert text["text"].endswith("#### " + want)
+    assert 50 < spaced < 250  # both ways of asking occur
+    for ex in examples[:3]:  # the real sandbox prints the same
+        call, output, _ = ex["messages"][-1]["content"]
+        assert sandboxed_python(parse_tool_call(call["text"])[1]) == output["text"]
 
 
 def test_multiple_choice_letters(tasks):

@@ -2099,7 +2099,7 @@ def spelling_words(world: "World | None" = None) -> list[str]:
 
 
 def counted_letters(word: str, letter: str) -> tuple[str, int]:
-    """'s-t-r(1)-a-w-b-e-r(2)-r(3)-y', 3: each occurrence of `letter` numbered (the spelling task's reply)."""
+    """'s-t-r(1)-a-w-b-e-r(2)-r(3)-y', 3: each occurrence of `letter` numbered (wordplay documents)."""
     n, shown = 0, []
     for ch in word:
         if ch == letter:

@@ -232,7 +232,7 @@ EVAL_NOTE = ("All questions are held out from training (hashed train/test splits
              "tools on and graded on the assistant's own words: arithmetic and word problems (GSM8K-style `#### N`) "
              "call the calculator; facts are recalled from pretraining; facts_mc is multiple choice; lookup asks "
              "about people who were *never in the pretraining data* and must be looked up with the lookup tool "
-             "(also scored with the tool switched off); spelling spells and counts letters; functions offers one or two "
+             "(also scored with the tool switched off); spelling spells a word or counts a letter by copying the word into a python call; functions offers one or two "
              "client functions in the system turn and needs the right call (name and arguments exact), an answer "
              "with the function's response, or no call when none fits. pass@k: k samples at "
              "temperature 1. In-context tasks (base-model style, few-shot) score options by mean loss; CORE is their "

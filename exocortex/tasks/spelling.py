@@ -1,16 +1,21 @@
-"""Spelling and letter counting: the classic tokenization weakness (a token hides its letters).
+"""Spelling and letter counting: the classic tokenization weakness (a token hides its letters), answered with
+the python tool, as a person would reach for a pencil.
 
-The reference answer spells the word letter by letter and numbers each occurrence of the target letter as
-it goes (`s-t-r(1)-a-w-b-e-r(2)-r(3)-y`), so counting becomes copying plus incrementing, which a small model
-can learn; the final answer follows `####`.
+The reply calls the sandboxed python (exocortex/infer/sandbox.py) on the word copied from the question,
+`print(' strawberry'.count('r'))` or `print('-'.join(' strawberry'.strip()))`, and copies what it prints:
+`The letter 'r' appears 3 times. #### 3`, `It is spelled s-t-r-a-w-b-e-r-r-y. #### s-t-r-a-w-b-e-r-r-y`. The
+tiny model could not learn the letters of its tokens: with replies that spelled the word out themselves
+(`s-t-r(1)-a-w-b-e-r(2)-r(3)-y`), about 5 in 100 of its spellings were right, train words and held-out words
+alike, and its counts were right mostly when it guessed 0 or 1 (docs/tiny.md). Copying a word into a call is
+what it can do. The word goes into the code as the question's tokens have it: BPE reads " strawberry" after a
+space and "strawberry" after a quote as different tokens, so the code keeps the space (and strips it) where
+the question has one, and the copy is token for token. The spelled answer also ends the reply, letter by
+letter: a word after `####` would be a third tokenization of it.
 
-Which words: common English words, the world's names, and every word of the world's facts (its lexicon),
+Which words: common English words, the world's names and every word of the world's facts (its lexicon),
 ~1,700 words (exocortex/data/world.py: spelling_words); a test word is held out as a word here (no
-spelling conversation of train asks it), though the pretraining corpus spells every word of the list (its
-"wordplay" documents), as real text spells words now and then. Measured on the tiny tokenizer: a word is often one token
-(" zanthorn"), and the model can only spell a token whose letters it was shown, so the more words train
-spells, the more of the held-out words' tokens it knows (with only the common words and names, 44 of the
-97 test words had every token spelled somewhere in train; with the lexicon 95 of 182).
+spelling conversation of train asks it). The pretraining corpus still spells every word of the list (its
+"wordplay" documents), as real text spells words now and then.
 
 Questions are asked in phrasing families (SPELL_FAMILIES; exocortex/tasks/phrasing.py), some held out.
 """
@@ -19,9 +24,10 @@ from __future__ import annotations
 import random
 import re
 
-from exocortex.data.world import counted_letters, spelling_words
+from exocortex.data.world import spelling_words
 from exocortex.tasks.base import Task, grade_hash_answer, item_split, split_of
 from exocortex.tasks.phrasing import noisy, polite
+from exocortex.tokenizer import tool_call_json
 
 # phrasing families: (spell frames, count frames); {w} the word, {l} the letter. The held-out ones ask the
 # same two things in frames of their own ("what letters make up ...", the word first).
@@ -47,8 +53,21 @@ SPELL_FAMILIES = {
 HELDOUT_FAMILIES = ("letters_of", "word_first")
 
 
+def python_call(code: str) -> dict:
+    """The assistant part that runs `code` with the python tool."""
+    return {"type": "tool_call", "text": tool_call_json("python", {"code": code})}
+
+
+def word_in_code(frame: str, word: str) -> str:
+    """`word` as a Python string literal whose tokens are those of the question `frame` asks with it: ' word'
+    where its {w} slot follows a space (the code strips it), 'word' after a quote or at the start."""
+    i = frame.index("{w}")
+    return f"' {word}'" if i > 0 and frame[i - 1] == " " else f"'{word}'"
+
+
 class Spelling(Task):
     name = "spelling"
+    uses_tools = True
     families = tuple(SPELL_FAMILIES)
     heldout_families = HELDOUT_FAMILIES
 
@@ -65,21 +84,23 @@ class Spelling(Task):
             key = f"{w}|{letter}" if count else w
             if split_of("spell|" + key) == items:
                 break
-        if not count:
-            q = noisy(polite(rng.choice(spell_frames), rng), rng, lower_rate=0.1).format(w=w)
-            return {"task": self.name, "answer": w, "kind": "spell", "family": family,
-                    "messages": [{"role": "user", "content": q},
-                                 {"role": "assistant", "content": f"{'-'.join(w)} #### {w}"}]}
-        shown, n = counted_letters(w, letter)
-        q = noisy(polite(rng.choice(count_frames), rng), rng, lower_rate=0.1).format(w=w, l=letter)
-        a = f"{shown}. The letter '{letter}' appears {n} time{'s' if n != 1 else ''}. #### {n}"
-        return {"task": self.name, "answer": str(n), "kind": "count", "family": family,
-                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        frame = noisy(polite(rng.choice(count_frames if count else spell_frames), rng), rng, lower_rate=0.1)
+        q = frame.format(w=w, l=letter)
+        literal = word_in_code(frame, w)
+        if count:
+            n = w.count(letter)
+            call, output = f"print({literal}.count('{letter}'))", str(n)
+            text = f"The letter '{letter}' appears {n} time{'s' if n != 1 else ''}. #### {n}"
+        else:
+            call, output = f"print('-'.join({literal}.strip()))", "-".join(w)
+            text = f"It is spelled {output}. #### {output}"
+        parts = [python_call(call), {"type": "tool_output", "text": output}, {"type": "text", "text": text}]
+        return {"task": self.name, "answer": str(n) if count else w, "kind": "count" if count else "spell",
+                "word": w, "family": family,
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": parts}]}
 
     def grade(self, answer_text: str, example: dict) -> bool:
         if example.get("kind") == "spell":
             tail = answer_text.rsplit("####", 1)[-1] if "####" in answer_text else answer_text
-            letters = re.sub(r"[^a-z]", "", tail.lower()) if "####" in answer_text else \
-                re.sub(r"[^a-z]", "", answer_text.lower())
-            return letters == example["answer"]
+            return re.sub(r"[^a-z]", "", tail.lower()) == example["answer"]
         return grade_hash_answer(answer_text, example["answer"])
