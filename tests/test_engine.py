@@ -104,6 +104,29 @@ def test_empty_lookup_searches_the_users_question(tok, small_cfg):
     assert eng.to_parts(out)[1] == {"type": "tool_output", "text": "found"}
 
 
+def test_calls_closed_on_the_same_step_run_side_by_side(tok, small_cfg):
+    """A batch whose rows all call a tool at once runs the calls together (a python call is a ~50 ms process):
+    four calls meet at a barrier, which four calls made one after another would never pass. Each row still
+    gets its own result."""
+    import threading
+
+    sp = tok.special
+    barrier = threading.Barrier(4, timeout=5)
+
+    def meet(arguments):
+        barrier.wait()  # BrokenBarrierError, i.e. an error as the call's output, unless all four are running
+        return "met " + arguments["code"]
+
+    call = tok.encode(format_tool_call("python", {"code": "1"}))
+    script = [sp["<tool_call>"], *call, sp["</tool_call>"], *tok.encode("ok"), sp["<|assistant_end|>"]]
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 256
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), tools={"python": meet},
+                 decoder=Scripted(script, tok.vocab_size))
+    prompt = tok.render_for_completion([{"role": "user", "content": "go"}])
+    outs = eng.complete([prompt] * 4, max_tokens=100, temperature=0)
+    assert [eng.to_parts(o)[1]["text"] for o in outs] == ["met 1"] * 4
+
+
 def test_chat_shows_a_tool_call_and_its_response_on_their_own_line(tok, small_cfg):
     import io
 

@@ -36,6 +36,8 @@ from exocortex.model import GPT
 from exocortex.infer.tools import TOOLS, ToolError, parse_tool_call, run_tool_call
 from exocortex.tokenizer import CALL_END, CALL_START, RESPONSE_END, RESPONSE_START, Tokenizer, plain_text
 
+TOOL_THREADS = 8  # calls of one decode step run side by side (a sandboxed python call mostly waits on its process)
+
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -155,7 +157,7 @@ class Engine:
             if cons is not None:
                 logits = _masked(logits, [None if r.done or r.forced else c for r, c in zip(rows, cons)])
             sampled = sample_next(logits, temperature, top_k, top_p, gen).tolist()
-            column, forced_mask = [], []
+            column, forced_mask, calls = [], [], []
             for r, row in enumerate(rows):
                 if row.done:
                     column.append(next(iter(self.stop_ids)))
@@ -178,15 +180,26 @@ class Engine:
                     row.in_tool_call, row.call_tokens = True, []
                 elif token == self.call_end and row.in_tool_call:
                     row.in_tool_call = False
-                    result = run_tool_call(self.tok.decode(row.call_tokens), self.tools, row.context)
-                    row.forced.extend(self.response_tokens(result))
+                    calls.append(row)
                 elif row.in_tool_call:
                     row.call_tokens.append(token)
+            for row, result in zip(calls, self._run_calls(calls)):
+                row.forced.extend(self.response_tokens(result))
+            calls.clear()
             yield column, forced_mask
             if all(row.done for row in rows) or i == n_steps - 1:
                 return
             # finished rows stop advancing (and rows past the last busy one are not computed)
             logits = dec.step(column, [not r.done for r in rows])
+
+    def _run_calls(self, rows: list[RowState]) -> list[str]:
+        """The results of the calls these rows just closed. Several at once run side by side: a python call is a
+        sandbox process (~50 ms), and a batch of 32 questions that all call it would otherwise wait for each."""
+        jobs = [(self.tok.decode(row.call_tokens), row.context) for row in rows]
+        if len(jobs) < 2:
+            return [run_tool_call(text, self.tools, context) for text, context in jobs]
+        with ThreadPoolExecutor(max_workers=min(len(jobs), TOOL_THREADS), thread_name_prefix="exocortex-tool") as pool:
+            return list(pool.map(lambda job: run_tool_call(job[0], self.tools, job[1]), jobs))
 
     def last_user_text(self, prompt: list[int]) -> str:
         """The text of the last user message in a rendered prompt ('' if there is none)."""
