@@ -176,6 +176,23 @@ def test_cross_origin_and_non_json_posts_are_refused(engine):
         server.stop()
 
 
+def test_a_refused_request_still_being_written_gets_its_answer(engine):
+    """A client refused on its headers (415 here) may still be writing the body: the server reads it before
+    answering and closing, or the client's next write meets a reset and it never reads the 415."""
+    server = guarded(engine)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head(Content_Type="text/plain", Content_Length=2000).replace(
+                b"Content-Type: application/json\r\n", b""))
+            for _ in range(2):  # a body that arrives after the refusal, in two writes
+                time.sleep(0.3)
+                s.sendall(b"x" * 1000)
+            reply = read_reply(s, 5)
+        assert status(reply) == 415 and b"unsupported_media_type" in reply
+    finally:
+        server.stop()
+
+
 def test_the_api_key_guards_v1_only(engine):
     server = guarded(engine, api_key="sekrit-key")
     try:
