@@ -273,6 +273,18 @@ def calibration_scores(replies: list[dict]) -> tuple[dict, dict]:
     return out, keep
 
 
+def tool_notes(engine, tasks) -> list[str]:
+    """What the eval should say about tools it cannot run here: tasks whose replies call the python tool score
+    near zero without it, which is the sandbox, not the model."""
+    needing = [t.name for t in tasks if t.needs_python]
+    if not needing or "python" not in engine.tools:
+        return []
+    from exocortex.infer.sandbox import python_tool_status
+
+    enabled, note = python_tool_status()
+    return [] if enabled else [f"{note}. {', '.join(needing)} call(s) it: expect those scores near zero here"]
+
+
 def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str,
                 calibration: dict | None = None) -> dict:
     """Every chat task of e.chat_tasks on n held-out questions (and, for a task with held-out phrasing families,
@@ -280,6 +292,8 @@ def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str,
     over all those replies (what it keeps for the report and the server goes into `calibration`)."""
     out, replies = {}, []
     counts = e.chat_tasks
+    for note in tool_notes(engine, [tasks[name] for name in counts]):
+        print(f"eval: {note}")
     for name, n in counts.items():
         n = int(n)
         if name == "memory":  # two sessions through a real store, not one graded reply

@@ -114,7 +114,6 @@ def test_story_problems_keep_books_right():
 def test_spelling_copies_the_word_into_python_token_for_token(tasks, world):
     """The reply's code holds the word as the question's tokens have it (after a space: ' word'), so writing the
     call is a copy; what the sandbox prints is the tool output the reply was trained on, and the reply grades."""
-    from exocortex.infer.tools import sandboxed_python
     from exocortex.tokenizer import Tokenizer
 
     tok = Tokenizer.train(generate_documents(0, n_docs=400, world=world), 1500)
@@ -136,9 +135,33 @@ def test_spelling_copies_the_word_into_python_token_for_token(tasks, world):
         assert output["text"] == want and t.grade(text["text"], ex)
         assert text["text"].endswith("#### " + want)
     assert 50 < spaced < 250  # both ways of asking occur
-    for ex in examples[:3]:  # the real sandbox prints the same
+
+
+def test_spelling_tool_outputs_are_what_the_sandbox_prints(tasks):
+    from exocortex.infer.sandbox import python_tool_status
+    from exocortex.infer.tools import sandboxed_python
+
+    enabled, note = python_tool_status()
+    if not enabled:
+        pytest.skip(note)
+    for ex in tasks["spelling"].examples(4, 1, "train"):
         call, output, _ = ex["messages"][-1]["content"]
         assert sandboxed_python(parse_tool_call(call["text"])[1]) == output["text"]
+
+
+def test_eval_says_when_the_python_tool_is_off(tasks, monkeypatch):
+    from exocortex import evals
+    from exocortex.infer import sandbox
+
+    class Engine:
+        tools = {"calculator": None, "python": None}
+
+    monkeypatch.setattr(sandbox, "python_tool_status", lambda: (False, "the python tool is off: no sandbox here"))
+    notes = evals.tool_notes(Engine, [tasks["spelling"], tasks["arithmetic"]])
+    assert len(notes) == 1 and "no sandbox here" in notes[0] and "spelling" in notes[0]
+    assert evals.tool_notes(Engine, [tasks["arithmetic"]]) == []
+    monkeypatch.setattr(sandbox, "python_tool_status", lambda: (True, None))
+    assert evals.tool_notes(Engine, [tasks["spelling"]]) == []
 
 
 def test_multiple_choice_letters(tasks):

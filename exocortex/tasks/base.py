@@ -43,6 +43,7 @@ class Task:
     families: tuple[str, ...] = ()          # the task's phrasing families (named ways of asking), if it has them
     heldout_families: tuple[str, ...] = ()  # the ones only split "heldout" uses: never in train or test
     client_tools: dict = {}  # name -> tool: the functions its examples offer, as their client runs them (eval, RL)
+    needs_python = False  # do its reference replies call the sandboxed python tool (eval says when it is off)
 
     def example(self, rng: random.Random, split: str) -> dict:
         raise NotImplementedError
