@@ -232,11 +232,11 @@ EVAL_NOTE = ("All questions are held out from training (hashed train/test splits
              "tools on and graded on the assistant's own words: arithmetic and word problems (GSM8K-style `#### N`) "
              "call the calculator; facts are recalled from pretraining; facts_mc is multiple choice; lookup asks "
              "about people who were *never in the pretraining data* and must be looked up with the lookup tool "
-             "(also scored with the tool switched off); spelling spells a word or counts a letter by copying the word into a python call; functions offers one or two "
-             "client functions in the system turn and needs the right call (name and arguments exact), an answer "
-             "with the function's response, or no call when none fits. pass@k: k samples at "
-             "temperature 1. In-context tasks (base-model style, few-shot) score options by mean loss; CORE is their "
-             "mean centred accuracy.")
+             "(also scored with the tool switched off); spelling spells a word or counts a letter by copying the "
+             "word into a python call; functions offers one or two client functions in the system turn and needs "
+             "the right call (name and arguments exact), an answer with the function's response, or no call when "
+             "none fits. pass@k: k samples at temperature 1. In-context tasks (base-model style, few-shot) score "
+             "options by mean loss; CORE is their mean centred accuracy.")
 PRETRAIN_ROWS = ("params", "flops_per_token", "steps", "tokens", "tokens_per_param", "seconds", "tokens_per_second",
                  "flops", "mfu", "final_train_loss", "final_val_loss", "val_bpb", "device", "dtype", "world_size",
                  "parallel")
