@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from exocortex.data.world import World
+from exocortex.data.world import World, arithmetic_doc
 from exocortex.run import EvalSummary
 from exocortex.stages.report import generalisation_table
 from exocortex.config import MIDTRAIN_MIXTURE
@@ -79,6 +79,17 @@ def test_no_heldout_family_text_in_any_training_conversation(tasks):
     users = [m["content"] for c in convs for m in c["messages"] if m["role"] == "user"]
     for f in frames:
         assert not any(f.search(u) for u in users), f"held-out wording {f.pattern!r} in a training conversation"
+
+
+def test_no_heldout_arithmetic_wording_in_the_pretraining_corpus(tasks):
+    """The corpus says calculations in words (data/world.py `_arith_said`) but never in a held-out frame."""
+    t = tasks["arithmetic"]
+    frames = [_pattern(f) for fam in t.heldout_families for f in _frames_of(t, fam)]
+    rng = random.Random(4)
+    lines = [ln for _ in range(1500) for ln in arithmetic_doc(tasks.world, rng).split("\n")]
+    assert len(lines) > 3000
+    for f in frames:
+        assert not any(f.search(ln) for ln in lines), f"held-out wording {f.pattern!r} in the pretraining corpus"
 
 
 def test_no_heldout_layout_in_facts_mc_training(tasks):

@@ -11,8 +11,9 @@ from collections import Counter
 import pytest
 
 from exocortex.data.world import (
-    PERSON_RELATIONS, PLACE_RELATIONS, QUESTIONS, THING_EXTRA, World, arithmetic_doc,
-    corpus_stats, descriptive_doc, dialogue_doc, encyclopedia_doc, generate_documents, story_doc,
+    _NUM_WORDS, _SAY_ONE, _SAY_OP, PERSON_RELATIONS, PLACE_RELATIONS, QUESTIONS, THING_EXTRA, World, _arith_said,
+    arithmetic_doc, corpus_stats, descriptive_doc, dialogue_doc, encyclopedia_doc, generate_documents,
+    number_words, story_doc,
 )
 
 
@@ -191,6 +192,72 @@ def test_arithmetic_is_correct(world, corpus):
     text = "\n\n".join(arithmetic_doc(world, rng) for _ in range(3000))
     assert _check_arithmetic(text) > 10_000
     assert _check_arithmetic("\n\n".join(corpus)) > 2_000
+
+
+_AS_DIGITS = re.compile(r"\b(" + "|".join(sorted((re.escape(number_words(n)) for n in range(1000)), key=len,
+                                                  reverse=True)) + r")\b", re.IGNORECASE)
+_WORD_VALUE = {number_words(n): n for n in range(1000)}
+_APPLY = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+
+
+def _as_digits(text: str) -> str:
+    return _AS_DIGITS.sub(lambda m: str(_WORD_VALUE[m.group(0).lower()]), text)
+
+
+def _slots_regex(template: str) -> str:
+    """A template as a regex over text whose numbers are digits: "Three times {a} is {c}" reads 3 times (\\d+)..."""
+    return re.sub(r"\\\{([a-z])\\\}", r"(?P<\1>\\d+)", re.escape(_as_digits(template.rstrip("."))))
+
+
+_TIED = r"(?:, that is (?P<e>[\d +\-*/]+) = (?P<r>\d+)| \((?P<e2>[\d +\-*/]+) = (?P<r2>\d+)\))?\."
+# (statement regex, op, fixed second operand): a statement, optionally with its symbols ("..., that is 17 * 9 = 153.")
+_SAID = ([(re.compile(_slots_regex(t) + _TIED, re.IGNORECASE), op, None) for op, ts in _SAY_OP.items() for t in ts] +
+         [(re.compile(_slots_regex(t) + _TIED, re.IGNORECASE), op, k) for (op, k), ts in _SAY_ONE.items() for t in ts])
+_SYMBOLS = re.compile(r"(?:In symbols: |We write this as )(\d+) ([-+*/]) (\d+) = (\d+)\.")
+_NUMBER_SAID = [re.compile(_slots_regex(t.replace("{w}", "{x}").replace("{d}", "{y}")) + r"\.?", re.IGNORECASE)
+                for t in _NUM_WORDS]
+
+
+def _readings(sentence: str) -> list[tuple[int, str, int, int]]:
+    """The true calculations a statement can be read as ("Three times 206 is 618" reads two ways), checking
+    that its symbols, if written, are that calculation."""
+    out = []
+    for p, op, k in _SAID:
+        if m := p.fullmatch(sentence):
+            a, c = int(m.group("a")), int(m.group("c"))
+            b = k if k is not None else int(m.group("b"))
+            e, r = m.group("e") or m.group("e2"), m.group("r") or m.group("r2")
+            if _APPLY[op](a, b) == c and (e is None or (e == f"{a} {op} {b}" and int(r) == c)):
+                out.append((a, op, b, c))
+    return out
+
+
+def _check_said(text: str) -> int:
+    """Every sentence of `_arith_said` text is a known statement and true; its symbols are its calculation."""
+    checked, last = 0, []
+    for sentence in re.split(r"(?<=[.)])\s+", _as_digits(text)):
+        if m := _SYMBOLS.fullmatch(sentence):
+            a, op, b, r = m.groups()
+            assert (int(a), op, int(b), int(r)) in last, f"{sentence!r} does not write {last}"
+        elif m := next((m for p in _NUMBER_SAID if (m := p.fullmatch(sentence))), None):
+            assert m.group("x") == m.group("y"), sentence
+        else:
+            last = _readings(sentence)
+            assert last, f"not a known true statement: {sentence!r}"
+        checked += 1
+    return checked
+
+
+def test_arithmetic_said_in_words_is_true_and_written_as_its_calculation(world):
+    rng = random.Random(9)
+    docs = [_arith_said(world, rng) for _ in range(800)]
+    assert _check_said("\n".join(docs)) > 3000
+    text = " ".join(docs)
+    assert re.search(r"\b(twenty|thirty|forty|fifty)-[a-z]+\b", text)  # numbers in words, checked as digits
+    for wrong in ("Seventeen times nine is 152.", "The sum of 3 and 4 is 7, that is 3 + 5 = 7.",
+                  "Half of 10 is 5. We write this as 10 / 2 = 6.", "Twelve and 3 go together."):
+        with pytest.raises(AssertionError):
+            _check_said(wrong)
 
 
 def test_arithmetic_checker_catches_mistakes():

@@ -34,7 +34,7 @@ __all__ = [
     "Fact", "Person", "Place", "Thing", "Region", "World",
     "generate_documents", "corpus_stats",
     "encyclopedia_doc", "story_doc", "dialogue_doc", "arithmetic_doc", "descriptive_doc", "wordplay_doc",
-    "spelling_words", "counted_letters", "COMMON_WORDS",
+    "spelling_words", "counted_letters", "COMMON_WORDS", "number_words", "everyday_operands",
     "DOC_FAMILIES",
 ]
 
@@ -55,6 +55,27 @@ def _an(word: str) -> str:
     """'a baker' / 'an innkeeper'."""
     vowel = word[:1].lower() in "aeiou" or word.lower().startswith(("hour", "honest"))
     return ("an " if vowel else "a ") + word
+
+
+ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen").split()
+TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> str:
+    """English words for 0 <= n < 1,000,000: 21 -> "twenty-one", 305 -> "three hundred and five"."""
+    if not 0 <= n < 1_000_000:
+        raise ValueError(f"number_words: {n} is out of range")
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10] + ("-" + ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        rest = n % 100
+        return ONES[n // 100] + " hundred" + (" and " + number_words(rest) if rest else "")
+    rest = n % 1000
+    return (number_words(n // 1000) + " thousand" +
+            ((" and " if rest < 100 else " ") + number_words(rest) if rest else ""))
 
 
 _IRREGULAR_PLURALS = (("leaf", "leaves"), ("loaf", "loaves"), ("knife", "knives"), ("wolf", "wolves"))
@@ -1718,8 +1739,102 @@ def _arith_numbers(world: World, rng: random.Random) -> str:
     return ("\n" if rng.random() < 0.5 else " ").join(out)
 
 
-_ARITH_KINDS = ((_arith_list, 0.22), (_arith_qa, 0.16), (_arith_table, 0.12), (_arith_worked_many, 0.18),
-                (_arith_words, 0.2), (_arith_numbers, 0.12))
+# Arithmetic said in words. The tasks' questions name an operation in many ways and places ("the product of
+# 7 and 3", "7 lots of 3", "3 and 7 add up to..."), numbers in digits or words; a model that has only read
+# `7 * 3 = 21` learns the place of a word, not its meaning (issue #14: held-out phrasings read as sums). These
+# statements put each operation's words before, between and after the numbers, in statements about results,
+# and tie the words to the symbols (`seventeen times nine, that is 17 * 9, is 153`). They are declarative:
+# the held-out question frames (exocortex/tasks/arithmetic.py HELDOUT_FAMILIES) are never written here, and
+# calculations whose expression is a test item of the arithmetic task are skipped.
+_SAY_OP = {
+    "+": ("{a} plus {b} is {c}.", "{a} plus {b} makes {c}.", "Adding {a} and {b} gives {c}.",
+          "Add {b} to {a} and you get {c}.", "The sum of {a} and {b} is {c}.", "The total of {a} and {b} is {c}.",
+          "{c} is the sum of {a} and {b}.", "{a} and {b} add up to {c}.", "{b} more than {a} is {c}.",
+          "{a} increased by {b} is {c}.", "Put {a} and {b} together and you have {c}.",
+          "{a} added to {b} makes {c}.", "{c} is {b} more than {a}.", "Together, {a} and {b} make {c}.",
+          "{a} and {b} together make {c}.", "{a} and {b}, added, give {c}.", "{a} with {b} added is {c}.",
+          "{a} and {b} have a sum of {c}."),
+    "-": ("{a} minus {b} is {c}.", "{a} take away {b} leaves {c}.", "Subtracting {b} from {a} leaves {c}.",
+          "Take {b} away from {a} and {c} remain.", "The difference between {a} and {b} is {c}.",
+          "{c} is {b} less than {a}.", "{a} less {b} equals {c}.", "{a} reduced by {b} is {c}.",
+          "{b} fewer than {a} is {c}.", "Remove {b} from {a} and you are left with {c}.",
+          "{a} decreased by {b} is {c}.", "Subtract {b} from {a} to get {c}.", "{a} with {b} taken away is {c}.",
+          "{a} and {b} differ by {c}.", "{a}, with {b} subtracted, leaves {c}.", "{a} has {b} subtracted to give {c}."),
+    "*": ("{a} times {b} is {c}.", "Multiplying {a} by {b} gives {c}.", "The product of {a} and {b} is {c}.",
+          "{a} multiplied by {b} equals {c}.", "{c} is {a} times {b}.", "{a} lots of {b} make {c}.",
+          "{a} groups of {b} make {c}.", "{a} and {b} multiplied together give {c}.",
+          "Multiply {a} by {b} and you get {c}.", "{c} is the product of {a} and {b}.",
+          "{a} sets of {b} come to {c}.", "{a} and {b} multiplied give {c}.", "{a} and {b} have a product of {c}.",
+          "{a}, multiplied by {b}, is {c}.", "{a} is multiplied by {b} to give {c}."),
+    "/": ("{a} divided by {b} is {c}.", "Dividing {a} by {b} gives {c}.", "{a} shared equally by {b} is {c} each.",
+          "{a} split into {b} equal parts gives parts of {c}.", "The quotient of {a} and {b} is {c}.",
+          "{b} goes into {a} {c} times.", "Divide {a} by {b} and you get {c}.", "{a} over {b} is {c}.",
+          "{c} is {a} divided by {b}.", "Share {a} among {b} and each gets {c}.", "{a}, divided by {b}, is {c}.",
+          "{a} is divided by {b} to give {c}.", "{a} and {b} have a quotient of {c}.",
+          "{a} shared between {b} gives {c} each."),
+}
+_SAY_ONE = {("/", 2): ("Half of {a} is {c}.", "Half {a} is {c}.", "{c} is half of {a}."),
+            ("/", 3): ("A third of {a} is {c}.", "One third of {a} is {c}."),
+            ("/", 4): ("A quarter of {a} is {c}.", "One quarter of {a} is {c}."),
+            ("*", 2): ("Double {a} is {c}.", "Twice {a} is {c}.", "{a} doubled is {c}."),
+            ("*", 3): ("Triple {a} is {c}.", "Three times {a} is {c}.", "{a} tripled is {c}.")}
+# the words tied to the calculation as the calculator writes it
+_SAY_TIED = ("{s}, that is {e} = {r}.", "{s}. In symbols: {e} = {r}.", "{s} ({e} = {r}).",
+             "{s}. We write this as {e} = {r}.")
+_NUM_WORDS = ("{w} is written {d}.", "{w} ({d})", "In digits, {w} is {d}.", "{d} in words is {w}.",
+              "The number {d} is said {w}.")
+
+
+def _say_num(n: int, rng: random.Random) -> str:
+    """A number as text says it: digits, or words for many below 100 (bigger ones would read ambiguously:
+    "the sum of two hundred and three")."""
+    return number_words(n) if n < 100 and rng.random() < 0.45 else str(n)
+
+
+def everyday_operands(op: str, rng: random.Random) -> tuple[int, int]:
+    """Operands as people ask about them: mostly small, a difference never negative, a division exact."""
+    big = rng.random() < 0.3
+    if op == "+":
+        return rng.randint(0, 999 if big else 99), rng.randint(1, 999 if big else 99)
+    if op == "-":
+        a, b = rng.randint(1, 999 if big else 99), rng.randint(0, 99)
+        return max(a, b), min(a, b)
+    if op == "*":
+        return rng.randint(2, 99 if big else 12), rng.randint(2, 12)
+    b = rng.randint(2, 12)
+    return b * rng.randint(1, 99 if big else 12), b
+
+
+def _arith_said(world: World, rng: random.Random) -> str:
+    """Calculations said in words in varied orders, some tied to their symbols; numbers said in words."""
+    out = []
+    for _ in range(3 + int(rng.random() * 6)):
+        r = rng.random()
+        if r < 0.15:
+            n = rng.randint(0, 100) if rng.random() < 0.8 else rng.randint(101, 999)
+            out.append(_cap(_ch(rng, _NUM_WORDS).format(w=number_words(n), d=n)))
+            continue
+        if r < 0.3:
+            op, k = _ch(rng, tuple(_SAY_ONE))
+            a = k * rng.randint(1, 60) if op == "/" else rng.randint(1, 300)
+            b, c = k, a // k if op == "/" else a * k
+            frame = _ch(rng, _SAY_ONE[(op, k)])
+        else:
+            op = _ch(rng, "+-*/")
+            a, b = everyday_operands(op, rng)
+            c = {"+": a + b, "-": a - b, "*": a * b, "/": a // max(b, 1)}[op]
+            frame = _ch(rng, _SAY_OP[op])
+        e = f"{a} {op} {b}"
+        if zlib.crc32(e.encode()) % 100 < 10:  # a test item of the arithmetic task (tasks/base.py split_of)
+            continue
+        said = _cap(frame.format(a=_say_num(a, rng), b=_say_num(b, rng), c=_say_num(c, rng) if rng.random() < 0.2
+                                 else c))
+        out.append(_ch(rng, _SAY_TIED).format(s=said.rstrip("."), e=e, r=c) if rng.random() < 0.5 else said)
+    return ("\n" if rng.random() < 0.4 else " ").join(out)
+
+
+_ARITH_KINDS = ((_arith_list, 0.15), (_arith_qa, 0.11), (_arith_table, 0.08), (_arith_worked_many, 0.13),
+                (_arith_words, 0.15), (_arith_numbers, 0.08), (_arith_said, 0.3))
 
 
 def arithmetic_doc(world: World, rng: random.Random) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 
+from exocortex.data.world import everyday_operands
 from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, item_split, split_of
 from exocortex.tasks.phrasing import capitalise, noisy, polite, say_number
 from exocortex.infer.tools import BUILTIN_TOOLS, calculator
@@ -100,20 +101,6 @@ STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "
                 "tomatoes", "candles", "balloons", "stamps", "potatoes", "nails")
 STORY_PEOPLE = {"Mia": "she", "Tom": "he", "Ada": "she", "Leo": "he", "Ivy": "she", "Sam": "he", "Noor": "she",
                 "Ben": "he", "Lena": "she", "Omar": "he"}
-
-
-def everyday_operands(op: str, rng: random.Random) -> tuple[int, int]:
-    """Operands as people ask about them: mostly small, a difference never negative, a division exact."""
-    big = rng.random() < 0.3
-    if op == "+":
-        return rng.randint(0, 999 if big else 99), rng.randint(1, 999 if big else 99)
-    if op == "-":
-        a, b = rng.randint(1, 999 if big else 99), rng.randint(0, 99)
-        return max(a, b), min(a, b)
-    if op == "*":
-        return rng.randint(2, 99 if big else 12), rng.randint(2, 12)
-    b = rng.randint(2, 12)
-    return b * rng.randint(1, 99 if big else 12), b
 
 
 def random_expression(rng: random.Random) -> str:

@@ -15,25 +15,7 @@ from __future__ import annotations
 
 import random
 
-ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-        "seventeen eighteen nineteen").split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def number_words(n: int) -> str:
-    """English words for 0 <= n < 1,000,000: 21 -> "twenty-one", 305 -> "three hundred and five"."""
-    if not 0 <= n < 1_000_000:
-        raise ValueError(f"number_words: {n} is out of range")
-    if n < 20:
-        return ONES[n]
-    if n < 100:
-        return TENS[n // 10] + ("-" + ONES[n % 10] if n % 10 else "")
-    if n < 1000:
-        rest = n % 100
-        return ONES[n // 100] + " hundred" + (" and " + number_words(rest) if rest else "")
-    rest = n % 1000
-    return (number_words(n // 1000) + " thousand" +
-            ((" and " if rest < 100 else " ") + number_words(rest) if rest else ""))
+from exocortex.data.world import number_words
 
 
 def say_number(n: int, rng: random.Random, words_rate: float = 0.25) -> str:
