@@ -57,9 +57,9 @@ def _an(word: str) -> str:
     return ("an " if vowel else "a ") + word
 
 
-ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
         "seventeen eighteen nineteen").split()
-TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
 def number_words(n: int) -> str:
@@ -67,12 +67,12 @@ def number_words(n: int) -> str:
     if not 0 <= n < 1_000_000:
         raise ValueError(f"number_words: {n} is out of range")
     if n < 20:
-        return ONES[n]
+        return _ONES[n]
     if n < 100:
-        return TENS[n // 10] + ("-" + ONES[n % 10] if n % 10 else "")
+        return _TENS[n // 10] + ("-" + _ONES[n % 10] if n % 10 else "")
     if n < 1000:
         rest = n % 100
-        return ONES[n // 100] + " hundred" + (" and " + number_words(rest) if rest else "")
+        return _ONES[n // 100] + " hundred" + (" and " + number_words(rest) if rest else "")
     rest = n % 1000
     return (number_words(n // 1000) + " thousand" +
             ((" and " if rest < 100 else " ") + number_words(rest) if rest else ""))
@@ -1740,12 +1740,12 @@ def _arith_numbers(world: World, rng: random.Random) -> str:
 
 
 # Arithmetic said in words. The tasks' questions name an operation in many ways and places ("the product of
-# 7 and 3", "7 lots of 3", "3 and 7 add up to..."), numbers in digits or words; a model that has only read
-# `7 * 3 = 21` learns the place of a word, not its meaning (issue #14: held-out phrasings read as sums). These
-# statements put each operation's words before, between and after the numbers, in statements about results,
-# and tie the words to the symbols (`seventeen times nine, that is 17 * 9, is 153`). They are declarative:
-# the held-out question frames (exocortex/tasks/arithmetic.py HELDOUT_FAMILIES) are never written here, and
-# calculations whose expression is a test item of the arithmetic task are skipped.
+# 7 and 3", "7 lots of 3", "I had 7 and used 3"), numbers in digits or words; a model that has only read
+# `7 * 3 = 21` learns the place of a word, not its meaning (held-out phrasings were read as sums). These
+# statements put each operation's words before, between and after the numbers, and half of them tie the words
+# to the symbols ("Seventeen times nine is 153, that is 17 * 9 = 153."). They are statements, never a
+# held-out question frame (exocortex/tasks/arithmetic.py HELDOUT_FAMILIES), and they skip the calculations
+# that are test items of the arithmetic task (the other document kinds predate the split and do not).
 _SAY_OP = {
     "+": ("{a} plus {b} is {c}.", "{a} plus {b} makes {c}.", "Adding {a} and {b} gives {c}.",
           "Add {b} to {a} and you get {c}.", "The sum of {a} and {b} is {c}.", "The total of {a} and {b} is {c}.",
@@ -1822,7 +1822,7 @@ def _arith_said(world: World, rng: random.Random) -> str:
         else:
             op = _ch(rng, "+-*/")
             a, b = everyday_operands(op, rng)
-            c = {"+": a + b, "-": a - b, "*": a * b, "/": a // max(b, 1)}[op]
+            c = a // b if op == "/" else {"+": a + b, "-": a - b, "*": a * b}[op]
             frame = _ch(rng, _SAY_OP[op])
         e = f"{a} {op} {b}"
         if zlib.crc32(e.encode()) % 100 < 10:  # a test item of the arithmetic task (tasks/base.py split_of)
