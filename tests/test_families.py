@@ -142,6 +142,57 @@ def test_everyday_arithmetic_phrasings_compute_the_right_thing():
                           for q, e in halves)
 
 
+def test_seen_story_questions_do_not_give_away_the_operation():
+    """Only the verb tells a sum from a difference: a question that could ask either ("How many now?", "How many
+    do we have now?") is asked of both. (When "have now" asked only sums, "Ada had 83 books and used 42. How many
+    does she have now?" was read as 83 + 42.)"""
+    rng = random.Random(0)
+    ops = {}
+    for family in ("story", "story_things"):
+        for _ in range(4000):
+            q, e = Arithmetic.ask(family, rng)
+            for ask in ("how many now", "have now", "are there now"):
+                if ask in q.lower():
+                    ops.setdefault((family, ask), []).append(e.split()[1])
+    for ask, got in ops.items():
+        assert got.count("+") > 0.3 * len(got) and got.count("-") > 0.3 * len(got), (ask, len(got))
+    assert len(ops) == 6 and sum(map(len, ops.values())) > 1000
+
+
+def _words_in_order(text: str, words: list[str]) -> bool:
+    rest = iter(re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", text).lower().split())
+    return all(w in rest for w in words)
+
+
+def test_no_seen_arithmetic_frame_holds_a_heldout_frames_words():
+    """Stronger than a regex over prompts: no seen frame has all of a held-out frame's words in order, with
+    anything between ("The shop had {a} {x} and used {b}. How many {x} does it have now?" is the held-out story
+    with "Ada" swapped for a shop and one word added)."""
+    held = [re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", f).lower().split() for fam in Arithmetic.heldout_families
+            for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap" for f in fs]
+    seen = [f for fam in ARITH_FAMILIES if fam not in Arithmetic.heldout_families
+            for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap" for f in fs]
+    assert len(seen) > 1000
+    for f in seen:
+        assert not any(_words_in_order(f, h) for h in held), f
+
+
+def test_numbers_before_the_question_are_not_operands(monkeypatch):
+    """A numbered opener ("Question 3: ", "I have two questions. First: ") asks the same calculation."""
+    import exocortex.tasks.arithmetic as arithmetic
+    for seed in range(300):
+        family = random.Random(seed).choice(Arithmetic.families)
+        monkeypatch.setattr(arithmetic, "NUMBERED_OPENER_RATE", 0.0)
+        plain = Arithmetic.ask(family, random.Random(seed))
+        monkeypatch.setattr(arithmetic, "NUMBERED_OPENER_RATE", 1.0)
+        opened = Arithmetic.ask(family, random.Random(seed))
+        assert opened[1] == plain[1] and opened[0].endswith(plain[0]) and len(opened[0]) > len(plain[0])
+    monkeypatch.undo()
+    rng = random.Random(1)
+    asked = [Arithmetic.ask(rng.choice(Arithmetic.families), rng)[0] for _ in range(2000)]
+    assert 100 < sum(q.startswith(tuple(o.split("{")[0] for o in arithmetic.NUMBERED_OPENERS)) for q in asked) < 400
+
+
 def test_facts_mc_recalls_checks_the_choices_then_gives_the_letter(tasks):
     t = tasks["facts_mc"]
     for e in t.examples(20, 0, "test"):

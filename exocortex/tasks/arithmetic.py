@@ -6,6 +6,7 @@ spec in the system turn (offer_calculator), as a client that lists it does."""
 from __future__ import annotations
 
 import random
+import re
 
 from exocortex.data.world import everyday_operands
 from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, item_split, split_of
@@ -97,10 +98,95 @@ ARITH_FAMILIES = {
                      "/": ("{n} shares {a} {x} equally between {b} friends. How many does each get?",)},
 }
 HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people")
+
+# Seen stories are also assembled from slots: a subject, an event whose verb says the operation, and a question.
+# Most questions fit both a sum and a difference ("How many now?", "How many do we have now?"), so only the verb
+# tells which: with a question per operation, the model learns to read the question instead (the held-out "Ada
+# had 83 books and used 42. How many does she have now?" was read as a sum, since "have now" only ever asked
+# one). Some events put the second number first ("used 5 of its 40 eggs"). A combination that would spell a
+# held-out frame is dropped: the held-out stories keep their own frames, and a named person (seen ones never do).
+_STORY_SUBJECTS = {  # subject, pronoun, its "do", object, possessive
+    "story": (("I", "I", "do", "me", "my"), ("We", "we", "do", "us", "our")),
+    "story_things": (("The shop", "it", "does", "it", "its"), ("The bakery", "it", "does", "it", "its"),
+                     ("The class", "it", "does", "it", "its"), ("The team", "it", "does", "it", "its")),
+}
+_STORY_EVENTS = {
+    "+": ("{S} had {a} {x} and found {b} more", "{S} had {a} {x} and bought {b} more",
+          "{S} had {a} {x} and got {b} more", "{S} had {a} {x}, and a friend gave {o} {b} more",
+          "{S} had {a} {x} and then received {b} more", "{S} got {b} {x} on top of the {a} {s} already had",
+          "{S} started with {a} {x} and picked up {b} more"),
+    "-": ("{S} had {a} {x} and used {b}", "{S} had {a} {x} and sold {b}", "{S} had {a} {x} and gave away {b}",
+          "{S} had {a} {x} but lost {b}", "{S} had {a} {x} and threw away {b}", "{S} used {b} of {poss} {a} {x}",
+          "{S} had {a} {x}; {b} broke", "{S} started with {a} {x} and spent {b}"),
+    "*": ("{S} bought {a} packs of {b} {x}", "{S} had {a} bags with {b} {x} in each",
+          "{S} filled {a} boxes with {b} {x} each", "{S} made {a} rows of {b} {x}",
+          "{S} got {a} crates, each holding {b} {x}"),
+}
+_STORY_QUESTIONS = {
+    "+-": ("How many now?", "How many {do} {s} have now?", "How many {x} {do} {s} have now?",
+           "How many {x} are there now?", "What is the count now?"),
+    "+": ("How many in total?", "How many {x} {do} {s} have altogether?"),
+    "-": ("How many are left?", "How many {x} remain?", "How many {do} {s} have left?"),
+    "*": ("How many {x} is that?", "How many {x} in total?", "How many {x} {do} {s} have?", "How many {x} altogether?"),
+}
+_STORY_SHARES = (  # division: the question names the parts the event made
+    ("{S} shared {a} {x} equally among {b} friends", ("How many did each friend get?", "How many each?")),
+    ("{S} put {a} {x} into {b} equal piles", ("How many in each pile?", "How many {x} does each pile have?")),
+    ("{S} packed {a} {x} into {b} boxes, the same number in each", ("How many {x} went in each box?",)),
+)
+
+
+def _words(frame: str) -> list[str]:
+    return re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", frame).lower().split()
+
+
+def _contains_words(frame: list[str], words: list[str]) -> bool:
+    """Whether `words` occur in `frame` in order, with anything between them."""
+    rest = iter(frame)
+    return all(w in rest for w in words)
+
+
+def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
+    # a combination is dropped when a held-out frame's words all occur in it in order, whatever comes between
+    # ("The shop had {a} {x} and used {b}. How many {x} does it have now?" is Ada's story without her name)
+    heldout = [_words(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
+               for f in fs]
+    out = {}
+    for op in "+-*/":
+        pairs = ([(e, q) for e in _STORY_EVENTS[op] for q in _STORY_QUESTIONS[op] + _STORY_QUESTIONS.get("+-", ())
+                  * (op in "+-")] if op != "/" else [(e, q) for e, qs in _STORY_SHARES for q in qs])
+        frames = []
+        for S, s, do, o, poss in _STORY_SUBJECTS[family]:
+            for event, question in pairs:
+                slots = dict(S=S, s=s, do=do, o=o, poss=poss, a="{a}", b="{b}", x="{x}")
+                for sep in (". ", ", "):
+                    q = question.format(**slots)
+                    f = event.format(**slots) + sep + (q if sep == ". " else q[0].lower() + q[1:])
+                    if not any(_contains_words(_words(f), h) for h in heldout):
+                        frames.append(f)
+        out[op] = ARITH_FAMILIES[family][op] + tuple(frames)
+    return out
+
+
+for _family in _STORY_SUBJECTS:
+    ARITH_FAMILIES[_family].update(_composed_stories(_family))
 STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "coins", "books", "cards",
                 "tomatoes", "candles", "balloons", "stamps", "potatoes", "nails")
 STORY_PEOPLE = {"Mia": "she", "Tom": "he", "Ada": "she", "Leo": "he", "Ivy": "she", "Sam": "he", "Noor": "she",
                 "Ben": "he", "Lena": "she", "Omar": "he"}
+
+
+# Numbers in a question that are not operands: which question it is, how many there are. A model that takes
+# every number for an operand reads "two numbers, 4 and 70: their sum?" as 2 + 70.
+NUMBERED_OPENERS = ("Question {k}: ", "Problem {k}. ", "Exercise {k}: ", "Homework, part {k}: ", "Number {k}: ",
+               "I have {k} questions. First: ", "Step {k}: ", "Last of my {k} questions: ")
+NUMBERED_OPENER_RATE = 0.1
+
+
+def numbered_opener(question: str, rng: random.Random) -> str:
+    if rng.random() >= NUMBERED_OPENER_RATE:
+        return question
+    return rng.choice(NUMBERED_OPENERS).format(k=say_number(rng.randint(1, 12), rng, words_rate=0.5)) + question
 
 
 def random_expression(rng: random.Random) -> str:
@@ -169,11 +255,12 @@ class Arithmetic(Task):
     @staticmethod
     def ask(family: str, rng: random.Random) -> tuple[str, str]:
         """(question, the expression it asks for) in a family's wording: a frame, its numbers said in words or
-        digits, a polite opener or closer, sometimes lower case or a typo."""
+        digits, a polite opener or closer, sometimes lower case or a typo, sometimes a number that is not an
+        operand before it."""
         if family == "symbols":
             e = random_expression(rng)
             shown = e.replace("*", rng.choice(["*", "*", "×", "times"])) if rng.random() < 0.3 else e
-            return noisy(polite(rng.choice(ARITH_QUESTIONS), rng), rng).format(e=shown), e
+            return numbered_opener(noisy(polite(rng.choice(ARITH_QUESTIONS), rng), rng).format(e=shown), rng), e
         frames = ARITH_FAMILIES[family]
         op = rng.choice([k for k in frames if k != "wrap"])
         if len(op) == 2:  # one operand: half of, double
@@ -187,8 +274,9 @@ class Arithmetic(Task):
         e = f"{a} {op} {b}"
         name = rng.choice(list(STORY_PEOPLE))
         q = noisy(polite(capitalise(rng.choice(frames["wrap"]).replace("{q}", frame)), rng), rng)
-        return q.format(a=say_number(a, rng), b=say_number(b, rng), x=rng.choice(STORY_THINGS), n=name,
-                        p=STORY_PEOPLE[name]), e
+        q = q.format(a=say_number(a, rng), b=say_number(b, rng), x=rng.choice(STORY_THINGS), n=name,
+                     p=STORY_PEOPLE[name])
+        return numbered_opener(q, rng), e
 
     def grade(self, answer_text: str, example: dict) -> bool:
         return grade_final_number(answer_text, example["answer"])
