@@ -105,22 +105,26 @@ HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people")
 # had 83 books and used 42. How many does she have now?" was read as a sum, since "have now" only ever asked
 # one). Some events put the second number first ("used 5 of its 40 eggs"). A combination that would spell a
 # held-out frame is dropped: the held-out stories keep their own frames, and a named person (seen ones never do).
-_STORY_SUBJECTS = {  # subject, pronoun, its "do", object, possessive
-    "story": (("I", "I", "do", "me", "my"), ("We", "we", "do", "us", "our")),
-    "story_things": (("The shop", "it", "does", "it", "its"), ("The bakery", "it", "does", "it", "its"),
-                     ("The class", "it", "does", "it", "its"), ("The team", "it", "does", "it", "its")),
+_STORY_SUBJECTS = {  # subject, pronoun, its "do", object, possessive, its "have", a present verb's ending
+    "story": (("I", "I", "do", "me", "my", "have", ""), ("We", "we", "do", "us", "our", "have", "")),
+    "story_things": tuple((subject, "it", "does", "it", "its", "has", "s")
+                          for subject in ("The shop", "The bakery", "The class", "The team")),
 }
 _STORY_EVENTS = {
     "+": ("{S} had {a} {x} and found {b} more", "{S} had {a} {x} and bought {b} more",
           "{S} had {a} {x} and got {b} more", "{S} had {a} {x}, and a friend gave {o} {b} more",
           "{S} had {a} {x} and then received {b} more", "{S} got {b} {x} on top of the {a} {s} already had",
-          "{S} started with {a} {x} and picked up {b} more"),
+          "{S} started with {a} {x} and picked up {b} more", "{S} {have} {a} {x} and get{3s} {b} more",
+          "{S} {have} {a} {x} and find{3s} {b} more"),
     "-": ("{S} had {a} {x} and used {b}", "{S} had {a} {x} and sold {b}", "{S} had {a} {x} and gave away {b}",
           "{S} had {a} {x} but lost {b}", "{S} had {a} {x} and threw away {b}", "{S} used {b} of {poss} {a} {x}",
-          "{S} had {a} {x}; {b} broke", "{S} started with {a} {x} and spent {b}"),
+          "{S} had {a} {x}; {b} broke", "{S} started with {a} {x} and spent {b}",
+          "{S} {have} {a} {x} and sell{3s} {b}", "{S} {have} {a} {x} and use{3s} {b}",
+          "{S} {have} {a} {x} and give{3s} away {b}"),
     "*": ("{S} bought {a} packs of {b} {x}", "{S} had {a} bags with {b} {x} in each",
           "{S} filled {a} boxes with {b} {x} each", "{S} made {a} rows of {b} {x}",
-          "{S} got {a} crates, each holding {b} {x}"),
+          "{S} got {a} crates, each holding {b} {x}", "{S} buy{3s} {a} packs of {b} {x}",
+          "{S} {have} {a} boxes with {b} {x} in each"),
 }
 _STORY_QUESTIONS = {
     "+-": ("How many now?", "How many {do} {s} have now?", "How many {x} {do} {s} have now?",
@@ -129,10 +133,15 @@ _STORY_QUESTIONS = {
     "-": ("How many are left?", "How many {x} remain?", "How many {do} {s} have left?"),
     "*": ("How many {x} is that?", "How many {x} in total?", "How many {x} {do} {s} have?", "How many {x} altogether?"),
 }
-_STORY_SHARES = (  # division: the question names the parts the event made
+# division: the question names the parts the event made. "between" says a share as often as "among" (when only
+# "the difference between" had it, "shares 48 between 6 friends" was read as 48 - 6)
+_STORY_SHARES = (
     ("{S} shared {a} {x} equally among {b} friends", ("How many did each friend get?", "How many each?")),
+    ("{S} share{3s} {a} {x} equally among {b} friends", ("How many does each friend get?", "How many each?")),
     ("{S} put {a} {x} into {b} equal piles", ("How many in each pile?", "How many {x} does each pile have?")),
     ("{S} packed {a} {x} into {b} boxes, the same number in each", ("How many {x} went in each box?",)),
+    ("{S} split {a} {x} evenly between {b} bags", ("How many {x} go in each bag?", "How many in each bag?")),
+    ("{S} divided {a} {x} between {b} children, the same for each", ("How many did each child get?",)),
 )
 
 
@@ -156,9 +165,10 @@ def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
         pairs = ([(e, q) for e in _STORY_EVENTS[op] for q in _STORY_QUESTIONS[op] + _STORY_QUESTIONS.get("+-", ())
                   * (op in "+-")] if op != "/" else [(e, q) for e, qs in _STORY_SHARES for q in qs])
         frames = []
-        for S, s, do, o, poss in _STORY_SUBJECTS[family]:
+        for S, s, do, o, poss, have, ending in _STORY_SUBJECTS[family]:
             for event, question in pairs:
-                slots = dict(S=S, s=s, do=do, o=o, poss=poss, a="{a}", b="{b}", x="{x}")
+                slots = {"S": S, "s": s, "do": do, "o": o, "poss": poss, "have": have, "3s": ending, "a": "{a}",
+                         "b": "{b}", "x": "{x}"}
                 for sep in (". ", ", "):
                     q = question.format(**slots)
                     f = event.format(**slots) + sep + (q if sep == ". " else q[0].lower() + q[1:])
