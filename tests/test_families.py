@@ -159,6 +159,38 @@ def test_seen_story_questions_do_not_give_away_the_operation():
     assert len(ops) == 6 and sum(map(len, ops.values())) > 1000
 
 
+# words that mean an operation (or the parts a division makes, or a rate): only these may tell it in a prompt
+OPERATION_WORDS = {
+    "+": "add added plus sum total together increased received found top already brought altogether more",
+    "-": "minus subtract take away less reduced decreased difference left remain used sold spent lost broke threw "
+         "missing fewer",
+    "*": "times multiply multiplied product lots double twice triple x packs rows crates holding filled per at hour",
+    "/": "divide divided quotient half third quarter share shares shared split equal equally evenly among parts "
+         "stages ways same pile piles bag",
+}
+
+
+def test_only_words_that_mean_an_operation_tell_it():
+    """Across the seen families, a word that (nearly) always comes with one operation must mean it. A word that
+    comes with one operation by accident of the templates is a cue the model learns instead of the meaning: when
+    "between" came only in "the difference between", the held-out "Noor shares 48 cookies between 6 friends" was
+    read as 48 - 6; units ("metres" only in differences) and questions ("How many does it have now?" only in
+    sums) were such cues too."""
+    rng = random.Random(0)
+    ops_of = {}
+    worded = [f for f in Arithmetic.families if f not in Arithmetic.heldout_families and f != "symbols"]
+    for _ in range(20000):
+        q, e = Arithmetic.ask(rng.choice(worded), rng)
+        for w in set(re.findall(r"[a-z]+", q.lower())):
+            ops_of.setdefault(w, []).append(e.split()[1])
+    cues = []
+    for w, ops in ops_of.items():
+        top = max(set(ops), key=ops.count)
+        if len(ops) >= 100 and ops.count(top) > 0.9 * len(ops) and w not in OPERATION_WORDS[top].split():
+            cues.append(f"{w!r} comes with {top} in {ops.count(top)} of {len(ops)} prompts")
+    assert not cues, cues
+
+
 def _words_in_order(text: str, words: list[str]) -> bool:
     rest = iter(re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", text).lower().split())
     return all(w in rest for w in words)

@@ -58,13 +58,13 @@ ARITH_FAMILIES = {
                     "I bought {a} packs of {b} {x}. How many {x} in total?"),
               "/": ("I share {a} {x} equally among {b} friends. How many does each friend get?",
                     "I had {a} {x} and put them into {b} equal piles; how many in each pile?")},
-    # quantities with units, and their words for the operations
-    "units": {"wrap": WRAP_SPOKEN, "+": ("{a} km plus {b} km", "{a} dollars and {b} dollars together",
-                                         "{a} minutes added to {b} minutes", "{a} kg increased by {b} kg"),
-              "-": ("{a} metres minus {b} metres", "{a} dollars less {b} dollars", "{a} litres decreased by {b} litres",
-                    "{a} minutes take away {b} minutes"),
-              "*": ("{a} boxes of {b} kg each", "{a} hours at {b} dollars an hour", "{b} km, {a} times over"),
-              "/": ("{a} dollars split {b} ways", "{a} km in {b} equal stages", "{a} litres shared by {b} bottles")},
+    # quantities with units ({u}: any unit for any operation), and their words for the operations
+    "units": {"wrap": WRAP_SPOKEN, "+": ("{a} {u} plus {b} {u}", "{a} {u} and {b} {u} together",
+                                         "{a} {u} added to {b} {u}", "{a} {u} increased by {b} {u}"),
+              "-": ("{a} {u} minus {b} {u}", "{a} {u} less {b} {u}", "{a} {u} decreased by {b} {u}",
+                    "{a} {u} take away {b} {u}"),
+              "*": ("{a} boxes of {b} {u} each", "{a} hours at {b} dollars per hour", "{b} {u}, {a} times over"),
+              "/": ("{a} {u} split {b} ways", "{a} {u} in {b} equal stages", "{a} {u} shared between {b}")},
     # stories about things, a shop, a class: third person, no one named (the held-out stories name a person)
     "story_things": {"wrap": ("{q}",),
                      "+": ("A box holds {a} {x}. Another holds {b}. How many {x} altogether?",
@@ -115,23 +115,30 @@ _STORY_EVENTS = {
           "{S} had {a} {x} and got {b} more", "{S} had {a} {x}, and a friend gave {o} {b} more",
           "{S} had {a} {x} and then received {b} more", "{S} got {b} {x} on top of the {a} {s} already had",
           "{S} started with {a} {x} and picked up {b} more", "{S} {have} {a} {x} and get{3s} {b} more",
-          "{S} {have} {a} {x} and find{3s} {b} more"),
+          "{S} {have} {a} {x} and find{3s} {b} more", "{S} made {a} {x}, then made {b} more",
+          "{S} had {a} {x}, but then friends brought {b} more",
+          "{S} had {a} {x}, and the children brought {b} more", "{S} put {a} {x} into a box and then {b} more",
+          "{S} had {a} {x} and got {b} more from the market"),
     "-": ("{S} had {a} {x} and used {b}", "{S} had {a} {x} and sold {b}", "{S} had {a} {x} and gave away {b}",
           "{S} had {a} {x} but lost {b}", "{S} had {a} {x} and threw away {b}", "{S} used {b} of {poss} {a} {x}",
           "{S} had {a} {x}; {b} broke", "{S} started with {a} {x} and spent {b}",
           "{S} {have} {a} {x} and sell{3s} {b}", "{S} {have} {a} {x} and use{3s} {b}",
-          "{S} {have} {a} {x} and give{3s} away {b}"),
+          "{S} {have} {a} {x} and give{3s} away {b}", "{S} made {a} {x}, then sold {b}",
+          "{S} had {a} {x}, and {b} went missing", "{S} took {b} out of the box of {a} {x}",
+          "{S} packed {a} {x} and then gave {b} to friends", "{S} had {a} {x} and sold {b} at the market"),
     "*": ("{S} bought {a} packs of {b} {x}", "{S} had {a} bags with {b} {x} in each",
           "{S} filled {a} boxes with {b} {x} each", "{S} made {a} rows of {b} {x}",
           "{S} got {a} crates, each holding {b} {x}", "{S} buy{3s} {a} packs of {b} {x}",
-          "{S} {have} {a} boxes with {b} {x} in each"),
+          "{S} {have} {a} boxes with {b} {x} in each", "{S} put {b} {x} into each of {a} bags"),
 }
 _STORY_QUESTIONS = {
     "+-": ("How many now?", "How many {do} {s} have now?", "How many {x} {do} {s} have now?",
-           "How many {x} are there now?", "What is the count now?"),
+           "How many {x} are there now?", "What is the count now?", "How many is that now?",
+           "How many did {s} end up with?"),
     "+": ("How many in total?", "How many {x} {do} {s} have altogether?"),
     "-": ("How many are left?", "How many {x} remain?", "How many {do} {s} have left?"),
-    "*": ("How many {x} is that?", "How many {x} in total?", "How many {x} {do} {s} have?", "How many {x} altogether?"),
+    "*": ("How many {x} is that?", "How many {x} in total?", "How many {x} {do} {s} have?", "How many {x} altogether?",
+          "How many {x} did {s} get?"),
 }
 # division: the question names the parts the event made. "between" says a share as often as "among" (when only
 # "the difference between" had it, "shares 48 between 6 friends" was read as 48 - 6)
@@ -140,8 +147,8 @@ _STORY_SHARES = (
     ("{S} share{3s} {a} {x} equally among {b} friends", ("How many does each friend get?", "How many each?")),
     ("{S} put {a} {x} into {b} equal piles", ("How many in each pile?", "How many {x} does each pile have?")),
     ("{S} packed {a} {x} into {b} boxes, the same number in each", ("How many {x} went in each box?",)),
-    ("{S} split {a} {x} evenly between {b} bags", ("How many {x} go in each bag?", "How many in each bag?")),
-    ("{S} divided {a} {x} between {b} children, the same for each", ("How many did each child get?",)),
+    ("{S} split {a} {x} evenly between {b} bags", ("How many {x} end up in each bag?", "How many in each bag?")),
+    ("{S} divided {a} {x} between {b} children, the same for each", ("How many did each get?",)),
 )
 
 
@@ -180,6 +187,7 @@ def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
 
 for _family in _STORY_SUBJECTS:
     ARITH_FAMILIES[_family].update(_composed_stories(_family))
+UNITS = ("km", "dollars", "minutes", "kg", "metres", "litres", "hours")
 STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "coins", "books", "cards",
                 "tomatoes", "candles", "balloons", "stamps", "potatoes", "nails")
 STORY_PEOPLE = {"Mia": "she", "Tom": "he", "Ada": "she", "Leo": "he", "Ivy": "she", "Sam": "he", "Noor": "she",
@@ -285,7 +293,7 @@ class Arithmetic(Task):
         name = rng.choice(list(STORY_PEOPLE))
         q = noisy(polite(capitalise(rng.choice(frames["wrap"]).replace("{q}", frame)), rng), rng)
         q = q.format(a=say_number(a, rng), b=say_number(b, rng), x=rng.choice(STORY_THINGS), n=name,
-                     p=STORY_PEOPLE[name])
+                     p=STORY_PEOPLE[name], u=rng.choice(UNITS))
         return numbered_opener(q, rng), e
 
     def grade(self, answer_text: str, example: dict) -> bool:
