@@ -63,14 +63,14 @@ ARITH_FAMILIES = {
                                          "{a} {u} added to {b} {u}", "{a} {u} increased by {b} {u}"),
               "-": ("{a} {u} minus {b} {u}", "{a} {u} less {b} {u}", "{a} {u} decreased by {b} {u}",
                     "{a} {u} take away {b} {u}"),
-              "*": ("{a} boxes of {b} {u} each", "{a} hours at {b} dollars per hour", "{b} {u}, {a} times over"),
+              "*": ("{a} boxes of {b} kg each", "{a} hours at {b} dollars per hour", "{b} {u}, {a} times over"),
               "/": ("{a} {u} split {b} ways", "{a} {u} in {b} equal stages", "{a} {u} shared between {b}")},
     # stories about things, a shop, a class: third person, no one named (the held-out stories name a person)
     "story_things": {"wrap": ("{q}",),
                      "+": ("A box holds {a} {x}. Another holds {b}. How many {x} altogether?",
-                           "The shop had {a} {x} and got {b} more. How many does it have now?",
+                           "The shop had {a} {x} and got {b} more. How many in total?",
                            "The class collected {a} {x} on Monday and {b} on Tuesday. How many in total?"),
-                     "-": ("The shop had {a} {x} and sold {b}. How many are left?",
+                     "-": ("The shop had {a} {x} and sold {b}. How many does it have left?",
                            "There were {a} {x} in the jar and {b} were taken out. How many remain?",
                            "A crate held {a} {x}; {b} broke. How many are still fine?"),
                      "*": ("Each shelf holds {b} {x} and there are {a} shelves. How many {x} is that?",
@@ -103,8 +103,9 @@ HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people")
 # Most questions fit both a sum and a difference ("How many now?", "How many do we have now?"), so only the verb
 # tells which: with a question per operation, the model learns to read the question instead (the held-out "Ada
 # had 83 books and used 42. How many does she have now?" was read as a sum, since "have now" only ever asked
-# one). Some events put the second number first ("used 5 of its 40 eggs"). A combination that would spell a
-# held-out frame is dropped: the held-out stories keep their own frames, and a named person (seen ones never do).
+# one). Some events put the second number first ("used 5 of its 40 eggs"). A combination is dropped when it
+# holds a held-out frame's words in order, in any person or tense (`_too_close`): what stays held out is a named
+# person's story in the held-out frames' own words, not just the name.
 _STORY_SUBJECTS = {  # subject, pronoun, its "do", object, possessive, its "have", a present verb's ending
     "story": (("I", "I", "do", "me", "my", "have", ""), ("We", "we", "do", "us", "our", "have", "")),
     "story_things": tuple((subject, "it", "does", "it", "its", "has", "s")
@@ -113,7 +114,7 @@ _STORY_SUBJECTS = {  # subject, pronoun, its "do", object, possessive, its "have
 _STORY_EVENTS = {
     "+": ("{S} had {a} {x} and found {b} more", "{S} had {a} {x} and bought {b} more",
           "{S} had {a} {x} and got {b} more", "{S} had {a} {x}, and a friend gave {o} {b} more",
-          "{S} had {a} {x} and then received {b} more", "{S} got {b} {x} on top of the {a} {s} already had",
+          "{S} had {a} {x} and then received {b} more", "{S} got {b} {x} in addition to the {a} {s} already had",
           "{S} started with {a} {x} and picked up {b} more", "{S} {have} {a} {x} and get{3s} {b} more",
           "{S} {have} {a} {x} and find{3s} {b} more", "{S} made {a} {x}, then made {b} more",
           "{S} had {a} {x}, but then friends brought {b} more",
@@ -121,10 +122,10 @@ _STORY_EVENTS = {
           "{S} had {a} {x} and got {b} more from the market"),
     "-": ("{S} had {a} {x} and used {b}", "{S} had {a} {x} and sold {b}", "{S} had {a} {x} and gave away {b}",
           "{S} had {a} {x} but lost {b}", "{S} had {a} {x} and threw away {b}", "{S} used {b} of {poss} {a} {x}",
-          "{S} had {a} {x}; {b} broke", "{S} started with {a} {x} and spent {b}",
+          "{S} had {a} {x}; {b} broke", "{S} started with {a} {x} and gave out {b}",
           "{S} {have} {a} {x} and sell{3s} {b}", "{S} {have} {a} {x} and use{3s} {b}",
           "{S} {have} {a} {x} and give{3s} away {b}", "{S} made {a} {x}, then sold {b}",
-          "{S} had {a} {x}, and {b} went missing", "{S} took {b} out of the box of {a} {x}",
+          "{S} had {a} {x}, and {b} went missing",
           "{S} packed {a} {x} and then gave {b} to friends", "{S} had {a} {x} and sold {b} at the market"),
     "*": ("{S} bought {a} packs of {b} {x}", "{S} had {a} bags with {b} {x} in each",
           "{S} filled {a} boxes with {b} {x} each", "{S} made {a} rows of {b} {x}",
@@ -133,44 +134,56 @@ _STORY_EVENTS = {
 }
 _STORY_QUESTIONS = {
     "+-": ("How many now?", "How many {do} {s} have now?", "How many {x} {do} {s} have now?",
-           "How many {x} are there now?", "What is the count now?", "How many is that now?",
-           "How many did {s} end up with?"),
+           "How many {x} are there now?", "What is the count now?", "How many is that now?"),
     "+": ("How many in total?", "How many {x} {do} {s} have altogether?"),
     "-": ("How many are left?", "How many {x} remain?", "How many {do} {s} have left?"),
-    "*": ("How many {x} is that?", "How many {x} in total?", "How many {x} {do} {s} have?", "How many {x} altogether?",
-          "How many {x} did {s} get?"),
+    "*": ("How many {x} is that?", "How many {x} in total?", "How many {x} {do} {s} have?", "How many {x} altogether?"),
+    "past": ("How many did {s} end up with?", "How many {x} did {s} end up with?"),  # after a past event only
 }
 # division: the question names the parts the event made. "between" says a share as often as "among" (when only
 # "the difference between" had it, "shares 48 between 6 friends" was read as 48 - 6)
 _STORY_SHARES = (
-    ("{S} shared {a} {x} equally among {b} friends", ("How many did each friend get?", "How many each?")),
+    ("{S} shared {a} {x} equally among {b} friends", ("How many did each friend end up with?", "How many each?")),
     ("{S} share{3s} {a} {x} equally among {b} friends", ("How many does each friend get?", "How many each?")),
     ("{S} put {a} {x} into {b} equal piles", ("How many in each pile?", "How many {x} does each pile have?")),
     ("{S} packed {a} {x} into {b} boxes, the same number in each", ("How many {x} went in each box?",)),
     ("{S} split {a} {x} evenly between {b} bags", ("How many {x} end up in each bag?", "How many in each bag?")),
-    ("{S} divided {a} {x} between {b} children, the same for each", ("How many did each get?",)),
+    ("{S} divided {a} {x} between {b} children, the same for each", ("How many did each one get?",)),
 )
 
 
-def _words(frame: str) -> list[str]:
-    return re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", frame).lower().split()
+# the verbs of the held-out stories in every person and tense: "I had 5 and used 2. How many do I have now?" is
+# Ada's story told by someone else
+_LEMMAS = {"does": "do", "did": "do", "has": "have", "had": "have", "gets": "get", "got": "get", "sells": "sell",
+           "sold": "sell", "uses": "use", "used": "use", "shares": "share", "shared": "share", "finds": "find",
+           "found": "find", "buys": "buy", "bought": "buy"}
 
 
-def _contains_words(frame: list[str], words: list[str]) -> bool:
-    """Whether `words` occur in `frame` in order, with anything between them."""
-    rest = iter(frame)
-    return all(w in rest for w in words)
+def _lemmas(frame: str) -> list[str]:
+    return [_LEMMAS.get(w, w) for w in re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", frame).lower().split()]
+
+
+def _in_order(words: list[str], sub: list[str]) -> bool:
+    rest = iter(words)
+    return all(w in rest for w in sub)  # `in` consumes the iterator up to the match
+
+
+def _too_close(frame: str, heldout: list[list[str]]) -> bool:
+    """Whether all of some held-out frame's words (as lemmas) occur in `frame` in order, anything between."""
+    return any(_in_order(_lemmas(frame), h) for h in heldout)
 
 
 def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
-    # a combination is dropped when a held-out frame's words all occur in it in order, whatever comes between
-    # ("The shop had {a} {x} and used {b}. How many {x} does it have now?" is Ada's story without her name)
-    heldout = [_words(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
+    heldout = [_lemmas(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
                for f in fs]
     out = {}
     for op in "+-*/":
-        pairs = ([(e, q) for e in _STORY_EVENTS[op] for q in _STORY_QUESTIONS[op] + _STORY_QUESTIONS.get("+-", ())
-                  * (op in "+-")] if op != "/" else [(e, q) for e, qs in _STORY_SHARES for q in qs])
+        if op == "/":
+            pairs = [(e, q) for e, qs in _STORY_SHARES for q in qs]
+        else:
+            questions = _STORY_QUESTIONS[op] + (_STORY_QUESTIONS["+-"] if op in "+-" else ())
+            pairs = [(e, q) for e in _STORY_EVENTS[op]
+                     for q in questions + (() if "{have}" in e or "{3s}" in e else _STORY_QUESTIONS["past"])]
         frames = []
         for S, s, do, o, poss, have, ending in _STORY_SUBJECTS[family]:
             for event, question in pairs:
@@ -179,14 +192,15 @@ def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
                 for sep in (". ", ", "):
                     q = question.format(**slots)
                     f = event.format(**slots) + sep + (q if sep == ". " else q[0].lower() + q[1:])
-                    if not any(_contains_words(_words(f), h) for h in heldout):
+                    if not _too_close(f, heldout):
                         frames.append(f)
         out[op] = ARITH_FAMILIES[family][op] + tuple(frames)
     return out
 
 
-for _family in _STORY_SUBJECTS:
-    ARITH_FAMILIES[_family].update(_composed_stories(_family))
+for family in _STORY_SUBJECTS:  # the literal above has each story family's hand-written frames; these join them
+    ARITH_FAMILIES[family].update(_composed_stories(family))
+del family
 UNITS = ("km", "dollars", "minutes", "kg", "metres", "litres", "hours")
 STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "coins", "books", "cards",
                 "tomatoes", "candles", "balloons", "stamps", "potatoes", "nails")
@@ -197,14 +211,14 @@ STORY_PEOPLE = {"Mia": "she", "Tom": "he", "Ada": "she", "Leo": "he", "Ivy": "sh
 # Numbers in a question that are not operands: which question it is, how many there are. A model that takes
 # every number for an operand reads "two numbers, 4 and 70: their sum?" as 2 + 70.
 NUMBERED_OPENERS = ("Question {k}: ", "Problem {k}. ", "Exercise {k}: ", "Homework, part {k}: ", "Number {k}: ",
-               "I have {k} questions. First: ", "Step {k}: ", "Last of my {k} questions: ")
+                    "I have {k} questions. First: ", "Step {k}: ", "Last of my {k} questions: ")
 NUMBERED_OPENER_RATE = 0.1
 
 
 def numbered_opener(question: str, rng: random.Random) -> str:
     if rng.random() >= NUMBERED_OPENER_RATE:
         return question
-    return rng.choice(NUMBERED_OPENERS).format(k=say_number(rng.randint(1, 12), rng, words_rate=0.5)) + question
+    return rng.choice(NUMBERED_OPENERS).format(k=say_number(rng.randint(2, 12), rng, words_rate=0.5)) + question
 
 
 def random_expression(rng: random.Random) -> str:
