@@ -27,8 +27,9 @@ ARITH_ANSWERS = ["{e} = {r}.", "The answer is {r}.", "{e} is {r}.", "That's {r}.
 # {n} (a name) and {p} (its pronoun). "symbols" asks a written expression (ARITH_QUESTIONS); "halves" are
 # one-operand frames (half of, double) that compute with a fixed second operand. The held-out families
 # (HELDOUT_FAMILIES) reuse the seen families' words for operations in frames of their own: a conditional
-# ("if you add 3 and 4, ..."), the operands before the operation ("3 and 4. Add them."), and stories about a
-# named person (the seen stories are about "I" and "we").
+# ("if you add 3 and 4, ..."), the operands before the operation ("3 and 4. Add them."), stories about a
+# named person (the seen stories are about "I", "we" and "the shop"), and a question with the calculation in a
+# clause after it ("What is left when 5 is taken from 62?").
 WRAP_SPOKEN = ("What is {q}?", "what's {q}", "How much is {q}?", "{q}?", "Tell me {q}.", "Do you know {q}?",
                "{q} equals what?", "what does {q} make?")
 WRAP_COMMAND = ("{q}.", "{q}", "Can you {q}?", "Please {q}.", "I need you to {q}.", "Could you {q} for me?")
@@ -96,8 +97,17 @@ ARITH_FAMILIES = {
                            "{n} has {a} {x} and sells {b}. How many are left?"),
                      "*": ("{n} bought {a} boxes with {b} {x} in each. How many {x} did {p} buy?",),
                      "/": ("{n} shares {a} {x} equally between {b} friends. How many does each get?",)},
+    # held out, added after the three above had been read for their failures (their accuracy is no longer a
+    # blind measurement): a question, then the calculation in a clause after it; no fix was tuned on it
+    "question_first": {"wrap": ("{q}",),
+                       "+": ("What do you get when {b} is added to {a}?", "How much is {a} once {b} more is added?"),
+                       "-": ("What is left when {b} is taken from {a}?",
+                             "How much remains once {b} is removed from {a}?"),
+                       "*": ("What do you get when {a} is multiplied by {b}?", "How much is {a} repeated {b} times?"),
+                       "/": ("What does each of {b} get when {a} is shared out?",
+                             "How big is each part when {a} is cut into {b} parts?")},
 }
-HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people")
+HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people", "question_first")
 
 # Seen stories are also assembled from slots: a subject, an event whose verb says the operation, and a question.
 # Most questions fit both a sum and a difference ("How many now?", "How many do we have now?"), so only the verb
