@@ -1646,30 +1646,23 @@ _WORD_PROBLEMS = {
         "{first} picked {n1} {goods} in the morning and {n2} in the afternoon: {n1} + {n2} = {n3}.",
         "[On the road to|At the market in] {home}, {first} counted {n1} {goods} and then {n2} more, {n3} in all.",
         "{first} the {job} walked {n1} miles on Monday and {n2} on Tuesday, so {he} walked {n3} miles.",
-        "{first} had {n1} {goods} and [got|received|won|earned|picked up|was handed] {n2} more; now {he} has {n3}.",
-        "{first} got {n2} {goods} on top of the {n1} {he} already had, so {he} has {n3}[: {n1} + {n2} = {n3}|].",
     ),
     "sub": _Tpl(
         "{name} had {n1} {goods} and [sold|gave away|lost] {n2}, so {he} had {n3} left.",
         "{first} [baked|packed|made] {n1} {goods}, and {n2} were [sold|eaten|taken] by noon. {n1} - {n2} = {n3}.",
         "There were {n1} {t_things} in the shop in {home}; {first} sold {n2}, and {n3} were left.",
         "{first} needs {n1} {goods} but has only {n2}, so {he} still needs {n3}.",
-        "{first} had {n1} {goods} and [used|spent|ate|threw away|broke|dropped|gave {friend_first}] {n2}; now {he} has {n3}.",
-        "{first} used {n2} of {his} {n1} {goods}, which left {n3}[: {n1} - {n2} = {n3}|].",
-        "After {first} [used|sold|lost|gave away] {n2} of {his} {n1} {goods}, {he} had {n3}.",
     ),
     "mul": _Tpl(
         "{name} filled {n1} [baskets|boxes|sacks] with {n2} {goods} in each, which is {n3} {goods} in all.",
         "{first}, {a_job} from {home}, [sold|made] {n2} {goods} a day for {n1} days: {n1} * {n2} = {n3}.",
         "In {home}, {t_a_thing} costs {n1} coins. {first} bought {n2} of them and paid {n3} coins.",
         "{first} planted {n1} rows of {n2} {goods}, so there were {n3} in the garden.",
-        "{first} bought {n1} [boxes|packs|bags] with {n2} {goods} in each, {n3} {goods} in all[: {n1} * {n2} = {n3}|].",
     ),
     "div": _Tpl(
         "{name} shared {n1} {goods} equally among {n2} friends, so each friend got {n3}.",
         "{first} put {n1} {goods} into [bags|rows|boxes] of {n2}, and got {n3} of them. {n1} / {n2} = {n3}.",
         "{n1} coins were split evenly between {n2} {jobs} from {home}: each got {n3} coins.",
-        "{first} shared {n1} {goods} equally between {n2} friends, and each of them got {n3}[: {n1} / {n2} = {n3}|].",
     ),
 }
 
