@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import torch
 
@@ -126,10 +127,20 @@ def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
     {"task", "split", "index", "ok", **features} per reply (infer/confidence.py) for the calibration."""
     examples = task.examples(n, seed, split)
     prompts = [prompt_ids(tok, ex) for ex in examples]
+    # a question longer than the positions the model has cannot be answered: scored wrong, and said
+    limit = engine.model.rope_cos.shape[0]
+    fits = [len(p) < limit for p in prompts]
+    if not all(fits):
+        print(f"eval: {fits.count(False)} of {len(fits)} {task.name} questions are longer than the model's {limit} "
+              f"positions; scored wrong", file=sys.stderr)
     with offering(engine, task):
-        outs = engine.complete_many(prompts, max_tokens=max_new_tokens, temperature=0.0)
+        answered = iter(engine.complete_many([p for p, f in zip(prompts, fits) if f], max_tokens=max_new_tokens,
+                                             temperature=0.0) if any(fits) else [])
+    outs = [next(answered) if f else None for f in fits]
     correct = 0
     for i, (ex, out) in enumerate(zip(examples, outs)):
+        if out is None:
+            continue
         ok = task.grade_reply(engine.to_parts(out), ex)
         correct += ok
         if replies is not None:

@@ -318,3 +318,26 @@ def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
     assert {s["task"] for s in samples} == {"facts_mc", "facts_mc (held-out family)"}
     e.heldout_n = 0
     assert "facts_mc_heldout_accuracy" not in chat_scores(eng, tok, {"facts_mc": t}, e, [], "sft")
+
+
+def test_a_question_longer_than_the_context_is_scored_wrong_and_said(tok, small_cfg, tasks, capsys):
+    """A model with few positions cannot read a long question (an offered tools block is ~100 tokens): eval
+    scores it wrong, says how many, and answers the rest, where generate would raise."""
+    import torch
+
+    from exocortex.evals import task_accuracy
+    from exocortex.infer.engine import Engine
+    from exocortex.model import GPT
+    from exocortex.tasks.base import prompt_ids
+    from scripted import Scripted
+
+    t = tasks["arithmetic"]
+    examples = t.examples(40, 3, "test")
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 32
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"),
+                 decoder=Scripted(lambda p: [tok.special["<|assistant_end|>"]], tok.vocab_size))
+    limit = eng.model.rope_cos.shape[0]
+    too_long = sum(len(prompt_ids(tok, x)) >= limit for x in examples)
+    assert 0 < too_long < len(examples)
+    assert task_accuracy(eng, tok, t, 40, 3, 8) == 0.0
+    assert f"{too_long} of 40 arithmetic questions are longer than the model's {limit} positions" in capsys.readouterr().err
