@@ -211,6 +211,7 @@ def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
 for family in _STORY_SUBJECTS:  # the literal above has each story family's hand-written frames; these join them
     ARITH_FAMILIES[family].update(_composed_stories(family))
 del family
+
 UNITS = ("km", "dollars", "minutes", "kg", "metres", "litres", "hours")
 STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "coins", "books", "cards",
                 "tomatoes", "candles", "balloons", "stamps", "potatoes", "nails")
