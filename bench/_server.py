@@ -32,15 +32,17 @@ def checkout_env(root: Path) -> dict:
 
 
 @contextlib.contextmanager
-def serving(run: str | None, *args: str, preset: str = "tiny", root: Path = ROOT):
+def serving(run: str | None, *args: str, preset: str | None = None, root: Path = ROOT):
     """Yields (base URL, server pid, run) for `exocortex serve --run <run> <args>` from the checkout at `root`
-    (default: this one); without a run, a random `preset`-shaped one is built (bench/_runs.py). The server's
-    output goes to a file, shown if it dies."""
+    (default: this one). Without a run: with a `preset`, a random model of its shape is built (bench/_runs.py);
+    else runs/tiny, or a random tiny one where there is none. The server's output goes to a file, shown if it
+    dies."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = run or ("runs/tiny" if (Path("runs/tiny") / "config.json").exists() else None)
+        if run is None and preset is None and (Path("runs/tiny") / "config.json").exists():
+            run = "runs/tiny"
         if run is None:
-            print(f"no --run and no runs/tiny: building a random {preset}-preset run ...", flush=True)
-            run = str(synthetic_run(Path(tmp), preset))
+            print(f"building a random {preset or 'tiny'}-preset run ...", flush=True)
+            run = str(synthetic_run(Path(tmp), preset or "tiny"))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         env = checkout_env(root)

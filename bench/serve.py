@@ -2,6 +2,7 @@
 same weights, with 1 and 16 concurrent streaming clients.
 
     python bench/serve.py                       # runs/tiny if it exists, else a random tiny-preset model
+    python bench/serve.py --preset d12          # a random model of the d12 preset's shape
     python bench/serve.py --run runs/tiny --requests 32 --max-tokens 64 [--no-compile] [--clients 1,4,16]
     python bench/serve.py --build-llama-server  # build llama-server first if it is not found (~6 min on 2 cores)
 
@@ -17,8 +18,8 @@ generate the same tokens (the table shows each side's token count: a mismatch is
 like with like. The last line printed is one JSON object: tokens/s per side and client count, `clientsN_vs_1`
 (ours), and `vs_llama_clientsN` (ours / llama-server).
 
-Without --run and without runs/tiny, a run with the --preset's shape (default tiny) and random weights is built
-in a temporary directory (bench/_runs.py); its replies run to max_tokens.
+With --preset, or without --run and without runs/tiny, a run with the preset's shape (default tiny) and random
+weights is built in a temporary directory (bench/_runs.py); its replies run to max_tokens.
 """
 from __future__ import annotations
 
@@ -131,7 +132,8 @@ def export_for_llama(run: str, tmp: str) -> tuple[str, str]:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default=None, help="run directory (default: runs/tiny, else a random model)")
-    ap.add_argument("--preset", default="tiny", help="shape of the random model built when there is no run")
+    ap.add_argument("--preset", default=None,
+                    help="serve a random model of this preset's shape (default without --run: runs/tiny, else tiny)")
     ap.add_argument("--clients", default="1,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per client count (same list each time)")
     ap.add_argument("--max-tokens", type=int, default=64)
