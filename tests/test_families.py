@@ -162,7 +162,7 @@ def test_seen_story_questions_do_not_give_away_the_operation():
 # words that mean an operation (or the parts a division makes, or a rate): only these may tell it in a prompt
 OPERATION_WORDS = {
     "+": "add added addition plus sum total together increased received found picked already brought altogether more",
-    "-": "minus subtract take away from less reduced decreased difference left remain used sold spent lost broke threw "
+    "-": "minus subtract subtracted take away from less reduced decreased difference left remain used sold spent lost broke threw "
          "missing fewer",
     "*": "times multiply multiplied product lots double twice triple x packs rows crates holding filled per at hour",
     "/": "divide divided quotient half third quarter share shares shared split equal equally evenly among parts "
@@ -224,11 +224,33 @@ def test_story_operands_in_either_order():
         q, e = Arithmetic.ask(rng.choice(("story", "story_things")), rng)
         m = (re.search(r"used (\d+) of (?:my|our|its) (\d+)", q)
              or re.search(r"got (\d+) \w+ in addition to the (\d+)", q))
-        if m:
+        if m:  # a difference reads the second number first; a sum is written in the question's order
             a, op, b = e.split()
-            assert (a, b) == (m.group(2), m.group(1)) and op == ("-" if "used" in m.group(0) else "+"), (q, e)
+            if "used" in m.group(0):
+                assert (a, op, b) == (m.group(2), "-", m.group(1)), (q, e)
+            else:
+                assert (a, op, b) == (m.group(1), "+", m.group(2)), (q, e)
             checked += 1
     assert checked > 30
+
+
+def test_sums_and_products_are_written_in_the_order_the_question_says_their_numbers(monkeypatch):
+    """"What do you get when 43 is added to 593?" is called as 43 + 593: a model that copies the question's numbers
+    in order need not reorder them (differences and quotients keep the order their meaning needs)."""
+    import exocortex.tasks.arithmetic as arithmetic
+    monkeypatch.setattr(arithmetic, "NUMBERED_OPENER_RATE", 0.0)
+    rng = random.Random(11)
+    reordered = checked = 0
+    for _ in range(20000):
+        family = rng.choice([f for f in Arithmetic.families if f not in ("symbols", "halves")])
+        q, e = Arithmetic.ask(family, rng)
+        a, op, b = e.split()
+        said = re.findall(r"\d+", q.replace(",", ""))
+        if op in "+*" and a != b and sorted(said) == sorted([a, b]):
+            assert said == [a, b], (family, q, e)
+            checked += 1
+            reordered += bool(re.search(r"add \d+ to \d+", q))  # "add {b} to {a}": written b + a
+    assert checked > 3000 and reordered > 50, (checked, reordered)
 
 
 def test_numbers_before_the_question_are_not_operands(monkeypatch):

@@ -28,8 +28,9 @@ ARITH_ANSWERS = ["{e} = {r}.", "The answer is {r}.", "{e} is {r}.", "That's {r}.
 # one-operand frames (half of, double) that compute with a fixed second operand. The held-out families
 # (HELDOUT_FAMILIES) reuse the seen families' words for operations in frames of their own: a conditional
 # ("if you add 3 and 4, ..."), the operands before the operation ("3 and 4. Add them."), stories about a
-# named person (the seen stories are about "I", "we" and "the shop"), and a question with the calculation in a
-# clause after it ("What is left when 5 is taken from 62?").
+# named person (the seen stories are about "I", "we" and "the shop"), a question with the calculation in a
+# clause after it ("What is left when 5 is taken from 62?"), and a number asked by its relation to another
+# ("What number is 5 less than 62?").
 WRAP_SPOKEN = ("What is {q}?", "what's {q}", "How much is {q}?", "{q}?", "Tell me {q}.", "Do you know {q}?",
                "{q} equals what?", "what does {q} make?")
 WRAP_COMMAND = ("{q}.", "{q}", "Can you {q}?", "Please {q}.", "I need you to {q}.", "Could you {q} for me?")
@@ -106,8 +107,15 @@ ARITH_FAMILIES = {
                        "*": ("What do you get when {a} is multiplied by {b}?", "How much is {a} repeated {b} times?"),
                        "/": ("What does each of {b} get when {a} is shared out?",
                              "How big is each part when {a} is cut into {b} parts?")},
+    # held out, added when question_first had been read for its failures: a number asked by its relation to
+    # another one. Its replies were read once (session 19, docs/tiny.md) before the change to operand order below
+    "relational": {"wrap": ("{q}",),
+                   "+": ("What number is {b} more than {a}?", "Which number is {b} bigger than {a}?"),
+                   "-": ("What number is {b} less than {a}?", "Which number is {b} smaller than {a}?"),
+                   "*": ("What number is {b} times as big as {a}?", "Which number is {b} times as much as {a}?"),
+                   "/": ("How many times does {b} go into {a}?", "How many groups of {b} make {a}?")},
 }
-HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people", "question_first")
+HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people", "question_first", "relational")
 
 # Seen stories are also assembled from slots: a subject, an event whose verb says the operation, and a question.
 # Most questions fit both a sum and a difference ("How many now?", "How many do we have now?"), so only the verb
@@ -212,6 +220,38 @@ for family in _STORY_SUBJECTS:  # the literal above has each story family's hand
     ARITH_FAMILIES[family].update(_composed_stories(family))
 del family
 
+# The seen family "clauses": a question, then the calculation in a clause after it, composed from an opener, a
+# connective and a clause (active or passive). The model read the first words of a question for the operation:
+# "What do you get when 43 is added to 593?" became 43 * 3. Composed, no opener or connective tells the
+# operation; only the clause does. Frames holding a held-out frame's words in order are dropped (_too_close), so
+# the held-out question_first frames themselves stay out, though their construction is now trained. Measured with
+# the operand order of sums and products (Arithmetic.ask): neither alone lifted the held-out families, both did
+# (docs/tiny.md, session 19).
+_CLAUSE_OPENERS = ("What do you get", "What is the result", "What number do you get", "What comes out",
+                   "How much do you get", "What is the answer", "Tell me what you get", "What will you have")
+_CLAUSE_CONNECTIVES = ("when", "if", "once", "after")
+_CLAUSES = {
+    "+": ("you add {a} and {b}", "you add {b} to {a}", "{b} is added to {a}", "{a} and {b} are added together",
+          "{a} is increased by {b}", "you put {a} and {b} together"),
+    "-": ("you subtract {b} from {a}", "you take {b} away from {a}", "{b} is subtracted from {a}",
+          "{b} is taken away from {a}", "{a} is reduced by {b}", "{a} is decreased by {b}"),
+    "*": ("you multiply {a} by {b}", "{a} is multiplied by {b}", "you take {a}, {b} times over",
+          "{a} and {b} are multiplied together", "you multiply {b} and {a}"),
+    "/": ("you divide {a} by {b}", "{a} is divided by {b}", "{a} is split into {b} equal parts",
+          "you share {a} equally among {b}", "{a} is shared equally between {b}", "you split {a} {b} ways"),
+}
+
+
+def _composed_clauses() -> dict[str, tuple[str, ...]]:
+    heldout = [_lemmas(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
+               for f in fs]
+    return {op: tuple(f for o in _CLAUSE_OPENERS for c in _CLAUSE_CONNECTIVES for clause in clauses
+                      if not _too_close(f := f"{o} {c} {clause}?", heldout))
+            for op, clauses in _CLAUSES.items()}
+
+
+ARITH_FAMILIES["clauses"] = {"wrap": ("{q}",), **_composed_clauses()}
+
 UNITS = ("km", "dollars", "minutes", "kg", "metres", "litres", "hours")
 STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "coins", "books", "cards",
                 "tomatoes", "candles", "balloons", "stamps", "potatoes", "nails")
@@ -315,6 +355,11 @@ class Arithmetic(Task):
             a, b = everyday_operands(op, rng)
             frame = rng.choice(frames[op])
         e = f"{a} {op} {b}"
+        if op in "+*" and "{b}" in frame and frame.index("{b}") < frame.index("{a}"):
+            # a sum or a product is written with its numbers in the order the question says them, so a model that
+            # copies them from the question need not reorder them ("when 43 is added to 593" was called as
+            # 593 + 593; with the clauses family, held-out 61% -> 68%: docs/tiny.md, session 19)
+            e = f"{b} {op} {a}"
         name = rng.choice(list(STORY_PEOPLE))
         q = noisy(polite(capitalise(rng.choice(frames["wrap"]).replace("{q}", frame)), rng), rng)
         q = q.format(a=say_number(a, rng), b=say_number(b, rng), x=rng.choice(STORY_THINGS), n=name,
