@@ -152,6 +152,8 @@ def main():
     ap.add_argument("--build-llama-server", action="store_true",
                     help="build llama-server into the cache if it is not found (needs cmake and a C++ compiler)")
     args = ap.parse_args()
+    if args.run and args.preset:
+        ap.error("--run serves that run and --preset a random model: give one of them")
     import httpx
 
     counts = [int(c) for c in args.clients.split(",")]
