@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 
 from exocortex.data.world import everyday_operands
 from exocortex.tasks.base import Task, grade_final_number, grade_hash_answer, item_split, split_of
@@ -122,7 +123,7 @@ HELDOUT_FAMILIES = ("what_if", "numbers_first", "story_people", "question_first"
 # tells which: with a question per operation, the model learns to read the question instead (the held-out "Ada
 # had 83 books and used 42. How many does she have now?" was read as a sum, since "have now" only ever asked
 # one). Some events put the second number first ("used 5 of its 40 eggs"). A combination is dropped when it
-# holds a held-out frame's words in order, in any person or tense (`_too_close`): what stays held out is a named
+# holds all of a held-out frame's words, in any person, tense or order (`_too_close`): what stays held out is a named
 # person's story in the held-out frames' own words, not just the name.
 _STORY_SUBJECTS = {  # subject, pronoun, its "do", object, possessive, its "have", a present verb's ending
     "story": (("I", "I", "do", "me", "my", "have", ""), ("We", "we", "do", "us", "our", "have", "")),
@@ -181,14 +182,12 @@ def _lemmas(frame: str) -> list[str]:
     return [_LEMMAS.get(w, w) for w in re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", frame).lower().split()]
 
 
-def _in_order(words: list[str], sub: list[str]) -> bool:
-    rest = iter(words)
-    return all(w in rest for w in sub)  # `in` consumes the iterator up to the match
-
-
 def _too_close(frame: str, heldout: list[list[str]]) -> bool:
-    """Whether all of some held-out frame's words (as lemmas) occur in `frame` in order, anything between."""
-    return any(_in_order(_lemmas(frame), h) for h in heldout)
+    """Whether all of some held-out frame's words (as lemmas, each as often) occur in `frame`, in any order: a
+    frame that swaps a held-out frame's clauses ("What comes out if {a} is divided by {b}?" for "If {a} is
+    divided by {b}, what comes out?") says the same thing."""
+    words = Counter(_lemmas(frame))
+    return any(not Counter(h) - words for h in heldout)
 
 
 def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
@@ -223,7 +222,7 @@ del family
 # The seen family "clauses": a question, then the calculation in a clause after it, composed from an opener, a
 # connective and a clause (active or passive). The model read the first words of a question for the operation:
 # "What do you get when 43 is added to 593?" became 43 * 3. Composed, no opener or connective tells the
-# operation; only the clause does. Frames holding a held-out frame's words in order are dropped (_too_close), so
+# operation; only the clause does. Frames holding all of a held-out frame's words are dropped (_too_close), so
 # the held-out question_first frames themselves stay out, though their construction is now trained. Measured with
 # the operand order of sums and products (Arithmetic.ask): neither alone lifted the held-out families, both did
 # (docs/tiny.md, session 19).
