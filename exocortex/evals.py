@@ -27,7 +27,7 @@ import torch
 
 from exocortex.config import EvalConfig
 from exocortex.device import autocast
-from exocortex.infer.confidence import Calibration, auroc, calibration_error, reply_features
+from exocortex.infer.confidence import Calibration, auroc, calibration_error, replies_features
 from exocortex.tasks.base import prompt_ids
 from exocortex.tokenizer import Tokenizer
 
@@ -137,6 +137,10 @@ def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
         answered = iter(engine.complete_many([p for p, f in zip(prompts, fits) if f], max_tokens=max_new_tokens,
                                              temperature=0.0) if any(fits) else [])
     outs = [next(answered) if f else None for f in fits]
+    answered_at = [i for i, out in enumerate(outs) if out is not None]
+    if replies is not None:
+        features = dict(zip(answered_at, replies_features(engine, [prompts[i] for i in answered_at],
+                                                          [outs[i] for i in answered_at])))
     correct = 0
     for i, (ex, out) in enumerate(zip(examples, outs)):
         if out is None:
@@ -144,8 +148,7 @@ def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
         ok = task.grade_reply(engine.to_parts(out), ex)
         correct += ok
         if replies is not None:
-            replies.append({"task": task.name, "split": split, "index": i, "ok": bool(ok),
-                            **reply_features(engine, prompts[i], out)})
+            replies.append({"task": task.name, "split": split, "index": i, "ok": bool(ok), **features[i]})
         if samples is not None and i < 2:
             q = ex["messages"][-2]["content"]
             samples.append({"stage": stage, "task": task.name + (" (held-out family)" if split == "heldout" else ""),

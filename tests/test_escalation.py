@@ -10,7 +10,8 @@ import torch
 
 from exocortex.evals import calibration_scores
 from exocortex.infer.confidence import (FEATURES, TOP_K, Calibration, ConfidenceMeter, auroc, best_point,
-                                        calibration_error, escalation_curve, reply_features, reply_hidden)
+                                        calibration_error, escalation_curve, replies_features, reply_features,
+                                        reply_hidden)
 from exocortex.infer.engine import Batcher, Engine, Request
 
 # ----------------------------------------------------------------------------- the signal
@@ -146,6 +147,24 @@ def test_streamed_scores_give_the_same_features_as_rescoring(tok):
     assert meter.tokens == got  # what the server's probe reads: the same reply, the same hidden state
     assert reply_hidden(engine, prompt, meter.tokens) == pytest.approx(rescored["hidden"], abs=1e-4)
     assert len(rescored["hidden"]) == engine.model.cfg.width
+
+
+def test_features_of_replies_scored_together_are_each_ones_own(tok):
+    """The eval scores replies in padded batches; a reply's features must not depend on its neighbours (the
+    padding after a short row, a longer row beside it)."""
+    from test_serve import tiny_model
+
+    engine = Engine(tiny_model(tok), tok, torch.device("cpu"))
+    questions = ["what is 2 + 3?", "spell cat", "Who wrote the letter to the mayor of the town by the river?"]
+    prompts = [tok.render_for_completion({"messages": [{"role": "user", "content": q}]}) for q in questions]
+    replies = engine.complete_many(prompts, max_tokens=20, temperature=1.0, seed=5)
+    replies[1] = replies[1][:3]  # lengths differ within the batch
+    together = replies_features(engine, prompts, replies, rows=3)
+    for prompt, reply, got in zip(prompts, replies, together):
+        alone = reply_features(engine, prompt, reply)
+        for k in FEATURES:
+            assert got[k] == pytest.approx(alone[k], abs=1e-4), k
+        assert got["hidden"] == pytest.approx(alone["hidden"], abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- the report

@@ -119,12 +119,39 @@ def reply_features(engine, prompt: list[int], reply: list[int]) -> dict:
     """The features of a finished reply (token ids after the prompt, as Engine.complete returns them), by
     scoring prompt + reply in one forward pass: the same numbers the batcher's scores give while it streams;
     and under "hidden" the reply's mean hidden state (reply_hidden)."""
-    meter = ConfidenceMeter(engine)
-    with autocast(engine.device, engine.dtype):
-        chosen, tops, x = sequence_scores(engine.model, prompt + reply, TOP_K)
-    for token, lp, top in zip(reply, chosen[len(prompt) - 1:], tops[len(prompt) - 1:]):
-        meter.push(token, lp, top)
-    return {**meter.features(), "hidden": _mean_hidden(x, len(prompt), len(reply))}
+    return replies_features(engine, [prompt], [reply])[0]
+
+
+@torch.inference_mode()
+def replies_features(engine, prompts: list[list[int]], replies: list[list[int]], rows: int = 32) -> list[dict]:
+    """reply_features of many replies, `rows` sequences per forward pass (sorted by length, padded on the right:
+    attention is causal, so a position never sees the padding after it). The eval scores thousands of replies;
+    one pass each cost a third of its time."""
+    model = engine.model
+    device = next(model.parameters()).device
+    seqs = [p + r for p, r in zip(prompts, replies)]
+    out: list[dict] = [{} for _ in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    for j in range(0, len(order), rows):
+        chunk = order[j:j + rows]
+        n = max(len(seqs[i]) for i in chunk)
+        ids = torch.tensor([seqs[i] + [0] * (n - len(seqs[i])) for i in chunk], device=device)
+        with autocast(engine.device, engine.dtype):
+            x = model.model.embed_tokens(ids)
+            for block in model.model.layers:
+                x = block(x, model.rope_cos[:n], model.rope_sin[:n])
+            x = model.model.norm(x)
+            for row, i in enumerate(chunk):
+                prompt, reply = prompts[i], replies[i]
+                start = len(prompt) - 1  # the position that chose the reply's first token
+                meter = ConfidenceMeter(engine)
+                for a in range(0, len(reply), SCORE_ROWS):
+                    b = min(a + SCORE_ROWS, len(reply))
+                    tops, chosen = token_logprobs(model.lm_head(x[row, start + a:start + b]), reply[a:b], TOP_K)
+                    for token, lp, top in zip(reply[a:b], chosen, tops):
+                        meter.push(token, lp, top)
+                out[i] = {**meter.features(), "hidden": _mean_hidden(x[row], len(prompt), len(reply))}
+    return out
 
 
 def reply_hidden(engine, prompt: list[int], reply: list[int]) -> list[float]:
