@@ -162,12 +162,13 @@ def test_seen_story_questions_do_not_give_away_the_operation():
 
 # words that mean an operation (or the parts a division makes, or a rate): only these may tell it in a prompt
 OPERATION_WORDS = {
-    "+": "add added addition plus sum total together increased received found picked already brought altogether more",
+    "+": "add added addition plus sum total together increased received found picked already brought altogether more "
+         "greater larger higher above past beyond",
     "-": "minus subtract subtracted take away from less reduced decreased difference left remain used sold spent lost broke threw "
-         "missing fewer",
+         "missing fewer reduce lower below under short",
     "*": "times multiply multiplied product lots double twice triple x packs rows crates holding filled per at hour",
     "/": "divide divided quotient half third quarter share shares shared split equal equally evenly among parts "
-         "stages ways same pile piles bag",
+         "stages ways same pile piles bag fit portions",
 }
 
 
@@ -253,6 +254,34 @@ def test_sums_and_products_are_written_in_the_order_the_question_says_their_numb
             checked += 1
             reordered += bool(re.search(r"add \d+ to \d+", q))  # "add {b} to {a}": written b + a
     assert checked > 3000 and reordered > 50, (checked, reordered)
+
+
+def test_comparisons_and_given_numbers_compute_what_they_say(monkeypatch):
+    """"the number 5 fewer than 62" is 62 - 5 (a comparative says its numbers the other way round from the
+    difference); "5 greater than 62" is 5 + 62, in the question's order; "How many lots of 4 are in 36?" is 36 / 4;
+    "Given 9 and 3: take the second from the first." is 9 - 3."""
+    import exocortex.tasks.arithmetic as arithmetic
+    monkeypatch.setattr(arithmetic, "NUMBERED_OPENER_RATE", 0.0)
+    rng = random.Random(5)
+    checked = {"-": 0, "+": 0, "/": 0, "given": 0}
+    for _ in range(4000):
+        q, e = Arithmetic.ask("comparisons", rng)
+        said = re.findall(r"\d+", q.replace(",", ""))
+        if len(said) != 2:  # a number said in words
+            continue
+        first, second = said
+        op = e.split()[1]
+        expected = {"-": f"{second} - {first}", "+": f"{first} + {second}", "*": f"{first} * {second}",
+                    "/": f"{second} / {first}"}[op]
+        assert e == expected, (q, e)
+        checked[op if op in checked else "+"] += 1
+    for _ in range(2000):
+        q, e = Arithmetic.ask("given", rng)
+        said = re.findall(r"\d+", q.replace(",", ""))
+        if len(said) == 2:  # the numbers come in order, whatever the operation
+            assert e.split()[::2] == said, (q, e)
+            checked["given"] += 1
+    assert min(checked.values()) > 50, checked
 
 
 def test_numbers_before_the_question_are_not_operands(monkeypatch):

@@ -109,7 +109,8 @@ ARITH_FAMILIES = {
                        "/": ("What does each of {b} get when {a} is shared out?",
                              "How big is each part when {a} is cut into {b} parts?")},
     # held out, added when question_first had been read for its failures: a number asked by its relation to
-    # another one. Its replies were read once (session 19, docs/tiny.md) before the change to operand order below
+    # another one. Its replies were read (session 19, docs/tiny.md) before the change to operand order below, and
+    # again before the seen "comparisons" family was written (session 20)
     "relational": {"wrap": ("{q}",),
                    "+": ("What number is {b} more than {a}?", "Which number is {b} bigger than {a}?"),
                    "-": ("What number is {b} less than {a}?", "Which number is {b} smaller than {a}?"),
@@ -250,6 +251,56 @@ def _composed_clauses() -> dict[str, tuple[str, ...]]:
 
 
 ARITH_FAMILIES["clauses"] = {"wrap": ("{q}",), **_composed_clauses()}
+
+# Two more composed seen families, for the constructions the held-out numbers_first and relational use, in other
+# words. "given": the numbers first, then what to do with them, the operation named only by the instruction.
+# "comparisons": a number asked by how it compares with another ("the number 5 fewer than 62" is 62 - 5; the
+# comparative reverses the order the numbers are said in). The held-out frames' own words stay out (_too_close)
+# and so do their instructions ("add them", "what is their sum"): what a held-out question still tests is
+# whether "more than" is read like "greater than", and "add them up" like "find the total".
+_GIVEN_OPENERS = ("Here are {a} and {b}", "Given {a} and {b}", "Look at {a} and {b}", "You have {a} and {b}",
+                  "Consider {a} and {b}", "My numbers are {a} and {b}", "First {a}, then {b}",
+                  "The numbers are {a} and {b}")
+_GIVEN_INSTRUCTIONS = {  # "they", "the pair", "the other" go with more than one operation: none of them tells it
+    "+": ("Find the total.", "What is the total?", "What do they come to together?", "Put the pair together.",
+          "What is one plus the other?"),
+    "-": ("Take the second from the first.", "What is the first minus the second?", "Find the first less the second.",
+          "Reduce the first by the second.", "What is one minus the other?"),
+    "*": ("Find the first times the second.", "What is the product?", "Multiply the pair.",
+          "What is one times the other?", "What do they come to multiplied?"),
+    "/": ("Find the first divided by the second.", "What is the first over the second?", "What is the quotient?",
+          "Share the first equally into the second.", "What is one divided by the other?"),
+}
+_COMPARISON_FRAMES = ("What number is {r}?", "Which number is {r}?", "Find the number {r}.",
+                      "Name the number that is {r}.", "What is the number {r}?", "Give me the number that is {r}.")
+_COMPARISONS = {
+    "+": ("{b} greater than {a}", "{b} larger than {a}", "{b} higher than {a}", "{b} above {a}", "{b} past {a}",
+          "{b} beyond {a}"),
+    "-": ("{b} fewer than {a}", "{b} lower than {a}", "{b} below {a}", "{b} under {a}", "{b} short of {a}"),
+    "*": ("{b} times the size of {a}", "{b} times the amount of {a}"),
+}
+_COMPARISON_DIVISIONS = ("How many lots of {b} are in {a}?", "How many times does {b} fit in {a}?",
+                         "How many portions of {b} are in {a}?", "How many times the size of {b} is {a}?",
+                         "How many times the amount of {b} is {a}?")
+
+
+def _composed_given_and_comparisons() -> tuple[dict, dict]:
+    heldout = [_lemmas(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
+               for f in fs]
+    given = {op: tuple(f for o in _GIVEN_OPENERS for sep in (". ", ": ", "; ") for i in instructions
+                       if not _too_close(f := o + sep + (i if sep == ". " else i[0].lower() + i[1:]), heldout))
+             for op, instructions in _GIVEN_INSTRUCTIONS.items()}
+    compare = {op: tuple(f for frame in _COMPARISON_FRAMES for r in relations
+                         if not _too_close(f := frame.format(r=r), heldout))
+               for op, relations in _COMPARISONS.items()}
+    compare["/"] = tuple(f for f in _COMPARISON_DIVISIONS if not _too_close(f, heldout))
+    return given, compare
+
+
+_given, _compare = _composed_given_and_comparisons()
+ARITH_FAMILIES["given"] = {"wrap": ("{q}",), **_given}
+ARITH_FAMILIES["comparisons"] = {"wrap": ("{q}",), **_compare}
+del _given, _compare
 
 UNITS = ("km", "dollars", "minutes", "kg", "metres", "litres", "hours")
 STORY_THINGS = ("eggs", "apples", "cookies", "marbles", "pencils", "stickers", "coins", "books", "cards",
