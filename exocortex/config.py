@@ -296,7 +296,9 @@ def _tiny() -> RunConfig:
     c.tokenizer.vocab_size = 4096
     c.tokenizer.train_bytes = 8_000_000
     c.data.world_bytes = 20_000_000
-    c.pretrain = TrainConfig(batch_tokens=8192, device_batch=32, time_minutes=5.5, eval_every=100,
+    # 6 minutes since the eval scores its replies' confidence in batches (~25 s less per chat stage): facts_mc
+    # follows the pretraining steps a machine gets (docs/tiny.md)
+    c.pretrain = TrainConfig(batch_tokens=8192, device_batch=32, time_minutes=6.0, eval_every=100,
                              eval_tokens=32768, checkpoint_every=200, warmdown_frac=0.4, compile=True)
     finetune = dict(batch_tokens=8192, device_batch=32, matrix_lr=0.01, embedding_lr=0.1, unembedding_lr=0.002,
                     scalar_lr=0.01, warmup_frac=0.0, warmdown_frac=0.5, eval_every=50, eval_tokens=16384,
