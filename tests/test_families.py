@@ -165,10 +165,10 @@ OPERATION_WORDS = {
     "+": "add added addition plus sum total together increased received found picked already brought altogether more "
          "greater larger higher above past beyond",
     "-": "minus subtract subtracted take away from less reduced decreased difference left remain used sold spent lost broke threw "
-         "missing fewer reduce lower below under short",
+         "missing fewer reduce lower below under short taken",
     "*": "times multiply multiplied product lots double twice triple x packs rows crates holding filled per at hour",
     "/": "divide divided quotient half third quarter share shares shared split equal equally evenly among parts "
-         "stages ways same pile piles bag fit portions",
+         "stages ways same pile piles bag portions",
 }
 
 
@@ -216,6 +216,20 @@ def test_no_seen_arithmetic_frame_holds_a_heldout_frames_words():
     assert len(seen) > 1000
     for f in seen:
         assert not any(_holds_all_words(f, h) for h in held), f
+        words = [SAME_VERB.get(w, w) for w in re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", f).lower().split()]
+        # one word swapped, added or dropped is the same frame: "What number is {b} greater than {a}?" is the
+        # held-out "What number is {b} more than {a}?", "What do you get if ..." is "What do you get when ..."
+        near = [h for h in held if len(h) > 2 and _one_word_apart(words, h)]
+        assert not near, (f, near)
+
+
+def _one_word_apart(a: list[str], b: list[str]) -> bool:
+    if a == b or abs(len(a) - len(b)) > 1:
+        return a == b
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) <= 1
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 def test_story_operands_in_either_order():
@@ -263,7 +277,7 @@ def test_comparisons_and_given_numbers_compute_what_they_say(monkeypatch):
     import exocortex.tasks.arithmetic as arithmetic
     monkeypatch.setattr(arithmetic, "NUMBERED_OPENER_RATE", 0.0)
     rng = random.Random(5)
-    checked = {"-": 0, "+": 0, "/": 0, "given": 0}
+    checked = {"-": 0, "+": 0, "*": 0, "/": 0, "given": 0}
     for _ in range(4000):
         q, e = Arithmetic.ask("comparisons", rng)
         said = re.findall(r"\d+", q.replace(",", ""))
@@ -271,15 +285,26 @@ def test_comparisons_and_given_numbers_compute_what_they_say(monkeypatch):
             continue
         first, second = said
         op = e.split()[1]
+        # the words say the operation (a typo may hide them: then the question is skipped)
+        told = [o for o, cue in (("-", r"fewer|lower|below|under|short"), ("+", r"greater|larger|higher|above|past|beyond"),
+                                 ("/", r"are in \d+|\d+ is \d+"), ("*", r"number (that is )?\d+ times"))
+                if re.search(cue, q)]
+        if not told:
+            continue
+        assert [op] == told, (q, e)
         expected = {"-": f"{second} - {first}", "+": f"{first} + {second}", "*": f"{first} * {second}",
                     "/": f"{second} / {first}"}[op]
         assert e == expected, (q, e)
-        checked[op if op in checked else "+"] += 1
+        checked[op] += 1
     for _ in range(2000):
         q, e = Arithmetic.ask("given", rng)
         said = re.findall(r"\d+", q.replace(",", ""))
-        if len(said) == 2:  # the numbers come in order, whatever the operation
+        if len(said) == 2:  # the numbers come in order, whatever the operation, and the instruction says which
             assert e.split()[::2] == said, (q, e)
+            told = [o for o, cue in (("-", r"minus|less|reduce"), ("*", r"times|multipl"), ("/", r"divided|over"),
+                                     ("+", r"total|together|plus")) if re.search(cue, q.lower())]
+            if told:  # (a typo may hide the instruction's words)
+                assert [e.split()[1]] == told, (q, e)
             checked["given"] += 1
     assert min(checked.values()) > 50, checked
 

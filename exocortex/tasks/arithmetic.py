@@ -183,12 +183,24 @@ def _lemmas(frame: str) -> list[str]:
     return [_LEMMAS.get(w, w) for w in re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", frame).lower().split()]
 
 
+def _word_distance(a: list[str], b: list[str]) -> int:
+    """Words to insert, delete or replace to turn a into b."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return row[-1]
+
+
 def _too_close(frame: str, heldout: list[list[str]]) -> bool:
-    """Whether all of some held-out frame's words (as lemmas, each as often) occur in `frame`, in any order: a
-    frame that swaps a held-out frame's clauses ("What comes out if {a} is divided by {b}?" for "If {a} is
-    divided by {b}, what comes out?") says the same thing."""
-    words = Counter(_lemmas(frame))
-    return any(not Counter(h) - words for h in heldout)
+    """Whether `frame` is a held-out frame in other clothes: all of its words (as lemmas, each as often) in any
+    order ("What comes out if {a} is divided by {b}?" for "If {a} is divided by {b}, what comes out?"), or its
+    words but one, in its order ("What number is {b} greater than {a}?" for "What number is {b} more than
+    {a}?", "What do you get if ..." for "What do you get when ...")."""
+    lemmas = _lemmas(frame)
+    words = Counter(lemmas)
+    return any(not Counter(h) - words or _word_distance(lemmas, h) <= 1 for h in heldout)
 
 
 def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
@@ -259,29 +271,26 @@ ARITH_FAMILIES["clauses"] = {"wrap": ("{q}",), **_composed_clauses()}
 # and so do their instructions ("add them", "what is their sum"): what a held-out question still tests is
 # whether "more than" is read like "greater than", and "add them up" like "find the total".
 _GIVEN_OPENERS = ("Here are {a} and {b}", "Given {a} and {b}", "Look at {a} and {b}", "You have {a} and {b}",
-                  "Consider {a} and {b}", "My numbers are {a} and {b}", "First {a}, then {b}",
-                  "The numbers are {a} and {b}")
-_GIVEN_INSTRUCTIONS = {  # "they", "the pair", "the other" go with more than one operation: none of them tells it
-    "+": ("Find the total.", "What is the total?", "What do they come to together?", "Put the pair together.",
+                  "Consider {a} and {b}", "My numbers are {a} and {b}", "First {a}, then {b}")
+_GIVEN_INSTRUCTIONS = {  # "they" and "the other" go with more than one operation: neither tells it
+    "+": ("Find the total.", "What is the total?", "What do they come to together?", "Put them together.",
           "What is one plus the other?"),
-    "-": ("Take the second from the first.", "What is the first minus the second?", "Find the first less the second.",
-          "Reduce the first by the second.", "What is one minus the other?"),
-    "*": ("Find the first times the second.", "What is the product?", "Multiply the pair.",
-          "What is one times the other?", "What do they come to multiplied?"),
-    "/": ("Find the first divided by the second.", "What is the first over the second?", "What is the quotient?",
-          "Share the first equally into the second.", "What is one divided by the other?"),
+    "-": ("What is the first minus the second?", "Find the first less the second.", "Reduce the first by the second."),
+    "*": ("Find the first times the second.", "What is one times the other?", "What do they come to multiplied?",
+          "Work out the first multiplied by the second."),
+    "/": ("Find the first divided by the second.", "What is the first over the second?",
+          "Work out the first divided by the second."),
 }
-_COMPARISON_FRAMES = ("What number is {r}?", "Which number is {r}?", "Find the number {r}.",
-                      "Name the number that is {r}.", "What is the number {r}?", "Give me the number that is {r}.")
+_COMPARISON_FRAMES = ("Find the number {r}.", "Name the number that is {r}.", "What is the number {r}?",
+                      "Give me the number that is {r}.")
 _COMPARISONS = {
     "+": ("{b} greater than {a}", "{b} larger than {a}", "{b} higher than {a}", "{b} above {a}", "{b} past {a}",
           "{b} beyond {a}"),
     "-": ("{b} fewer than {a}", "{b} lower than {a}", "{b} below {a}", "{b} under {a}", "{b} short of {a}"),
     "*": ("{b} times the size of {a}", "{b} times the amount of {a}"),
 }
-_COMPARISON_DIVISIONS = ("How many lots of {b} are in {a}?", "How many times does {b} fit in {a}?",
-                         "How many portions of {b} are in {a}?", "How many times the size of {b} is {a}?",
-                         "How many times the amount of {b} is {a}?")
+_COMPARISON_DIVISIONS = ("How many lots of {b} are in {a}?", "How many portions of {b} are in {a}?",
+                         "How many times the size of {b} is {a}?", "How many times the amount of {b} is {a}?")
 
 
 def _composed_given_and_comparisons() -> tuple[dict, dict]:
