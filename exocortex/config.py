@@ -301,9 +301,9 @@ def _tiny() -> RunConfig:
     finetune = dict(batch_tokens=8192, device_batch=32, matrix_lr=0.01, embedding_lr=0.1, unembedding_lr=0.002,
                     scalar_lr=0.01, warmup_frac=0.0, warmdown_frac=0.5, eval_every=50, eval_tokens=16384,
                     checkpoint_every=400, compile=True)
-    # facts_mc after midtrain follows its steps (speedruns: 191 steps 42%, 216 46%, 281 64%, 314 66%); the half
-    # minute comes from the eval, which now scores its replies' confidence in batches (docs/tiny.md)
-    c.midtrain = TrainConfig(time_minutes=3.5, **finetune)
+    # facts_mc after midtrain follows its steps (speedruns: 191 steps 42%, 216 46%, 258 63%, 281 64%, 314 66%), but
+    # 3.5 minutes took a slow machine's speedrun to 21.5 min (docs/tiny.md)
+    c.midtrain = TrainConfig(time_minutes=3.0, **finetune)
     c.sft = TrainConfig(time_minutes=1.5, **finetune)
     c.midtrain_data.n_conversations = 30000
     # plain pretraining rows keep what the base model knew: without them finetuning erased it (facts 54% -> 89%,
