@@ -147,7 +147,7 @@ class _Trainer:
             total_steps = state["total_steps"]
             print(f"{self.stage}: already finished at step {self.step}; nothing to resume" if state.get("done")
                   else f"{self.stage}: resuming from {ckpt.name} (step {self.step}/{total_steps})")
-        self.budget = StepBudget(self.stage, total_steps, self.t.time_minutes)
+        self.budget = StepBudget(self.stage, total_steps, self.t.time_minutes, self.t.warmdown_frac)
         metrics.start(self.history)
         self.progress = Progress(self.stage, self.budget.total, self.step)
 
