@@ -13,8 +13,8 @@ class StepBudget:
     """`total` steps, or (total=None) as many as fit in `minutes`. A time budget times real steps after the first
     two (which include compilation), sets the total after five, then re-measures at 30% of its steps and again just
     before the warmdown (at most 55%), over everything counted in `elapsed` (evals, hooks, checkpoints), so a
-    slower machine or a heavier eval is counted too; the second catches a machine that slows down as it runs (a pretraining that kept the 30% estimate
-    ran 8% over). A new total that would move the warmdown's start to or before the current step is not taken:
+    slower machine or a heavier eval is counted too; the second catches a machine that slows down as it runs (a
+    pretraining that kept the 30% estimate ran 8% over). A new total that would move the warmdown's start to or before the current step is not taken:
     the learning rate never jumps. Re-measures happen at steps, not times, so every rank takes part in the same
     broadcast, and every rank takes rank 0's total."""
 
