@@ -14,11 +14,12 @@ from exocortex.data.world import QUESTIONS
 from exocortex.tasks import TaskSet, mixture_conversations
 from exocortex.tasks.arithmetic import ARITH_FAMILIES, Arithmetic
 from exocortex.tasks.base import split_of
+from exocortex.tasks.numbers import NUMBER_FAMILIES
 from exocortex.tasks.phrasing import say_number, typo
 from exocortex.tasks.spelling import SPELL_FAMILIES
 from exocortex.tasks.world import MC_FAMILIES
 
-FAMILY_TASKS = ("arithmetic", "spelling", "facts_mc", "facts", "lookup")
+FAMILY_TASKS = ("arithmetic", "spelling", "facts_mc", "facts", "lookup", "numbers")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,8 @@ def _frames_of(task, family) -> list[str]:
         return [f for k, fs in ARITH_FAMILIES[family].items() if k != "wrap" for f in fs]
     if task.name == "spelling":
         return [f for fs in SPELL_FAMILIES[family] for f in fs]
+    if task.name == "numbers":
+        return [f for fs in NUMBER_FAMILIES[family] for f in fs]
     if task.name in ("facts", "lookup"):  # the last wording of each relation the task asks about
         assert family == "last_wording"
         rels = {f.relation for f in task.by_split["train"]}
@@ -59,7 +62,7 @@ def test_families_are_split_by_split(tasks, name):
     assert t.examples(20, 5, "heldout") == t.examples(20, 5, "heldout")  # deterministic
 
 
-@pytest.mark.parametrize("name", ("arithmetic", "spelling", "facts", "lookup"))
+@pytest.mark.parametrize("name", ("arithmetic", "spelling", "facts", "lookup", "numbers"))
 def test_no_heldout_family_text_in_training(tasks, name):
     t = tasks[name]
     frames = [_pattern(f) for fam in t.heldout_families for f in _frames_of(t, fam)]
@@ -163,12 +166,12 @@ def test_seen_story_questions_do_not_give_away_the_operation():
 # words that mean an operation (or the parts a division makes, or a rate): only these may tell it in a prompt
 OPERATION_WORDS = {
     "+": "add added addition plus sum total together increased received found picked already brought altogether more "
-         "greater larger higher above past beyond",
-    "-": "minus subtract subtracted take away from less reduced decreased difference left remain used sold spent lost broke threw "
-         "missing fewer reduce lower below under short taken",
+         "bigger greater larger higher above past beyond",
+    "-": "minus subtract subtracted take away from less reduced decreased difference left remain remains remove removed "
+         "smaller used sold spent lost broke threw missing fewer reduce lower below under short taken",
     "*": "times multiply multiplied product lots double twice triple x packs rows crates holding filled per at hour",
     "/": "divide divided quotient half third quarter share shares shared split equal equally evenly among parts "
-         "stages ways same pile piles bag portions",
+         "stages ways same pile piles bag portions groups cut",
 }
 
 

