@@ -31,7 +31,8 @@ ARITH_ANSWERS = ["{e} = {r}.", "The answer is {r}.", "{e} is {r}.", "That's {r}.
 # ("if you add 3 and 4, ..."), the operands before the operation ("3 and 4. Add them."), stories about a
 # named person (the seen stories are about "I", "we" and "the shop"), a question with the calculation in a
 # clause after it ("What is left when 5 is taken from 62?"), and a number asked by its relation to another
-# ("What number is 5 less than 62?").
+# ("What number is 5 less than 62?"). Nearly all their words are in seen frames too (tests/test_families.py
+# lists the eight that are not), so a held-out question tests the frame more than an unseen word ("remove", "cut").
 WRAP_SPOKEN = ("What is {q}?", "what's {q}", "How much is {q}?", "{q}?", "Tell me {q}.", "Do you know {q}?",
                "{q} equals what?", "what does {q} make?")
 WRAP_COMMAND = ("{q}.", "{q}", "Can you {q}?", "Please {q}.", "I need you to {q}.", "Could you {q} for me?")
@@ -41,12 +42,15 @@ ARITH_FAMILIES = {
                "-": ("{a} minus {b}", "{a} take away {b}", "{a} less {b}"),
                "*": ("{a} times {b}", "{a} multiplied by {b}", "{a} x {b}"),
                "/": ("{a} divided by {b}", "{a} over {b}")},
-    "commands": {"wrap": WRAP_COMMAND, "+": ("add {a} and {b}", "add {b} to {a}", "add up {a} and {b}"),
-                 "-": ("subtract {b} from {a}", "take {b} away from {a}", "take {b} from {a}"),
+    "commands": {"wrap": WRAP_COMMAND, "+": ("add {a} and {b}", "add {b} to {a}", "add up {a} and {b}",
+                                             "make {a} bigger by {b}"),
+                 "-": ("subtract {b} from {a}", "take {b} away from {a}", "take {b} from {a}", "remove {b} from {a}",
+                       "make {a} smaller by {b}"),
                  "*": ("multiply {a} by {b}", "multiply {a} and {b}"),
-                 "/": ("divide {a} by {b}", "split {a} into {b} equal parts")},
+                 "/": ("divide {a} by {b}", "split {a} into {b} equal parts", "cut {a} into {b} equal parts",
+                       "put {a} into groups of {b}")},
     "sum_of": {"wrap": WRAP_NOUN, "+": ("the sum of {a} and {b}", "the total of {a} and {b}"),
-               "-": ("the difference between {a} and {b}", "{a} reduced by {b}"),
+               "-": ("the difference between {a} and {b}", "{a} reduced by {b}", "{a} with {b} removed"),
                "*": ("the product of {a} and {b}", "{a} lots of {b}"),
                "/": ("the quotient of {a} and {b}", "{a} shared equally by {b}")},
     "halves": {"wrap": WRAP_SPOKEN, "/2": ("half of {a}", "half {a}"), "/3": ("a third of {a}", "one third of {a}"),
@@ -156,7 +160,7 @@ _STORY_QUESTIONS = {
     "+-": ("How many now?", "How many {do} {s} have now?", "How many {x} {do} {s} have now?",
            "How many {x} are there now?", "What is the count now?", "How many is that now?"),
     "+": ("How many in total?", "How many {x} {do} {s} have altogether?"),
-    "-": ("How many are left?", "How many {x} remain?", "How many {do} {s} have left?"),
+    "-": ("How many are left?", "How many {x} remain?", "How many {do} {s} have left?", "What remains?"),
     "*": ("How many {x} is that?", "How many {x} in total?", "How many {x} {do} {s} have?", "How many {x} altogether?"),
     "past": ("How many did {s} end up with?", "How many {x} did {s} end up with?"),  # after a past event only
 }
