@@ -7,6 +7,9 @@ seen and on held-out wordings alike (docs/tiny.md, session 20). The pretraining 
 words in a few statements ("78 in words is seventy-eight."); this task asks for the pairing in conversation. The
 split key is the number, so a test number is never trained on in this task, in either direction. Held-out phrasing
 families ask the same three things in frames of their own.
+
+Not in the default mixtures: at 3% of midtrain and sft the tiny model answered 10% of its test questions and held-out
+arithmetic did not move (docs/tiny.md, session 22). In eval (`eval.chat_tasks`) it measures number words alone.
 """
 from __future__ import annotations
 
