@@ -44,9 +44,9 @@ SENTENCES = ("I had {w} eggs.", "We bought {w} apples.", "The shop sold {w} book
 TO_DIGITS_ANSWERS = ("{d}.", "{w} is {d}.", "In digits: {d}.", "That is {d}.")
 TO_WORDS_ANSWERS = ("{w}.", "In words: {w}.", "{d} is {w}.", "It is said {w}.")
 
-_UNITS = {w: i for i, w in enumerate(("zero one two three four five six seven eight nine ten eleven twelve thirteen "
-                                        "fourteen fifteen sixteen seventeen eighteen nineteen").split())}
-_TENS = {w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)}
+# the words number_words writes, so that the grader reads exactly what the task (and the corpus) says
+_UNITS = {number_words(i): i for i in range(20)}
+_TENS = {number_words(i): i for i in range(20, 100, 10)}
 
 
 def words_value(words: list[str]) -> int | None:
