@@ -120,6 +120,9 @@ class EvalSummary:
     # per chat stage: {"calibration": the fitted P(right) (infer/confidence.Calibration's fields), "replies":
     # [[task, split, index, right, predicted P(right)], ...] on the half it was measured on} (evals.calibration_scores)
     calibration: dict = field(default_factory=dict)
+    # per chat stage: {task: {"seen"|"heldout": {phrasing family: [right, asked]}}}, for the tasks that hold
+    # families out (evals.chat_scores)
+    families: dict = field(default_factory=dict)
     seconds: float = 0.0
     peak_rss_mb: float | None = None   # the stage's peak resident memory (memory.py); set by write_summary
 

@@ -8,7 +8,7 @@ import pytest
 
 from exocortex.data.world import World, _arith_said, arithmetic_doc, number_words
 from exocortex.run import EvalSummary
-from exocortex.stages.report import generalisation_table
+from exocortex.stages.report import family_table, generalisation_table
 from exocortex.config import MIDTRAIN_MIXTURE
 from exocortex.data.world import QUESTIONS
 from exocortex.tasks import TaskSet, mixture_conversations
@@ -382,6 +382,18 @@ def test_generalisation_table():
     assert generalisation_table(EvalSummary(stages={"sft": {"facts_accuracy": 0.5}})) == []
 
 
+def test_family_table():
+    ev = EvalSummary(families={"sft": {"arithmetic": {"seen": {"spoken": [9, 10], "clauses": [3, 4]},
+                                                      "heldout": {"relational": [1, 4]}}},
+                               "rl": {"arithmetic": {"seen": {"spoken": [10, 10]}, "heldout": {}}}})
+    table = family_table(ev)
+    assert table[2] == "| task | family | SFT | RL |"
+    rows = table[4:-1]  # seen families first (sorted), then the held-out ones, marked
+    assert rows == ["| arithmetic | clauses | 75% (4) | — |", "| arithmetic | spoken | 90% (10) | 100% (10) |",
+                    "| arithmetic | relational (held out) | 25% (4) | — |"]
+    assert family_table(EvalSummary(stages={"sft": {"facts_accuracy": 0.5}})) == []
+
+
 def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
     """chat_scores asks a task with held-out families twice: a model that answers right only in the wordings
     it was trained on scores 100% seen and 0% held-out."""
@@ -406,13 +418,18 @@ def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
 
     small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 512
     eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(reply, tok.vocab_size))
-    samples = []
-    out = chat_scores(eng, tok, {"facts_mc": t}, e, samples, "sft")
+    samples, families = [], {}
+    out = chat_scores(eng, tok, {"facts_mc": t}, e, samples, "sft", families=families)
     calibration = {k: out.pop(k) for k in list(out) if k.startswith("escalation_")}  # see test_escalation.py
     assert out == {"facts_mc_accuracy": 1.0, "facts_mc_n": 12, "facts_mc_heldout_accuracy": 0.0,
                    "facts_mc_heldout_n": 8}
     assert calibration["escalation_n"] == 10  # the half not fitted on: both families
     assert {s["task"] for s in samples} == {"facts_mc", "facts_mc (held-out family)"}
+    # every question counted once under its own family: right in each seen one, wrong in each held-out one
+    seen, held = families["facts_mc"]["seen"], families["facts_mc"]["heldout"]
+    assert set(seen) <= set(t.seen_families) and set(held) <= set(t.heldout_families)
+    assert sum(n for _, n in seen.values()) == 12 and all(r == n for r, n in seen.values())
+    assert sum(n for _, n in held.values()) == 8 and all(r == 0 for r, _ in held.values())
     e.heldout_n = 0
     assert "facts_mc_heldout_accuracy" not in chat_scores(eng, tok, {"facts_mc": t}, e, [], "sft")
 

@@ -48,7 +48,8 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
     results = EvalSummary(stages={s: v for s, v in previous.stages.items() if s not in present},
                           samples=[s for s in previous.samples if s.get("stage") not in present],
                           collapse={k: v for k, v in previous.collapse.items() if v.get("stage") not in present},
-                          calibration={s: v for s, v in previous.calibration.items() if s not in present})
+                          calibration={s: v for s, v in previous.calibration.items() if s not in present},
+                          families={s: v for s, v in previous.families.items() if s not in present})
     results.collapse.update(dataset_collapse(cfg, tok, tasks))
     e = cfg.eval  # at most this many new tokens per chat stage: each task's questions, held-out families, pass@k
     chat_stages = [s for s in present if registry.BY_NAME[s].chat]
@@ -69,7 +70,8 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
         compiled = engine.compile  # False from now on if it could not be built
         if registry.BY_NAME[stage].chat:
             kept = results.calibration[stage] = {}
-            r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage, kept))
+            r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage, kept,
+                                 families=results.families.setdefault(stage, {})))
         row = sample_collapse(cfg, engine, tok, tasks, stage)
         if row:
             results.collapse[f"samples: {stage}"] = row

@@ -135,6 +135,28 @@ def generalisation_table(ev: EvalSummary) -> list[str]:
     return L + [""]
 
 
+def family_table(ev: EvalSummary) -> list[str]:
+    """Task x phrasing family: accuracy per chat stage, seen families first, then the held-out ones; where the
+    generalisation gap comes from. Empty when no stage counted families (older runs)."""
+    stages = [s for s in registry.MODEL_STAGES if ev.families.get(s)]
+    if not stages:
+        return []
+    L = ["### By phrasing family", "", "| task | family | " + " | ".join(registry.LABELS[s] for s in stages) + " |",
+         "|---|---|" + "---|" * len(stages)]
+    tasks = list(dict.fromkeys(t for s in stages for t in ev.families[s]))
+    for t in tasks:
+        for side in ("seen", "heldout"):
+            names = list(dict.fromkeys(f for s in stages for f in ev.families[s].get(t, {}).get(side, {})))
+            for f in sorted(names):
+                cells = []
+                for s in stages:
+                    right, asked = ev.families[s].get(t, {}).get(side, {}).get(f, (0, 0))
+                    cells.append(f"{right / asked:.0%} ({asked})" if asked else "—")
+                label = f"{f} (held out)" if side == "heldout" else f
+                L.append(f"| {t} | {label} | " + " | ".join(cells) + " |")
+    return L + [""]
+
+
 ESCALATION_PAIR = ("sft", "rl")  # the curve: SFT answers, RL is the stronger model it may escalate to
 
 
@@ -360,6 +382,7 @@ def run_report(cfg: RunConfig) -> Path:
     if ev and ev.stages:
         L += ["## Evaluation: every stage", ""] + stage_table(ev) + ["", EVAL_NOTE, ""]
         L += generalisation_table(ev)
+        L += family_table(ev)
         L += escalation_section(ev, run.path)
     L += collapse_section(ev, summaries["tokenizer"])
     if summaries["rl"]:
