@@ -249,12 +249,12 @@ def memory_scores(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
 
 def pass_at_k(engine, tok: Tokenizer, task, n: int, k: int, seed: int, max_new_tokens: int) -> float:
     """Fraction of n held-out questions where at least one of k samples (temperature 1) is correct."""
-    hits = 0
-    for i, ex in enumerate(task.examples(n, seed + 1, "test")):
-        with offering(engine, task):
-            outs = engine.complete(prompt_ids(tok, ex), num_samples=k, max_tokens=max_new_tokens, temperature=1.0,
-                                   seed=seed + i)
-        hits += any(task.grade_reply(engine.to_parts(o), ex) for o in outs)
+    examples = task.examples(n, seed + 1, "test")
+    with offering(engine, task):  # every sample of every question in one continuous batch
+        outs = engine.complete_many([prompt_ids(tok, ex) for ex in examples for _ in range(k)],
+                                    max_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    hits = sum(any(task.grade_reply(engine.to_parts(o), ex) for o in outs[i * k:(i + 1) * k])
+               for i, ex in enumerate(examples))
     return hits / max(1, n)
 
 

@@ -87,6 +87,43 @@ def test_prompts_of_different_lengths_batch_like_each_alone(tok, small_cfg):
     assert len(outs) == 6 and stats["sampled"] > 0 and stats["entropy_sum"] > 0
 
 
+def test_complete_many_refills_a_finished_row_with_the_next_prompt(tok, small_cfg):
+    """complete_many keeps its rows busy: a row that finishes takes the next prompt at once, so replies of
+    very different lengths cost about their total length in steps, not the longest reply per batch. Each
+    reply is the one it gets alone, a tool call inside one is run and its output forced, and a reply past
+    max_tokens is cut there."""
+    sp = tok.special
+    end = sp["<|assistant_end|>"]
+    call = [sp["<tool_call>"], *tok.encode(format_tool_call("calculator", {"expression": "6 * 7"})),
+            sp["</tool_call>"]]
+
+    def script(prompt):  # a reply whose length the prompt says: "long" 40 tokens, "call" a calculator call
+        text = tok.decode(prompt)
+        if "call" in text:
+            return call + tok.encode(" So 42.") + [end]
+        return tok.encode(" x" * (40 if "long" in text else 2)) + [end]
+
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 256
+    scripted = Scripted(script, tok.vocab_size)
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=scripted)
+    ask = lambda q: tok.render_for_completion([{"role": "user", "content": q}])  # noqa: E731
+    prompts = [ask("long one")] + [ask(f"short {i}") for i in range(8)] + [ask("call it")]
+    alone = [eng.complete(p, max_tokens=200, temperature=0)[0] for p in prompts]
+    scripted.steps = 0
+    for i in range(0, len(prompts), 2):  # static batches of two: each waits for its longer reply
+        eng.complete(prompts[i:i + 2], max_tokens=200, temperature=0)
+    static, scripted.steps = scripted.steps, 0
+    many = eng.complete_many(prompts, batch_size=2, max_tokens=200, temperature=0)
+    assert many == alone
+    assert eng.render(many[-1]).startswith("[tool call: ") and eng.render(many[-1]).endswith("[tool output: 42]  So 42.")
+    # two rows always busy: at most half of the other replies' steps beside the longest one's (list scheduling)
+    longest, total = max(len(o) + 1 for o in many), sum(len(o) + 1 for o in many)
+    assert scripted.steps <= longest + (total - longest) // 2 + 1 < static
+    assert eng.complete_many(prompts[:2], batch_size=2, max_tokens=5, temperature=0) == [alone[0][:5], alone[1][:5]]
+    assert len(alone[0]) > 5
+    assert eng.complete_many([], max_tokens=5) == []
+
+
 def test_empty_lookup_searches_the_users_question(tok, small_cfg):
     sp = tok.special
     script = [sp["<tool_call>"], *tok.encode(format_tool_call("lookup", {})), sp["</tool_call>"],

@@ -156,41 +156,47 @@ class Engine:
                 stats["sampled"] = stats.get("sampled", 0) + int(live.sum())
             if cons is not None:
                 logits = _masked(logits, [None if r.done or r.forced else c for r, c in zip(rows, cons)])
-            sampled = sample_next(logits, temperature, top_k, top_p, gen).tolist()
-            column, forced_mask, calls = [], [], []
-            for r, row in enumerate(rows):
-                if row.done:
-                    column.append(next(iter(self.stop_ids)))
-                    forced_mask.append(True)
-                    continue
-                forced = bool(row.forced)
-                token = row.forced.popleft() if forced else sampled[r]
-                column.append(token)
-                forced_mask.append(forced)
-                if cons is not None and cons[r] is not None:
-                    if forced:
-                        cons[r] = None  # a tool's output: the constraint covered the call, the row goes on free
-                    elif token not in self.stop_ids:
-                        cons[r].advance(token)
-                if forced:
-                    continue
-                if token in self.stop_ids:
-                    row.done = True
-                elif token == self.call_start:
-                    row.in_tool_call, row.call_tokens = True, []
-                elif token == self.call_end and row.in_tool_call:
-                    row.in_tool_call = False
-                    calls.append(row)
-                elif row.in_tool_call:
-                    row.call_tokens.append(token)
-            for row, result in zip(calls, self._run_calls(calls)):
-                row.forced.extend(self.response_tokens(result))
-            calls.clear()
+            column, forced_mask = self._take(rows, sample_next(logits, temperature, top_k, top_p, gen).tolist(), cons)
             yield column, forced_mask
             if all(row.done for row in rows) or i == n_steps - 1:
                 return
             # finished rows stop advancing (and rows past the last busy one are not computed)
             logits = dec.step(column, [not r.done for r in rows])
+
+    def _take(self, rows: list[RowState], sampled: list[int], cons: list | None = None
+              ) -> tuple[list[int], list[bool]]:
+        """Each row's next token: its queued forced token (a tool's output) if any, else the sampled one; a done
+        row repeats a stop token. Advances the rows' constraints and call tracking, and runs the calls that
+        closed (their outputs are queued as forced tokens). -> (tokens, forced) per row."""
+        column, forced_mask, calls = [], [], []
+        for r, row in enumerate(rows):
+            if row.done:
+                column.append(next(iter(self.stop_ids)))
+                forced_mask.append(True)
+                continue
+            forced = bool(row.forced)
+            token = row.forced.popleft() if forced else sampled[r]
+            column.append(token)
+            forced_mask.append(forced)
+            if cons is not None and cons[r] is not None:
+                if forced:
+                    cons[r] = None  # a tool's output: the constraint covered the call, the row goes on free
+                elif token not in self.stop_ids:
+                    cons[r].advance(token)
+            if forced:
+                continue
+            if token in self.stop_ids:
+                row.done = True
+            elif token == self.call_start:
+                row.in_tool_call, row.call_tokens = True, []
+            elif token == self.call_end and row.in_tool_call:
+                row.in_tool_call = False
+                calls.append(row)
+            elif row.in_tool_call:
+                row.call_tokens.append(token)
+        for row, result in zip(calls, self._run_calls(calls)):
+            row.forced.extend(self.response_tokens(result))
+        return column, forced_mask
 
     def _run_calls(self, rows: list[RowState]) -> list[str]:
         """The results of the calls these rows just closed. Several at once run side by side: a python call is a
@@ -251,16 +257,63 @@ class Engine:
                     outs[r].append(t)
         return outs
 
-    def complete_many(self, prompts: list[list[int]], batch_size: int = 32, **kw) -> list[list[int]]:
-        """Completions for many different prompts, `batch_size` rows at a time, sorted by length so a batch's
-        rows are alike."""
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    @torch.inference_mode()
+    def complete_many(self, prompts: list[list[int]], batch_size: int = 32, max_tokens: int = 256,
+                      temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                      seed: int | None = None) -> list[list[int]]:
+        """One finished completion per prompt (as `complete`: without the stop token, tool outputs included), at
+        most `batch_size` rows decoding at a time. A row that finishes takes the next prompt at once, so a batch
+        never waits on its longest reply (continuous batching, as the server does). Greedy replies are those
+        of `complete`; sampled ones draw from one generator, seeded once."""
+        if not prompts:
+            return []
+        if any(not p for p in prompts):
+            raise ValueError("empty prompt")
+        limit = self.model.rope_cos.shape[0]
+        max_len = min(max(len(p) for p in prompts) + max_tokens, limit)
+        too_long = [len(p) for p in prompts if len(p) >= max_len]
+        if too_long:
+            raise ValueError(f"prompt of {max(too_long)} tokens leaves no room to generate (limit {limit})")
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        waiting = deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))  # alike lengths side by side
+        width = min(batch_size, len(prompts))
+        dec = self.decoder(width, max_len)
         outs: list[list[int]] = [[] for _ in prompts]
-        for j in range(0, len(order), batch_size):
-            chunk = order[j:j + batch_size]
-            batch = [prompts[i] for i in chunk]
-            for i, out in zip(chunk, self.complete(batch if len(batch) > 1 else batch[0], **kw)):
-                outs[i] = out
+        rows: list[RowState | None] = [None] * width  # a free slot is None
+        owner, left = [0] * width, [0] * width  # the prompt a slot answers, and the tokens it may still take
+        logits = None  # (width, V): each slot's next-token logits, from its prefill or the last step
+
+        def admit(slot: int) -> None:
+            nonlocal logits
+            i = waiting.popleft()
+            first = dec.prefill(prompts[i], [slot])[0]
+            if logits is None:
+                logits = torch.zeros(width, first.shape[-1], device=first.device)
+            logits[slot] = first
+            rows[slot], owner[slot] = RowState(context=self.last_user_text(prompts[i])), i
+            left[slot] = min(max_tokens, max_len - len(prompts[i]))
+
+        for slot in range(width):
+            admit(slot)
+        while any(r is not None for r in rows):
+            n = max(s for s, r in enumerate(rows) if r is not None) + 1  # slots past the last busy one are idle
+            busy = [r if r is not None else RowState(done=True) for r in rows[:n]]
+            column, _ = self._take(busy, sample_next(logits[:n], temperature, top_k, top_p, gen).tolist())
+            for slot, row in enumerate(busy):
+                if rows[slot] is None:
+                    continue
+                if not row.done:
+                    outs[owner[slot]].append(column[slot])
+                    left[slot] -= 1
+                if row.done or left[slot] == 0:
+                    rows[slot] = None
+            moving = [r is not None for r in rows]
+            if any(moving):
+                stepped = dec.step(column + column[:1] * (width - n), moving)
+                logits[:stepped.shape[0]] = stepped
+            for slot in range(width):
+                if rows[slot] is None and waiting:
+                    admit(slot)
         return outs
 
     def response_tokens(self, result: str) -> list[int]:
