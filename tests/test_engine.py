@@ -124,6 +124,37 @@ def test_complete_many_refills_a_finished_row_with_the_next_prompt(tok, small_cf
     assert eng.complete_many([], max_tokens=5) == []
 
 
+def test_complete_many_decodes_other_rows_while_a_tool_runs(tok, small_cfg):
+    """A row whose tool is running sits out; the other rows decode meanwhile (a sandboxed python call takes
+    ~90 ms on these machines, and eval's batches used to wait for each). The tool here returns only once the
+    other rows have taken more steps than its own reply has tokens."""
+    import time
+
+    sp = tok.special
+    end = sp["<|assistant_end|>"]
+    call = [sp["<tool_call>"], *tok.encode(format_tool_call("calculator", {"expression": "6 * 7"})),
+            sp["</tool_call>"]]
+    filler = (tok.encode(" x") * 200)[:len(call) + 40]  # the other replies: still going when the call closes
+    script = lambda prompt: (call + tok.encode(" So 42.") if "call" in tok.decode(prompt)  # noqa: E731
+                             else filler) + [end]
+    small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 256
+    scripted = Scripted(script, tok.vocab_size)
+
+    def slow_calculator(args: dict) -> str:
+        start = scripted.steps
+        deadline = time.monotonic() + 5
+        while scripted.steps < start + 20 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return "42" if scripted.steps >= start + 20 else "the others waited"
+
+    eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), tools={"calculator": slow_calculator}, decoder=scripted)
+    ask = lambda q: tok.render_for_completion([{"role": "user", "content": q}])  # noqa: E731
+    outs = eng.complete_many([ask("call it"), ask("no tools"), ask("none here")], batch_size=3, max_tokens=200,
+                             temperature=0)
+    assert eng.render(outs[0]).endswith("[tool output: 42]  So 42.")
+    assert outs[1] == outs[2] == filler
+
+
 def test_empty_lookup_searches_the_users_question(tok, small_cfg):
     sp = tok.special
     script = [sp["<tool_call>"], *tok.encode(format_tool_call("lookup", {})), sp["</tool_call>"],

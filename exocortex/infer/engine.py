@@ -20,7 +20,7 @@ import codecs
 import contextlib
 import threading
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -163,11 +163,12 @@ class Engine:
             # finished rows stop advancing (and rows past the last busy one are not computed)
             logits = dec.step(column, [not r.done for r in rows])
 
-    def _take(self, rows: list[RowState], sampled: list[int], cons: list | None = None
-              ) -> tuple[list[int], list[bool]]:
+    def _take(self, rows: list[RowState], sampled: list[int], cons: list | None = None,
+              closed: list | None = None) -> tuple[list[int], list[bool]]:
         """Each row's next token: its queued forced token (a tool's output) if any, else the sampled one; a done
         row repeats a stop token. Advances the rows' constraints and call tracking, and runs the calls that
-        closed (their outputs are queued as forced tokens). -> (tokens, forced) per row."""
+        closed (their outputs are queued as forced tokens), or, given `closed`, lists their rows there for the
+        caller to run. -> (tokens, forced) per row."""
         column, forced_mask, calls = [], [], []
         for r, row in enumerate(rows):
             if row.done:
@@ -194,6 +195,9 @@ class Engine:
                 calls.append(row)
             elif row.in_tool_call:
                 row.call_tokens.append(token)
+        if closed is not None:
+            closed.extend(calls)
+            return column, forced_mask
         for row, result in zip(calls, self._run_calls(calls)):
             row.forced.extend(self.response_tokens(result))
         return column, forced_mask
@@ -263,8 +267,9 @@ class Engine:
                       seed: int | None = None) -> list[list[int]]:
         """One finished completion per prompt (as `complete`: without the stop token, tool outputs included), at
         most `batch_size` rows decoding at a time. A row that finishes takes the next prompt at once, so a batch
-        never waits on its longest reply (continuous batching, as the server does). Greedy replies are those
-        of `complete`; sampled ones draw from one generator, seeded once."""
+        never waits on its longest reply, and a row whose tool runs waits alone while the others decode
+        (continuous batching, as the server does). Greedy replies are those of `complete`; sampled ones draw
+        from one generator, seeded once."""
         if not prompts:
             return []
         if any(not p for p in prompts):
@@ -281,7 +286,9 @@ class Engine:
         outs: list[list[int]] = [[] for _ in prompts]
         rows: list[RowState | None] = [None] * width  # a free slot is None
         owner, left = [0] * width, [0] * width  # the prompt a slot answers, and the tokens it may still take
+        tools: dict[int, Future] = {}  # slot -> its running tool call: the row sits out until it returns
         logits = None  # (width, V): each slot's next-token logits, from its prefill or the last step
+        idle = RowState(done=True)
 
         def admit(slot: int) -> None:
             nonlocal logits
@@ -295,25 +302,39 @@ class Engine:
 
         for slot in range(width):
             admit(slot)
-        while any(r is not None for r in rows):
-            n = max(s for s, r in enumerate(rows) if r is not None) + 1  # slots past the last busy one are idle
-            busy = [r if r is not None else RowState(done=True) for r in rows[:n]]
-            column, _ = self._take(busy, sample_next(logits[:n], temperature, top_k, top_p, gen).tolist())
-            for slot, row in enumerate(busy):
-                if rows[slot] is None:
+        with ThreadPoolExecutor(max_workers=TOOL_THREADS, thread_name_prefix="exocortex-tool") as pool:
+            while any(r is not None for r in rows):
+                if tools and all(r is None or s in tools for s, r in enumerate(rows)):
+                    wait(tools.values(), return_when=FIRST_COMPLETED)  # nothing else to decode meanwhile
+                for slot in [s for s, f in tools.items() if f.done()]:
+                    rows[slot].forced.extend(self.response_tokens(tools.pop(slot).result()))
+                live = [r is not None and s not in tools for s, r in enumerate(rows)]
+                if not any(live):
                     continue
-                if not row.done:
-                    outs[owner[slot]].append(column[slot])
-                    left[slot] -= 1
-                if row.done or left[slot] == 0:
-                    rows[slot] = None
-            moving = [r is not None for r in rows]
-            if any(moving):
-                stepped = dec.step(column + column[:1] * (width - n), moving)
-                logits[:stepped.shape[0]] = stepped
-            for slot in range(width):
-                if rows[slot] is None and waiting:
-                    admit(slot)
+                n = max(s for s, ok in enumerate(live) if ok) + 1  # slots past the last live one are idle
+                busy = [r if ok else idle for r, ok in zip(rows[:n], live)]
+                closed: list[RowState] = []
+                column, _ = self._take(busy, sample_next(logits[:n], temperature, top_k, top_p, gen).tolist(),
+                                       closed=closed)
+                for slot in range(n):
+                    if not live[slot]:
+                        continue
+                    row = rows[slot]
+                    if not row.done:
+                        outs[owner[slot]].append(column[slot])
+                        left[slot] -= 1
+                    if row.done or left[slot] == 0:
+                        rows[slot] = None
+                        live[slot] = False
+                    elif any(row is c for c in closed):  # its call's last token goes in below; then it waits
+                        tools[slot] = pool.submit(run_tool_call, self.tok.decode(row.call_tokens), self.tools,
+                                                  row.context)
+                if any(live):
+                    stepped = dec.step(column + column[:1] * (width - n), live)
+                    logits[:stepped.shape[0]] = stepped
+                for slot in range(width):
+                    if rows[slot] is None and waiting:
+                        admit(slot)
         return outs
 
     def response_tokens(self, result: str) -> list[int]:
