@@ -121,11 +121,13 @@ def offering(engine, task):
 
 def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_tokens: int,
                   samples: list | None = None, stage: str = "", split: str = "test",
-                  replies: list | None = None, families: dict | None = None) -> float:
+                  replies: list | None = None, families: dict | None = None,
+                  transcript: list | None = None) -> float:
     """Greedy accuracy on n held-out examples of a task (prompts batched by length): split "test" asks them in
     the phrasing families trained on, "heldout" in the held-out families. `replies`, if given, gets one
     {"task", "split", "index", "ok", **features} per reply (infer/confidence.py) for the calibration;
-    `families`, if given, counts [right, asked] per phrasing family (examples that carry one)."""
+    `families`, if given, counts [right, asked] per phrasing family (examples that carry one); `transcript`,
+    if given, gets every graded reply (question, reply, expected, right, family)."""
     examples = task.examples(n, seed, split)
     prompts = [prompt_ids(tok, ex) for ex in examples]
     # a question longer than the positions the model has cannot be answered: scored wrong, and said
@@ -154,6 +156,11 @@ def task_accuracy(engine, tok: Tokenizer, task, n: int, seed: int, max_new_token
             tally[1] += 1
         if replies is not None:
             replies.append({"task": task.name, "split": split, "index": i, "ok": bool(ok), **features[i]})
+        if transcript is not None:
+            q = ex["messages"][-2]["content"]
+            transcript.append({"stage": stage, "task": task.name, "split": split, "index": i,
+                               "family": ex.get("family"), "question": q if isinstance(q, str) else str(q),
+                               "reply": engine.render(out), "expected": ex.get("answer"), "right": bool(ok)})
         if samples is not None and i < 2:
             q = ex["messages"][-2]["content"]
             samples.append({"stage": stage, "task": task.name + (" (held-out family)" if split == "heldout" else ""),
@@ -305,11 +312,13 @@ def tool_notes(engine, tasks) -> list[str]:
 
 
 def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str,
-                calibration: dict | None = None, families: dict | None = None) -> dict:
+                calibration: dict | None = None, families: dict | None = None,
+                transcript: list | None = None) -> dict:
     """Every chat task of e.chat_tasks on n held-out questions (and, for a task with held-out phrasing families,
     on e.heldout_n or n questions in those); lookup also with its tool off; pass@k; the calibration of P(right)
     over all those replies (what it keeps for the report and the server goes into `calibration`). `families`,
-    if given, gets {task: {"seen"|"heldout": {family: [right, asked]}}} for the tasks with held-out families."""
+    if given, gets {task: {"seen"|"heldout": {family: [right, asked]}}} for the tasks with held-out families;
+    `transcript`, if given, every graded reply of those questions (task_accuracy)."""
     out, replies = {}, []
     counts = e.chat_tasks
     for note in tool_notes(engine, [tasks[name] for name in counts]):
@@ -323,13 +332,15 @@ def chat_scores(engine, tok, tasks, e: EvalConfig, samples: list, stage: str,
         if tasks[name].heldout_families and e.heldout_n != 0 and families is not None:
             by_family = families[name] = {"seen": {}, "heldout": {}}
         out[f"{name}_accuracy"] = task_accuracy(engine, tok, tasks[name], n, e.seed, e.max_new_tokens, samples, stage,
-                                                replies=replies, families=by_family and by_family["seen"])
+                                                replies=replies, families=by_family and by_family["seen"],
+                                                transcript=transcript)
         out[f"{name}_n"] = n
         if tasks[name].heldout_families and e.heldout_n != 0:
             m = n if e.heldout_n < 0 else e.heldout_n
             out[f"{name}_heldout_accuracy"] = task_accuracy(engine, tok, tasks[name], m, e.seed, e.max_new_tokens,
                                                             samples, stage, split="heldout", replies=replies,
-                                                            families=by_family and by_family["heldout"])
+                                                            families=by_family and by_family["heldout"],
+                                                            transcript=transcript)
             out[f"{name}_heldout_n"] = m
         if name == "lookup":  # the same held-out questions with the tool switched off
             saved = engine.tools

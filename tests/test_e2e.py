@@ -51,6 +51,14 @@ def test_speedrun_outputs(run_dir):
     assert set(ev) == {"pretrain", "midtrain", "sft", "rl"}
     assert 0 < ev["pretrain"]["val_bpb"] < 20 and 0 <= ev["sft"]["arithmetic_accuracy"] <= 1
     assert "arithmetic_accuracy" not in ev["pretrain"] and "core" in ev["pretrain"]
+    # every graded reply of the chat stages, one line each; the by-family counts add up to the same questions
+    replies = [json.loads(line) for line in (d / "logs" / "eval_replies.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in replies} == {"midtrain", "sft", "rl"}
+    sft_arith = [r for r in replies if r["stage"] == "sft" and r["task"] == "arithmetic"]
+    assert sum(r["right"] for r in sft_arith if r["split"] == "test") == round(ev["sft"]["arithmetic_accuracy"] * 4)
+    families = json.loads((d / "logs" / "eval_summary.json").read_text())["families"]["sft"]["arithmetic"]
+    assert sum(n for _, n in families["seen"].values()) + sum(n for _, n in families["heldout"].values()) == len(sft_arith)
+    assert "### By phrasing family" in report
     cfg = json.loads((d / "config.json").read_text())
     assert cfg["model"]["width"] == 64 and cfg["pretrain"]["max_steps"] == 12  # the resolved config is kept
     assert (d / "checkpoints" / "sft" / "latest").read_text().strip() == "step_000%03d" % json.loads(

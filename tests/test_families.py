@@ -418,8 +418,8 @@ def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
 
     small_cfg.vocab_size, small_cfg.seq_len = tok.vocab_size, 512
     eng = Engine(GPT(small_cfg), tok, torch.device("cpu"), decoder=Scripted(reply, tok.vocab_size))
-    samples, families = [], {}
-    out = chat_scores(eng, tok, {"facts_mc": t}, e, samples, "sft", families=families)
+    samples, families, transcript = [], {}, []
+    out = chat_scores(eng, tok, {"facts_mc": t}, e, samples, "sft", families=families, transcript=transcript)
     calibration = {k: out.pop(k) for k in list(out) if k.startswith("escalation_")}  # see test_escalation.py
     assert out == {"facts_mc_accuracy": 1.0, "facts_mc_n": 12, "facts_mc_heldout_accuracy": 0.0,
                    "facts_mc_heldout_n": 8}
@@ -430,6 +430,10 @@ def test_eval_keeps_seen_and_heldout_families_apart(tok, small_cfg, tasks):
     assert set(seen) <= set(t.seen_families) and set(held) <= set(t.heldout_families)
     assert sum(n for _, n in seen.values()) == 12 and all(r == n for r, n in seen.values())
     assert sum(n for _, n in held.values()) == 8 and all(r == 0 for r, _ in held.values())
+    # and every reply is in the transcript, as graded
+    assert [(r["split"], r["right"]) for r in transcript] == [("test", True)] * 12 + [("heldout", False)] * 8
+    assert all(r["reply"] == "No idea." and r["family"] in t.heldout_families for r in transcript[12:])
+    assert transcript[0]["expected"] == examples[0]["answer"] and transcript[0]["stage"] == "sft"
     e.heldout_n = 0
     assert "facts_mc_heldout_accuracy" not in chat_scores(eng, tok, {"facts_mc": t}, e, [], "sft")
 

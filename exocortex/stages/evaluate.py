@@ -2,9 +2,12 @@
 bits-per-byte, in-context (CORE-style) accuracy, and for chat models held-out task accuracy with tools on
 (lookup also with its tool off) and pass@k on word problems (exocortex/evals.py); and whether anything
 collapsed (data/collapse.py): the variety of every dataset the run trained on and of each stage's samples, and
-how many different replies a stage gives to the same prompt asked ten times at temperature 1."""
+how many different replies a stage gives to the same prompt asked ten times at temperature 1. Every graded
+reply is kept in logs/eval_replies.jsonl (question, reply, expected, right, phrasing family), to read what a
+stage gets wrong."""
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -16,6 +19,7 @@ from exocortex.data.loader import val_batches
 from exocortex.data.tokens import read_split
 from exocortex.device import resolve_device, resolve_dtype
 from exocortex.errors import ExocortexError
+from exocortex.fileio import atomic_write_text, read_jsonl
 from exocortex.evals import bits_per_byte, chat_scores, core_scores
 from exocortex.infer.decode import warm_up_note
 from exocortex.infer.engine import Engine, decode_compile
@@ -26,6 +30,9 @@ from exocortex.tasks.base import prompt_ids
 from exocortex.tasks.core import load_core_bundle, world_incontext_tasks
 from exocortex.data.world import World
 from exocortex.tokenizer import Tokenizer
+
+
+REPLIES_FILE = "eval_replies.jsonl"
 
 
 def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
@@ -59,6 +66,8 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
         print(f"eval: {note}", flush=True)
     if compiled:
         print(f"eval: {warm_up_note(device, '--set eval.compile=off skips it')}", flush=True)
+    # every graded reply, one JSON line each (logs/eval_replies.jsonl): the stages not measured now keep theirs
+    transcript = [r for r in read_jsonl(cfg.run.logs_dir / REPLIES_FILE) if r.get("stage") not in present]
     for stage in present:
         ts = time.time()
         model, _ = load_model(cfg.run.latest_checkpoint(stage), device)
@@ -71,7 +80,7 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
         if registry.BY_NAME[stage].chat:
             kept = results.calibration[stage] = {}
             r.update(chat_scores(engine, tok, tasks, cfg.eval, results.samples, stage, kept,
-                                 families=results.families.setdefault(stage, {})))
+                                 families=results.families.setdefault(stage, {}), transcript=transcript))
         row = sample_collapse(cfg, engine, tok, tasks, stage)
         if row:
             results.collapse[f"samples: {stage}"] = row
@@ -81,6 +90,8 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
                           for k, v in r.items() if k != "seconds" and not k.endswith("_n"))
         print(f"eval {registry.LABELS[stage]}: {shown} ({r['seconds']:.0f}s)")
     results.seconds = time.time() - t0
+    cfg.run.logs_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.run.logs_dir / REPLIES_FILE, "".join(json.dumps(r) + "\n" for r in transcript))
     cfg.run.write_summary("eval", results)
     return results
 
