@@ -387,8 +387,8 @@ def test_family_table():
                                                       "heldout": {"relational": [1, 4]}}},
                                "rl": {"arithmetic": {"seen": {"spoken": [10, 10]}, "heldout": {}}}})
     table = family_table(ev)
-    assert table[2] == "| task | family | SFT | RL |"
-    rows = table[4:-1]  # seen families first (sorted), then the held-out ones, marked
+    assert table[4] == "| task | family | SFT | RL |"
+    rows = table[6:-1]  # seen families first (sorted), then the held-out ones, marked
     assert rows == ["| arithmetic | clauses | 75% (4) | — |", "| arithmetic | spoken | 90% (10) | 100% (10) |",
                     "| arithmetic | relational (held out) | 25% (4) | — |"]
     assert family_table(EvalSummary(stages={"sft": {"facts_accuracy": 0.5}})) == []

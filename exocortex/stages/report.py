@@ -141,7 +141,10 @@ def family_table(ev: EvalSummary) -> list[str]:
     stages = [s for s in registry.MODEL_STAGES if ev.families.get(s)]
     if not stages:
         return []
-    L = ["### By phrasing family", "", "| task | family | " + " | ".join(registry.LABELS[s] for s in stages) + " |",
+    L = ["### By phrasing family", "",
+         "Accuracy (questions asked) per wording family; the held-out ones were never trained on. Every graded "
+         "reply is in logs/eval_replies.jsonl.", "",
+         "| task | family | " + " | ".join(registry.LABELS[s] for s in stages) + " |",
          "|---|---|" + "---|" * len(stages)]
     tasks = list(dict.fromkeys(t for s in stages for t in ev.families[s]))
     for t in tasks:
