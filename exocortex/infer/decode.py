@@ -38,6 +38,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from exocortex.infer import native
+from exocortex.infer.native import NativeStep
 from exocortex.model import GPT
 
 MIN_SPAN = 64  # with CUDA graphs, steps attend over a power-of-two prefix of the cache, at least this long
@@ -58,6 +60,7 @@ class FusedWeights:
     def __init__(self, model: GPT, dtype: torch.dtype = torch.float32):
         self.model, self.dtype = model, dtype
         self._stamp, self._w = None, None
+        self.packed = None  # the last weights packed for the native one-row step (native.PackedWeights)
 
     def get(self, check: bool = True, rows: bool = False) -> dict:
         """The fused weights; with check=False the last built ones are trusted (within one generation).
@@ -473,6 +476,8 @@ class Decoder:
         self.gemv = compile and self.device.type == "cpu"  # one-row steps as multiply-and-sum (see _mm) ...
         self._one_row = None  # ... run by an AheadOfTimeStep where one can be built (first one-row step)
         self._several_rows = None  # steps of several rows too (their own AheadOfTimeStep)
+        self._native: NativeStep | None = None  # or both in C (bf16 on AVX512-BF16: native.py)
+        self.one_row_threads: int | None = None  # the C step's threads for one row (None: torch's; see Batcher)
         self._views: dict = {}
 
     @torch.inference_mode()
@@ -522,7 +527,9 @@ class Decoder:
             torch.compiler.cudagraph_mark_step_begin()
         w = self.weights.get(check=False, rows=self.gemv)
         aot = self._ahead_of_time(w, k, n == 1) if self.gemv and span >= 2 and self.T >= 3 else None
-        if aot is not None:
+        if aot is not None and aot is self._native:
+            logits = aot(w, k, v, ids, pos, span, self.one_row_threads if n == 1 else None)
+        elif aot is not None:
             logits = aot(w, k, v, ids, pos, span)
         else:
             logits = self._step(w, k, v, ids, pos, span, c.n_heads, c.kv_heads, c.norm_eps, self.gemv and n == 1)
@@ -538,12 +545,19 @@ class Decoder:
             self.lengths[r] += 1
         return logits
 
-    def _ahead_of_time(self, w: dict, k: list, one_row: bool) -> AheadOfTimeStep | None:
+    def _ahead_of_time(self, w: dict, k: list, one_row: bool) -> AheadOfTimeStep | NativeStep | None:
+        """The step of one row or of several, compiled ahead of time (built on first use); in bf16 on a CPU with
+        AVX512-BF16 the C step instead (native.py), for one row and for several."""
         attr = "_one_row" if one_row else "_several_rows"
         if getattr(self, attr) is None:
             c = self.model.cfg
-            setattr(self, attr, _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
-                                                    self.model.rope_cos.shape[0], one_row) or False)
+            if self.dtype == torch.bfloat16 and native.unavailable() is None:
+                self._native = self._native or NativeStep(self.weights, self.k, self.v, c.n_heads, c.kv_heads,
+                                                          c.norm_eps)
+                setattr(self, attr, self._native)
+            else:
+                setattr(self, attr, _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
+                                                        self.model.rope_cos.shape[0], one_row) or False)
         return getattr(self, attr) or None
 
     def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:

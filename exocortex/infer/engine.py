@@ -460,6 +460,16 @@ class _Row:
     constraint: Constraint | None = None  # a copy of the request's, until the row's first forced token
 
 
+def one_row_threads_beside_a_server() -> int:
+    """Threads for a server's one-row steps (a lone request): all cores but one. The event loop that streams
+    the tokens (and, on the same machine, the clients) needs a core, and a short step whose team holds every
+    core waits at its barriers whenever one of its threads is descheduled for them (2 cores, 1 streaming
+    client, the C step: tiny model 1,594 tokens/s on 2 threads, 2,171 on 1; d12 about even, docs/benchmarks.md).
+    Steps of several rows keep every core: there the second core's arithmetic pays (d12, 16 clients: 508 vs
+    426 tokens/s)."""
+    return max(1, torch.get_num_threads() - 1)
+
+
 class Batcher:
     """Continuous batching: one thread owns the model and decodes every running request in the same step.
 
@@ -544,6 +554,8 @@ class Batcher:
         broken = None
         try:
             self.decoder = self.engine.decoder(self.max_rows, self.limit)  # the cache: max_rows x context
+            if hasattr(self.decoder, "one_row_threads"):
+                self.decoder.one_row_threads = one_row_threads_beside_a_server()
             if self.engine.compile:
                 try:
                     self._compile_steps()
