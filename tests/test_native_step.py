@@ -30,7 +30,7 @@ def _native_decoder(m, max_len, native_kernel, rows=1):
     dec.gemv = True  # the rows layout (norm gains folded), as the compiled CPU path uses
     step = native.NativeStep(dec.weights, dec.k, dec.v, m.cfg.n_heads, m.cfg.kv_heads, m.cfg.norm_eps,
                              native_kernel=native_kernel)
-    dec._ahead_of_time = lambda w, k, one_row: step
+    dec._native = step  # its steps and prefill
     return dec, step
 
 
@@ -102,6 +102,28 @@ def test_native_step_of_several_rows_at_their_own_positions(native_kernel):
                 pos[r] += 1
     assert len(ours) > 80 and max(ours) < 1.5 * max(torchs) + 1e-3, (max(ours), max(torchs))
     assert dec.lengths == bf16.lengths and torch.equal(dec.pos, bf16.pos)
+
+
+@PORTABLE
+@pytest.mark.parametrize("native_kernel", [False, pytest.param(True, marks=BF16_CPU)])
+def test_native_prefill_in_chunks_matches_the_torch_prefill(native_kernel):
+    """A prompt longer than a chunk (native.PREFILL_CHUNK tokens side by side per step) into one row, given to
+    two more: its logits and the keys/values of every row as torch's prefill computes them, then the steps."""
+    m = random_gpt(n_kv_heads=2, vocab_size=397, width=96, head_dim=16, mlp_ratio=2.7, seq_len=64)
+    prompt = torch.randint(0, 397, (2 * native.PREFILL_CHUNK + 11,)).tolist()
+    with torch.no_grad():
+        full = m(torch.tensor([prompt]))[0, -1]
+    dec, _ = _native_decoder(m, 128, native_kernel, rows=3)
+    bf16 = Decoder(m, 3, 128, torch.bfloat16)
+    a, b = dec.prefill(prompt, [2, 0, 1]), bf16.prefill(prompt, [2, 0, 1])
+    ours, torchs = ((a[0] - full).abs().max() / full.abs().max()).item(), ((b[0] - full).abs().max() / full.abs().max()).item()
+    assert ours < 1.5 * torchs + 1e-3, (ours, torchs)
+    n = len(prompt)
+    for x, y in zip(dec.k + dec.v, bf16.k + bf16.v):
+        assert (x[:, :, :n].float() - y[:, :, :n].float()).abs().max() < 0.1
+    assert dec.lengths == [n] * 3
+    a, b = dec.step([5, 6, 7]), bf16.step([5, 6, 7])
+    assert ((a - b).abs().max() / b.abs().max()).item() < 0.05
 
 
 @PORTABLE

@@ -153,6 +153,15 @@ static void matvec(const Model *md, int n, const Matrix *m) {
         matvec_blocks(md->xb, md->in_stride, n, m, md->out, md->out_stride, b, b + 4 < blocks ? b + 4 : blocks);
 }
 
+/* the same for rows r0..n-1 only */
+static void matvec_from(const Model *md, int r0, int n, const Matrix *m) {
+    const int blocks = (m->out + 15) / 16;
+#pragma omp for schedule(dynamic, 1)
+    for (int b = 0; b < blocks; b += 4)
+        matvec_blocks(md->xb + (size_t)r0 * md->in_stride, md->in_stride, n - r0, m,
+                      md->out + (size_t)r0 * md->out_stride, md->out_stride, b, b + 4 < blocks ? b + 4 : blocks);
+}
+
 /* xb = bf16(v) (n values, zero-padded to even); returns 1/rms(v) */
 static float to_bf16_rms(const float *v, int n, bf16 *xb, float eps) {
     float ss = 0.f;
@@ -266,9 +275,12 @@ static void swiglu(float *o, int F, float scale) {
     }
 }
 
-/* One token for each of rows 0..n-1 (tokens[r] at position pos[r]) -> logits (n, vocab) float32. Writes each
-   row's key/value at its position; row r attends to its keys 0..pos[r]. */
-void exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, float *logits, int threads) {
+/* Tokens 0..n-1, token r at position pos[r] of the cache's row slots[r] (slots NULL: row r) -> the logits of
+   tokens head_from..n-1, (n - head_from, vocab) float32. Writes each token's key/value at its position first,
+   then each attends to its row's keys 0..pos[r]: tokens of one row at consecutive positions are a chunk of a
+   prompt (causal among themselves), tokens of different rows a decode step. */
+void exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
+              int head_from, float *logits, int threads) {
     const int D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, half = hd / 2, rep = H / KV;
     const int nq = H + KV, F = m->ffn, os = m->out_stride, xs = m->in_stride;
     const size_t kv_row = (size_t)KV * m->max_len * hd, kv_head = (size_t)m->max_len * hd;
@@ -299,7 +311,7 @@ void exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, 
                     }
                 }
                 for (int g = 0; g < KV; g++) {
-                    const size_t at = r * kv_row + g * kv_head + (size_t)pos[r] * hd;
+                    const size_t at = (slots ? slots[r] : r) * kv_row + g * kv_head + (size_t)pos[r] * hd;
                     const float *ks = qk + (H + g) * hd, *vs = o + (nq + g) * hd;
                     for (int i = 0; i < hd; i++) {
                         L->k[at + i] = f32_to_bf16(ks[i]);
@@ -312,7 +324,7 @@ void exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, 
 #pragma omp for schedule(dynamic, 1)
             for (int rh = 0; rh < n * H; rh++) {
                 const int r = rh / H, h = rh % H, span = (int)pos[r] + 1;
-                const size_t base = r * kv_row + (size_t)(h / rep) * kv_head;
+                const size_t base = (slots ? slots[r] : r) * kv_row + (size_t)(h / rep) * kv_head;
                 attend(m->qk + (size_t)r * nq * hd + h * hd, L->k + base, L->v + base, span, hd,
                        m->att + (size_t)rh * m->max_len, m->y + (size_t)rh * hd);
             }
@@ -342,13 +354,13 @@ void exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, 
             }
         }
 #pragma omp for schedule(dynamic, 1)
-        for (int r = 0; r < n; r++)
+        for (int r = head_from; r < n; r++)
             m->scale[r] = to_bf16_rms(m->x + (size_t)r * D, D, m->xb + (size_t)r * xs, m->eps);
-        matvec(m, n, &m->head);
+        if (head_from < n) matvec_from(m, head_from, n, &m->head);
 #pragma omp for schedule(dynamic, 1)
-        for (int r = 0; r < n; r++)
+        for (int r = head_from; r < n; r++)
             for (int i = 0; i < m->vocab; i++)
-                logits[(size_t)r * m->vocab + i] = m->out[(size_t)r * os + i] * m->scale[r];
+                logits[(size_t)(r - head_from) * m->vocab + i] = m->out[(size_t)r * os + i] * m->scale[r];
     }
 }
 

@@ -476,7 +476,7 @@ class Decoder:
         self.gemv = compile and self.device.type == "cpu"  # one-row steps as multiply-and-sum (see _mm) ...
         self._one_row = None  # ... run by an AheadOfTimeStep where one can be built (first one-row step)
         self._several_rows = None  # steps of several rows too (their own AheadOfTimeStep)
-        self._native: NativeStep | None = None  # or both in C (bf16 on AVX512-BF16: native.py)
+        self._native: NativeStep | None = None  # or steps and prefill in C (bf16 on AVX512-BF16: native.py)
         self.one_row_threads: int | None = None  # the C step's threads for one row (None: torch's; see Batcher)
         self._views: dict = {}
 
@@ -491,7 +491,11 @@ class Decoder:
         w = self.weights.get(rows=self.gemv)  # checked here, not every step: no parameter changes mid-generation
         c = self.model.cfg
         ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
-        logits = prefill_row(w, self.k, self.v, ids, slots[0], c.n_heads, c.kv_heads, c.norm_eps)
+        step = self._native_step()
+        if step is not None:
+            logits = step.prefill(w, prompt, slots[0])
+        else:
+            logits = prefill_row(w, self.k, self.v, ids, slots[0], c.n_heads, c.kv_heads, c.norm_eps)
         if len(slots) > 1:  # samples of one prompt share its keys/values
             idx = torch.tensor(slots[1:], device=self.device)
             for layer in range(len(self.k)):
@@ -527,7 +531,7 @@ class Decoder:
             torch.compiler.cudagraph_mark_step_begin()
         w = self.weights.get(check=False, rows=self.gemv)
         aot = self._ahead_of_time(w, k, n == 1) if self.gemv and span >= 2 and self.T >= 3 else None
-        if aot is not None and aot is self._native:
+        if aot is not None and aot is self._native_step():
             logits = aot(w, k, v, ids, pos, span, self.one_row_threads if n == 1 else None)
         elif aot is not None:
             logits = aot(w, k, v, ids, pos, span)
@@ -546,19 +550,22 @@ class Decoder:
         return logits
 
     def _ahead_of_time(self, w: dict, k: list, one_row: bool) -> AheadOfTimeStep | NativeStep | None:
-        """The step of one row or of several, compiled ahead of time (built on first use); in bf16 on a CPU with
-        AVX512-BF16 the C step instead (native.py), for one row and for several."""
+        """The step of one row or of several: the C step where it runs (_native_step), else compiled ahead of
+        time (built on first use)."""
         attr = "_one_row" if one_row else "_several_rows"
         if getattr(self, attr) is None:
             c = self.model.cfg
-            if self.dtype == torch.bfloat16 and native.unavailable() is None:
-                self._native = self._native or NativeStep(self.weights, self.k, self.v, c.n_heads, c.kv_heads,
-                                                          c.norm_eps)
-                setattr(self, attr, self._native)
-            else:
-                setattr(self, attr, _ahead_of_time_step(w, k, c.n_heads, c.kv_heads, c.norm_eps,
-                                                        self.model.rope_cos.shape[0], one_row) or False)
+            setattr(self, attr, self._native_step() or _ahead_of_time_step(
+                w, k, c.n_heads, c.kv_heads, c.norm_eps, self.model.rope_cos.shape[0], one_row) or False)
         return getattr(self, attr) or None
+
+    def _native_step(self) -> NativeStep | None:
+        """The steps and prefill in C (native.py), compiled on CPU in bf16 where the CPU has AVX512-BF16."""
+        if self._native is None:
+            c = self.model.cfg
+            ok = self.gemv and self.dtype == torch.bfloat16 and native.unavailable() is None
+            self._native = NativeStep(self.weights, self.k, self.v, c.n_heads, c.kv_heads, c.norm_eps) if ok else False
+        return self._native or None
 
     def _rows(self, n: int) -> tuple[list, list, torch.Tensor]:
         """Views of the caches and positions of rows 0..n-1, made once per n (CUDA graphs need their inputs at

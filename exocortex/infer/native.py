@@ -132,7 +132,7 @@ def library(native_kernel: bool = True) -> ctypes.CDLL:
                     os.remove(tmp)
         lib = ctypes.CDLL(str(path))
         lib.exo_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                 ctypes.c_void_p, ctypes.c_int]
+                                 ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         lib.exo_step.restype = None
         lib.exo_native_kernel.restype = ctypes.c_int
         _libs[native_kernel] = lib
@@ -178,6 +178,9 @@ class PackedWeights:
                                                                     for k in ("qkv", "o", "gu", "down")]))
 
 
+PREFILL_CHUNK = 32  # a prompt's tokens per step of NativeStep.prefill (at least; the scratch has a row per slot)
+
+
 class NativeStep:
     """The step of one Decoder in C: the model's description for cpu_step.c (its caches, scratch for every
     row) over PackedWeights. Called as AheadOfTimeStep is: (w, k_cache, v_cache, tokens, pos, span) ->
@@ -193,8 +196,16 @@ class NativeStep:
         self.packed: PackedWeights | None = None
         self.threads = threads or torch.get_num_threads()
 
+    def _ready(self, w: dict) -> None:
+        if self.packed is None or self.packed.w is not w:  # new weights (an RL update): pack them once
+            shared = getattr(self.fused, "packed", None)
+            if shared is None or shared.w is not w:
+                shared = self.fused.packed = PackedWeights(w)
+            self._describe(shared)
+
     def _describe(self, packed: PackedWeights) -> None:
-        s, (rows, kv, max_len, hd) = packed.sizes, self.k_cache[0].shape
+        s, (slots, kv, max_len, hd) = packed.sizes, self.k_cache[0].shape
+        rows = max(slots, PREFILL_CHUNK)
         for t in self.k_cache + self.v_cache:
             if t.dtype != torch.bfloat16 or not t.is_contiguous():
                 raise ValueError("the native step needs contiguous bf16 caches")
@@ -217,15 +228,28 @@ class NativeStep:
 
     def __call__(self, w: dict, k_cache: list, v_cache: list, tokens: torch.Tensor, pos: torch.Tensor,
                  span: int, threads: int | None = None) -> torch.Tensor:
-        if self.packed is None or self.packed.w is not w:  # new weights (an RL update): pack them once
-            shared = getattr(self.fused, "packed", None)
-            if shared is None or shared.w is not w:
-                shared = self.fused.packed = PackedWeights(w)
-            self._describe(shared)
+        self._ready(w)
         n = tokens.shape[0]
         if tokens.dtype != torch.long or pos.dtype != torch.long or not pos.is_contiguous():
             raise ValueError("tokens and positions must be contiguous int64")
         logits = torch.empty(n, self.vocab)  # callers may keep the logits past the next step
-        self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), logits.data_ptr(),
-                          threads or self.threads)
+        self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), None, 0,
+                          logits.data_ptr(), threads or self.threads)
         return logits
+
+    def prefill(self, w: dict, prompt: list[int], slot: int, threads: int | None = None) -> torch.Tensor:
+        """A whole prompt into row `slot` of the cache from position 0 -> the last position's logits (V,) float32:
+        in chunks of up to `rows` tokens (the scratch's rows), each chunk's tokens side by side in one step."""
+        self._ready(w)
+        rows = self.model.max_rows
+        logits = torch.empty(1, self.vocab)
+        for start in range(0, len(prompt), rows):
+            chunk = prompt[start:start + rows]
+            n = len(chunk)
+            tokens = torch.tensor(chunk, dtype=torch.long)
+            pos = torch.arange(start, start + n, dtype=torch.long)
+            slots = torch.full((n,), slot, dtype=torch.long)
+            last = start + n == len(prompt)
+            self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
+                              n - 1 if last else n, logits.data_ptr(), threads or self.threads)
+        return logits[0]
