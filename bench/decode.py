@@ -6,7 +6,9 @@
 Same weights (exported with `exocortex export`), same prompt, same number of new tokens (stop tokens are
 ignored on both sides so every row decodes the full length), greedy, same dtype on both sides (fp32 by
 default); batch 1 and 16. Ours is measured twice: the default eager fast path and with `compile=True`
-(torch.compile'd decode step; CUDA graphs on GPU; compile time is excluded, a warm-up run pays it). The
+(torch.compile'd decode step; CUDA graphs on GPU; compile time is excluded, a warm-up run pays it); in bf16 on a
+CPU with AVX512-BF16, where the compiled engine runs the step in C (exocortex/infer/native.py), a third time
+with the torch step it replaces ("compiled_torch_step"). The
 measurements are interleaved in rounds and each keeps its best, so load on a shared machine hits all sides
 alike. llama.cpp runs batch 1 on the GGUF export in the same dtype (llama-cpp-python, f32 KV cache, all
 layers offloaded if it was built with GPU support; skipped if not installed). The last line printed is one
@@ -28,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from exocortex.checkpoint import load_model  # noqa: E402
 from exocortex.run import RunDir  # noqa: E402
+from exocortex.infer import native  # noqa: E402
 from exocortex.infer.engine import Engine  # noqa: E402
 from exocortex.apps.export.hf import export_hf  # noqa: E402
 from exocortex.apps.export.gguf import export_gguf  # noqa: E402
@@ -116,6 +119,10 @@ def main():
     ours = {"eager": Engine(model, tok, device, dtype)}
     if not args.no_compile:
         ours["compiled"] = Engine(model, tok, device, dtype, compile=True)
+        if device.type == "cpu" and dtype == torch.bfloat16 and native.unavailable() is None:
+            # "compiled" runs the C step here (native.py); the torch step it replaces, side by side
+            ours["compiled_torch_step"] = Engine(model, tok, device, dtype, compile=True)
+            ours["compiled_torch_step"].native_step = False
     prompt = tok.render_for_completion(PROMPT)
     with tempfile.TemporaryDirectory() as d:
         export_hf(args.run, d, stage=args.stage)
@@ -138,19 +145,19 @@ def main():
         for k, fn in runs.items():
             best[k] = max(best[k], fn())
     out = {}
-    print(f"\n{'batch':>5} {'setup':>20} {'tok/s':>9} {'vs HF':>7}")
+    print(f"\n{'batch':>5} {'setup':>32} {'tok/s':>9} {'vs HF':>7}")
     for batch in (1, 16):
         hf_tok_s = best[("hf", batch)]
         for name in [*ours, "hf"]:
             label = "HF generate" if name == "hf" else f"exocortex {name}"
-            print(f"{batch:5d} {label:>20} {best[(name, batch)]:9,.0f} {best[(name, batch)] / hf_tok_s:6.2f}x")
+            print(f"{batch:5d} {label:>32} {best[(name, batch)]:9,.0f} {best[(name, batch)] / hf_tok_s:6.2f}x")
             out[f"{name}_batch{batch}_tok_s"] = round(best[(name, batch)], 1)
             if name != "hf":
                 out[f"{name}_vs_hf_batch{batch}"] = round(best[(name, batch)] / hf_tok_s, 2)
         out[f"vs_hf_batch{batch}"] = round(max(best[(n, batch)] for n in ours) / hf_tok_s, 2)
     if llamacpp:
         theirs = best[("llamacpp", 1)]
-        print(f"{1:5d} {'llama.cpp':>20} {theirs:9,.0f}   (ours/llama.cpp {max(best[(n, 1)] for n in ours) / theirs:.2f}x)")
+        print(f"{1:5d} {'llama.cpp':>32} {theirs:9,.0f}   (ours/llama.cpp {max(best[(n, 1)] for n in ours) / theirs:.2f}x)")
         out["llamacpp_batch1_tok_s"] = round(theirs, 1)
         out["vs_llamacpp_batch1"] = round(max(best[(n, 1)] for n in ours) / theirs, 2)
     tmp.cleanup()

@@ -179,3 +179,53 @@ def test_native_step_can_be_turned_off(monkeypatch):
     monkeypatch.setattr(native, "_why_not", {})
     assert native.unavailable() == "turned off by EXOCORTEX_NATIVE_STEP=0"
     monkeypatch.setattr(native, "_why_not", {})  # and back on: the verdict is not cached across settings
+
+
+def test_a_server_leaves_a_core_to_its_event_loop_where_the_weights_fit_in_cache(monkeypatch):
+    from exocortex.infer import engine
+
+    monkeypatch.setattr(engine, "_last_level_cache_bytes", lambda: 32 << 20)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert engine.one_row_threads_beside_a_server(10 << 20) == 3  # cache-resident: a core for the event loop
+    assert engine.one_row_threads_beside_a_server(300 << 20) == 4  # streamed from memory: every core's bandwidth
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert engine.one_row_threads_beside_a_server(10 << 20) == 1
+    monkeypatch.undo()
+    assert engine._last_level_cache_bytes() > 0
+
+
+@PORTABLE
+def test_one_row_steps_run_on_the_decoders_one_row_threads_and_the_rest_on_all():
+    m = random_gpt()
+    dec, step = _native_decoder(m, 64, native_kernel=False, rows=2)
+    calls = []
+
+    class Spy:  # the library, noting the threads each step asks for
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def exo_step(self, *args):
+            calls.append(args[-1])
+            return lib.exo_step(*args)
+
+    lib, step.lib = step.lib, Spy()
+    dec.one_row_threads = 1
+    dec.prefill([5, 6], [0]), dec.prefill([7], [1])
+    dec.step([8, 0], [True, False]), dec.step([9, 10])
+    assert calls == [step.threads, step.threads, 1, step.threads]  # prefills, one row, two rows
+
+
+def test_the_batcher_sets_its_decoders_one_row_threads():
+    from exocortex.infer.engine import Batcher, Engine, one_row_threads_beside_a_server
+
+    class Tok:
+        special = {k: 390 + i for i, k in enumerate(["<|bos|>", "<|assistant_end|>", "<tool_call>", "</tool_call>",
+                                                     "<tool_response>", "</tool_response>"])}
+
+    m = random_gpt()
+    b = Batcher(Engine(m, Tok(), torch.device("cpu"), torch.bfloat16), 2)
+    try:
+        assert b.warm_up(60)
+        assert b.decoder.one_row_threads == one_row_threads_beside_a_server(m.num_params() * 2)
+    finally:
+        b.close()

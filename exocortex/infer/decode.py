@@ -458,7 +458,7 @@ class Decoder:
     Python so limits are checked without synchronizing with the device."""
 
     def __init__(self, model: GPT, batch_size: int, max_len: int, dtype: torch.dtype = torch.float32,
-                 compile: bool = False, weights: FusedWeights | None = None):
+                 compile: bool = False, weights: FusedWeights | None = None, native_step: bool = True):
         limit = model.rope_cos.shape[0]
         if not 0 < max_len <= limit:
             raise ValueError(f"cache length {max_len} is outside 1..{limit} (the rotary table)")
@@ -476,7 +476,8 @@ class Decoder:
         self.gemv = compile and self.device.type == "cpu"  # one-row steps as multiply-and-sum (see _mm) ...
         self._one_row = None  # ... run by an AheadOfTimeStep where one can be built (first one-row step)
         self._several_rows = None  # steps of several rows too (their own AheadOfTimeStep)
-        self._native: NativeStep | None = None  # or steps and prefill in C (bf16 on AVX512-BF16: native.py)
+        # or steps and prefill in C (bf16 on AVX512-BF16: native.py; native_step=False keeps the torch steps)
+        self._native: NativeStep | bool | None = None if native_step else False
         self.one_row_threads: int | None = None  # the C step's threads for one row (None: torch's; see Batcher)
         self._views: dict = {}
 

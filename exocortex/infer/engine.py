@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import glob
+import os
 import threading
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -102,6 +104,7 @@ class Engine:
                  compile: bool = False, decoder: Callable[[int, int], DecoderLike] | None = None):
         self.model = model.eval()
         self.compile = compile  # torch.compile the decode step (worth it for long runs: the first one compiles)
+        self.native_step = True  # compiled on CPU in bf16: the steps in C where they run (decode.Decoder, native.py)
         self.weights = FusedWeights(model, dtype)  # shared by this engine's decoders: fused once per update
         self.make_decoder = decoder if decoder is not None else self._static_decoder
         self.tok = tokenizer
@@ -228,7 +231,7 @@ class Engine:
     def _static_decoder(self, batch_size: int, max_len: int) -> Decoder:
         if self.compile and self.device.type == "cuda":  # a few cache lengths, so a few CUDA graphs serve all calls
             max_len = min(self.model.rope_cos.shape[0], max(MIN_SPAN, 1 << (max_len - 1).bit_length()))
-        return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights)
+        return Decoder(self.model, batch_size, max_len, self.dtype, self.compile, self.weights, self.native_step)
 
     def warm_up(self) -> None:
         """Build (or load from the cache) the compiled decode steps, for one row and for several, now: a timed
@@ -460,14 +463,29 @@ class _Row:
     constraint: Constraint | None = None  # a copy of the request's, until the row's first forced token
 
 
-def one_row_threads_beside_a_server() -> int:
-    """Threads for a server's one-row steps (a lone request): all cores but one. The event loop that streams
-    the tokens (and, on the same machine, the clients) needs a core, and a short step whose team holds every
-    core waits at its barriers whenever one of its threads is descheduled for them (2 cores, 1 streaming
-    client, the C step: tiny model 1,594 tokens/s on 2 threads, 2,171 on 1; d12 about even, docs/benchmarks.md).
-    Steps of several rows keep every core: there the second core's arithmetic pays (d12, 16 clients: 508 vs
-    426 tokens/s)."""
-    return max(1, torch.get_num_threads() - 1)
+def one_row_threads_beside_a_server(weight_bytes: int) -> int:
+    """Threads for a server's one-row steps (a lone request). Where the weights fit in the CPU's last-level
+    cache a step is short and compute-bound, and a team holding every core waits at its barriers whenever one of
+    its threads is descheduled for the event loop that streams the tokens (or, on the same machine, a client):
+    there all cores but one serve better (2 cores, tiny model, 1 streaming client: 1,594 tokens/s on 2 threads,
+    2,171 on 1). Where they do not fit, the step streams them from memory and every core's bandwidth counts
+    (d12: 98-101 tokens/s on 2 threads, 88-92 on 1). docs/benchmarks.md."""
+    cores = torch.get_num_threads()
+    return cores if weight_bytes > _last_level_cache_bytes() else max(1, cores - 1)
+
+
+def _last_level_cache_bytes() -> int:
+    """The size of the CPU's largest cache (Linux's sysfs), or 32 MiB where it cannot be read."""
+    best = (0, 32 << 20)
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            with open(os.path.join(d, "level")) as f, open(os.path.join(d, "size")) as g:
+                level, size = int(f.read()), g.read().strip()
+            units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+            best = max(best, (level, int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)))
+        except (OSError, ValueError):
+            continue
+    return best[1]
 
 
 class Batcher:
@@ -555,7 +573,8 @@ class Batcher:
         try:
             self.decoder = self.engine.decoder(self.max_rows, self.limit)  # the cache: max_rows x context
             if hasattr(self.decoder, "one_row_threads"):
-                self.decoder.one_row_threads = one_row_threads_beside_a_server()
+                size = torch.tensor([], dtype=self.engine.dtype).element_size()
+                self.decoder.one_row_threads = one_row_threads_beside_a_server(self.engine.model.num_params() * size)
             if self.engine.compile:
                 try:
                     self._compile_steps()
