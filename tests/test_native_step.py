@@ -155,8 +155,9 @@ def test_pack_lays_pairs_of_inputs_side_by_side_for_16_outputs():
 
 
 @BF16_CPU
-def test_avx512_bf16_step_matches_the_torch_step():
-    m = random_gpt(n_kv_heads=2, vocab_size=397, width=96, head_dim=16, mlp_ratio=2.7)
+@pytest.mark.parametrize("head_dim", [16, 24])  # 24: attention outside the 16-wide vector path
+def test_avx512_bf16_step_matches_the_torch_step(head_dim):
+    m = random_gpt(n_kv_heads=2, vocab_size=397, width=96, head_dim=head_dim, mlp_ratio=2.7)
     error, cache_diff, _, _ = _compare(m, native_kernel=True)
     assert error < 1.5 and cache_diff < 0.1, (error, cache_diff)
 
@@ -229,3 +230,22 @@ def test_the_batcher_sets_its_decoders_one_row_threads():
         assert b.decoder.one_row_threads == one_row_threads_beside_a_server(m.num_params() * 2)
     finally:
         b.close()
+
+
+@PORTABLE
+def test_out_of_range_tokens_and_positions_are_errors_not_memory_reads():
+    """The C step checks every index before it touches memory (a token id from a client, a full cache)."""
+    m = random_gpt()
+    dec, step = _native_decoder(m, 16, native_kernel=False, rows=2)
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        dec.prefill([5, 400])
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        dec.prefill([-1, 5])
+    dec.prefill([5, 6], [0])
+    w = dec.weights.get(rows=True)
+    k, v, _ = dec._rows(1)
+    with pytest.raises(IndexError):
+        step(w, k, v, torch.tensor([1000]), torch.tensor([2]), 3)
+    with pytest.raises(ValueError, match="position outside the cache"):
+        step(w, k, v, torch.tensor([5]), torch.tensor([16]), 17)
+    assert dec.step([7, 0], [True, False]).shape == (1, 400)  # and it still decodes

@@ -40,13 +40,14 @@ typedef struct {
 } Layer;
 
 typedef struct {
-    int depth, dim, n_heads, n_kv, head_dim, ffn, vocab, max_len, max_rows;
+    int depth, dim, n_heads, n_kv, head_dim, ffn, vocab, max_len, max_rows, cache_rows;
     float eps;
     const float *embed;      /* (vocab, dim) */
     const float *cos, *sin;  /* (limit, head_dim); sin's first half negated (rotation by a roll) */
     Matrix head;
     const Layer *layers;
-    /* scratch for max_rows rows, each row at a stride of: x dim, out out_stride (the widest padded output),
+    /* max_rows: tokens per call (the scratch's rows); cache_rows: the cache's rows (slots).
+       scratch for max_rows rows, each row at a stride of: x dim, out out_stride (the widest padded output),
        qk (n_heads + n_kv) * head_dim, att n_heads * max_len, y n_heads * head_dim, xb in_stride (bf16, the
        widest input + 2), scale 1 */
     int out_stride, in_stride;
@@ -279,8 +280,14 @@ static void swiglu(float *o, int F, float scale) {
    tokens head_from..n-1, (n - head_from, vocab) float32. Writes each token's key/value at its position first,
    then each attends to its row's keys 0..pos[r]: tokens of one row at consecutive positions are a chunk of a
    prompt (causal among themselves), tokens of different rows a decode step. */
-void exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
-              int head_from, float *logits, int threads) {
+int exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, const int64_t *slots,
+             int head_from, float *logits, int threads) {
+    for (int r = 0; r < n; r++) {  /* nothing outside the tables and the cache is ever read or written */
+        if (tokens[r] < 0 || tokens[r] >= m->vocab) return 1;
+        if (pos[r] < 0 || pos[r] >= m->max_len) return 2;
+        if (slots ? slots[r] < 0 || slots[r] >= m->cache_rows : r >= m->cache_rows) return 3;
+    }
+    if (n > m->max_rows) return 3;
     const int D = m->dim, H = m->n_heads, KV = m->n_kv, hd = m->head_dim, half = hd / 2, rep = H / KV;
     const int nq = H + KV, F = m->ffn, os = m->out_stride, xs = m->in_stride;
     const size_t kv_row = (size_t)KV * m->max_len * hd, kv_head = (size_t)m->max_len * hd;
@@ -362,6 +369,7 @@ void exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, 
             for (int i = 0; i < m->vocab; i++)
                 logits[(size_t)(r - head_from) * m->vocab + i] = m->out[(size_t)r * os + i] * m->scale[r];
     }
+    return 0;
 }
 
 /* Whether this build uses AVX512-BF16 (1) or the plain C loops (0). */

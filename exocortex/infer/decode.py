@@ -60,7 +60,7 @@ class FusedWeights:
     def __init__(self, model: GPT, dtype: torch.dtype = torch.float32):
         self.model, self.dtype = model, dtype
         self._stamp, self._w = None, None
-        self.packed = None  # the last weights packed for the native one-row step (native.PackedWeights)
+        self.packed = None  # the last weights packed for the C step (native.PackedWeights)
 
     def get(self, check: bool = True, rows: bool = False) -> dict:
         """The fused weights; with check=False the last built ones are trusted (within one generation).

@@ -44,7 +44,7 @@ _SCRATCH = ("x", "out", "qk", "att", "y", "scale", "xb")
 
 class _Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("depth", "dim", "n_heads", "n_kv", "head_dim", "ffn", "vocab",
-                                                  "max_len", "max_rows")] + [
+                                                  "max_len", "max_rows", "cache_rows")] + [
         ("eps", ctypes.c_float), ("embed", ctypes.c_void_p), ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p),
         ("head", _Matrix), ("layers", ctypes.POINTER(_Layer)), ("out_stride", ctypes.c_int),
         ("in_stride", ctypes.c_int)] + [(name, ctypes.c_void_p) for name in _SCRATCH]
@@ -133,7 +133,7 @@ def library(native_kernel: bool = True) -> ctypes.CDLL:
         lib = ctypes.CDLL(str(path))
         lib.exo_step.argtypes = [ctypes.POINTER(_Model), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
-        lib.exo_step.restype = None
+        lib.exo_step.restype = ctypes.c_int
         lib.exo_native_kernel.restype = ctypes.c_int
         _libs[native_kernel] = lib
         return lib
@@ -221,7 +221,7 @@ class NativeStep:
                                self.v_cache[i].data_ptr())
         self.layers = layers
         self.model = _Model(len(packed.layers), s["dim"], self.n_heads, self.n_kv, hd, s["ffn"], s["vocab"], max_len,
-                            rows, self.eps, packed.embed, packed.cos, packed.sin, packed.head, layers, out_stride,
+                            rows, slots, self.eps, packed.embed, packed.cos, packed.sin, packed.head, layers, out_stride,
                             in_stride, *(self.scratch[k].data_ptr() for k in _SCRATCH))
         self.vocab = s["vocab"]
         self.packed = packed
@@ -232,9 +232,11 @@ class NativeStep:
         n = tokens.shape[0]
         if tokens.dtype != torch.long or pos.dtype != torch.long or not pos.is_contiguous():
             raise ValueError("tokens and positions must be contiguous int64")
+        if n > self.model.max_rows:
+            raise ValueError(f"{n} rows in one step; at most {self.model.max_rows}")
         logits = torch.empty(n, self.vocab)  # callers may keep the logits past the next step
-        self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), None, 0,
-                          logits.data_ptr(), threads or self.threads)
+        _raise_for(self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), None, 0,
+                                 logits.data_ptr(), threads or self.threads), self.model)
         return logits
 
     def prefill(self, w: dict, prompt: list[int], slot: int, threads: int | None = None) -> torch.Tensor:
@@ -250,6 +252,16 @@ class NativeStep:
             pos = torch.arange(start, start + n, dtype=torch.long)
             slots = torch.full((n,), slot, dtype=torch.long)
             last = start + n == len(prompt)
-            self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
-                              n - 1 if last else n, logits.data_ptr(), threads or self.threads)
+            _raise_for(self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
+                                     n - 1 if last else n, logits.data_ptr(), threads or self.threads), self.model)
         return logits[0]
+
+
+def _raise_for(code: int, model: _Model) -> None:
+    """cpu_step.c checks every index before it touches memory, and says which was out of range."""
+    if code == 1:
+        raise IndexError(f"a token id outside the vocabulary (0..{model.vocab - 1})")
+    if code == 2:
+        raise ValueError(f"a position outside the cache (0..{model.max_len - 1})")
+    if code:
+        raise ValueError(f"a row outside the cache (0..{model.cache_rows - 1})")
