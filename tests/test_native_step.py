@@ -249,3 +249,14 @@ def test_out_of_range_tokens_and_positions_are_errors_not_memory_reads():
     with pytest.raises(ValueError, match="position outside the cache"):
         step(w, k, v, torch.tensor([5]), torch.tensor([16]), 17)
     assert dec.step([7, 0], [True, False]).shape == (1, 400)  # and it still decodes
+
+
+def test_the_warm_up_line_says_which_step_is_built(monkeypatch):
+    from exocortex.infer.decode import warm_up_note
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(native, "_why_not", {True: None})
+    assert warm_up_note(cpu, "skip", torch.bfloat16).startswith("building the decode step in C (once, ~1 s")
+    assert "~70 s" in warm_up_note(cpu, "skip", torch.float32)  # fp32: the torch step, compiled ahead of time
+    monkeypatch.setattr(native, "_why_not", {True: "this CPU has no AVX512-BF16"})
+    assert "~70 s" in warm_up_note(cpu, "skip", torch.bfloat16)

@@ -66,7 +66,7 @@ def warm_up_decoder(engine: Engine, compile: bool, out=None) -> None:
         print(f"decoding eagerly: {compile_status(engine.device)[1]}", file=out, flush=True)
     if not engine.compile:
         return
-    print(warm_up_note(engine.device), file=out, flush=True)
+    print(warm_up_note(engine.device, dtype=engine.dtype), file=out, flush=True)
     t = time.perf_counter()
     try:
         with torch.inference_mode():

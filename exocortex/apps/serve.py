@@ -1337,7 +1337,7 @@ def warm_up_decoder(batcher: Batcher, compile: bool) -> None:
         print(f"decoding eagerly: {compile_status(engine.device)[1]}", flush=True)
     if not engine.compile:
         return
-    print(warm_up_note(engine.device), flush=True)
+    print(warm_up_note(engine.device, dtype=engine.dtype), flush=True)
     t = time.perf_counter()
     batcher.warm_up()
     if batcher.compile_error is not None:

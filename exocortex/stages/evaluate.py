@@ -65,7 +65,7 @@ def run_eval(cfg: RunConfig, stages: list[str] | None = None) -> EvalSummary:
     if note:
         print(f"eval: {note}", flush=True)
     if compiled:
-        print(f"eval: {warm_up_note(device, '--set eval.compile=off skips it')}", flush=True)
+        print(f"eval: {warm_up_note(device, '--set eval.compile=off skips it', dtype)}", flush=True)
     # every graded reply, one JSON line each (logs/eval_replies.jsonl): the stages not measured now keep theirs
     transcript = [r for r in read_jsonl(cfg.run.logs_dir / REPLIES_FILE) if r.get("stage") not in present]
     for stage in present:

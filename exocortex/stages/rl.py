@@ -264,7 +264,7 @@ def run_rl(cfg: RunConfig, resume: bool = False, force: bool = False) -> RLSumma
     if note:
         print(f"rl: {note}", flush=True)
     if compiled:
-        print(f"rl: {warm_up_note(device, '--set rl.compile=off skips it')}", flush=True)
+        print(f"rl: {warm_up_note(device, '--set rl.compile=off skips it', dtype)}", flush=True)
     eval_engine = Engine(model, tok, device, dtype, tools=tools, compile=compiled)
     eval_engine.warm_up()  # before the budget's clock; if the steps cannot be built, both engines decode eagerly
     compiled = eval_engine.compile
