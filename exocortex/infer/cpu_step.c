@@ -16,7 +16,7 @@
  * Packed matrix: an (in, out) matrix W as [out/16][in/2][16][2] bf16 (out padded to 16, in to 2 with zeros):
  * block b, pair p holds W[2p][16b..16b+15] and W[2p+1][16b..16b+15] interleaved.
  *
- * Threads: one OpenMP team for the whole step, between barriers: the matrices share out their blocks, the
+ * Threads: one OpenMP team for the whole step, between barriers (ten per layer): the matrices share out their blocks, the
  * attention its (row, head) pairs, the rest its rows. */
 #include <math.h>
 #include <stdint.h>
@@ -174,6 +174,12 @@ static float to_bf16_rms(const float *v, int n, bf16 *xb, float eps) {
     return 1.0f / sqrtf(ss / (float)n + eps);
 }
 
+/* x += o, then xb = bf16(x); returns 1/rms(x): a residual add and the norm of the next matrix's input */
+static float add_then_rms(float *x, const float *o, int n, bf16 *xb, float eps) {
+    for (int i = 0; i < n; i++) x[i] += o[i];
+    return to_bf16_rms(x, n, xb, eps);
+}
+
 static void to_bf16(const float *v, int n, bf16 *xb) {
     for (int i = 0; i < n; i++) xb[i] = f32_to_bf16(v[i]);
     if (n & 1) xb[n] = 0;
@@ -294,11 +300,11 @@ int exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, c
     for (int r = 0; r < n; r++) memcpy(m->x + (size_t)r * D, m->embed + (size_t)tokens[r] * D, sizeof(float) * D);
 #pragma omp parallel num_threads(threads)
     {
+#pragma omp for schedule(dynamic, 1)
+        for (int r = 0; r < n; r++)  /* each layer's end does this for the next one (and for the head) */
+            m->scale[r] = to_bf16_rms(m->x + (size_t)r * D, D, m->xb + (size_t)r * xs, m->eps);
         for (int l = 0; l < m->depth; l++) {
             const Layer *L = &m->layers[l];
-#pragma omp for schedule(dynamic, 1)
-            for (int r = 0; r < n; r++)
-                m->scale[r] = to_bf16_rms(m->x + (size_t)r * D, D, m->xb + (size_t)r * xs, m->eps);
             matvec(m, n, &L->qkv);
 #pragma omp for schedule(dynamic, 1)
             for (int r = 0; r < n; r++) {
@@ -339,12 +345,9 @@ int exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, c
             for (int r = 0; r < n; r++) to_bf16(m->y + (size_t)r * H * hd, H * hd, m->xb + (size_t)r * xs);
             matvec(m, n, &L->o);
 #pragma omp for schedule(dynamic, 1)
-            for (int r = 0; r < n; r++) {
-                float *x = m->x + (size_t)r * D;
-                const float *o = m->out + (size_t)r * os;
-                for (int i = 0; i < D; i++) x[i] += o[i];
-                m->scale[r] = to_bf16_rms(x, D, m->xb + (size_t)r * xs, m->eps);
-            }
+            for (int r = 0; r < n; r++)
+                m->scale[r] = add_then_rms(m->x + (size_t)r * D, m->out + (size_t)r * os, D, m->xb + (size_t)r * xs,
+                                           m->eps);
             matvec(m, n, &L->gu);
 #pragma omp for schedule(dynamic, 1)
             for (int r = 0; r < n; r++) {
@@ -354,15 +357,10 @@ int exo_step(const Model *m, int n, const int64_t *tokens, const int64_t *pos, c
             }
             matvec(m, n, &L->down);
 #pragma omp for schedule(dynamic, 1)
-            for (int r = 0; r < n; r++) {
-                float *x = m->x + (size_t)r * D;
-                const float *o = m->out + (size_t)r * os;
-                for (int i = 0; i < D; i++) x[i] += o[i];
-            }
+            for (int r = 0; r < n; r++)
+                m->scale[r] = add_then_rms(m->x + (size_t)r * D, m->out + (size_t)r * os, D, m->xb + (size_t)r * xs,
+                                           m->eps);
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int r = head_from; r < n; r++)
-            m->scale[r] = to_bf16_rms(m->x + (size_t)r * D, D, m->xb + (size_t)r * xs, m->eps);
         if (head_from < n) matvec_from(m, head_from, n, &m->head);
 #pragma omp for schedule(dynamic, 1)
         for (int r = head_from; r < n; r++)
