@@ -16,8 +16,8 @@
  * Packed matrix: an (in, out) matrix W as [out/16][in/2][16][2] bf16 (out padded to 16, in to 2 with zeros):
  * block b, pair p holds W[2p][16b..16b+15] and W[2p+1][16b..16b+15] interleaved.
  *
- * Threads: one OpenMP team for the whole step, between barriers (ten per layer): the matrices share out their blocks, the
- * attention its (row, head) pairs, the rest its rows. */
+ * Threads: one OpenMP team for the whole step, between barriers (ten per layer): the matrices share out their
+ * blocks, the attention its (row, head) pairs, the rest its rows. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
