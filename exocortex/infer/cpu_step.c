@@ -186,7 +186,9 @@ static void to_bf16(const float *v, int n, bf16 *xb) {
 }
 
 #if defined(__AVX512BF16__)
-static inline __m512 bf16x16(const bf16 *p) { return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)p)); }
+static inline __m512 bf16x16(const bf16 *p) {
+    return _mm512_cvtpbh_ps((__m256bh)_mm256_loadu_si256((const __m256i *)p));
+}
 
 /* e^x for x in float32 lanes, to ~1e-7 relative: 2^n * e^r with n = round(x / ln 2), |r| <= ln 2 / 2, e^r by
    its Taylor series to r^7 */

@@ -221,8 +221,8 @@ class NativeStep:
                                self.v_cache[i].data_ptr())
         self.layers = layers
         self.model = _Model(len(packed.layers), s["dim"], self.n_heads, self.n_kv, hd, s["ffn"], s["vocab"], max_len,
-                            rows, slots, self.eps, packed.embed, packed.cos, packed.sin, packed.head, layers, out_stride,
-                            in_stride, *(self.scratch[k].data_ptr() for k in _SCRATCH))
+                            rows, slots, self.eps, packed.embed, packed.cos, packed.sin, packed.head, layers,
+                            out_stride, in_stride, *(self.scratch[k].data_ptr() for k in _SCRATCH))
         self.vocab = s["vocab"]
         self.packed = packed
 
@@ -252,8 +252,9 @@ class NativeStep:
             pos = torch.arange(start, start + n, dtype=torch.long)
             slots = torch.full((n,), slot, dtype=torch.long)
             last = start + n == len(prompt)
-            _raise_for(self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(), slots.data_ptr(),
-                                     n - 1 if last else n, logits.data_ptr(), threads or self.threads), self.model)
+            _raise_for(self.lib.exo_step(ctypes.byref(self.model), n, tokens.data_ptr(), pos.data_ptr(),
+                                         slots.data_ptr(), n - 1 if last else n, logits.data_ptr(),
+                                         threads or self.threads), self.model)
         return logits[0]
 
 
