@@ -187,29 +187,36 @@ def _lemmas(frame: str) -> list[str]:
     return [_LEMMAS.get(w, w) for w in re.sub(r"\{[a-z]+\}|[.,;:?!]", " ", frame).lower().split()]
 
 
-def _word_distance(a: list[str], b: list[str]) -> int:
-    """Words to insert, delete or replace to turn a into b."""
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        diagonal, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
-    return row[-1]
+def _within_one_word(a: list[str], b: list[str]) -> bool:
+    """Whether one word inserted, deleted or replaced turns a into b (or they are equal), in one pass: thousands
+    of composed frames are checked against every held-out frame at import."""
+    if len(a) < len(b):
+        a, b = b, a
+    if len(a) - len(b) > 1:
+        return False
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
+    return a[i + 1:] == b[i + 1:] if len(a) == len(b) else a[i + 1:] == b[i:]
 
 
-def _too_close(frame: str, heldout: list[list[str]]) -> bool:
+def _heldout_lemmas() -> list[tuple[list[str], Counter]]:
+    """Every held-out frame's lemmas, and their counts."""
+    frames = [_lemmas(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
+              for f in fs]
+    return [(h, Counter(h)) for h in frames]
+
+
+def _too_close(frame: str, heldout: list[tuple[list[str], Counter]]) -> bool:
     """Whether `frame` is a held-out frame in other clothes: all of its words (as lemmas, each as often) in any
     order ("What comes out if {a} is divided by {b}?" for "If {a} is divided by {b}, what comes out?"), or its
     words but one, in its order ("What number is {b} greater than {a}?" for "What number is {b} more than
     {a}?", "What do you get if ..." for "What do you get when ...")."""
     lemmas = _lemmas(frame)
     words = Counter(lemmas)
-    return any(not Counter(h) - words or _word_distance(lemmas, h) <= 1 for h in heldout)
+    return any(all(words[w] >= k for w, k in counts.items()) or _within_one_word(lemmas, h) for h, counts in heldout)
 
 
 def _composed_stories(family: str) -> dict[str, tuple[str, ...]]:
-    heldout = [_lemmas(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
-               for f in fs]
+    heldout = _heldout_lemmas()
     out = {}
     for op in "+-*/":
         if op == "/":
@@ -259,8 +266,7 @@ _CLAUSES = {
 
 
 def _composed_clauses() -> dict[str, tuple[str, ...]]:
-    heldout = [_lemmas(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
-               for f in fs]
+    heldout = _heldout_lemmas()
     return {op: tuple(f for o in _CLAUSE_OPENERS for c in _CLAUSE_CONNECTIVES for clause in clauses
                       if not _too_close(f := f"{o} {c} {clause}?", heldout))
             for op, clauses in _CLAUSES.items()}
@@ -298,8 +304,7 @@ _COMPARISON_DIVISIONS = ("How many lots of {b} are in {a}?", "How many portions 
 
 
 def _composed_given_and_comparisons() -> tuple[dict, dict]:
-    heldout = [_lemmas(f) for fam in HELDOUT_FAMILIES for op, fs in ARITH_FAMILIES[fam].items() if op != "wrap"
-               for f in fs]
+    heldout = _heldout_lemmas()
     given = {op: tuple(f for o in _GIVEN_OPENERS for sep in (". ", ": ", "; ") for i in instructions
                        if not _too_close(f := o + sep + (i if sep == ". " else i[0].lower() + i[1:]), heldout))
              for op, instructions in _GIVEN_INSTRUCTIONS.items()}
