@@ -66,6 +66,24 @@ def test_sampling_filters():
     assert picks == {2}
 
 
+def test_sampling_draws_each_token_at_its_probability():
+    """The inverse-CDF draw: frequencies follow the softmax, per row; a token of probability 0 (masked, first or
+    last in the vocabulary) is never drawn."""
+    p = torch.tensor([[0.0, 0.1, 0.0, 0.6, 0.3, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.5]])
+    logits = torch.log(p).repeat(50_000, 1)
+    g = torch.Generator().manual_seed(0)
+    picks = sample_next(logits, 1.0, generator=g).view(-1, 2)
+    for row in range(2):
+        freq = torch.bincount(picks[:, row], minlength=6).float() / picks.shape[0]
+        assert (freq[p[row] == 0] == 0).all()
+        torch.testing.assert_close(freq, p[row], atol=0.01, rtol=0)
+    # temperature sharpens: at T=0.5 the odds of 0.6 against 0.3 are 4:1
+    freq = torch.bincount(sample_next(torch.log(p[:1]).repeat(40_000, 1), 0.5, generator=g), minlength=6) / 40_000
+    assert abs(freq[3] / freq[4] - 4.0) < 0.3
+    # one row given as a vector
+    assert sample_next(torch.tensor([-1e9, 0.0, -1e9]), 1.0, generator=g).item() == 1
+
+
 def test_stream_decoder_keeps_multibyte_chars(tok):
     ids = tok.encode("naïve 🙂 日本")
     d = StreamDecoder(tok)
