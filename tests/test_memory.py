@@ -100,6 +100,25 @@ def test_rl_update_runs_in_micro_batches_with_the_same_gradient(tok, small_cfg, 
         make_config("tiny", ["rl.device_batch=0"])
 
 
+def test_rl_micro_batches_hold_rows_of_like_length(tok, small_cfg):
+    """Each micro-batch is padded to its longest row: the rollout's rows are sorted by length before they are
+    cut into micro-batches, so every micro-batch is at most as long as the next one's shortest row."""
+    torch.manual_seed(0)
+    r = RLConfig(steps=1, prompts_per_step=4, samples_per_prompt=4, max_new_tokens=12, seed=5)
+    engine = Engine(GPT(small_cfg), tok, tools={})
+    with torch.no_grad():  # a model that ends its replies after a few tokens or runs to the limit, by chance
+        head = engine.model.lm_head.weight
+        head.zero_()
+        for stop in engine.stop_ids:
+            head[stop] = torch.randn(head.shape[1]) * 0.3
+    source = rl.RolloutSource(engine, CountTask(), r, chunks=4)
+    widths = [source.get(micro)[0].shape[1] for micro in range(4)]
+    lengths = [len(s) for s, _, _ in source._rollout[0]]
+    assert len(set(lengths)) > 1, lengths  # samples of different lengths, else the test shows nothing
+    assert lengths == sorted(lengths) and widths == sorted(widths)
+    assert widths == [max(lengths[i:i + 4]) - 1 for i in range(0, 16, 4)]
+
+
 def _run_with_summaries(tmp_path, speedrun: bool):
     cfg = make_config("tiny", name="mem")
     cfg.runs_dir = str(tmp_path)
