@@ -82,10 +82,20 @@ def table(arms: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def counts(text: str, flag: str, n: int | None = None, least: int = 0) -> list[int]:
+    """A comma-separated list of whole numbers, or a one-line error naming the flag."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or (n is not None and len(values) != n) or min(values) < least:
+        what = f"{n} whole numbers" if n else "whole numbers"
+        raise SystemExit(f"error: {flag} takes {what} >= {least}, comma-separated; got '{text}'")
+    return values
+
+
 def speedrun_command(args, name: str, seed: int, overrides: list[str]) -> list[str]:
-    steps = [int(s) for s in args.steps.split(",")]
-    if len(steps) != 4:
-        raise SystemExit("error: --steps takes four numbers: pretrain,midtrain,sft,rl")
+    steps = counts(args.steps, "--steps (pretrain,midtrain,sft,rl)", 4, least=1)
     cmd = [sys.executable, "-m", "exocortex", "speedrun", "--preset", args.preset, "--runs-dir", str(args.runs_dir),
            "--run", name, "--set", f"seed={seed}", "--set", f"rl.seed={seed}"]
     for stage, n in zip(STAGES, steps):
@@ -139,6 +149,8 @@ def main(argv=None) -> None:
     ap.add_argument("--summarize-change", nargs="+", default=[], metavar="RUN", help="and these (the second arm)")
     args = ap.parse_args(argv)
     stages, metrics = args.stages.split(","), args.metrics.split(",")
+    if args.threads < 1 or args.parallel < 1:
+        raise SystemExit("error: --threads and --parallel take 1 or more")
     if args.summarize:
         arms = {"base": summarize([Path(r) for r in args.summarize], stages, metrics)}
         if args.summarize_change:
@@ -146,7 +158,7 @@ def main(argv=None) -> None:
     else:
         if args.runs_dir is None:
             raise SystemExit("error: --runs-dir is required (or --summarize RUN ...)")
-        seeds = [int(s) for s in args.seeds.split(",")]
+        seeds = counts(args.seeds, "--seeds")
         arm_overrides = {"base": []} | ({"change": args.against} if args.against else {})
         jobs = {arm: [(f"{arm}-s{s}", speedrun_command(args, f"{arm}-s{s}", s, o)) for s in seeds]
                 for arm, o in arm_overrides.items()}

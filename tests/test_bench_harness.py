@@ -90,3 +90,13 @@ def test_seeds_runs_are_valid_speedruns_with_fixed_steps(tmp_path):
         mp.setattr(seeds.subprocess, "Popen", lambda *a, **k: started.append(a) or pytest.fail("a done run restarted"))
         seeds.run_all(args, [("base-s5", cmd)])
     assert not started
+
+
+@pytest.mark.parametrize("bad", [["--seeds", "a,b"], ["--steps", "1,2,x,4"], ["--steps", "1,2,3"],
+                                 ["--steps", "0,1,1,1"], ["--parallel", "0"]])
+def test_seeds_bad_flags_are_one_line_errors_before_any_run(tmp_path, bad):
+    import seeds
+
+    with pytest.raises(SystemExit, match="^error: "):
+        seeds.main(["--runs-dir", str(tmp_path / "r"), *bad])
+    assert not (tmp_path / "r").exists()
